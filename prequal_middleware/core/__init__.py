@@ -1,0 +1,67 @@
+"""The sans-IO core of prequal-middleware: standard library only.
+
+Every operation takes ``now`` (monotonic seconds) and draws randomness from an injected
+``random.Random``; nothing here awaits, reads a clock or touches the global RNG, so every rule is
+testable with a fake clock and a seeded RNG, and the simulator drives the very same objects.
+"""
+
+from __future__ import annotations
+
+from .load_tracker import LoadTracker, LoadTrackerSettings, RequestTicket
+from .outliers import OutlierDetector, OutlierSettings
+from .policies import (
+    POLICY_CLASSES,
+    LeastLatencyPolicy,
+    LeastRequestPolicy,
+    PeakEwmaPolicy,
+    RandomPolicy,
+    RoundRobinPolicy,
+    create_policy,
+)
+from .policy import BasePolicy, Policy
+from .prequal import PrequalPolicy
+from .probe_pool import FractionalRate, PrequalSettings, ProbeEntry, ProbePool, RifHistory, reuse_budget
+from .types import (
+    BackendId,
+    BackendSnapshot,
+    BackendState,
+    Member,
+    Outcome,
+    PolicySnapshot,
+    ProbeMode,
+    Selection,
+    SelectionReason,
+)
+
+__all__ = [
+    "POLICY_CLASSES",
+    "BackendId",
+    "BackendSnapshot",
+    "BackendState",
+    "BasePolicy",
+    "FractionalRate",
+    "LeastLatencyPolicy",
+    "LeastRequestPolicy",
+    "LoadTracker",
+    "LoadTrackerSettings",
+    "Member",
+    "Outcome",
+    "OutlierDetector",
+    "OutlierSettings",
+    "PeakEwmaPolicy",
+    "Policy",
+    "PolicySnapshot",
+    "PrequalPolicy",
+    "PrequalSettings",
+    "ProbeEntry",
+    "ProbeMode",
+    "ProbePool",
+    "RandomPolicy",
+    "RequestTicket",
+    "RifHistory",
+    "RoundRobinPolicy",
+    "Selection",
+    "SelectionReason",
+    "create_policy",
+    "reuse_budget",
+]

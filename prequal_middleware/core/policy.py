@@ -1,0 +1,292 @@
+"""The ``Policy`` protocol the gateway drives, and ``BasePolicy``, the bookkeeping every policy shares.
+
+A policy owns the balancing state of one pool as seen by one client instance: who the members are,
+which are healthy, ejected or draining, how many requests it has in flight to each, and whatever its
+selection rule needs (probe results, latency estimates). The gateway tells it about membership,
+requests and probes, and asks it to ``select`` a backend; it never awaits and never reads a clock.
+
+To plug in your own rule, subclass ``BasePolicy`` and implement ``_choose``; membership, health,
+ejection, panic mode and snapshots come with it. A class that implements ``Policy`` from scratch works
+too.
+
+    class FirstPolicy(BasePolicy):
+        name = "first"
+
+        def _choose(self, candidates, now, exclude):
+            return Selection(candidates[0], "policy")
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Container, Iterable, Sequence
+from typing import Protocol, runtime_checkable
+
+from .outliers import OutlierDetector, OutlierSettings
+from .types import (
+    SELECTION_REASONS,
+    BackendId,
+    BackendSnapshot,
+    BackendState,
+    Member,
+    Outcome,
+    PolicySnapshot,
+    ProbeMode,
+    Selection,
+)
+
+_NOTHING: frozenset[BackendId] = frozenset()
+
+# Weight of a new sample in the plain latency EWMA every policy keeps (the "local view").
+LATENCY_EWMA_WEIGHT = 0.3
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """What the gateway needs of a load-balancing policy. All methods are synchronous and cheap."""
+
+    name: str
+
+    def set_members(self, members: Iterable[Member], now: float) -> None:
+        """Replace the member set. Members that left are forgotten; their requests in flight may still finish."""
+
+    def set_health(self, backend: BackendId, healthy: bool, now: float) -> None:
+        """Active health checking's verdict on a member."""
+
+    def set_probe_mode(self, backend: BackendId, mode: ProbeMode, now: float) -> None:
+        """``local`` when the backend does not answer probes, so the gateway's own view stands in."""
+
+    def select(self, now: float, exclude: Container[BackendId] = _NOTHING) -> Selection | None:
+        """Choose a backend for one request, never one in ``exclude``; ``None`` when none is eligible."""
+
+    def on_start(self, backend: BackendId, now: float) -> None:
+        """A request was sent to ``backend``."""
+
+    def on_finish(self, backend: BackendId, now: float, latency_s: float, outcome: Outcome) -> None:
+        """A request to ``backend`` ended after ``latency_s`` with ``outcome``."""
+
+    def on_probe(self, backend: BackendId, now: float, rif: int, latency_s: float) -> None:
+        """A probe answered: requests in flight and latency estimate, received at ``now``."""
+
+    def on_probe_failure(self, backend: BackendId, now: float) -> None:
+        """A probe failed or timed out."""
+
+    def idle_probes(self, now: float) -> Sequence[BackendId]:
+        """Probes to send now even though no query asked for them (keeps an idle pool warm)."""
+
+    def snapshot(self, now: float) -> PolicySnapshot:
+        """The state for the status page and metrics."""
+
+
+class _Backend:
+    __slots__ = ("id", "weight", "draining", "healthy", "in_flight", "probe_mode", "latency_s")
+
+    def __init__(self, member: Member) -> None:
+        self.id = member.id
+        self.weight = member.weight
+        self.draining = member.draining
+        self.healthy = True
+        self.in_flight = 0
+        self.probe_mode: ProbeMode = "probe"
+        self.latency_s: float | None = None  # EWMA of successful request latencies seen here
+
+
+class BasePolicy:
+    """Membership, health, ejection, panic mode, in-flight counts and snapshots for any policy.
+
+    Parameters:
+        rng: the source of every random choice; pass a seeded one for deterministic tests.
+        outliers: passive health settings (ejection, panic, error aversion).
+    """
+
+    name = "base"
+
+    def __init__(self, *, rng: random.Random | None = None, outliers: OutlierSettings | None = None) -> None:
+        self.rng = rng if rng is not None else random.Random()
+        self.outliers = OutlierDetector(outliers)
+        self._backends: dict[BackendId, _Backend] = {}
+        self._candidates: list[BackendId] = []
+        self._candidate_set: frozenset[BackendId] = _NOTHING
+        self._panic = False
+        self._stale = True
+        self._valid_until = math.inf  # the next ejection expiry changes the candidates
+        self._uniform_weights = True
+        self.selections: dict[str, int] = dict.fromkeys(SELECTION_REASONS, 0)
+        self.probes_requested = 0
+
+    # --- membership and health -----------------------------------------------------------------
+
+    def set_members(self, members: Iterable[Member], now: float) -> None:
+        incoming = {m.id: m for m in members}
+        for gone in [b for b in self._backends if b not in incoming]:
+            del self._backends[gone]
+            self.outliers.remove(gone)
+            self._forget(gone)
+        for member in incoming.values():
+            backend = self._backends.get(member.id)
+            if backend is None:
+                self._backends[member.id] = _Backend(member)
+                self.outliers.add(member.id)
+            else:
+                backend.weight = member.weight
+                backend.draining = member.draining
+        self._uniform_weights = len({b.weight for b in self._backends.values()}) <= 1
+        self._stale = True
+
+    def set_health(self, backend: BackendId, healthy: bool, now: float) -> None:
+        b = self._backends.get(backend)
+        if b is not None and b.healthy != healthy:
+            b.healthy = healthy
+            self._stale = True
+
+    def set_probe_mode(self, backend: BackendId, mode: ProbeMode, now: float) -> None:
+        b = self._backends.get(backend)
+        if b is not None:
+            b.probe_mode = mode
+
+    @property
+    def members(self) -> list[BackendId]:
+        return list(self._backends)
+
+    def candidates(self, now: float) -> Sequence[BackendId]:
+        """The members a request may go to now: the healthy ones, or all active ones in panic."""
+        if self._stale or now >= self._valid_until:
+            active = [b.id for b in self._backends.values() if not b.draining]
+            healthy = [
+                b.id
+                for b in self._backends.values()
+                if not b.draining and b.healthy and not self.outliers.is_ejected(b.id, now)
+            ]
+            self._panic = self.outliers.in_panic(len(healthy), len(active))
+            self._candidates = active if self._panic else healthy
+            self._candidate_set = frozenset(self._candidates)
+            self._valid_until = self.outliers.next_return(now)
+            self._stale = False
+            self._candidates_changed(self._candidate_set, now)
+        return self._candidates
+
+    # --- requests ------------------------------------------------------------------------------
+
+    def select(self, now: float, exclude: Container[BackendId] = _NOTHING) -> Selection | None:
+        candidates = self.candidates(now)
+        if exclude:
+            candidates = [b for b in candidates if b not in exclude]
+        if not candidates:
+            return None
+        selection = self._choose(candidates, now, exclude)
+        if self._panic:
+            selection = Selection(selection.backend, "panic", selection.probes)
+        self.selections[selection.reason] += 1
+        self.probes_requested += len(selection.probes)
+        return selection
+
+    def on_start(self, backend: BackendId, now: float) -> None:
+        b = self._backends.get(backend)
+        if b is not None:
+            b.in_flight += 1
+
+    def on_finish(self, backend: BackendId, now: float, latency_s: float, outcome: Outcome) -> None:
+        b = self._backends.get(backend)
+        if b is None:
+            return
+        if b.in_flight > 0:
+            b.in_flight -= 1
+        if outcome is Outcome.CANCELLED:
+            return  # the client left: nothing learned about the backend
+        if outcome.is_failure:
+            if self.outliers.record_failure(backend, now, len(self._backends)):
+                self._stale = True
+            self._on_failure(b, now)
+        else:
+            self.outliers.record_success(backend, now)
+            b.latency_s = (
+                latency_s if b.latency_s is None else b.latency_s + LATENCY_EWMA_WEIGHT * (latency_s - b.latency_s)
+            )
+            self._on_success(b, now, latency_s)
+
+    # --- probes (no-ops unless the policy probes) -------------------------------------------------
+
+    def on_probe(self, backend: BackendId, now: float, rif: int, latency_s: float) -> None:
+        return None
+
+    def on_probe_failure(self, backend: BackendId, now: float) -> None:
+        if backend in self._backends and self.outliers.record_failure(backend, now, len(self._backends)):
+            self._stale = True
+
+    def idle_probes(self, now: float) -> Sequence[BackendId]:
+        return ()
+
+    # --- snapshot ------------------------------------------------------------------------------
+
+    def snapshot(self, now: float) -> PolicySnapshot:
+        self.candidates(now)
+        backends = tuple(self._backend_snapshot(b, now) for b in self._backends.values())
+        return PolicySnapshot(
+            policy=self.name,
+            backends=backends,
+            selections=dict(self.selections),
+            panic=self._panic,
+            probes_requested=self.probes_requested,
+        )
+
+    def _backend_snapshot(self, b: _Backend, now: float) -> BackendSnapshot:
+        state: BackendState
+        if b.draining:
+            state = "draining"
+        elif self.outliers.is_ejected(b.id, now):
+            state = "ejected"
+        elif not b.healthy:
+            state = "unhealthy"
+        else:
+            state = "healthy"
+        rif, latency_s = self._load_of(b, now)
+        return BackendSnapshot(
+            id=b.id,
+            state=state,
+            weight=b.weight,
+            in_flight=b.in_flight,
+            probe_mode=b.probe_mode,
+            rif=rif,
+            latency_s=latency_s,
+            ejected_until=self.outliers.ejected_until(b.id, now),
+            consecutive_failures=self.outliers.consecutive_failures(b.id),
+            failure_rate=self.outliers.failure_rate(b.id, now),
+        )
+
+    # --- hooks for subclasses ------------------------------------------------------------------
+
+    def _choose(self, candidates: Sequence[BackendId], now: float, exclude: Container[BackendId]) -> Selection:
+        """Pick one of ``candidates`` (never empty, already without ``exclude``)."""
+        raise NotImplementedError
+
+    def _load_of(self, b: _Backend, now: float) -> tuple[int | None, float | None]:
+        """(RIF, latency) to show for a backend: by default the local view."""
+        return b.in_flight, b.latency_s
+
+    def _candidates_changed(self, candidates: frozenset[BackendId], now: float) -> None:
+        """The eligible set changed (membership, health, ejection, panic)."""
+
+    def _forget(self, backend: BackendId) -> None:
+        """A member left."""
+
+    def _on_success(self, b: _Backend, now: float, latency_s: float) -> None:
+        """A request to ``b`` succeeded."""
+
+    def _on_failure(self, b: _Backend, now: float) -> None:
+        """A request to ``b`` failed (5xx, 429, connect error, timeout)."""
+
+    def _weighted_choice(self, candidates: Sequence[BackendId]) -> BackendId:
+        """A random candidate, in proportion to weight."""
+        if self._uniform_weights:
+            return candidates[int(self.rng.random() * len(candidates))]
+        backends = self._backends
+        total = 0.0
+        for c in candidates:
+            total += backends[c].weight
+        x = self.rng.random() * total
+        for c in candidates:
+            x -= backends[c].weight
+            if x < 0:
+                return c
+        return candidates[-1]

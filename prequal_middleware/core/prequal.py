@@ -1,0 +1,147 @@
+"""``PrequalPolicy``: the probe pool driven per query, with error aversion (Prequal, NSDI '24, section 4).
+
+Per query: expire old probes, choose with HCL (random fallback below two probes), compensate the
+chosen probe's RIF, remove ``r_remove`` probes alternating oldest and worst, and ask for
+``r_probe`` probes to distinct, uniformly random eligible backends. The caller sends the probes
+asynchronously; the current query was routed on probes earlier queries asked for.
+
+Backends that do not answer probes (``probe_mode == "local"``) are "probed" on the spot from the
+gateway's own view: its requests in flight to them and the latencies it measured.
+
+Error aversion: a failed query purges the backend's probe; a backend whose recent failure rate is
+above ``OutlierSettings.averse_above`` has its probes ignored until the rate decays, so a backend
+that fails fast while reporting zero load cannot become the pool's favourite.
+
+Weights: Prequal balances on measured load, so member weights do not bias its choices.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Container, Sequence
+
+from .outliers import OutlierSettings
+from .policy import BasePolicy, _Backend
+from .probe_pool import PrequalSettings, ProbePool
+from .types import BackendId, PolicySnapshot, Selection, SelectionReason
+
+
+class PrequalPolicy(BasePolicy):
+    """Prequal's asynchronous-probing client for one pool.
+
+    Parameters:
+        settings: Prequal's parameters (paper defaults).
+        rng: the source of every random choice; pass a seeded one for deterministic tests.
+        outliers: passive health settings.
+    """
+
+    name = "prequal"
+
+    def __init__(
+        self,
+        settings: PrequalSettings | None = None,
+        *,
+        rng: random.Random | None = None,
+        outliers: OutlierSettings | None = None,
+    ) -> None:
+        super().__init__(rng=rng, outliers=outliers)
+        self.settings = settings or PrequalSettings()
+        self.pool = ProbePool(self.settings, self.rng)
+        self._last_activity = -math.inf  # last query or idle probe round
+        self._last_probe: dict[BackendId, tuple[int, float]] = {}  # latest reported (rif, latency)
+
+    # --- selection -----------------------------------------------------------------------------
+
+    def _choose(self, candidates: Sequence[BackendId], now: float, exclude: Container[BackendId]) -> Selection:
+        pool = self.pool
+        pool.expire(now)
+        choice = pool.choose(now, exclude)
+        reason: SelectionReason
+        if choice is None:
+            backend = candidates[int(self.rng.random() * len(candidates))]
+            reason = "fallback"
+        else:
+            backend, reason = choice
+        pool.remove_per_query(now)
+        self._last_activity = now
+        return Selection(backend, reason, self._probe(self.pool.probes_for_query(), now))
+
+    def idle_probes(self, now: float) -> Sequence[BackendId]:
+        """``ceil(r_probe)`` probes when no query has come for ``max_idle_s``; rearms."""
+        if now - self._last_activity < self.settings.max_idle_s:
+            return ()
+        self._last_activity = now
+        probes = self._probe(max(1, math.ceil(self.settings.probes_per_query)), now)
+        self.probes_requested += len(probes)
+        return probes
+
+    def _probe(self, count: int, now: float) -> tuple[BackendId, ...]:
+        """Distinct, uniformly random eligible targets; local-mode ones are pooled on the spot."""
+        if count <= 0:
+            return ()
+        candidates = self.candidates(now)
+        targets = self.rng.sample(candidates, min(count, len(candidates)))
+        backends = self._backends
+        remote: list[BackendId] = []
+        for target in targets:
+            b = backends[target]
+            if b.probe_mode == "local":
+                self._pool_result(b, b.in_flight, b.latency_s or 0.0, now)
+            else:
+                remote.append(target)
+        return tuple(remote)
+
+    # --- inflow --------------------------------------------------------------------------------
+
+    def on_probe(self, backend: BackendId, now: float, rif: int, latency_s: float) -> None:
+        b = self._backends.get(backend)
+        if b is None:
+            return
+        self._last_probe[backend] = (rif, latency_s)
+        self._pool_result(b, rif, latency_s, now)
+
+    def _pool_result(self, b: _Backend, rif: int, latency_s: float, now: float) -> None:
+        # Only eligible, non-averse backends enter the pool; the candidate list is current because
+        # every change to it marks it stale and this reads it.
+        self.candidates(now)
+        if b.id not in self._candidate_set or self.outliers.is_averse(b.id, now):
+            return
+        self.pool.add(b.id, rif, latency_s, now, len(self._candidates))
+
+    def on_probe_failure(self, backend: BackendId, now: float) -> None:
+        self.pool.discard(backend)
+        super().on_probe_failure(backend, now)
+
+    def _on_failure(self, b: _Backend, now: float) -> None:
+        self.pool.discard(b.id)  # a fast-failing backend looks idle: forget what it said
+
+    def _candidates_changed(self, candidates: frozenset[BackendId], now: float) -> None:
+        self.pool.retain(candidates)
+
+    def _forget(self, backend: BackendId) -> None:
+        self.pool.discard(backend)
+        self._last_probe.pop(backend, None)
+
+    # --- snapshot ------------------------------------------------------------------------------
+
+    def _load_of(self, b: _Backend, now: float) -> tuple[int | None, float | None]:
+        if b.probe_mode == "local":
+            return b.in_flight, b.latency_s
+        last = self._last_probe.get(b.id)
+        return (None, None) if last is None else last
+
+    def snapshot(self, now: float) -> PolicySnapshot:
+        base = super().snapshot(now)
+        self.pool.expire(now)
+        threshold = self.pool.threshold(now)
+        return PolicySnapshot(
+            policy=base.policy,
+            backends=base.backends,
+            selections=base.selections,
+            panic=base.panic,
+            pool_size=len(self.pool),
+            pool_capacity=self.settings.pool_size,
+            rif_threshold=None if math.isinf(threshold) else threshold,
+            probes_requested=base.probes_requested,
+        )

@@ -1,0 +1,342 @@
+"""The Prequal probe pool: the client half of Prequal, one per pool and client instance.
+
+Wydrowski et al., "Load is not what you should balance: Introducing Prequal", NSDI '24, section 4.
+A client keeps at most ``m`` recent probe results (requests in flight and a latency estimate per
+backend). Each query picks from the pool with the hot-cold lexicographic (HCL) rule: a probe is *hot*
+when its RIF exceeds the ``q_rif`` quantile of recently seen probe RIFs; if every probe is hot the
+lowest RIF wins, otherwise the cold probe with the lowest latency does.
+
+Sans-IO: every method takes ``now`` (monotonic seconds); randomness comes from an injected
+``random.Random``. Nothing here awaits or reads a clock.
+
+    pool = ProbePool(PrequalSettings(), rng=random.Random(7))
+    pool.add("http://a", rif=3, latency_s=0.020, now=10.0, n_available=4)
+    pool.add("http://b", rif=1, latency_s=0.030, now=10.0, n_available=4)
+    entry, reason = pool.choose(now=10.1)        # -> b? a? HCL decides; None below 2 entries
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import deque
+from collections.abc import Collection, Container, Iterator
+from dataclasses import dataclass
+
+from .types import BackendId, SelectionReason
+
+# The paper's default quantile, 2 ** -0.25 ~= 0.84 (section 4).
+DEFAULT_Q_RIF = 0.84
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PrequalSettings:
+    """Prequal's parameters, with the paper's testbed defaults (section 5).
+
+    Parameters:
+        pool_size: ``m``, the most probes kept; a newer probe of a backend replaces the older one.
+        max_age_s: probes older than this (by local receipt time) are dropped.
+        probes_per_query: ``r_probe``; fractional values are rounded deterministically per query so
+            the long-run rate is exact (paper footnote 7).
+        removals_per_query: ``r_remove``, alternating the oldest and the worst probe.
+        drift: ``delta`` in Eq. 1, the net pool drift rate (> 0).
+        q_rif: quantile of recent probe RIFs above which a probe is hot. 1 is latency-only (nothing is
+            hot), 0 is RIF-only.
+        max_reuse: cap on the reuse budget. Eq. 1 has no finite value when its denominator
+            ``(1 - m/n) * r_probe - r_remove`` is <= 0 (small fleets, ``m >= n``); the budget is then
+            this cap. RIF compensation on every use still steers traffic away from a reused backend.
+        rif_history_size: how many recent probe RIFs the quantile is taken over.
+        rif_history_window_s: only probe RIFs received within this window count.
+        max_idle_s: with no query for this long, the client probes anyway to keep the pool warm.
+        fallback_below: below this many usable probes, choose a uniformly random backend.
+    """
+
+    pool_size: int = 16
+    max_age_s: float = 1.0
+    probes_per_query: float = 3.0
+    removals_per_query: float = 1.0
+    drift: float = 1.0
+    q_rif: float = DEFAULT_Q_RIF
+    max_reuse: int = 16
+    rif_history_size: int = 128
+    rif_history_window_s: float = 2.0
+    max_idle_s: float = 0.5
+    fallback_below: int = 2
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("pool_size", self.pool_size >= 1, "an integer >= 1"),
+            ("max_age_s", 0 < self.max_age_s < math.inf, "a finite number > 0"),
+            ("probes_per_query", 0 <= self.probes_per_query < math.inf, "a finite number >= 0"),
+            ("removals_per_query", 0 <= self.removals_per_query < math.inf, "a finite number >= 0"),
+            ("drift", 0 < self.drift < math.inf, "a finite number > 0"),
+            ("q_rif", 0.0 <= self.q_rif <= 1.0, "a number in [0, 1]"),
+            ("max_reuse", self.max_reuse >= 1, "an integer >= 1"),
+            ("rif_history_size", self.rif_history_size >= 1, "an integer >= 1"),
+            ("rif_history_window_s", 0 < self.rif_history_window_s < math.inf, "a finite number > 0"),
+            ("max_idle_s", 0 < self.max_idle_s < math.inf, "a finite number > 0"),
+            ("fallback_below", self.fallback_below >= 1, "an integer >= 1"),
+        )
+        _check(self, checks)
+
+
+def _check(settings: object, checks: tuple[tuple[str, bool, str], ...]) -> None:
+    """Raise ``ValueError`` naming the first field whose check failed."""
+    for name, ok, expected in checks:
+        if not ok:
+            raise ValueError(f"{name} must be {expected}, got {getattr(settings, name)!r}")
+
+
+# --- rates and budgets -------------------------------------------------------------------------
+
+
+def reuse_budget(m: int, n: int, r_probe: float, r_remove: float, drift: float, max_reuse: int) -> float:
+    """Eq. 1: ``b_reuse = max(1, (1 + drift) / ((1 - m/n) * r_probe - r_remove))``, capped at ``max_reuse``.
+
+    When the denominator is <= 0 (``m >= n``, or too few probes to outpace removals) no finite
+    budget keeps the pool full, so the cap applies. The worked example of the paper
+    (m=16, n=100, r_probe=3, r_remove=1, drift=1) gives 2 / 1.52 = 1.316.
+    """
+    if n <= 0:
+        return float(max_reuse)
+    denominator = (1.0 - m / n) * r_probe - r_remove
+    if denominator <= 0:
+        return float(max_reuse)
+    return min(float(max_reuse), max(1.0, (1.0 + drift) / denominator))
+
+
+def randomized_round(x: float, rng: random.Random) -> int:
+    """Round ``x`` down or up at random so that the expectation is exactly ``x``."""
+    floor = math.floor(x)
+    return int(floor) + (1 if rng.random() < x - floor else 0)
+
+
+class FractionalRate:
+    """Deterministic rounding of a fractional per-event rate (paper footnote 7).
+
+    ``take(0.5)`` yields 0, 1, 0, 1, ...; over any k events the total is within 1 of ``k * rate``.
+    """
+
+    __slots__ = ("_carry",)
+
+    def __init__(self) -> None:
+        self._carry = 0.0
+
+    def take(self, rate: float) -> int:
+        self._carry += rate
+        whole = int(self._carry + 1e-9)  # 1e-9: 0.1 * 10 must make 1, not 0.9999999
+        self._carry -= whole
+        return whole
+
+
+# --- RIF history and the hot/cold threshold ----------------------------------------------------
+
+
+class RifHistory:
+    """The RIFs of recent probe responses, bounded in count and in time.
+
+    The quantile is taken over this history, not over the pool: a quantile of the pool is itself a
+    pool member, so "every probe is hot" could never happen (prequal-spec.md section 13.4).
+    """
+
+    __slots__ = ("_samples", "_window_s", "_sorted", "_dirty")
+
+    def __init__(self, size: int, window_s: float) -> None:
+        self._samples: deque[tuple[float, int]] = deque(maxlen=size)
+        self._window_s = window_s
+        self._sorted: list[int] = []
+        self._dirty = False
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def add(self, rif: int, now: float) -> None:
+        self._samples.append((now, rif))
+        self._dirty = True
+
+    def threshold(self, q: float, now: float) -> float:
+        """θ = ``sorted[floor(q * (len - 1))]`` over fresh samples; ``inf`` when q is 1 or nothing is fresh."""
+        samples = self._samples
+        horizon = now - self._window_s
+        while samples and samples[0][0] < horizon:
+            samples.popleft()
+            self._dirty = True
+        if q >= 1.0 or not samples:
+            return math.inf
+        if self._dirty:
+            self._sorted = sorted(rif for _, rif in samples)
+            self._dirty = False
+        return float(self._sorted[int(q * (len(self._sorted) - 1))])
+
+
+# --- the pool ----------------------------------------------------------------------------------
+
+
+class ProbeEntry:
+    """One pooled probe result. ``rif`` includes the +1 compensation for each query sent on it."""
+
+    __slots__ = ("backend", "received_at", "rif", "latency_s", "uses_left")
+
+    def __init__(self, backend: BackendId, received_at: float, rif: int, latency_s: float, uses_left: int) -> None:
+        self.backend = backend
+        self.received_at = received_at
+        self.rif = rif
+        self.latency_s = latency_s
+        self.uses_left = uses_left
+
+    def __repr__(self) -> str:
+        return (
+            f"ProbeEntry({self.backend!r}, received_at={self.received_at}, rif={self.rif}, "
+            f"latency_s={self.latency_s}, uses_left={self.uses_left})"
+        )
+
+
+class ProbePool:
+    """At most ``pool_size`` probe results, one per backend, with HCL selection.
+
+    Parameters:
+        settings: Prequal's parameters.
+        rng: the source of every random choice; pass a seeded one for deterministic tests.
+    """
+
+    def __init__(self, settings: PrequalSettings, rng: random.Random) -> None:
+        self.settings = settings
+        self.rng = rng
+        self.history = RifHistory(settings.rif_history_size, settings.rif_history_window_s)
+        # Insertion order is receipt order (a replaced probe is re-inserted), so the first entry is
+        # always the oldest and eviction / expiry pop from the front.
+        self._entries: dict[BackendId, ProbeEntry] = {}
+        self._probe_rate = FractionalRate()
+        self._removal_rate = FractionalRate()
+        self._remove_oldest_next = True
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[ProbeEntry]:
+        return iter(list(self._entries.values()))
+
+    def __contains__(self, backend: object) -> bool:
+        return backend in self._entries
+
+    def get(self, backend: BackendId) -> ProbeEntry | None:
+        return self._entries.get(backend)
+
+    # --- inflow --------------------------------------------------------------------------------
+
+    def add(self, backend: BackendId, rif: int, latency_s: float, now: float, n_available: int) -> ProbeEntry:
+        """Pool a probe result received at ``now``; replaces the backend's older entry, evicts the oldest beyond m."""
+        s = self.settings
+        self.history.add(rif, now)
+        self._entries.pop(backend, None)
+        budget = reuse_budget(s.pool_size, n_available, s.probes_per_query, s.removals_per_query, s.drift, s.max_reuse)
+        entry = ProbeEntry(backend, now, rif, latency_s, max(1, randomized_round(budget, self.rng)))
+        self._entries[backend] = entry
+        while len(self._entries) > s.pool_size:
+            del self._entries[next(iter(self._entries))]
+        return entry
+
+    # --- outflow -------------------------------------------------------------------------------
+
+    def discard(self, backend: BackendId) -> bool:
+        """Drop the backend's entry (it failed a query, left, or was ejected)."""
+        return self._entries.pop(backend, None) is not None
+
+    def retain(self, backends: Container[BackendId]) -> None:
+        """Drop every entry whose backend is not in ``backends``."""
+        for backend in [b for b in self._entries if b not in backends]:
+            del self._entries[backend]
+
+    def expire(self, now: float) -> None:
+        """Drop entries older than ``max_age_s``."""
+        horizon = now - self.settings.max_age_s
+        entries = self._entries
+        while entries:
+            oldest = next(iter(entries.values()))
+            if oldest.received_at >= horizon:
+                break
+            del entries[oldest.backend]
+
+    def threshold(self, now: float) -> float:
+        return self.history.threshold(self.settings.q_rif, now)
+
+    # --- selection -----------------------------------------------------------------------------
+
+    def choose(
+        self, now: float, exclude: Container[BackendId] = frozenset()
+    ) -> tuple[BackendId, SelectionReason] | None:
+        """HCL selection over the pool, or ``None`` when fewer than ``fallback_below`` usable entries remain.
+
+        Call ``expire`` (and ``retain``) first; entries of backends in ``exclude`` are not usable.
+        The chosen entry's RIF goes up by one (the query about to be sent) and its reuse budget down
+        by one; at zero it leaves the pool. Ties are broken by (latency, RIF) among cold probes and
+        (RIF, latency) among hot ones, then at random.
+        """
+        entries = self._entries
+        usable: Collection[ProbeEntry] = (
+            [e for e in entries.values() if e.backend not in exclude] if exclude else entries.values()
+        )
+        if len(usable) < self.settings.fallback_below:
+            return None
+        theta = self.threshold(now)
+        best: ProbeEntry | None = None
+        best_key = (math.inf, math.inf)
+        ties = 0
+        cold = False
+        for entry in usable:
+            is_cold = entry.rif <= theta
+            if is_cold and not cold:  # the first cold entry beats every hot one
+                cold, best, ties = True, None, 0
+            elif cold and not is_cold:
+                continue
+            key = (entry.latency_s, entry.rif) if cold else (entry.rif, entry.latency_s)
+            if best is None or key < best_key:
+                best, best_key, ties = entry, key, 1
+            elif key == best_key:
+                ties += 1
+                if self.rng.random() * ties < 1.0:  # reservoir sampling: each tie equally likely
+                    best = entry
+        assert best is not None
+        best.rif += 1
+        best.uses_left -= 1
+        if best.uses_left <= 0:
+            del self._entries[best.backend]
+        return best.backend, ("cold" if cold else "hot")
+
+    def remove_per_query(self, now: float) -> list[BackendId]:
+        """The ``r_remove`` removals that follow each query, alternating the oldest and the worst probe.
+
+        The worst is the hot probe with the highest RIF if any probe is hot, else the cold probe with
+        the highest latency.
+        """
+        removed: list[BackendId] = []
+        for _ in range(self._removal_rate.take(self.settings.removals_per_query)):
+            if not self._entries:
+                break
+            if self._remove_oldest_next:
+                victim = next(iter(self._entries))
+            else:
+                victim = self._worst(self.threshold(now))
+            del self._entries[victim]
+            removed.append(victim)
+            self._remove_oldest_next = not self._remove_oldest_next
+        return removed
+
+    def _worst(self, theta: float) -> BackendId:
+        worst: ProbeEntry | None = None
+        worst_hot = False
+        for entry in self._entries.values():
+            hot = entry.rif > theta
+            if worst is None or (hot and not worst_hot):
+                worst, worst_hot = entry, hot
+            elif hot == worst_hot:
+                key = (entry.rif, entry.latency_s) if hot else (entry.latency_s, entry.rif)
+                worst_key = (worst.rif, worst.latency_s) if hot else (worst.latency_s, worst.rif)
+                if key > worst_key:
+                    worst = entry
+        assert worst is not None
+        return worst.backend
+
+    def probes_for_query(self) -> int:
+        """How many probes this query sends: ``r_probe`` rounded deterministically."""
+        return self._probe_rate.take(self.settings.probes_per_query)
