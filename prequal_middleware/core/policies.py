@@ -29,6 +29,8 @@ from .types import BackendId, Selection
 DEFAULT_RTT_S = 0.030
 # Finagle's and Linkerd's decay time for peak EWMA.
 DEFAULT_DECAY_S = 10.0
+# least_latency: a never-measured backend whose failures have faded below this is tried again.
+UNTRIED_BELOW_FAILURE_RATE = 0.01
 
 
 class RoundRobinPolicy(BasePolicy):
@@ -163,7 +165,7 @@ class LeastLatencyPolicy(BasePolicy):
     """The member with the lowest EWMA of measured latency; members not yet measured go first.
 
     This is the seed project's rule, kept for comparison: with no regard for requests in flight it
-    herds onto whichever member looked fastest last.
+    herds onto whichever member looked fastest last. A member that has only ever failed goes last.
     """
 
     name = "least_latency"
@@ -174,7 +176,10 @@ class LeastLatencyPolicy(BasePolicy):
         ties = 0
         for c in candidates:
             b = self._backends[c]
-            cost = -1.0 if b.latency_s is None else b.latency_s * self.outliers.penalty(c, now)
+            if b.latency_s is not None:
+                cost = b.latency_s * self.outliers.penalty(c, now)
+            else:  # untried goes first; failed and never succeeded goes last until its failures fade
+                cost = -1.0 if self.outliers.failure_rate(c, now) < UNTRIED_BELOW_FAILURE_RATE else math.inf
             if cost < best_cost:
                 best, best_cost, ties = c, cost, 1
             elif cost == best_cost:

@@ -1,0 +1,300 @@
+"""The probe pool, rule by rule (prequal-spec.md sections 2-3), with a seeded RNG and explicit times."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+
+import pytest
+
+from prequal_middleware.core import FractionalRate, PrequalSettings, ProbePool, RifHistory, reuse_budget
+from prequal_middleware.core.probe_pool import randomized_round
+
+
+def make_pool(seed: int = 1, **settings: float) -> ProbePool:
+    return ProbePool(PrequalSettings(**settings), random.Random(seed))  # type: ignore[arg-type]
+
+
+# --- inflow: replacement, eviction, expiry ---------------------------------------------------
+
+
+def test_newer_probe_replaces_the_backends_older_entry() -> None:
+    pool = make_pool()
+    pool.add("a", rif=5, latency_s=0.5, now=1.0, n_available=10)
+    pool.add("b", rif=1, latency_s=0.1, now=1.1, n_available=10)
+    pool.add("a", rif=2, latency_s=0.2, now=1.2, n_available=10)
+    assert len(pool) == 2, "one entry per backend"
+    entry = pool.get("a")
+    assert entry is not None and (entry.rif, entry.latency_s, entry.received_at) == (2, 0.2, 1.2)
+    assert [e.backend for e in pool] == ["b", "a"], "the replacement is the newest entry"
+
+
+def test_oldest_is_evicted_beyond_pool_size() -> None:
+    pool = make_pool(pool_size=3)
+    for i, backend in enumerate("abcd"):
+        pool.add(backend, rif=0, latency_s=0.01, now=float(i), n_available=10)
+    assert [e.backend for e in pool] == ["b", "c", "d"]
+
+
+def test_entries_expire_by_local_receipt_time() -> None:
+    pool = make_pool(max_age_s=1.0)
+    pool.add("a", rif=0, latency_s=0.01, now=10.0, n_available=10)
+    pool.add("b", rif=0, latency_s=0.01, now=10.5, n_available=10)
+    pool.expire(11.0)
+    assert [e.backend for e in pool] == ["a", "b"], "exactly max_age old is still usable"
+    pool.expire(11.2)
+    assert [e.backend for e in pool] == ["b"]
+    pool.expire(11.6)
+    assert len(pool) == 0
+
+
+def test_retain_drops_members_that_left() -> None:
+    pool = make_pool()
+    for backend in "abc":
+        pool.add(backend, rif=0, latency_s=0.01, now=1.0, n_available=3)
+    pool.retain({"a", "c"})
+    assert sorted(e.backend for e in pool) == ["a", "c"]
+
+
+# --- reuse budget (Eq. 1) --------------------------------------------------------------------
+
+
+def test_reuse_budget_matches_the_papers_worked_example() -> None:
+    assert reuse_budget(16, 100, 3.0, 1.0, 1.0, max_reuse=16) == pytest.approx(2 / 1.52)
+    assert reuse_budget(16, 100, 3.0, 1.0, 1.0, max_reuse=16) == pytest.approx(1.316, abs=1e-3)
+
+
+def test_reuse_budget_probe_rate_sweep_values() -> None:
+    # Section 5.3's sweep uses r_remove = 0.25: b is 1 at r_probe 4, ~3.4 at 1 and ~11.8 at 1/2.
+    assert reuse_budget(16, 100, 4.0, 0.25, 1.0, max_reuse=100) == 1.0
+    assert reuse_budget(16, 100, 1.0, 0.25, 1.0, max_reuse=100) == pytest.approx(2 / 0.59)
+    assert reuse_budget(16, 100, 0.5, 0.25, 1.0, max_reuse=100) == pytest.approx(2 / 0.17)
+
+
+@pytest.mark.parametrize(("m", "n"), [(16, 16), (16, 4), (16, 1), (16, 0)])
+def test_reuse_budget_is_the_cap_when_eq1_is_undefined(m: int, n: int) -> None:
+    # m >= n: (1 - m/n) * r_probe - r_remove <= 0, Eq. 1 has no finite value.
+    assert reuse_budget(m, n, 3.0, 1.0, 1.0, max_reuse=7) == 7.0
+
+
+def test_reuse_budget_is_capped_when_the_denominator_is_tiny() -> None:
+    # (1 - 16/17) * 3 - 0.17 = 0.0065: Eq. 1 gives ~309 uses, the cap holds it at max_reuse.
+    assert reuse_budget(16, 17, 3.0, 0.17, 1.0, max_reuse=16) == 16.0
+
+
+def test_randomized_rounding_preserves_the_expectation() -> None:
+    rng = random.Random(3)
+    draws = [randomized_round(1.316, rng) for _ in range(20_000)]
+    assert set(draws) == {1, 2}
+    assert sum(draws) / len(draws) == pytest.approx(1.316, abs=0.01)
+
+
+def test_pooled_entries_get_the_rounded_budget() -> None:
+    pool = make_pool(seed=5)
+    uses = Counter(pool.add(f"b{i}", 0, 0.01, now=0.0, n_available=100).uses_left for i in range(4000))
+    assert set(uses) == {1, 2}
+    assert uses[2] / 4000 == pytest.approx(0.316, abs=0.02)
+
+
+def test_small_fleet_entries_get_max_reuse() -> None:
+    pool = make_pool(max_reuse=5)
+    entry = pool.add("a", 0, 0.01, now=0.0, n_available=4)
+    assert entry.uses_left == 5
+
+
+# --- HCL selection ---------------------------------------------------------------------------
+
+
+def fill(pool: ProbePool, probes: dict[str, tuple[int, float]], now: float = 0.0, n: int = 100) -> None:
+    for backend, (rif, latency) in probes.items():
+        pool.add(backend, rif, latency, now=now, n_available=n)
+
+
+def test_cold_branch_picks_the_lowest_latency_cold_probe() -> None:
+    pool = make_pool(q_rif=0.5, max_reuse=16)
+    # History of RIFs [1, 2, 8, 9]: theta = sorted[floor(0.5 * 3)] = 2. a and b are cold.
+    fill(pool, {"a": (1, 0.050), "b": (2, 0.020), "c": (8, 0.001), "d": (9, 0.002)})
+    assert pool.threshold(0.0) == 2.0
+    assert pool.choose(0.0) == ("b", "cold"), "c and d are faster but hot"
+
+
+def test_hot_branch_picks_the_lowest_rif_when_every_probe_is_hot() -> None:
+    pool = make_pool(q_rif=0.5)
+    # History is fed separately from the pool: many low RIFs make theta low, the pool holds high ones.
+    for _ in range(10):
+        pool.history.add(0, now=0.0)
+    fill(pool, {"a": (7, 0.001), "b": (4, 0.090), "c": (5, 0.010)})
+    assert pool.threshold(0.0) == 0.0
+    assert pool.choose(0.0) == ("b", "hot")
+
+
+def test_hot_means_strictly_above_the_threshold() -> None:
+    pool = make_pool(q_rif=0.5)
+    fill(pool, {"a": (3, 0.050), "b": (3, 0.040), "c": (3, 0.030)})
+    assert pool.threshold(0.0) == 3.0
+    backend, reason = pool.choose(0.0) or ("", "")
+    assert (backend, reason) == ("c", "cold"), "RIF equal to theta is cold"
+
+
+def test_q_one_is_latency_only() -> None:
+    pool = make_pool(q_rif=1.0)
+    fill(pool, {"a": (50, 0.001), "b": (0, 0.100), "c": (1, 0.050)})
+    assert pool.threshold(0.0) == math.inf
+    assert pool.choose(0.0) == ("a", "cold")
+
+
+def test_q_zero_is_rif_only() -> None:
+    pool = make_pool(q_rif=0.0)
+    fill(pool, {"a": (6, 0.001), "b": (2, 0.100), "c": (3, 0.002)})
+    # theta = the lowest recent RIF (2): only b is cold; the hot ones lose whatever their latency.
+    assert pool.threshold(0.0) == 2.0
+    assert pool.choose(0.0) == ("b", "cold")
+
+
+def test_quantile_index_edges() -> None:
+    history = RifHistory(size=128, window_s=10.0)
+    for rif in [4, 1, 3, 2, 5]:  # sorted: 1 2 3 4 5
+        history.add(rif, now=0.0)
+    assert history.threshold(0.0, 0.0) == 1.0
+    assert history.threshold(0.84, 0.0) == 4.0  # floor(0.84 * 4) = 3
+    assert history.threshold(0.99, 0.0) == 4.0  # floor(3.96) = 3: the max is hot at 0.99 (paper 5.3)
+    assert history.threshold(1.0, 0.0) == math.inf
+
+
+def test_history_is_bounded_in_count_and_time() -> None:
+    history = RifHistory(size=3, window_s=1.0)
+    for i, rif in enumerate([100, 1, 2, 3]):
+        history.add(rif, now=i * 0.1)
+    assert len(history) == 3 and history.threshold(1.0 - 1e-9, 0.3) == 2.0, "100 fell out of the ring"
+    history.add(50, now=2.0)
+    assert history.threshold(0.0, 2.0) == 50.0, "only fresh samples count"
+    assert len(history) == 1
+
+
+def test_empty_history_makes_everything_cold() -> None:
+    history = RifHistory(size=8, window_s=1.0)
+    assert history.threshold(0.5, 0.0) == math.inf
+
+
+def test_cold_ties_break_by_rif_then_at_random() -> None:
+    picks: Counter[str] = Counter()
+    for seed in range(400):
+        p = make_pool(seed=seed, q_rif=1.0)
+        fill(p, {"a": (3, 0.010), "b": (1, 0.010), "c": (1, 0.010), "d": (0, 0.020)})
+        choice = p.choose(0.0)
+        assert choice is not None
+        picks[choice[0]] += 1
+    assert set(picks) == {"b", "c"}, "a has a higher RIF, d a higher latency"
+    assert 0.4 < picks["b"] / 400 < 0.6, f"ties must be broken evenly, got {picks}"
+
+
+def test_hot_ties_break_by_latency() -> None:
+    pool = make_pool(q_rif=0.0)
+    for _ in range(5):
+        pool.history.add(0, now=0.0)
+    fill(pool, {"a": (4, 0.030), "b": (4, 0.010), "c": (6, 0.001)})
+    assert pool.choose(0.0) == ("b", "hot")
+
+
+def test_fallback_below_two_entries() -> None:
+    pool = make_pool()
+    assert pool.choose(0.0) is None
+    fill(pool, {"a": (0, 0.01)})
+    assert pool.choose(0.0) is None, "one entry is not enough for HCL"
+    fill(pool, {"b": (0, 0.01)})
+    assert pool.choose(0.0) is not None
+
+
+def test_excluded_backends_are_not_usable() -> None:
+    pool = make_pool(q_rif=1.0)
+    fill(pool, {"a": (0, 0.001), "b": (0, 0.010), "c": (0, 0.020)})
+    assert pool.choose(0.0, exclude={"a"}) == ("b", "cold")
+    assert pool.choose(0.0, exclude={"a", "b"}) is None, "one usable entry left: fallback"
+
+
+# --- use: compensation and reuse --------------------------------------------------------------
+
+
+def test_use_compensates_rif_and_spends_the_reuse_budget() -> None:
+    pool = make_pool(q_rif=1.0, max_reuse=2)
+    fill(pool, {"a": (0, 0.001), "b": (0, 0.010)}, n=2)  # m >= n: budget is max_reuse = 2
+    assert pool.choose(0.0) == ("a", "cold")
+    entry = pool.get("a")
+    assert entry is not None and entry.rif == 1 and entry.uses_left == 1
+    assert pool.choose(0.0) == ("a", "cold")
+    assert "a" not in pool, "budget spent: the probe leaves the pool"
+
+
+def test_compensation_moves_a_backend_to_hot() -> None:
+    pool = make_pool(q_rif=0.5, max_reuse=16)
+    fill(pool, {"a": (1, 0.001), "b": (1, 0.010), "c": (2, 0.020)})  # theta = sorted[1] = 1
+    assert pool.choose(0.0) == ("a", "cold")  # a's RIF becomes 2 > theta: hot
+    assert pool.choose(0.0) == ("b", "cold")
+
+
+# --- removal per query -------------------------------------------------------------------------
+
+
+def test_removals_alternate_oldest_and_worst() -> None:
+    pool = make_pool(q_rif=1.0, removals_per_query=1.0)
+    pool.add("old", 0, 0.010, now=0.0, n_available=100)
+    pool.add("slow", 0, 0.900, now=0.1, n_available=100)
+    pool.add("mid", 0, 0.050, now=0.2, n_available=100)
+    pool.add("new", 0, 0.020, now=0.3, n_available=100)
+    assert pool.remove_per_query(0.3) == ["old"], "first the oldest"
+    assert pool.remove_per_query(0.3) == ["slow"], "then the worst: no probe is hot, highest latency"
+    assert pool.remove_per_query(0.3) == ["mid"], "then the oldest again"
+
+
+def test_worst_is_the_highest_rif_hot_probe_when_any_is_hot() -> None:
+    pool = make_pool(q_rif=0.5, removals_per_query=1.0)
+    pool.remove_per_query(0.0)  # empty pool: nothing removed, and the rule does not advance
+    fill(pool, {"a": (1, 0.9), "b": (9, 0.001), "c": (5, 0.002), "d": (0, 0.5)})
+    assert pool.remove_per_query(0.0) == ["a"]  # oldest
+    assert pool.threshold(0.0) == 1.0
+    assert pool.remove_per_query(0.0) == ["b"], "hot with the highest RIF, not the slowest"
+
+
+def test_fractional_removals_are_deterministic() -> None:
+    pool = make_pool(removals_per_query=0.25, pool_size=64)
+    fill(pool, {f"b{i}": (0, 0.01) for i in range(40)})
+    removed = [len(pool.remove_per_query(0.0)) for _ in range(40)]
+    assert removed == [0, 0, 0, 1] * 10
+
+
+# --- probe rate ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rate", [3.0, 1.0, 0.5, 1 / math.sqrt(2), 2 * math.sqrt(2), 0.1])
+def test_fractional_probe_rates_are_exact_over_many_queries(rate: float) -> None:
+    fr = FractionalRate()
+    counts = [fr.take(rate) for _ in range(10_000)]
+    assert abs(sum(counts) - rate * 10_000) <= 1, "deterministic rounding loses at most one probe"
+    assert set(counts) <= {math.floor(rate), math.ceil(rate)}, "each query rounds down or up"
+
+
+def test_probe_rate_of_a_half_alternates() -> None:
+    pool = make_pool(probes_per_query=0.5)
+    assert [pool.probes_for_query() for _ in range(6)] == [0, 1, 0, 1, 0, 1]
+
+
+# --- settings ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("pool_size", 0),
+        ("max_age_s", 0.0),
+        ("probes_per_query", -1.0),
+        ("q_rif", 1.5),
+        ("drift", 0.0),
+        ("max_reuse", 0),
+        ("max_idle_s", math.inf),
+        ("fallback_below", 0),
+    ],
+)
+def test_invalid_settings_name_the_field(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=rf"^{field} must be"):
+        PrequalSettings(**{field: value})  # type: ignore[arg-type]
