@@ -1,0 +1,304 @@
+"""Configuration: frozen keyword-only dataclasses, validated on construction.
+
+A wrong value raises ``ConfigurationError`` (a ``ValueError``) whose message names the setting::
+
+    UpstreamPool("/api", upstreams=["http://10.0.0.5:8000"], timeouts=Timeouts(connect_s=0.5))
+    UpstreamPool("api")   # ConfigurationError: UpstreamPool.prefix must start with '/', got 'api'
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import KW_ONLY, dataclass, field
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from .core import OutlierSettings, Policy, PrequalSettings
+from .exceptions import ConfigurationError
+
+if TYPE_CHECKING:
+    from .transport import PathRewriteHook, RequestHook, ResponseHook
+
+PolicySpec = str | Callable[[], Policy]
+"""A built-in policy name (``"prequal"``), or a zero-argument callable (a class) returning a fresh policy."""
+
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+
+
+def _check(owner: object, checks: Sequence[tuple[str, bool, str]]) -> None:
+    cls = type(owner).__name__
+    for name, ok, expected in checks:
+        if not ok:
+            raise ConfigurationError(f"{cls}.{name} must be {expected}, got {getattr(owner, name)!r}")
+
+
+def _positive(x: float) -> bool:
+    return isinstance(x, (int, float)) and 0 < x < math.inf
+
+
+def _optional_count(x: int | None) -> bool:
+    return x is None or (isinstance(x, int) and x >= 1)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Timeouts:
+    """Upstream timeouts, in seconds.
+
+    Parameters:
+        connect_s: to open a connection (a timeout here means nothing was sent: retried elsewhere).
+        response_headers_s: from sending the request to the response's status and headers.
+        read_idle_s: the longest gap between two body chunks, either way (a stream may last longer).
+    """
+
+    connect_s: float = 2.0
+    response_headers_s: float = 60.0
+    read_idle_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        _check(
+            self,
+            [
+                ("connect_s", _positive(self.connect_s), "a finite number > 0"),
+                ("response_headers_s", _positive(self.response_headers_s), "a finite number > 0"),
+                ("read_idle_s", _positive(self.read_idle_s), "a finite number > 0"),
+            ],
+        )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ProbeSettings:
+    """How the gateway sends Prequal probes.
+
+    Parameters:
+        path: the backend path ``LoadReportingMiddleware`` answers probes on.
+        timeout_s: a probe that takes longer is dropped (and counts as a failure). Loopback probes take
+            well under a millisecond; 50 ms leaves room for a busy Python event loop.
+        max_in_flight: probes in flight per pool; beyond it a probe is skipped, not queued (a queued
+            probe is stale on arrival).
+    """
+
+    path: str = "/_prequal/probe"
+    timeout_s: float = 0.05
+    max_in_flight: int = 64
+
+    def __post_init__(self) -> None:
+        _check(
+            self,
+            [
+                ("path", isinstance(self.path, str) and self.path.startswith("/"), "a path starting with '/'"),
+                ("timeout_s", _positive(self.timeout_s), "a finite number > 0"),
+                ("max_in_flight", isinstance(self.max_in_flight, int) and self.max_in_flight >= 1, "an integer >= 1"),
+            ],
+        )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class HealthSettings:
+    """Active health checks: ``GET path`` on every member every ``interval_s``.
+
+    A member turns unhealthy after ``fall`` failed checks in a row (a non-2xx status, an error, or no
+    answer within ``timeout_s``) and healthy again after ``rise`` good ones. ``path=None`` disables
+    active checks (passive outlier detection still applies).
+    """
+
+    path: str | None = "/healthz"
+    interval_s: float = 5.0
+    timeout_s: float = 2.0
+    rise: int = 2
+    fall: int = 3
+
+    def __post_init__(self) -> None:
+        _check(
+            self,
+            [
+                (
+                    "path",
+                    self.path is None or (isinstance(self.path, str) and self.path.startswith("/")),
+                    "None or a path starting with '/'",
+                ),
+                ("interval_s", _positive(self.interval_s), "a finite number > 0"),
+                ("timeout_s", _positive(self.timeout_s), "a finite number > 0"),
+                ("rise", isinstance(self.rise, int) and self.rise >= 1, "an integer >= 1"),
+                ("fall", isinstance(self.fall, int) and self.fall >= 1, "an integer >= 1"),
+            ],
+        )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RetrySettings:
+    """When a failed upstream attempt is tried again, always on a different backend.
+
+    A request that never reached its backend (connection refused, connect timeout) is retried for any
+    method. One that was sent and then failed before any response byte is retried only for
+    ``idempotent_methods``. Nothing is retried once a response byte went to the client, or when the
+    request body was already partly streamed upstream. Retries draw on a budget: ``budget_ratio`` of
+    recent requests plus ``budget_min_per_s`` per second (Linkerd's retry budget), so a failing fleet
+    is not hit with a retry storm.
+
+    Parameters:
+        attempts: the most attempts per request, the first included (1 disables retries).
+        idempotent_methods: methods safe to resend after they may have reached a backend.
+        budget_ratio: retries allowed per request, on average over ``budget_window_s``.
+        budget_min_per_s: retries always allowed per second, whatever the traffic.
+        budget_window_s: the window the budget is counted over.
+    """
+
+    attempts: int = 3
+    idempotent_methods: frozenset[str] = IDEMPOTENT_METHODS
+    budget_ratio: float = 0.2
+    budget_min_per_s: float = 10.0
+    budget_window_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        _check(
+            self,
+            [
+                ("attempts", isinstance(self.attempts, int) and self.attempts >= 1, "an integer >= 1"),
+                ("budget_ratio", 0 <= self.budget_ratio < math.inf, "a finite number >= 0"),
+                ("budget_min_per_s", 0 <= self.budget_min_per_s < math.inf, "a finite number >= 0"),
+                ("budget_window_s", _positive(self.budget_window_s), "a finite number > 0"),
+            ],
+        )
+
+
+def validate_upstream_url(url: str, *, field_name: str = "url") -> str:
+    """Check an upstream URL and return it normalised (no trailing slash).
+
+    http or https, a host, no userinfo, no query or fragment; an optional base path is kept.
+    """
+    if not isinstance(url, str) or not url:
+        raise ConfigurationError(f"{field_name} must be a non-empty string, got {url!r}")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigurationError(f"{field_name} is not a valid URL ({exc}): {url!r}") from None
+    if parts.scheme not in ("http", "https"):
+        raise ConfigurationError(f"{field_name} must be an http or https URL, got {url!r}")
+    if not parts.hostname:
+        raise ConfigurationError(f"{field_name} must name a host, got {url!r}")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigurationError(f"{field_name} must not contain credentials (user:password@), got {url!r}")
+    if parts.query or parts.fragment:
+        raise ConfigurationError(f"{field_name} must not have a query or fragment, got {url!r}")
+    if port == 0:
+        raise ConfigurationError(f"{field_name} must not use port 0, got {url!r}")
+    return url.rstrip("/")
+
+
+@dataclass(frozen=True)
+class UpstreamPool:
+    """A path prefix and the backends requests under it are balanced over.
+
+    Parameters:
+        prefix: requests whose path is ``prefix`` or starts with ``prefix + "/"`` go to this pool; the
+            longest matching prefix wins. ``"/"`` matches everything.
+        upstreams: static members (URLs such as ``http://10.0.0.5:8000``, optionally with a base path);
+            more can register at run time.
+        policy: a built-in name (``prequal``, ``round_robin``, ``random``, ``least_request``,
+            ``peak_ewma``, ``least_latency``) or a zero-argument callable returning a fresh ``Policy``.
+        strip_prefix: send ``/api/users`` upstream as ``/users`` (true) or unchanged (false).
+        preserve_host: send the client's ``Host`` header upstream instead of the backend's.
+        timeouts: upstream connect / response headers / idle read timeouts.
+        max_in_flight: requests in flight through this pool (per gateway process); beyond it, 503.
+        max_in_flight_per_backend: requests in flight to one backend; a backend at its limit is not
+            chosen, and when every backend is, 503.
+        prequal: Prequal's parameters (for the ``prequal`` policy).
+        outliers: passive health (ejection, panic, error aversion).
+        probes: how probes are sent.
+        health: active health checks.
+        retry: when failed attempts are retried.
+        clients_per_pool: independent policy instances, each with its own state, taking requests in
+            turn: emulates a fleet of clients in one process, as Prequal assumes many clients.
+        websockets: proxy WebSocket upgrades on this prefix (else they go to the wrapped app).
+        retry_after_s: the ``Retry-After`` value of the pool's 503 responses.
+        rewrite_path / on_request / on_response: hooks (see ``PathRewriteHook`` and friends).
+    """
+
+    prefix: str
+    _: KW_ONLY
+    upstreams: Sequence[str] = ()
+    policy: PolicySpec = "prequal"
+    strip_prefix: bool = True
+    preserve_host: bool = False
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    max_in_flight: int | None = None
+    max_in_flight_per_backend: int | None = None
+    prequal: PrequalSettings = field(default_factory=PrequalSettings)
+    outliers: OutlierSettings = field(default_factory=OutlierSettings)
+    probes: ProbeSettings = field(default_factory=ProbeSettings)
+    health: HealthSettings = field(default_factory=HealthSettings)
+    retry: RetrySettings = field(default_factory=RetrySettings)
+    clients_per_pool: int = 1
+    websockets: bool = True
+    retry_after_s: int = 1
+    rewrite_path: PathRewriteHook | None = None
+    on_request: RequestHook | None = None
+    on_response: ResponseHook | None = None
+
+    def __post_init__(self) -> None:
+        p = self.prefix
+        _check(
+            self,
+            [
+                (
+                    "prefix",
+                    isinstance(p, str) and p.startswith("/") and (p == "/" or not p.endswith("/")) and "?" not in p,
+                    "a path starting with '/' and not ending with '/' (or '/' itself)",
+                ),
+                (
+                    "policy",
+                    isinstance(self.policy, str) or callable(self.policy),
+                    "a policy name or a callable returning a Policy",
+                ),
+                ("max_in_flight", _optional_count(self.max_in_flight), "None or an integer >= 1"),
+                (
+                    "max_in_flight_per_backend",
+                    _optional_count(self.max_in_flight_per_backend),
+                    "None or an integer >= 1",
+                ),
+                (
+                    "clients_per_pool",
+                    isinstance(self.clients_per_pool, int) and self.clients_per_pool >= 1,
+                    "an integer >= 1",
+                ),
+                ("retry_after_s", isinstance(self.retry_after_s, int) and self.retry_after_s >= 0, "an integer >= 0"),
+            ],
+        )
+        if isinstance(self.upstreams, str):
+            raise ConfigurationError(
+                f"UpstreamPool.upstreams must be a list of URLs, got the string {self.upstreams!r}"
+            )
+        urls = tuple(
+            validate_upstream_url(u, field_name=f"UpstreamPool({p!r}).upstreams[{i}]")
+            for i, u in enumerate(self.upstreams)
+        )
+        object.__setattr__(self, "upstreams", urls)
+        if isinstance(self.policy, str):
+            from .core import POLICY_CLASSES
+
+            if self.policy not in POLICY_CLASSES:
+                raise ConfigurationError(
+                    f"UpstreamPool.policy must be one of {', '.join(sorted(POLICY_CLASSES))} or a callable,"
+                    f" got {self.policy!r}"
+                )
+        for hook in ("rewrite_path", "on_request", "on_response"):
+            value = getattr(self, hook)
+            if value is not None and not callable(value):
+                raise ConfigurationError(f"UpstreamPool.{hook} must be a callable or None, got {value!r}")
+        for name, cls in (
+            ("timeouts", Timeouts),
+            ("prequal", PrequalSettings),
+            ("outliers", OutlierSettings),
+            ("probes", ProbeSettings),
+            ("health", HealthSettings),
+            ("retry", RetrySettings),
+        ):
+            if not isinstance(getattr(self, name), cls):
+                raise ConfigurationError(f"UpstreamPool.{name} must be a {cls.__name__}, got {getattr(self, name)!r}")
+
+    def matches(self, path: str) -> bool:
+        """True when ``path`` falls under this pool's prefix (on a path-segment boundary)."""
+        prefix = self.prefix
+        return prefix == "/" or path == prefix or (path.startswith(prefix) and path[len(prefix)] == "/")

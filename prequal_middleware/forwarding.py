@@ -1,0 +1,382 @@
+"""``Forwarder``: an ASGI HTTP request to a backend and back, streamed both ways with raw ASGI messages.
+
+This is the one place where upstream errors become status codes:
+
+=========================================================  ======  =======================
+what happened                                              status  ``error`` in the body
+=========================================================  ======  =======================
+request refused as ambiguous (CL + TE, conflicting CL)     400     ``bad_request``
+no eligible backend, or every backend at its limit         503     ``no_backend``
+the pool at its concurrency limit                          503     ``pool_overloaded``
+connect failed on every attempt                            502     ``upstream_unreachable``
+sent, then the exchange failed before a response           502     ``upstream_error``
+connect, response-header or body-read timeout              504     ``upstream_timeout``
+the gateway not running                                    503     ``gateway_not_running``
+=========================================================  ======  =======================
+
+Every gateway-made error has a small JSON body and an ``x-prequal-pool`` header, 503s a
+``Retry-After``; no exception text ever reaches the client. Once response bytes went out, a failure
+can only cut the connection (the client sees a truncated response, never a hang).
+
+A failed attempt is retried on a different backend when that is safe (``RetrySettings``). A client
+that disconnects cancels the upstream request: its connection is closed, so the backend sees the
+disconnect too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+from urllib.parse import quote
+
+from .core import Outcome, Policy
+from .exceptions import UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
+from .headers import downstream_response_headers, rewrite_location, upstream_request_headers
+from .pool import PoolRuntime
+from .scheduler import ProbeScheduler
+from .transport import Transport, UpstreamRequest, UpstreamResponse
+
+logger = logging.getLogger("prequal_middleware.forwarding")
+
+# A request still running after this long gets a watcher for the client's disconnect. Shorter ones
+# never pay for the extra task.
+DISCONNECT_WATCH_DELAY_S = 0.05
+POOL_HEADER = b"x-prequal-pool"
+_SAFE_PATH = "/:@!$&'()*+,;=-._~"
+
+Scope = dict[str, Any]
+Receive = Callable[[], Any]
+Send = Callable[[dict[str, Any]], Any]
+
+
+class ClientDisconnected(Exception):
+    """The client went away (while its request body was being read)."""
+
+
+class _ClientBody:
+    """The client's request body as an async iterator over ASGI ``http.request`` messages (read once)."""
+
+    __slots__ = ("_receive", "started", "done", "_on_done")
+
+    def __init__(self, receive: Receive, on_done: Callable[[], None]) -> None:
+        self._receive = receive
+        self.started = False
+        self.done = False
+        self._on_done = on_done
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[bytes]:
+        if self.started:
+            raise RuntimeError("the request body can be read only once")
+        self.started = True
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected()
+            chunk = message.get("body", b"")
+            more = message.get("more_body", False)
+            if not more:
+                self.done = True
+                self._on_done()
+            if chunk:
+                yield chunk
+            if not more:
+                return
+
+
+class _DisconnectWatch:
+    """Cancels the request's task when the client disconnects; costs nothing for short requests."""
+
+    __slots__ = ("_receive", "_task", "_handle", "_watcher", "fired", "finished")
+
+    def __init__(self, receive: Receive, task: asyncio.Task[Any] | None) -> None:
+        self._receive = receive
+        self._task = task
+        self._handle: asyncio.TimerHandle | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self.fired = False
+        self.finished = False  # set before the final body message: receive() then says disconnect
+
+    def arm(self) -> None:
+        """Start watching soon; call once nothing else reads ``receive`` (the body is all read)."""
+        if self._task is not None and self._handle is None and not self.finished:
+            self._handle = asyncio.get_running_loop().call_later(DISCONNECT_WATCH_DELAY_S, self._start)
+
+    def _start(self) -> None:
+        if not self.finished:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                if not self.finished and self._task is not None:
+                    self.fired = True
+                    self._task.cancel()
+                return
+
+    def stop(self) -> None:
+        self.finished = True
+        if self._handle is not None:
+            self._handle.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
+
+
+class Forwarder:
+    """Forwards HTTP requests for the pools of one gateway.
+
+    Parameters:
+        transport: sends upstream requests.
+        scheduler: sends the probes the policies ask for.
+        clock: monotonic seconds.
+    """
+
+    def __init__(self, transport: Transport, scheduler: ProbeScheduler, clock: Callable[[], float]) -> None:
+        self._transport = transport
+        self._scheduler = scheduler
+        self._clock = clock
+
+    async def http(self, pool: PoolRuntime, scope: Scope, receive: Receive, send: Send) -> None:
+        cfg = pool.config
+        if pool.full():
+            await send_error(send, 503, "pool_overloaded", "the pool is at its concurrency limit", pool)
+            return
+        client = scope.get("client")
+        prepared = upstream_request_headers(
+            scope["headers"],
+            client_ip=client[0] if client else None,
+            scheme=scope.get("scheme", "http"),
+            preserve_host=cfg.preserve_host,
+        )
+        if prepared.problem is not None:
+            await send_error(send, 400, "bad_request", prepared.problem, pool)
+            return
+        target = upstream_target(pool, scope)
+        if cfg.rewrite_path is not None:
+            target = cfg.rewrite_path(target)
+        watch = _DisconnectWatch(receive, asyncio.current_task())
+        body = _ClientBody(receive, watch.arm) if prepared.chunked or prepared.content_length else None
+        if body is None:
+            watch.arm()
+        try:
+            await self._attempts(pool, scope, send, prepared.headers, prepared.content_length, target, body, watch)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not watch.fired or task is None or task.uncancel() > 0:
+                raise  # a real cancellation (shutdown), not our client-disconnect signal
+        except ClientDisconnected:
+            pass
+        finally:
+            watch.stop()
+
+    async def _attempts(
+        self,
+        pool: PoolRuntime,
+        scope: Scope,
+        send: Send,
+        headers: list[tuple[bytes, bytes]],
+        content_length: int | None,
+        target: str,
+        body: _ClientBody | None,
+        watch: _DisconnectWatch,
+    ) -> None:
+        cfg = pool.config
+        method: str = scope["method"]
+        policy = pool.next_client()
+        now = self._clock()
+        pool.retry_budget.record_request(now)
+        exclude: set[str] = set()
+        for attempt in range(cfg.retry.attempts):
+            blocked = exclude | pool.at_limit if exclude else pool.at_limit
+            selection = policy.select(now, blocked) if blocked else policy.select(now)
+            if selection is None:
+                await send_error(send, 503, "no_backend", "no backend is available in this pool", pool)
+                return
+            if selection.probes:
+                self._scheduler.send_probes(pool, policy, selection.probes)
+            backend = selection.backend
+            request = UpstreamRequest(method, backend, target, headers, body, content_length)
+            if cfg.on_request is not None:
+                request = await _apply_hook(cfg.on_request, request)
+            try:
+                done = await self._attempt(pool, policy, request, scope, send, watch, now)
+            except UpstreamError as exc:
+                now = self._clock()
+                if attempt + 1 < cfg.retry.attempts and _retryable(exc, method, body, cfg.retry.idempotent_methods):
+                    if pool.retry_budget.try_withdraw(now):
+                        exclude.add(backend)
+                        continue
+                await _send_upstream_error(send, exc, pool)
+                return
+            if done:
+                return
+
+    async def _attempt(
+        self,
+        pool: PoolRuntime,
+        policy: Policy,
+        request: UpstreamRequest,
+        scope: Scope,
+        send: Send,
+        watch: _DisconnectWatch,
+        now: float,
+    ) -> bool:
+        """One upstream attempt; raises ``UpstreamError`` only before any response byte went out."""
+        backend = request.backend
+        pool.acquire(backend)
+        policy.on_start(backend, now)
+        started = self._clock()
+        outcome = Outcome.CANCELLED
+        latency = 0.0
+        response: UpstreamResponse | None = None
+        try:
+            try:
+                response = await self._transport.send(request, pool.config.timeouts)
+            except UpstreamError as exc:
+                latency = self._clock() - started
+                outcome = _outcome_of(exc)
+                raise
+            latency = self._clock() - started
+            outcome = Outcome.from_status(response.status)
+            if pool.config.on_response is not None:
+                response = await _apply_hook(pool.config.on_response, response)
+            try:
+                await self._stream(pool, request, response, scope, send, watch)
+            except UpstreamError as exc:
+                outcome = _outcome_of(exc)
+                logger.warning("upstream %s failed mid-response: %s", backend, exc)
+            return True
+        finally:
+            if response is not None:
+                await response.aclose()
+            pool.release(backend)
+            policy.on_finish(backend, self._clock(), latency, outcome)
+
+    async def _stream(
+        self,
+        pool: PoolRuntime,
+        request: UpstreamRequest,
+        response: UpstreamResponse,
+        scope: Scope,
+        send: Send,
+        watch: _DisconnectWatch,
+    ) -> None:
+        rewrite = _location_rewriter(pool, request.backend, scope)
+        headers = downstream_response_headers(response.headers, rewrite)
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        remaining = _content_length(headers)
+        if scope["method"] == "HEAD" or response.status in (204, 304):
+            remaining = 0
+        if remaining == 0:
+            async for _ in response.body:
+                pass  # nothing to send; reading to the end gives the connection back
+            watch.stop()
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        async for chunk in response.body:
+            if remaining is not None:
+                remaining -= len(chunk)
+                if remaining <= 0:
+                    # The declared length is complete: this is the last message (one send fewer).
+                    watch.stop()
+                    await send({"type": "http.response.body", "body": chunk, "more_body": False})
+                    async for _ in response.body:
+                        pass
+                    return
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        if remaining is not None and remaining > 0:
+            raise UpstreamProtocolError(f"upstream {request.backend} closed {remaining} bytes short")
+        watch.stop()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def upstream_target(pool: PoolRuntime, scope: Scope) -> str:
+    """The path and query to send upstream: prefix stripped (or not), percent-encoding kept byte-exact."""
+    raw: bytes | None = scope.get("raw_path")
+    path: str = scope["path"]
+    prefix = pool.prefix
+    rest: str
+    if pool.config.strip_prefix and prefix != "/":
+        n = len(pool.prefix_bytes)
+        if raw is not None and raw.startswith(pool.prefix_bytes) and raw[n : n + 1] in (b"/", b""):
+            rest = raw[n:].decode("latin-1")
+        else:  # the client percent-encoded part of the prefix: rebuild from the decoded path
+            rest = quote(path[len(prefix) :], safe=_SAFE_PATH)
+        if not rest:
+            rest = "/"
+    else:
+        rest = raw.decode("latin-1") if raw is not None else quote(path, safe=_SAFE_PATH)
+    query: bytes = scope.get("query_string", b"")
+    return rest + "?" + query.decode("latin-1") if query else rest
+
+
+def _location_rewriter(pool: PoolRuntime, backend: str, scope: Scope) -> Callable[[bytes], bytes]:
+    def rewrite(value: bytes) -> bytes:
+        host = next((v for k, v in scope["headers"] if k == b"host"), None)
+        if host is None:
+            return value
+        scheme = scope.get("scheme", "http").encode("latin-1")
+        prefix = pool.prefix_bytes if pool.config.strip_prefix and pool.prefix != "/" else b""
+        return rewrite_location(value, backend.encode("latin-1"), scheme + b"://" + host + prefix)
+
+    return rewrite
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    for name, value in headers:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def _outcome_of(exc: UpstreamError) -> Outcome:
+    if isinstance(exc, UpstreamTimeout):
+        return Outcome.TIMEOUT
+    if isinstance(exc, UpstreamConnectError):
+        return Outcome.CONNECT_ERROR
+    return Outcome.FAILURE
+
+
+def _retryable(exc: UpstreamError, method: str, body: _ClientBody | None, idempotent: frozenset[str]) -> bool:
+    if body is not None and body.started:
+        return False  # part of the body went upstream and cannot be replayed
+    if not exc.sent:
+        return True
+    return isinstance(exc, UpstreamProtocolError) and method in idempotent
+
+
+async def _apply_hook(hook: Callable[[Any], Any], value: Any) -> Any:
+    result = hook(value)
+    if inspect.isawaitable(result):
+        result = await result
+    return value if result is None else result
+
+
+async def _send_upstream_error(send: Send, exc: UpstreamError, pool: PoolRuntime) -> None:
+    if isinstance(exc, UpstreamTimeout):
+        await send_error(send, 504, "upstream_timeout", "the backend did not answer in time", pool)
+    elif isinstance(exc, UpstreamConnectError):
+        await send_error(send, 502, "upstream_unreachable", "no backend could be reached", pool)
+    else:
+        await send_error(send, 502, "upstream_error", "the backend failed to answer", pool)
+
+
+async def send_error(send: Send, status: int, error: str, detail: str, pool: PoolRuntime | None) -> None:
+    """A gateway-made error: a small JSON body, the pool's name in a header, ``Retry-After`` on 503."""
+    prefix = pool.prefix if pool is not None else None
+    body = json.dumps({"error": error, "detail": detail, "pool": prefix}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if prefix is not None:
+        headers.append((POOL_HEADER, prefix.encode("utf-8")))
+    if status == 503:
+        retry_after = pool.config.retry_after_s if pool is not None else 1
+        headers.append((b"retry-after", str(retry_after).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})

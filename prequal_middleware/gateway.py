@@ -1,0 +1,179 @@
+"""``Gateway``: the pools, the upstream transport and the probe scheduler, started and stopped together.
+
+    gateway = Gateway(pools=[UpstreamPool("/api", upstreams=["http://10.0.0.5:8000"])])
+    app.add_middleware(PrequalMiddleware, gateway=gateway)   # starts and stops it with the app
+
+or, managing the lifespan yourself::
+
+    async with gateway:
+        ...
+
+Startup opens the transport (unless you passed one) and starts the scheduler; shutdown stops them in
+reverse order and leaves no task or connection behind. A stopped gateway can be started again.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from types import TracebackType
+from typing import Any
+
+from .config import UpstreamPool
+from .core import Member, PolicySnapshot
+from .exceptions import ConfigurationError
+from .forwarding import Forwarder, Receive, Scope, Send, send_error
+from .pool import PoolRuntime
+from .scheduler import ProbeScheduler
+from .transport import Transport
+from .transport_aiohttp import AiohttpTransport
+from .websocket import forward_websocket
+
+logger = logging.getLogger("prequal_middleware.gateway")
+
+
+class GatewayState(enum.Enum):
+    CREATED = "created"  # configured, never started
+    RUNNING = "running"  # serving: transport open, scheduler running
+    STOPPED = "stopped"  # shut down; may be started again
+
+
+class Gateway:
+    """An API gateway: pools of upstream backends balanced by their policies.
+
+    Parameters:
+        pools: the pools, each with a distinct prefix.
+        transport: the upstream transport; by default an ``AiohttpTransport`` the gateway owns.
+            A transport you pass is not closed by the gateway.
+        clock: monotonic seconds; override for tests.
+        rng: seeds every policy's random source; pass a seeded one for reproducible runs.
+    """
+
+    def __init__(
+        self,
+        pools: Sequence[UpstreamPool] = (),
+        *,
+        transport: Transport | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        seen: set[str] = set()
+        for pool in pools:
+            if not isinstance(pool, UpstreamPool):
+                raise ConfigurationError(f"Gateway.pools must hold UpstreamPool objects, got {pool!r}")
+            if pool.prefix in seen:
+                raise ConfigurationError(f"Gateway.pools has the prefix {pool.prefix!r} twice")
+            seen.add(pool.prefix)
+        rng = rng if rng is not None else random.Random()
+        self.pools: dict[str, PoolRuntime] = {p.prefix: PoolRuntime(p, rng) for p in pools}
+        # Longest prefix first, so the first match wins.
+        self._by_length = sorted(self.pools.values(), key=lambda p: len(p.prefix), reverse=True)
+        self.clock = clock
+        self._transport = transport
+        self._owns_transport = transport is None
+        self._scheduler: ProbeScheduler | None = None
+        self._forwarder: Forwarder | None = None
+        self.state = GatewayState.CREATED
+        now = clock()
+        for runtime in self.pools.values():
+            runtime.set_members([Member(url) for url in runtime.config.upstreams], now)
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self.state is GatewayState.RUNNING
+
+    async def startup(self) -> None:
+        """Open the transport and start probing and health checks. A no-op when already running."""
+        if self.running:
+            return
+        transport = self._transport
+        if transport is None or (self._owns_transport and self.state is GatewayState.STOPPED):
+            transport = self._transport = AiohttpTransport()
+        scheduler = ProbeScheduler(list(self.pools.values()), transport, self.clock)
+        await scheduler.start()
+        self._scheduler = scheduler
+        self._forwarder = Forwarder(transport, scheduler, self.clock)
+        self.state = GatewayState.RUNNING
+        logger.info("gateway started: %s", ", ".join(self.pools) or "no pools")
+
+    async def shutdown(self) -> None:
+        """Stop the scheduler, then close the transport (if the gateway created it)."""
+        if not self.running:
+            return
+        self.state = GatewayState.STOPPED
+        scheduler, self._scheduler, self._forwarder = self._scheduler, None, None
+        if scheduler is not None:
+            await scheduler.aclose()
+        if self._owns_transport and self._transport is not None:
+            await self._transport.aclose()
+        logger.info("gateway stopped")
+
+    async def __aenter__(self) -> Gateway:
+        await self.startup()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.shutdown()
+
+    # --- requests ------------------------------------------------------------------------------
+
+    def match(self, path: str) -> PoolRuntime | None:
+        """The pool whose prefix is the longest one matching ``path`` on a segment boundary."""
+        for pool in self._by_length:
+            prefix = pool.prefix
+            if prefix == "/" or path == prefix or (path.startswith(prefix) and path[len(prefix)] == "/"):
+                return pool
+        return None
+
+    async def handle_http(self, pool: PoolRuntime, scope: Scope, receive: Receive, send: Send) -> None:
+        forwarder = self._forwarder
+        if forwarder is None:
+            logger.error(
+                "request for %s while the gateway is not running: run the app with lifespan enabled "
+                "(uvicorn's default), inside `with TestClient(app)`, or `async with gateway`",
+                pool.prefix,
+            )
+            await send_error(send, 503, "gateway_not_running", "the gateway is not running", pool)
+            return
+        await forwarder.http(pool, scope, receive, send)
+
+    async def handle_websocket(self, pool: PoolRuntime, scope: Scope, receive: Receive, send: Send) -> None:
+        transport, scheduler = self._transport, self._scheduler
+        if scheduler is None or transport is None or not hasattr(transport, "connect_websocket"):
+            await receive()
+            await send({"type": "websocket.close", "code": 1011})
+            return
+        await forward_websocket(pool, scope, receive, send, transport, scheduler, self.clock)  # type: ignore[arg-type]
+
+    # --- membership ----------------------------------------------------------------------------
+
+    def set_members(self, prefix: str, members: Iterable[Member]) -> None:
+        """Replace a pool's members (the static upstreams are not kept unless listed)."""
+        pool = self.pools.get(prefix)
+        if pool is None:
+            raise KeyError(f"no pool with prefix {prefix!r}")
+        pool.set_members(members, self.clock())
+
+    # --- state ---------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """Every pool's state: members, their health and load, selections by reason."""
+        now = self.clock()
+        pools: dict[str, Any] = {}
+        for prefix, pool in self.pools.items():
+            clients: list[PolicySnapshot] = [c.snapshot(now) for c in pool.clients]
+            pools[prefix] = {
+                "policy": clients[0].policy if clients else None,
+                "in_flight": pool.in_flight,
+                "probes_in_flight": pool.probes_in_flight,
+                "probes_skipped": pool.probes_skipped,
+                "clients": clients,
+            }
+        return {"state": self.state.value, "pools": pools}

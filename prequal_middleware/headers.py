@@ -1,0 +1,141 @@
+"""Header handling for a proxy: hop-by-hop removal, ``X-Forwarded-*``, request hygiene, ``Location`` rewrite.
+
+Pure functions over raw ASGI header lists (lower-case byte names, duplicates kept in order).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+RawHeaders = list[tuple[bytes, bytes]]
+
+# RFC 9110 section 7.6.1, plus the non-standard Proxy-Connection: these describe one connection and
+# never travel through a proxy. Headers named in Connection join them per message.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# Replaced by the gateway rather than passed on: the upstream Host is the backend's (unless
+# preserved), X-Forwarded-For is appended to, Proto and Host are set; Expect was already answered
+# by the server in front of us.
+_REPLACED = frozenset({b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"expect"})
+_SCHEME_OF = {"http": b"http", "https": b"https", "ws": b"http", "wss": b"https"}
+
+
+class RequestHeaders(NamedTuple):
+    """What ``upstream_request_headers`` found and built."""
+
+    headers: RawHeaders
+    content_length: int | None  # declared body length; None when absent
+    chunked: bool  # the client sent Transfer-Encoding (a body of unknown length)
+    problem: str | None  # why the request must be refused (400), or None
+
+
+def connection_tokens(headers: RawHeaders) -> frozenset[bytes]:
+    """Header names listed in ``Connection`` (lower-case)."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return frozenset(tokens)
+
+
+def upstream_request_headers(
+    headers: RawHeaders,
+    *,
+    client_ip: str | None,
+    scheme: str,
+    preserve_host: bool,
+    keep: frozenset[bytes] = frozenset(),
+) -> RequestHeaders:
+    """The headers to send upstream for a client request.
+
+    Hop-by-hop headers and those named in ``Connection`` are dropped (except names in ``keep``, used
+    for WebSocket upgrades); ``X-Forwarded-For`` gets the client's address appended; ``X-Forwarded-Proto``
+    and ``X-Forwarded-Host`` are set; ``Host`` is kept only with ``preserve_host``. A request with both
+    ``Content-Length`` and ``Transfer-Encoding``, or with conflicting ``Content-Length`` values, is
+    reported as a problem rather than forwarded ambiguously (request smuggling).
+    """
+    named = connection_tokens(headers) - keep
+    out: RawHeaders = []
+    forwarded_for: list[bytes] = []
+    host: bytes | None = None
+    lengths: set[bytes] = set()
+    chunked = False
+    for name, value in headers:
+        if name in _REPLACED:
+            if name == b"host":
+                host = value
+            elif name == b"x-forwarded-for":
+                forwarded_for.append(value)
+            continue
+        if name == b"content-length":
+            lengths.add(value.strip())
+        elif name == b"transfer-encoding":
+            chunked = True
+        if (name in HOP_BY_HOP and name not in keep) or name in named:
+            continue
+        out.append((name, value))
+    problem: str | None = None
+    content_length: int | None = None
+    if len(lengths) > 1:
+        problem = "conflicting Content-Length headers"
+    elif lengths:
+        raw = next(iter(lengths))
+        if not raw.isdigit():
+            problem = "invalid Content-Length header"
+        else:
+            content_length = int(raw)
+        if chunked:
+            problem = "both Content-Length and Transfer-Encoding"
+    if preserve_host and host is not None:
+        out.append((b"host", host))
+    if client_ip:
+        forwarded_for.append(client_ip.encode("latin-1"))
+    if forwarded_for:
+        out.append((b"x-forwarded-for", b", ".join(forwarded_for)))
+    out.append((b"x-forwarded-proto", _SCHEME_OF.get(scheme, b"http")))
+    if host is not None:
+        out.append((b"x-forwarded-host", host))
+    return RequestHeaders(out, content_length, chunked, problem)
+
+
+def downstream_response_headers(headers: RawHeaders, location: Callable[[bytes], bytes] | None = None) -> RawHeaders:
+    """The upstream response's headers minus hop-by-hop ones, ``Location`` passed through ``location``."""
+    named = connection_tokens(headers)
+    out: RawHeaders = []
+    for name, value in headers:
+        name = name.lower()
+        if name in HOP_BY_HOP or name in named:
+            continue
+        if name == b"location" and location is not None:
+            value = location(value)
+        out.append((name, value))
+    return out
+
+
+def rewrite_location(value: bytes, backend: bytes, public: bytes) -> bytes:
+    """``backend/rest`` -> ``public/rest`` (case-insensitive scheme and host); anything else unchanged.
+
+    As NGINX's ``proxy_redirect default``: an absolute ``Location`` pointing at the backend is turned
+    into the same place under the gateway's prefix.
+
+    Both ``backend`` and ``public`` come without a trailing slash.
+    """
+    n = len(backend)
+    if len(value) < n or value[:n].lower() != backend.lower():
+        return value
+    rest = value[n:]
+    if rest and rest[:1] not in (b"/", b"?", b"#"):
+        return value  # http://backend:80001 is not under http://backend:8000
+    return public + rest

@@ -1,0 +1,102 @@
+"""``PrequalMiddleware``: requests on a pool's prefix go to its backends; everything else to your app.
+
+    app = FastAPI()
+    gateway = Gateway(pools=[UpstreamPool("/api", upstreams=["http://10.0.0.5:8000"])])
+    app.add_middleware(PrequalMiddleware, gateway=gateway)
+
+Pure ASGI. Prefixes match on a path-segment boundary and the longest wins (``/api`` takes ``/api`` and
+``/api/x``, never ``/apix``). WebSockets on a pool prefix are proxied when the pool allows them.
+Adding the middleware is enough: it starts the gateway when the app's lifespan starts and stops it
+when it ends (if your app does not speak lifespan, the middleware answers the lifespan protocol
+itself). A gateway you started yourself (``async with gateway``) is left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from .forwarding import Receive, Scope, Send
+from .gateway import Gateway
+
+logger = logging.getLogger("prequal_middleware.middleware")
+
+ASGIApp = Any
+
+
+class PrequalMiddleware:
+    """The gateway as ASGI middleware.
+
+    Parameters:
+        app: the wrapped ASGI app (receives every request outside the pools).
+        gateway: the gateway whose pools this middleware serves.
+    """
+
+    def __init__(self, app: ASGIApp, *, gateway: Gateway) -> None:
+        if not isinstance(gateway, Gateway):
+            raise TypeError(f"PrequalMiddleware(gateway=...) must be a Gateway, got {gateway!r}")
+        self.app = app
+        self.gateway = gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            pool = self.gateway.match(scope["path"])
+            if pool is not None:
+                await self.gateway.handle_http(pool, scope, receive, send)
+                return
+        elif kind == "websocket":
+            pool = self.gateway.match(scope["path"])
+            if pool is not None and pool.config.websockets:
+                await self.gateway.handle_websocket(pool, scope, receive, send)
+                return
+        elif kind == "lifespan":
+            await self._lifespan(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        gateway = self.gateway
+        started_here = False
+        startup_seen = False
+
+        async def wrapped_receive() -> dict[str, Any]:
+            nonlocal started_here, startup_seen
+            message: dict[str, Any] = await receive()
+            if message["type"] == "lifespan.startup":
+                startup_seen = True
+                if not gateway.running:
+                    await gateway.startup()
+                    started_here = True
+            elif message["type"] == "lifespan.shutdown" and started_here:
+                await gateway.shutdown()
+                started_here = False
+            return message
+
+        try:
+            await self.app(scope, wrapped_receive, send)
+        except BaseException:
+            if startup_seen:
+                raise
+            # The app does not speak lifespan: answer it ourselves so the gateway still starts.
+            logger.debug("the wrapped app does not handle lifespan; PrequalMiddleware answers it")
+            await self._own_lifespan(receive, send)
+        finally:
+            if started_here:
+                await gateway.shutdown()
+
+    async def _own_lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.gateway.startup()
+                except Exception:
+                    logger.exception("gateway startup failed")
+                    await send({"type": "lifespan.startup.failed", "message": "gateway startup failed"})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.gateway.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return

@@ -1,0 +1,95 @@
+"""``PoolRuntime``: one configured pool's live state inside a running gateway.
+
+It holds the pool's policy instances (``clients_per_pool`` independent Prequal clients taking
+requests in turn), its members, in-flight counts against the concurrency limits, and its retry
+budget. No I/O here: the forwarder and the scheduler drive it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+
+from .config import UpstreamPool
+from .core import Member, Policy, create_policy
+from .core.retry_budget import RetryBudget
+from .exceptions import ConfigurationError
+
+
+class PoolRuntime:
+    """A pool's members, policies, limits and counters.
+
+    Parameters:
+        config: the pool's configuration.
+        rng: seeds each policy instance's own ``random.Random``.
+    """
+
+    def __init__(self, config: UpstreamPool, rng: random.Random) -> None:
+        self.config = config
+        self.prefix = config.prefix
+        self.prefix_bytes = config.prefix.encode("utf-8")
+        self.clients: list[Policy] = [self._new_policy(rng) for _ in range(config.clients_per_pool)]
+        self._next_client = 0
+        self.members: dict[str, Member] = {}
+        self.in_flight = 0
+        self.backend_in_flight: dict[str, int] = {}
+        self.at_limit: set[str] = set()  # backends at max_in_flight_per_backend: not chosen
+        retry = config.retry
+        self.retry_budget = RetryBudget(retry.budget_ratio, retry.budget_min_per_s, max(1.0, retry.budget_window_s))
+        self.probes_in_flight = 0
+        self.probes_skipped = 0
+
+    def _new_policy(self, rng: random.Random) -> Policy:
+        spec = self.config.policy
+        if isinstance(spec, str):
+            return create_policy(
+                spec,
+                rng=random.Random(rng.getrandbits(64)),
+                outliers=self.config.outliers,
+                prequal=self.config.prequal,
+            )
+        policy = spec()
+        if not isinstance(policy, Policy):
+            raise ConfigurationError(
+                f"UpstreamPool({self.prefix!r}).policy must return a Policy, got {type(policy).__name__}"
+            )
+        return policy
+
+    def next_client(self) -> Policy:
+        """The policy instance for the next request (in turn when there are several)."""
+        clients = self.clients
+        if len(clients) == 1:
+            return clients[0]
+        self._next_client = (self._next_client + 1) % len(clients)
+        return clients[self._next_client]
+
+    def set_members(self, members: Iterable[Member], now: float) -> None:
+        self.members = {m.id: m for m in members}
+        listed = list(self.members.values())
+        for client in self.clients:
+            client.set_members(listed, now)
+        for gone in [b for b in self.backend_in_flight if b not in self.members and not self.backend_in_flight[b]]:
+            del self.backend_in_flight[gone]
+
+    # --- concurrency limits ----------------------------------------------------------------------
+
+    def full(self) -> bool:
+        limit = self.config.max_in_flight
+        return limit is not None and self.in_flight >= limit
+
+    def acquire(self, backend: str) -> None:
+        self.in_flight += 1
+        count = self.backend_in_flight.get(backend, 0) + 1
+        self.backend_in_flight[backend] = count
+        limit = self.config.max_in_flight_per_backend
+        if limit is not None and count >= limit:
+            self.at_limit.add(backend)
+
+    def release(self, backend: str) -> None:
+        self.in_flight -= 1
+        count = self.backend_in_flight.get(backend, 1) - 1
+        if count > 0 or backend in self.members:
+            self.backend_in_flight[backend] = count
+        else:
+            self.backend_in_flight.pop(backend, None)
+        self.at_limit.discard(backend)

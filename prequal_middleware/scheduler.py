@@ -1,0 +1,178 @@
+"""``ProbeScheduler``: the only owner of the gateway's background tasks.
+
+- Probes: the policies ask for them (per query, and after ``max_idle_s`` without queries); each is
+  sent at once in its own task with a short timeout, never awaited by a request. At most
+  ``ProbeSettings.max_in_flight`` per pool are in flight; beyond that a probe is skipped, not queued:
+  a queued probe would be stale on arrival. A backend that answers 404 on the probe path switches to
+  the gateway's local view (``probe_mode = "local"``).
+- Idle probing: a timer asks every policy for its idle probes.
+- Active health checks: ``GET health.path`` on every member each ``interval_s``; ``fall`` failures in a
+  row mark a member unhealthy, ``rise`` successes healthy again. A 2xx or 3xx is a success, and so is a
+  404 (the backend has no health endpoint but answers HTTP); a 5xx, an error or a timeout is a failure.
+
+On ``aclose()`` every task is cancelled and awaited and the probe connections are closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from typing import Any
+
+from .config import Timeouts
+from .core import Policy
+from .exceptions import UpstreamError
+from .pool import PoolRuntime
+from .probe_client import ProbeClient, ProbeError, ProbeUnsupported
+from .transport import Transport, UpstreamRequest
+
+logger = logging.getLogger("prequal_middleware.scheduler")
+
+# How often the idle timer asks policies for idle probes, as a share of the smallest max_idle_s.
+IDLE_TICK_SHARE = 0.5
+
+
+class ProbeScheduler:
+    """Sends probes and health checks for a gateway's pools.
+
+    Parameters:
+        pools: the pools to serve.
+        transport: used for health checks.
+        clock: monotonic seconds.
+    """
+
+    def __init__(self, pools: Sequence[PoolRuntime], transport: Transport, clock: Callable[[], float]) -> None:
+        self._pools = list(pools)
+        self._transport = transport
+        self._clock = clock
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._probe_clients: dict[int, ProbeClient] = {}
+        self._health_streaks: dict[tuple[str, str], int] = {}  # (pool, backend) -> +ok / -failed in a row
+        self._running = False
+        self.probes_sent = 0
+        self.probe_failures = 0
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._running = True
+        for pool in self._pools:
+            probes = pool.config.probes
+            self._probe_clients[id(pool)] = ProbeClient(path=probes.path, timeout_s=probes.timeout_s)
+        idle = [c for pool in self._pools for c in pool.clients]
+        if idle:
+            self._spawn(self._idle_loop())
+        for pool in self._pools:
+            if pool.config.health.path is not None:
+                self._spawn(self._health_loop(pool))
+
+    async def aclose(self) -> None:
+        self._running = False
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        clients = list(self._probe_clients.values())
+        self._probe_clients.clear()
+        for client in clients:
+            await client.aclose()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)  # a strong reference, or the task may be garbage-collected mid-flight
+        task.add_done_callback(self._tasks.discard)
+
+    # --- probes --------------------------------------------------------------------------------
+
+    def send_probes(self, pool: PoolRuntime, policy: Policy, targets: Iterable[str]) -> None:
+        """Probe ``targets`` for ``policy`` without waiting; skips beyond the pool's in-flight cap."""
+        if not self._running:
+            return
+        cap = pool.config.probes.max_in_flight
+        client = self._probe_clients[id(pool)]
+        for backend in targets:
+            if pool.probes_in_flight >= cap:
+                pool.probes_skipped += 1
+                continue
+            pool.probes_in_flight += 1
+            self.probes_sent += 1
+            self._spawn(self._probe(pool, policy, client, backend))
+
+    async def _probe(self, pool: PoolRuntime, policy: Policy, client: ProbeClient, backend: str) -> None:
+        try:
+            result = await client.probe(backend)
+        except ProbeUnsupported:
+            now = self._clock()
+            for c in pool.clients:
+                c.set_probe_mode(backend, "local", now)
+            logger.info("backend %s of pool %s answers no probes: using the gateway's own view", backend, pool.prefix)
+        except ProbeError:
+            self.probe_failures += 1
+            policy.on_probe_failure(backend, self._clock())
+        else:
+            policy.on_probe(backend, self._clock(), result.rif, result.latency_s)
+        finally:
+            pool.probes_in_flight -= 1
+
+    async def _idle_loop(self) -> None:
+        tick = IDLE_TICK_SHARE * min(pool.config.prequal.max_idle_s for pool in self._pools)
+        while True:
+            await asyncio.sleep(tick)
+            now = self._clock()
+            for pool in self._pools:
+                for policy in pool.clients:
+                    targets = policy.idle_probes(now)
+                    if targets:
+                        self.send_probes(pool, policy, targets)
+
+    # --- health checks -------------------------------------------------------------------------
+
+    async def _health_loop(self, pool: PoolRuntime) -> None:
+        settings = pool.config.health
+        timeouts = Timeouts(
+            connect_s=settings.timeout_s, response_headers_s=settings.timeout_s, read_idle_s=settings.timeout_s
+        )
+        path = settings.path or "/"
+        while True:
+            members = list(pool.members)
+            for key in [k for k in self._health_streaks if k[0] == pool.prefix and k[1] not in pool.members]:
+                del self._health_streaks[key]  # forget members that left
+            if members:
+                results = await asyncio.gather(*(self._check(b, path, timeouts) for b in members))
+                for backend, ok in zip(members, results, strict=True):
+                    self._record_health(pool, backend, ok)
+            await asyncio.sleep(settings.interval_s)
+
+    async def _check(self, backend: str, path: str, timeouts: Timeouts) -> bool:
+        request = UpstreamRequest("GET", backend, path, [])
+        try:
+            async with asyncio.timeout(timeouts.connect_s + timeouts.response_headers_s):
+                response = await self._transport.send(request, timeouts)
+                try:
+                    async for _ in response.body:
+                        pass
+                finally:
+                    await response.aclose()
+        except (UpstreamError, TimeoutError):
+            return False
+        # 404: the backend has no health endpoint but answers HTTP, which is all we can ask of it.
+        return 200 <= response.status < 400 or response.status == 404
+
+    def _record_health(self, pool: PoolRuntime, backend: str, ok: bool) -> None:
+        settings = pool.config.health
+        key = (pool.prefix, backend)
+        streak = self._health_streaks.get(key, 0)
+        streak = (max(streak, 0) + 1) if ok else (min(streak, 0) - 1)
+        self._health_streaks[key] = streak
+        now = self._clock()
+        if streak == settings.rise or streak == -settings.fall:
+            healthy = streak > 0
+            for policy in pool.clients:
+                policy.set_health(backend, healthy, now)
+            if not healthy:
+                logger.warning("backend %s of pool %s failed %d health checks", backend, pool.prefix, settings.fall)

@@ -1,0 +1,150 @@
+"""WebSocket proxying: a client WebSocket on a pool prefix is relayed to a backend chosen by the policy.
+
+The upstream handshake happens first, so the client is accepted with the subprotocol the backend
+chose, or refused (502 when the server supports the ASGI denial-response extension, else close code
+1011) if no backend takes it. Messages are relayed both ways, text as text and bytes as bytes, and
+the first side to close passes its close code to the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+from .core import Outcome
+from .exceptions import UpstreamError, UpstreamTimeout
+from .forwarding import Receive, Scope, Send, send_error, upstream_target
+from .headers import upstream_request_headers
+from .pool import PoolRuntime
+from .scheduler import ProbeScheduler
+from .transport import UpstreamWebSocket, WebSocketTransport
+
+# The handshake headers the upstream client makes itself (RFC 6455 section 4.1).
+_HANDSHAKE = frozenset(
+    {b"sec-websocket-key", b"sec-websocket-version", b"sec-websocket-extensions", b"sec-websocket-protocol"}
+)
+# Close codes that must not be sent in a close frame (RFC 6455 section 7.4.1), and what to send instead.
+_RESERVED_CLOSE = {1004: 1011, 1005: 1000, 1006: 1011, 1015: 1011}
+
+
+def _sendable(code: int | None) -> int:
+    if code is None:
+        return 1000
+    code = _RESERVED_CLOSE.get(code, code)
+    return code if 1000 <= code <= 4999 else 1011
+
+
+async def forward_websocket(
+    pool: PoolRuntime,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    transport: WebSocketTransport,
+    scheduler: ProbeScheduler,
+    clock: Callable[[], float],
+) -> None:
+    """Relay one client WebSocket to a backend of ``pool``."""
+    message = await receive()
+    if message["type"] != "websocket.connect":
+        return
+    client = scope.get("client")
+    prepared = upstream_request_headers(
+        scope["headers"],
+        client_ip=client[0] if client else None,
+        scheme=scope.get("scheme", "ws"),
+        preserve_host=pool.config.preserve_host,
+    )
+    headers = [(k, v) for k, v in prepared.headers if k not in _HANDSHAKE]
+    target = upstream_target(pool, scope)
+    if pool.config.rewrite_path is not None:
+        target = pool.config.rewrite_path(target)
+    policy = pool.next_client()
+    now = clock()
+    selection = policy.select(now, pool.at_limit) if pool.at_limit else policy.select(now)
+    if selection is None:
+        await _deny(scope, send, 503, "no_backend", "no backend is available in this pool", pool)
+        return
+    if selection.probes:
+        scheduler.send_probes(pool, policy, selection.probes)
+    backend = selection.backend
+    url = "ws" + backend[4:] + target if backend.startswith("http") else backend + target
+    pool.acquire(backend)
+    policy.on_start(backend, now)
+    outcome = Outcome.CANCELLED
+    started = clock()
+    latency = 0.0
+    try:
+        try:
+            upstream = await transport.connect_websocket(
+                url, headers, list(scope.get("subprotocols", [])), pool.config.timeouts
+            )
+        except UpstreamError as exc:
+            latency = clock() - started
+            outcome = Outcome.TIMEOUT if isinstance(exc, UpstreamTimeout) else Outcome.CONNECT_ERROR
+            await _deny(scope, send, 502, "upstream_unreachable", "the backend refused the WebSocket", pool)
+            return
+        latency = clock() - started
+        outcome = Outcome.SUCCESS
+        await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol, "headers": []})
+        await _relay(receive, send, upstream)
+    finally:
+        pool.release(backend)
+        policy.on_finish(backend, clock(), latency, outcome)
+
+
+async def _relay(receive: Receive, send: Send, upstream: UpstreamWebSocket) -> None:
+    async def client_to_upstream() -> None:
+        while True:
+            message = await receive()
+            kind = message["type"]
+            if kind == "websocket.receive":
+                text = message.get("text")
+                await upstream.send(text if text is not None else message.get("bytes") or b"")
+            elif kind == "websocket.disconnect":
+                await upstream.close(code=_sendable(message.get("code", 1000)), reason=message.get("reason") or "")
+                return
+
+    async def upstream_to_client() -> None:
+        while True:
+            data = await upstream.receive()
+            if data is None:
+                await send(
+                    {"type": "websocket.close", "code": _sendable(upstream.close_code), "reason": upstream.close_reason}
+                )
+                return
+            if isinstance(data, str):
+                await send({"type": "websocket.send", "text": data})
+            else:
+                await send({"type": "websocket.send", "bytes": data})
+
+    tasks: list[asyncio.Task[Any]] = [
+        asyncio.ensure_future(client_to_upstream()),
+        asyncio.ensure_future(upstream_to_client()),
+    ]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        with contextlib.suppress(Exception):
+            await upstream.close()
+
+
+async def _deny(scope: Scope, send: Send, status: int, error: str, detail: str, pool: PoolRuntime) -> None:
+    if "websocket.http.response" in scope.get("extensions", {}):
+        wrapped_send = _as_denial(send)
+        await send_error(wrapped_send, status, error, detail, pool)
+    else:
+        await send({"type": "websocket.close", "code": 1011})
+
+
+def _as_denial(send: Send) -> Send:
+    async def denial_send(message: dict[str, Any]) -> None:
+        await send({**message, "type": "websocket." + message["type"]})
+
+    return denial_send
