@@ -1,0 +1,1 @@
+"""Benchmarks of prequal-middleware: ``python -m benchmarks.simulate`` runs the fleet simulator."""

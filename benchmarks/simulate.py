@@ -1,0 +1,169 @@
+"""Compare load-balancing policies on the simulated fleet: ``python -m benchmarks.simulate``.
+
+Every (policy, load) pair is one run of ``prequal_middleware.core.simulator.simulate`` with the same seed,
+so all policies see the same arrivals, work and antagonists. A progress line per run goes to stderr, the
+table to stdout, and ``--json PATH`` writes ``{"config": {...}, "results": [...]}``. See docs/simulator.md.
+
+    python -m benchmarks.simulate --load 0.7,0.9,1.2 --json benchmarks/results/sim.json
+    python -m benchmarks.simulate --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from prequal_middleware.core import POLICY_CLASSES, PrequalSettings
+from prequal_middleware.core.simulator import RunResult, SimConfig, fleet_for, simulate
+
+DEFAULT_POLICIES = "prequal,round_robin,random,least_request,peak_ewma"
+# --quick: a small fleet and a short run. The pool is 8 there, not 16: with m=16 of n=20 replicas Eq. 1
+# has no finite reuse budget (prequal-spec.md section 7: keep (1 - m/n) * r_probe > r_remove).
+QUICK = {"replicas": 20, "clients": 10, "seconds": 10.0, "pool_size": 8}
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of numbers, got {text!r}") from None
+    if not values or any(not v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected numbers > 0, got {text!r}")
+    return values
+
+
+def _policies(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [n for n in names if n not in POLICY_CLASSES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"policies must be among {', '.join(sorted(POLICY_CLASSES))}, got {text!r}")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = SimConfig()
+    pq = PrequalSettings()
+    p = argparse.ArgumentParser(prog="python -m benchmarks.simulate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--policies", type=_policies, default=_policies(DEFAULT_POLICIES), help=f"[{DEFAULT_POLICIES}]")
+    p.add_argument("--load", type=_floats, default=[0.7], help="fractions of capacity, comma-separated [0.7]")
+    p.add_argument("--replicas", type=int, help=f"[{defaults.replicas}; --quick {QUICK['replicas']}]")
+    p.add_argument("--clients", type=int, help=f"[{defaults.clients}; --quick {QUICK['clients']}]")
+    p.add_argument(
+        "--seconds", type=float, help=f"simulated seconds [{defaults.seconds:g}; --quick {QUICK['seconds']:g}]"
+    )
+    p.add_argument("--seed", type=int, default=defaults.seed, help=f"[{defaults.seed}]")
+    p.add_argument("--deadline-s", type=float, default=defaults.deadline_s, help=f"[{defaults.deadline_s:g}]")
+    p.add_argument("--slots", type=int, default=defaults.slots, help=f"service slots per replica [{defaults.slots}]")
+    p.add_argument("--work-mu-s", type=float, default=defaults.work_mu_s, help=f"work mu [{defaults.work_mu_s:g}]")
+    p.add_argument("--q-rif", type=float, default=pq.q_rif, help=f"Prequal Q_RIF [{pq.q_rif:g}]")
+    p.add_argument("--probes-per-query", type=float, default=pq.probes_per_query, help=f"[{pq.probes_per_query:g}]")
+    p.add_argument(
+        "--removals-per-query", type=float, default=pq.removals_per_query, help=f"[{pq.removals_per_query:g}]"
+    )
+    p.add_argument("--pool-size", type=int, help=f"Prequal m [{pq.pool_size}; --quick {QUICK['pool_size']}]")
+    p.add_argument("--quick", action="store_true", help="a small fleet and a short run (a few seconds)")
+    p.add_argument("--json", metavar="PATH", help="also write the config and results as JSON")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> SimConfig:
+    base = SimConfig()
+
+    def pick(name: str, fallback: Any) -> Any:
+        value = getattr(args, name)
+        if value is not None:
+            return value
+        return QUICK[name] if args.quick and name in QUICK else fallback
+
+    prequal = PrequalSettings(
+        pool_size=pick("pool_size", PrequalSettings().pool_size),
+        q_rif=args.q_rif,
+        probes_per_query=args.probes_per_query,
+        removals_per_query=args.removals_per_query,
+    )
+    return SimConfig(
+        replicas=pick("replicas", base.replicas),
+        clients=pick("clients", base.clients),
+        seconds=pick("seconds", base.seconds),
+        seed=args.seed,
+        deadline_s=args.deadline_s,
+        slots=args.slots,
+        work_mu_s=args.work_mu_s,
+        prequal=prequal,
+    )
+
+
+def _ms(value: float, deadline_ms: float) -> str:
+    return "TO" if value >= deadline_ms else f"{value:.0f}"
+
+
+def format_table(results: Sequence[RunResult], config: SimConfig) -> str:
+    deadline_ms = 1000.0 * config.deadline_s
+    header = (
+        f"{'policy':<14} {'load':>5} {'requests':>9} {'errors':>7} {'p50_ms':>7} {'p90_ms':>7} {'p99_ms':>7} "
+        f"{'p999_ms':>8} {'probes/q':>8} {'fallback':>8} {'pool':>5} {'rif_p99':>7} {'share_x_n':>11} {'corr':>5}"
+    )
+    lines = [header, "-" * len(header)]
+    for r in results:
+        n = len(r.replica_share)
+        share = f"{min(r.replica_share) * n:.2f}-{max(r.replica_share) * n:.2f}"
+        pool = "-" if r.mean_pool_size is None else f"{r.mean_pool_size:.1f}"
+        lines.append(
+            f"{r.policy:<14} {r.load:>5.2f} {r.requests:>9} {r.errors:>7} {_ms(r.p50_ms, deadline_ms):>7} "
+            f"{_ms(r.p90_ms, deadline_ms):>7} {_ms(r.p99_ms, deadline_ms):>7} {_ms(r.p999_ms, deadline_ms):>8} "
+            f"{r.probes_per_query:>8.2f} {100 * r.fallback_rate:>7.1f}% {pool:>5} {r.rif_p99:>7.0f} {share:>11} "
+            f"{r.share_speed_corr:>5.2f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    capacity = fleet_for(config).capacity_qps
+    runs = [(load, policy) for load in args.load for policy in args.policies]
+    results: list[RunResult] = []
+    records: list[dict[str, Any]] = []
+    for i, (load, policy) in enumerate(runs, 1):
+        started = time.perf_counter()
+        result = simulate(config, policy, load)
+        wall = time.perf_counter() - started
+        results.append(result)
+        records.append({**result.to_dict(), "wall_s": round(wall, 3)})
+        print(
+            f"[{i}/{len(runs)}] {policy} load={load:g} ({result.rate_qps:.0f} qps): requests={result.requests} "
+            f"errors={result.errors} p99={result.p99_ms:.0f}ms wall={wall:.2f}s",
+            file=sys.stderr,
+            flush=True,
+        )
+    print(format_table(results, config))
+    if args.json:
+        document = {
+            "config": {
+                **dataclasses.asdict(config),
+                "policies": args.policies,
+                "loads": args.load,
+                "quick": args.quick,
+                "mean_work_s": config.mean_work_s,
+                "capacity_qps": capacity,
+            },
+            "results": records,
+        }
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""A discrete-event simulator of many clients balancing over a fleet with private, time-varying capacity.
+
+It drives the real sans-IO objects exactly as the gateway does: one policy per client from
+``create_policy`` and, on every replica, a ``LoadTracker`` answering probes. The fleet (replicas with
+slots and FIFO queues, heterogeneous allocations, antagonists) is described in ``sim_fleet.py``.
+
+Per query, at its (Poisson, open-loop) arrival a uniformly random client calls ``policy.select(now)``
+(``None`` is a "no backend" error), then ``on_start``; it sends each backend in ``Selection.probes`` a
+probe and the query itself. Every message takes ``network_delay_s`` one way. At the replica the query
+is counted in by ``tracker.start`` and served by a free slot or queued (FIFO); its service time is
+``work / speed`` with the speed at service start. At completion ``tracker.finish`` and, after the
+network delay, ``policy.on_finish(..., Outcome.SUCCESS)`` with the end-to-end latency. A probe is
+answered from ``tracker.report(now)`` when it reaches the replica (probes are never counted in RIF)
+and lands in ``policy.on_probe`` one network delay later. Every ``idle_tick_s`` each client sends the
+probes ``policy.idle_probes(now)`` asks for.
+
+Deadline: ``deadline_s`` after sending, a query not yet answered is an error; the client calls
+``on_finish(..., Outcome.TIMEOUT)``. The replica learns the deadline with the query (as gRPC deadline
+propagation does): a query still queued is dropped at once (``tracker.finish(ok=False)``); one in
+service runs to completion, occupying its slot, and is finished with ``ok=False``; its result is
+discarded.
+
+Measurement: queries *sent* before ``warmup_fraction * seconds`` are not measured. Arrivals stop at
+``seconds`` and the run continues until every query has ended, so nothing is censored. Percentiles are
+nearest-rank over every measured request, an error counting as ``deadline_s`` (the paper's "TO").
+
+Randomness: one ``random.Random(seed)`` derives separate streams for arrivals, client choice, work,
+the fleet, timer phases and each client's policy, so every policy of a run sees the same arrivals,
+work and antagonists (common random numbers) and the same seed gives the same result.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import random
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .load_tracker import LoadTracker, RequestTicket
+from .policies import create_policy
+from .prequal import PrequalPolicy
+from .sim_fleet import Fleet, SimConfig, build_fleet, draw_work
+from .types import Member, Outcome
+
+__all__ = ["Fleet", "RunResult", "SimConfig", "fleet_for", "percentile", "simulate"]
+
+# Event kinds; an event is the tuple (time, sequence number, kind, a, b).
+_ARRIVAL, _AT_REPLICA, _COMPLETE, _RESPONSE, _DEADLINE, _PROBE, _PROBE_REPLY, _IDLE, _SPEED, _SAMPLE = range(10)
+# Query outcomes.
+_PENDING, _OK, _TIMED_OUT = 0, 1, 2
+
+
+class _Query:
+    __slots__ = ("client", "replica", "sent", "work", "ticket", "outcome", "started", "measured")
+
+    def __init__(self, client: int, sent: float, work: float, measured: bool) -> None:
+        self.client = client
+        self.replica = -1
+        self.sent = sent
+        self.work = work
+        self.ticket: RequestTicket | None = None
+        self.outcome = _PENDING
+        self.started = False
+        self.measured = measured
+
+
+class _Replica:
+    __slots__ = ("tracker", "free", "queue", "busy", "speed", "allocation", "fast_speed")
+
+    def __init__(self, allocation: float, fast_speed: float, slots: int) -> None:
+        self.tracker = LoadTracker()
+        self.free = slots
+        self.queue: deque[_Query] = deque()
+        self.busy = 0  # the antagonist's busy count
+        self.speed = fast_speed
+        self.allocation = allocation
+        self.fast_speed = fast_speed
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """The measurements of one (policy, load) run. Latencies are in milliseconds."""
+
+    policy: str
+    load: float
+    rate_qps: float
+    requests: int  # measured: sent after the warm-up
+    successes: int
+    errors: int  # deadline_errors + no_backend_errors
+    deadline_errors: int
+    no_backend_errors: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    p999_ms: float
+    mean_ms: float
+    probes_per_query: float
+    fallback_rate: float  # share of selections that were Prequal's random fallback
+    mean_pool_size: float | None  # Prequal only: fresh probes pooled, averaged over clients and samples
+    rif_p50: float  # replica RIF sampled every sample_interval_s
+    rif_p99: float
+    rif_max: int
+    replica_share: tuple[float, ...]  # share of measured requests routed to each replica
+    share_speed_corr: float  # Pearson correlation of replica_share with each replica's mean speed
+    events: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (``q`` in [0, 1]) of an ascending list; 0.0 when empty."""
+    if not sorted_values:
+        return 0.0
+    rank = max(1, math.ceil(q * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def _streams(seed: int, clients: int) -> tuple[list[random.Random], list[int]]:
+    master = random.Random(seed)
+    streams = [random.Random(master.getrandbits(64)) for _ in range(5)]  # arrivals, clients, work, fleet, timers
+    policy_master = random.Random(master.getrandbits(64))
+    return streams, [policy_master.getrandbits(64) for _ in range(clients)]
+
+
+def fleet_for(config: SimConfig) -> Fleet:
+    """The fleet every run with ``config`` simulates (its capacity defines load 1.0)."""
+    return build_fleet(config, _streams(config.seed, config.clients)[0][3])
+
+
+def simulate(config: SimConfig, policy: str, load: float) -> RunResult:
+    """Run ``policy`` on every client at ``load`` x capacity; deterministic in ``config.seed``."""
+    if not 0 < load < math.inf:
+        raise ValueError(f"load must be a finite number > 0, got {load!r}")
+    (arrival_rng, client_rng, work_rng, fleet_rng, timer_rng), policy_seeds = _streams(config.seed, config.clients)
+    fleet = build_fleet(config, fleet_rng)
+    rate = load * fleet.capacity_qps
+    ids = [spec.id for spec in fleet.replicas]
+    index_of = {backend: i for i, backend in enumerate(ids)}
+    replicas = [_Replica(spec.allocation, spec.fast_speed, config.slots) for spec in fleet.replicas]
+    members = [Member(backend) for backend in ids]
+    policies = [create_policy(policy, rng=random.Random(s), prequal=config.prequal) for s in policy_seeds]
+    for p in policies:
+        p.set_members(members, 0.0)
+    prequal_pools = [p.pool for p in policies if isinstance(p, PrequalPolicy)]
+
+    end = config.seconds
+    warm = config.warmup_fraction * end
+    delay = config.network_delay_s
+    deadline = config.deadline_s
+    tick = config.idle_tick_s
+    mu = config.work_mu_s
+    n_clients = config.clients
+    max_age = config.prequal.max_age_s
+
+    heap: list[tuple[Any, ...]] = []
+    seq = itertools.count()
+    push = heapq.heappush
+    pop = heapq.heappop
+    for spec, replica in zip(fleet.replicas, replicas, strict=True):
+        for t, delta in spec.speed_changes():
+            if t <= 0.0:
+                replica.busy += delta
+            else:
+                push(heap, (t, next(seq), _SPEED, replica, delta))
+        replica.speed = replica.allocation if replica.busy > 0 else replica.fast_speed
+    for c in range(n_clients):
+        push(heap, (timer_rng.uniform(0.0, tick), next(seq), _IDLE, c, None))
+    push(heap, (warm, next(seq), _SAMPLE, None, None))
+    push(heap, (arrival_rng.expovariate(rate), next(seq), _ARRIVAL, None, None))
+
+    latencies: list[float] = []
+    deadline_errors = no_backend = requests = probes_sent = fallbacks = 0
+    routed = [0] * len(replicas)
+    rif_samples: list[int] = []
+    pool_samples: list[int] = []
+    pending = 0
+    events = 0
+    success = Outcome.SUCCESS
+    timeout = Outcome.TIMEOUT
+
+    while heap:
+        t, _, kind, a, b = pop(heap)
+        if t >= end and pending == 0:
+            break
+        events += 1
+        if kind == _PROBE_REPLY:
+            policies[a].on_probe(ids[b[0]], t, b[1], b[2])
+        elif kind == _PROBE:
+            rif, latency = replicas[b].tracker.report(t)
+            push(heap, (t + delay, next(seq), _PROBE_REPLY, a, (b, rif, latency)))
+        elif kind == _ARRIVAL:
+            if t >= end:
+                continue
+            push(heap, (t + arrival_rng.expovariate(rate), next(seq), _ARRIVAL, None, None))
+            c = int(client_rng.random() * n_clients)
+            measured = t >= warm
+            q = _Query(c, t, draw_work(work_rng, mu), measured)
+            client = policies[c]
+            sel = client.select(t)
+            if measured:
+                requests += 1
+            if sel is None:
+                if measured:
+                    no_backend += 1
+                continue
+            backend = sel.backend
+            r = q.replica = index_of[backend]
+            client.on_start(backend, t)
+            for target in sel.probes:
+                push(heap, (t + delay, next(seq), _PROBE, c, index_of[target]))
+            if measured:
+                routed[r] += 1
+                probes_sent += len(sel.probes)
+                if sel.reason == "fallback":
+                    fallbacks += 1
+            pending += 1
+            push(heap, (t + delay, next(seq), _AT_REPLICA, q, None))
+            push(heap, (t + deadline, next(seq), _DEADLINE, q, None))
+        elif kind == _AT_REPLICA:
+            if a.outcome != _PENDING:
+                continue
+            replica = replicas[a.replica]
+            a.ticket = replica.tracker.start(t)
+            if replica.free:
+                replica.free -= 1
+                a.started = True
+                push(heap, (t + a.work / replica.speed, next(seq), _COMPLETE, a, replica))
+            else:
+                replica.queue.append(a)
+        elif kind == _COMPLETE:
+            b.tracker.finish(a.ticket, t, a.outcome == _PENDING)
+            if a.outcome == _PENDING:
+                push(heap, (t + delay, next(seq), _RESPONSE, a, None))
+            queue = b.queue
+            while queue:
+                nxt = queue.popleft()
+                if nxt.outcome == _PENDING:
+                    nxt.started = True
+                    push(heap, (t + nxt.work / b.speed, next(seq), _COMPLETE, nxt, b))
+                    break
+            else:
+                b.free += 1
+        elif kind == _RESPONSE:
+            if a.outcome != _PENDING:
+                continue
+            a.outcome = _OK
+            pending -= 1
+            latency = t - a.sent
+            policies[a.client].on_finish(ids[a.replica], t, latency, success)
+            if a.measured:
+                latencies.append(latency)
+        elif kind == _DEADLINE:
+            if a.outcome != _PENDING:
+                continue
+            a.outcome = _TIMED_OUT
+            pending -= 1
+            policies[a.client].on_finish(ids[a.replica], t, deadline, timeout)
+            if a.measured:
+                deadline_errors += 1
+            if a.ticket is not None and not a.started:  # queued: dropped now, skipped when dequeued
+                replicas[a.replica].tracker.finish(a.ticket, t, False)
+        elif kind == _IDLE:
+            if t >= end:
+                continue
+            probes = policies[a].idle_probes(t)
+            for target in probes:
+                push(heap, (t + delay, next(seq), _PROBE, a, index_of[target]))
+            if t >= warm:
+                probes_sent += len(probes)
+            push(heap, (t + tick, next(seq), _IDLE, a, None))
+        elif kind == _SPEED:
+            a.busy += b
+            a.speed = a.allocation if a.busy > 0 else a.fast_speed
+        elif kind == _SAMPLE:
+            if t >= end:
+                continue
+            rif_samples.extend(replica.tracker.rif for replica in replicas)
+            horizon = t - max_age
+            for pool in prequal_pools:
+                pool_samples.append(sum(1 for e in pool if e.received_at >= horizon))
+            push(heap, (t + config.sample_interval_s, next(seq), _SAMPLE, None, None))
+
+    errors = deadline_errors + no_backend
+    ordered = sorted(latencies)
+    ordered.extend([deadline] * errors)
+    rif_samples.sort()
+    total_routed = sum(routed)
+    share = tuple(n / total_routed if total_routed else 0.0 for n in routed)
+    speeds = [spec.mean_speed(warm, end) for spec in fleet.replicas]
+    return RunResult(
+        policy=policy,
+        load=load,
+        rate_qps=rate,
+        requests=requests,
+        successes=len(latencies),
+        errors=errors,
+        deadline_errors=deadline_errors,
+        no_backend_errors=no_backend,
+        p50_ms=1000.0 * percentile(ordered, 0.50),
+        p90_ms=1000.0 * percentile(ordered, 0.90),
+        p99_ms=1000.0 * percentile(ordered, 0.99),
+        p999_ms=1000.0 * percentile(ordered, 0.999),
+        mean_ms=1000.0 * sum(ordered) / len(ordered) if ordered else 0.0,
+        probes_per_query=probes_sent / requests if requests else 0.0,
+        fallback_rate=fallbacks / total_routed if total_routed else 0.0,
+        mean_pool_size=sum(pool_samples) / len(pool_samples) if pool_samples else None,
+        rif_p50=percentile(rif_samples, 0.50),
+        rif_p99=percentile(rif_samples, 0.99),
+        rif_max=rif_samples[-1] if rif_samples else 0,
+        replica_share=share,
+        share_speed_corr=_correlation(list(share), speeds),
+        events=events,
+    )
+
+
+def _correlation(xs: list[float], ys: list[float]) -> float:
+    n = len(xs)
+    if n < 2:
+        return 0.0
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
+    sxx = sum((x - mx) ** 2 for x in xs)
+    syy = sum((y - my) ** 2 for y in ys)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else 0.0
