@@ -46,8 +46,8 @@ class Gateway:
 
     Parameters:
         pools: the pools, each with a distinct prefix.
-        transport: the upstream transport; by default an ``AiohttpTransport`` the gateway owns.
-            A transport you pass is not closed by the gateway.
+        transport: the upstream transport; by default an ``AiohttpTransport``. The gateway closes it
+            on shutdown (an ``HttpxTransport`` closes your httpx client only with ``close_client=True``).
         clock: monotonic seconds; override for tests.
         rng: seeds every policy's random source; pass a seeded one for reproducible runs.
     """
@@ -73,7 +73,6 @@ class Gateway:
         self._by_length = sorted(self.pools.values(), key=lambda p: len(p.prefix), reverse=True)
         self.clock = clock
         self._transport = transport
-        self._owns_transport = transport is None
         self._scheduler: ProbeScheduler | None = None
         self._forwarder: Forwarder | None = None
         self.state = GatewayState.CREATED
@@ -92,7 +91,7 @@ class Gateway:
         if self.running:
             return
         transport = self._transport
-        if transport is None or (self._owns_transport and self.state is GatewayState.STOPPED):
+        if transport is None:
             transport = self._transport = AiohttpTransport()
         scheduler = ProbeScheduler(list(self.pools.values()), transport, self.clock)
         await scheduler.start()
@@ -102,14 +101,14 @@ class Gateway:
         logger.info("gateway started: %s", ", ".join(self.pools) or "no pools")
 
     async def shutdown(self) -> None:
-        """Stop the scheduler, then close the transport (if the gateway created it)."""
+        """Stop the scheduler, then close the transport."""
         if not self.running:
             return
         self.state = GatewayState.STOPPED
         scheduler, self._scheduler, self._forwarder = self._scheduler, None, None
         if scheduler is not None:
             await scheduler.aclose()
-        if self._owns_transport and self._transport is not None:
+        if self._transport is not None:
             await self._transport.aclose()
         logger.info("gateway stopped")
 

@@ -93,32 +93,47 @@ class AiohttpTransport:
         session = self._session or self._open()
         loop = asyncio.get_running_loop()
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers]
+        # aiohttp starts sock_read once the request is fully written and re-arms it on every read:
+        # exactly the response-headers timeout. The upload's idle timeout is ours (the deadline).
+        limits = aiohttp.ClientTimeout(
+            total=None,
+            connect=timeouts.connect_s,
+            sock_connect=timeouts.connect_s,
+            sock_read=timeouts.response_headers_s,
+        )
         body: _BodyStream | None = None
+        deadline = asyncio.timeout(None)
         if request.body is not None:
-            deadline = asyncio.timeout_at(loop.time() + timeouts.connect_s + timeouts.read_idle_s)
-            body = _BodyStream(request.body, deadline, timeouts, loop)
-        else:
-            deadline = asyncio.timeout_at(loop.time() + timeouts.connect_s + timeouts.response_headers_s)
+            body = _BodyStream(request.body, deadline, timeouts.read_idle_s, loop)
         try:
             async with deadline:
+                if body is not None:
+                    deadline.reschedule(loop.time() + timeouts.connect_s + timeouts.read_idle_s)
                 response = await session.request(
                     request.method,
                     URL(request.url, encoded=True),
                     headers=headers,
                     data=body,
                     allow_redirects=False,
-                    timeout=aiohttp.ClientTimeout(total=None, connect=timeouts.connect_s),
+                    timeout=limits,
                 )
         except TimeoutError:
-            raise UpstreamTimeout(f"{request!r}: no response headers in time", phase="headers") from None
+            raise UpstreamTimeout(f"{request!r}: the request body stalled", phase="body") from None
         except aiohttp.ConnectionTimeoutError:
             raise UpstreamTimeout(f"{request!r}: connect timed out", phase="connect") from None
+        except aiohttp.SocketTimeoutError:
+            raise UpstreamTimeout(f"{request!r}: no response headers in time", phase="headers") from None
         except aiohttp.ClientConnectorError as exc:
             raise UpstreamConnectError(f"{request!r}: cannot connect: {exc}") from None
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             if body is not None and body.failed is not None:
                 raise body.failed from None  # the client side of the upload broke, not the backend
             raise UpstreamProtocolError(f"{request!r}: {type(exc).__name__}: {exc}") from None
+        connection = response.connection
+        if connection is not None and connection.protocol is not None:
+            # From here on the body's idle timeout applies, enforced per read in _read_body.
+            connection.protocol.read_timeout = None
+            connection.protocol.start_timeout()
 
         async def close() -> None:
             # After a complete body, release() already gave the connection back to the pool and
@@ -156,20 +171,16 @@ class AiohttpTransport:
 
 
 class _BodyStream:
-    """The client's request body, as aiohttp pulls it; re-arms the send deadline per chunk."""
+    """The client's request body, as aiohttp pulls it; re-arms the upload deadline per chunk."""
 
-    __slots__ = ("_chunks", "_deadline", "_timeouts", "_loop", "failed")
+    __slots__ = ("_chunks", "_deadline", "_idle_s", "_loop", "failed")
 
     def __init__(
-        self,
-        chunks: AsyncIterable[bytes],
-        deadline: asyncio.Timeout,
-        timeouts: Timeouts,
-        loop: asyncio.AbstractEventLoop,
+        self, chunks: AsyncIterable[bytes], deadline: asyncio.Timeout, idle_s: float, loop: asyncio.AbstractEventLoop
     ) -> None:
         self._chunks = chunks
         self._deadline = deadline
-        self._timeouts = timeouts
+        self._idle_s = idle_s
         self._loop = loop
         self.failed: BaseException | None = None
 
@@ -177,16 +188,15 @@ class _BodyStream:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[bytes]:
-        timeouts, deadline, loop = self._timeouts, self._deadline, self._loop
+        deadline = self._deadline
         try:
             async for chunk in self._chunks:
-                deadline.reschedule(loop.time() + timeouts.read_idle_s)
+                deadline.reschedule(self._loop.time() + self._idle_s)
                 yield chunk
         except BaseException as exc:
             self.failed = exc
             raise
-        # The whole body is upstream: from now on the backend has response_headers_s to answer.
-        deadline.reschedule(loop.time() + timeouts.response_headers_s)
+        deadline.reschedule(None)  # all sent: aiohttp's sock_read now times the response headers
 
 
 async def _read_body(response: aiohttp.ClientResponse, idle_s: float) -> AsyncIterator[bytes]:

@@ -1,0 +1,120 @@
+"""``LoadReportingMiddleware``: the server half of Prequal for any Starlette or FastAPI app.
+
+It counts the app's HTTP requests in flight (RIF), records each successful request's latency tagged
+with the RIF it found on arrival (``LoadTracker``), and answers the gateway's probes itself:
+
+    app = FastAPI()  # or Starlette(...)
+    app.add_middleware(LoadReportingMiddleware)  # probes: GET /_prequal/probe
+
+Add it last so that it is the outermost user middleware: probes then skip any concurrency limiter or
+artificial delay added before it (Prequal's spec, section 4), and requests waiting in those still count.
+
+A probe answer (``GET`` or ``HEAD`` on ``probe_path``; the query string is ignored) is ``200`` with
+``x-prequal-rif: <int>`` and ``x-prequal-latency-us: <int>`` headers and, for GET, the body
+``{"rif": <int>, "latency_s": <float>}``. Probes are never counted, never sampled and never reach the
+app; other methods on the probe path go to the app like any request. ``probe_path`` is relative to the
+app's ``root_path`` (a ``Mount``, or ``uvicorn --root-path``).
+
+A request counts from arrival until its final ``http.response.body`` (``more_body`` false) has been
+sent, so a streamed response counts until its last chunk. A client disconnect, a cancellation or an
+exception counts it out too; those, 5xx and 429 are never latency samples (fast errors would pull the
+median down). WebSocket and lifespan scopes pass through uncounted: a websocket lives for minutes and
+would pin RIF without saying anything about the load a new request meets.
+
+RIF is per process: with ``uvicorn --workers N`` each worker reports its own, so a gateway sees N
+replicas' worth of partial counts behind one address. Run one process per replica (and register each)
+or accept per-worker reports.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .core.load_tracker import LoadTracker
+
+DEFAULT_PROBE_PATH = "/_prequal/probe"
+PROBE_METHODS = frozenset({"GET", "HEAD"})
+
+# Built once; only the two numbers and the length change per probe.
+_PROBE_STATIC_HEADERS = ((b"content-type", b"application/json"), (b"cache-control", b"no-store"))
+
+
+class LoadReportingMiddleware:
+    """Count requests in flight, record latency per RIF and answer Prequal probes on ``probe_path``.
+
+    Parameters:
+        app: the ASGI app to wrap.
+        probe_path: the path probes are answered on (exact match, after the ``root_path``).
+        tracker: the ``LoadTracker`` to feed; a new one by default. Public as ``self.tracker``.
+        clock: monotonic seconds; injectable for tests.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        probe_path: str = DEFAULT_PROBE_PATH,
+        tracker: LoadTracker | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.app = app
+        self.probe_path = probe_path
+        self.tracker = LoadTracker() if tracker is None else tracker
+        self.clock = clock
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        probe_path = self.probe_path
+        # endswith first: one cheap test rejects nearly every request. The path may carry the
+        # root_path in front (a Mount, or uvicorn --root-path); the probe path is relative to it.
+        if (
+            path.endswith(probe_path)
+            and scope["method"] in PROBE_METHODS
+            and (len(path) == len(probe_path) or path[: -len(probe_path)] == scope.get("root_path"))
+        ):
+            await self._answer_probe(scope["method"] == "HEAD", send)
+            return
+
+        tracker = self.tracker
+        clock = self.clock
+        ticket = tracker.start(clock())
+        status = 500  # a response that never started is an error
+
+        # A plain function returning the server's awaitable: no extra coroutine per message.
+        def send_counted(message: Message) -> Awaitable[None]:
+            nonlocal status
+            kind = message["type"]
+            if kind == "http.response.start":
+                status = message["status"]
+            elif (kind == "http.response.body" and not message.get("more_body", False)) or (
+                kind == "http.response.pathsend"
+            ):
+                # Handed back: count out now, not when the app returns (background tasks run after).
+                tracker.finish(ticket, clock(), ok=status < 500 and status != 429)
+            return send(message)
+
+        try:
+            await self.app(scope, receive, send_counted)
+        finally:
+            # No-op when the response completed; otherwise an exception, a cancellation or a client
+            # that went away: count it out (no RIF leak) and never sample it.
+            tracker.finish(ticket, clock(), ok=False)
+
+    async def _answer_probe(self, head: bool, send: Send) -> None:
+        rif, latency_s = self.tracker.report(self.clock())
+        # repr of a finite float is valid JSON; no json module round trip on the probe path.
+        body = f'{{"rif": {rif}, "latency_s": {latency_s!r}}}'.encode()
+        headers = [
+            *_PROBE_STATIC_HEADERS,
+            (b"content-length", str(len(body)).encode()),
+            (b"x-prequal-rif", str(rif).encode()),
+            (b"x-prequal-latency-us", str(round(latency_s * 1e6)).encode()),
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"" if head else body})

@@ -1,0 +1,386 @@
+"""ProbeClient against real servers on loopback: parsing, keep-alive, timeouts, failures, stale connections."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Mount, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from prequal_middleware.backend import LoadReportingMiddleware
+from prequal_middleware.probe_client import (
+    ProbeClient,
+    ProbeError,
+    ProbeFailed,
+    ProbeResult,
+    ProbeUnsupported,
+)
+from tests.servers import ServerThread, free_port
+
+WAIT_S = 5.0
+
+
+@contextlib.contextmanager
+def serve(app: Any, **config: Any) -> Iterator[ServerThread]:
+    """``tests.servers.serve`` with TCP_NODELAY on the listening socket (see tests/test_backend.py)."""
+    server = ServerThread(app, **config)
+    server.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+class ClientPorts:
+    """Outermost ASGI layer: the client port of every HTTP request, probes included."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.ports: list[int] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            self.ports.append(scope["client"][1])
+        await self.app(scope, receive, send)
+
+
+def reporting_app() -> tuple[ClientPorts, LoadReportingMiddleware, asyncio.Event]:
+    release = asyncio.Event()  # bound to the server's loop on first use (Python >= 3.10)
+
+    async def hold(request: Request) -> Response:
+        await release.wait()
+        return PlainTextResponse("released")
+
+    async def sleep(request: Request) -> Response:
+        await asyncio.sleep(float(request.query_params["s"]))
+        return PlainTextResponse("slept")
+
+    middleware = LoadReportingMiddleware(Starlette(routes=[Route("/hold", hold), Route("/sleep", sleep)]))
+    return ClientPorts(middleware), middleware, release
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[ProbeClient]:
+    probe_client = ProbeClient(timeout_s=1.0)
+    yield probe_client
+    await probe_client.aclose()
+
+
+@contextlib.asynccontextmanager
+async def raw_server(
+    handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> AsyncIterator[str]:
+    """A plain asyncio server on loopback running ``handle`` per connection; yields its URL."""
+    handlers: list[tuple[asyncio.Task[Any], asyncio.StreamWriter]] = []
+
+    async def tracked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.append((task, writer))
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            await handle(reader, writer)
+        writer.close()
+
+    server = await asyncio.start_server(tracked, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.close()
+        for task, _ in handlers:
+            task.cancel()
+        await asyncio.gather(*(task for task, _ in handlers))
+        await server.wait_closed()
+
+
+def answer(headers: bytes, body: bytes = b"") -> bytes:
+    return b"HTTP/1.1 200 OK\r\n" + headers + b"\r\n" + body
+
+
+LOAD = b"x-prequal-rif: 7\r\nx-prequal-latency-us: 1500\r\n"
+GOOD = answer(LOAD + b"content-length: 2\r\n", b"{}")
+
+
+async def test_parses_rif_and_latency(client: ProbeClient) -> None:
+    ports, middleware, release = reporting_app()
+    with serve(ports) as server:
+        assert await client.probe(server.url) == ProbeResult(rif=0, latency_s=0.0)
+        async with httpx.AsyncClient(base_url=server.url, timeout=WAIT_S) as http:
+            assert (await http.get("/sleep", params={"s": 0.05})).status_code == 200
+            result = await client.probe(server.url)
+            assert result.rif == 0
+            assert 0.05 <= result.latency_s < 0.25
+            assert result.latency_s == round(middleware.tracker.estimate(time.monotonic()) * 1e6) / 1e6
+
+            held = [asyncio.create_task(http.get("/hold")) for _ in range(3)]
+            deadline = time.monotonic() + WAIT_S
+            while middleware.tracker.rif < 3:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.005)
+            assert (await client.probe(server.url)).rif == 3
+            assert server.loop is not None
+            server.loop.call_soon_threadsafe(release.set)
+            await asyncio.gather(*held)
+        assert (await client.probe(server.url)).rif == 0
+
+
+async def test_keep_alive_reuses_one_connection(client: ProbeClient) -> None:
+    ports, _, _ = reporting_app()
+    with serve(ports) as server:
+        results = [await client.probe(server.url) for _ in range(20)]
+        assert results == [ProbeResult(0, 0.0)] * 20
+        assert len(ports.ports) == 20
+        assert len(set(ports.ports)) == 1, "serial probes share one keep-alive connection"
+        assert len(client._open) == 1
+
+
+async def test_concurrent_probes_keep_at_most_max_idle() -> None:
+    ports, _, _ = reporting_app()
+    client = ProbeClient(timeout_s=WAIT_S, max_idle_per_backend=2)
+    try:
+        with serve(ports) as server:
+            results = await asyncio.gather(*(client.probe(server.url) for _ in range(6)))
+            assert [r.rif for r in results] == [0] * 6
+            idle = client._backends[server.url].idle
+            assert len(idle) == 2
+            assert set(client._open) == set(idle), "connections past the idle cap are closed"
+            await client.probe(server.url)
+            assert len(set(ports.ports)) == 6, "the seventh probe reused an idle connection"
+    finally:
+        await client.aclose()
+
+
+async def test_base_path_prefixes_the_probe_path(client: ProbeClient) -> None:
+    ports, _, _ = reporting_app()
+    with serve(Starlette(routes=[Mount("/svc", app=ports)])) as server:
+        assert await client.probe(f"{server.url}/svc/") == ProbeResult(0, 0.0)
+        assert await client.probe(f"{server.url}/svc") == ProbeResult(0, 0.0)
+        assert len(ports.ports) == 2
+
+
+@pytest.mark.parametrize("methods", [["GET"], ["POST"]], ids=["404", "405"])
+async def test_backend_without_the_middleware_is_unsupported(client: ProbeClient, methods: list[str]) -> None:
+    async def other(request: Request) -> Response:
+        return PlainTextResponse("not a probe")
+
+    path = "/elsewhere" if methods == ["GET"] else "/_prequal/probe"
+    with serve(Starlette(routes=[Route(path, other, methods=methods)])) as server:
+        with pytest.raises(ProbeUnsupported, match=f"{server.url}: 40[45]"):
+            await client.probe(server.url)
+        assert client._open == set(), "a connection that failed a probe is not kept"
+
+
+async def test_connection_refused_fails(client: ProbeClient) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(ProbeFailed, match="connect failed"):
+        await client.probe(url)
+    assert client._open == set()
+
+
+async def test_a_silent_server_times_out_on_time() -> None:
+    requests: list[bytes] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        requests.append(await reader.readuntil(b"\r\n\r\n"))
+        await asyncio.sleep(WAIT_S)
+
+    client = ProbeClient(timeout_s=0.1)
+    try:
+        async with raw_server(silent) as url:
+            started = time.monotonic()
+            with pytest.raises(ProbeFailed, match="no answer within 100 ms"):
+                await client.probe(url)
+            elapsed = time.monotonic() - started
+            assert 0.1 <= elapsed < 0.25
+            assert requests == [f"GET /_prequal/probe HTTP/1.1\r\nHost: {url[7:]}\r\n\r\n".encode()]
+            assert client._open == set() and client._backends[url].idle == [], "a timed-out connection is closed"
+            task = asyncio.current_task()
+            assert task is not None
+            if hasattr(task, "cancelling"):  # Python >= 3.11 counts cancellations
+                assert task.cancelling() == 0, "the timeout's cancellation is taken back"
+    finally:
+        await client.aclose()
+
+
+async def test_a_caller_cancellation_stays_a_cancellation(client: ProbeClient) -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(WAIT_S)
+
+    async with raw_server(silent) as url:
+        task = asyncio.create_task(client.probe(url))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0)
+        assert client._open == set()
+
+
+async def test_idle_connections_closed_by_the_server_are_replaced(client: ProbeClient) -> None:
+    ports, _, _ = reporting_app()
+    with serve(ports, timeout_keep_alive=0.1) as server:
+        assert (await client.probe(server.url)).rif == 0
+        await asyncio.sleep(0.3)
+        assert client._backends[server.url].idle == [], "connection_lost took it off the idle stack"
+        assert (await client.probe(server.url)).rif == 0
+        assert len(set(ports.ports)) == 2
+
+
+async def test_a_reused_connection_lost_before_answering_is_retried_once(client: ProbeClient) -> None:
+    connections: list[int] = []
+
+    async def one_answer_per_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Answers a first probe with keep-alive, then closes on the next request: the race of a server
+        # closing an idle connection just as the client sends on it.
+        connections.append(len(connections))
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(GOOD)
+        await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+
+    async with raw_server(one_answer_per_connection) as url:
+        assert await client.probe(url) == ProbeResult(7, 0.0015)
+        assert await client.probe(url) == ProbeResult(7, 0.0015)
+        assert len(connections) == 2
+
+
+async def test_a_fresh_connection_lost_before_answering_fails(client: ProbeClient) -> None:
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+
+    async with raw_server(hang_up) as url:
+        with pytest.raises(ProbeFailed, match="connection closed"):
+            await client.probe(url)
+
+
+@pytest.mark.parametrize(
+    ("response", "error", "match"),
+    [
+        (b"HELLO\r\n\r\n", ProbeFailed, "malformed"),
+        (answer(b"content-length: 0\r\n"), ProbeFailed, "x-prequal-rif"),
+        (answer(b"x-prequal-rif: many\r\ncontent-length: 0\r\n"), ProbeFailed, "invalid"),
+        (answer(b"x-prequal-rif: -1\r\ncontent-length: 0\r\n"), ProbeFailed, "invalid"),
+        (b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n", ProbeFailed, "unexpected status 503"),
+        (b"HTTP/1.1 405 Method Not Allowed\r\ncontent-length: 0\r\n\r\n", ProbeUnsupported, "405"),
+    ],
+)
+async def test_bad_answers_fail_and_close(
+    client: ProbeClient, response: bytes, error: type[ProbeError], match: str
+) -> None:
+    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(response)
+        await asyncio.sleep(WAIT_S)
+
+    async with raw_server(reply) as url:
+        with pytest.raises(error, match=match):
+            await client.probe(url)
+        assert client._open == set()
+
+
+@pytest.mark.parametrize(
+    ("response", "kept"),
+    [
+        (GOOD, True),
+        (answer(LOAD + b"transfer-encoding: chunked\r\n", b"2\r\n{}\r\n0\r\n\r\n"), True),
+        (answer(LOAD + b"content-length: 2\r\nconnection: close\r\n", b"{}"), False),
+        (answer(LOAD, b"{} until EOF"), False),
+    ],
+    ids=["content-length", "chunked", "connection-close", "until-eof"],
+)
+async def test_body_framing_decides_reuse(client: ProbeClient, response: bytes, kept: bool) -> None:
+    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(response)
+        await asyncio.sleep(WAIT_S)
+
+    async with raw_server(reply) as url:
+        assert await client.probe(url) == ProbeResult(7, 0.0015)
+        assert len(client._backends[url].idle) == int(kept)
+        assert len(client._open) == int(kept)
+
+
+async def test_a_body_split_across_packets_is_consumed_before_reuse(client: ProbeClient) -> None:
+    async def dribble(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await reader.readuntil(b"\r\n\r\n")
+            for i in range(0, len(GOOD), 7):
+                writer.write(GOOD[i : i + 7])
+                await writer.drain()
+                await asyncio.sleep(0.002)
+
+    async with raw_server(dribble) as url:
+        for _ in range(3):
+            assert await client.probe(url) == ProbeResult(7, 0.0015)
+        assert len(client._open) == 1
+
+
+@pytest.mark.parametrize("url", ["ftp://127.0.0.1:1", "http://", "http://127.0.0.1:99999", "127.0.0.1:8000"])
+async def test_invalid_urls_fail_clearly(client: ProbeClient, url: str) -> None:
+    with pytest.raises(ProbeFailed, match="(?i)url|port"):
+        await client.probe(url)
+
+
+async def test_https_to_a_plain_http_server_fails(client: ProbeClient) -> None:
+    ports, _, _ = reporting_app()
+    with serve(ports) as server:
+        with pytest.raises(ProbeFailed, match="connect failed"):
+            await client.probe(server.url.replace("http://", "https://"))
+
+
+async def test_aclose_closes_everything_and_then_refuses() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(WAIT_S)
+
+    client = ProbeClient(timeout_s=WAIT_S)
+    ports, _, _ = reporting_app()
+    with serve(ports) as server:
+        async with raw_server(silent) as silent_url:
+            await asyncio.gather(*(client.probe(server.url) for _ in range(3)))
+            in_flight = asyncio.create_task(client.probe(silent_url))
+            await asyncio.sleep(0.05)
+            connections = list(client._open)
+            assert len(connections) == 4
+            await client.aclose()
+            with pytest.raises(ProbeFailed, match="connection closed"):
+                await in_flight
+            assert client.closed
+            assert client._open == set()
+            assert client._backends[server.url].idle == []
+            for conn in connections:
+                assert conn.transport is not None and conn.transport.is_closing()
+                assert conn.transport.get_extra_info("socket").fileno() == -1, "the socket itself is closed"
+            with pytest.raises(ProbeFailed, match="closed"):
+                await client.probe(server.url)
+
+
+def test_settings_are_validated() -> None:
+    with pytest.raises(ValueError, match="path"):
+        ProbeClient(path="probe")
+    with pytest.raises(ValueError, match="timeout_s"):
+        ProbeClient(timeout_s=0)
+    with pytest.raises(ValueError, match="max_idle_per_backend"):
+        ProbeClient(max_idle_per_backend=-1)
+
+
+async def test_forget_drops_a_backend(client: ProbeClient) -> None:
+    ports, _, _ = reporting_app()
+    with serve(ports) as server:
+        await client.probe(server.url)
+        client.forget(server.url)
+        await asyncio.sleep(0)
+        assert server.url not in client._backends
+        assert client._open == set()
+        assert (await client.probe(server.url)).rif == 0
