@@ -25,7 +25,7 @@ from prequal_middleware.core.simulator import RunResult, SimConfig, fleet_for, s
 DEFAULT_POLICIES = "prequal,round_robin,random,least_request,peak_ewma"
 # --quick: a small fleet and a short run. The pool is 8 there, not 16: with m=16 of n=20 replicas Eq. 1
 # has no finite reuse budget (prequal-spec.md section 7: keep (1 - m/n) * r_probe > r_remove).
-QUICK = {"replicas": 20, "clients": 10, "seconds": 10.0, "pool_size": 8}
+QUICK = {"replicas": 20, "clients": 10, "seconds": 10.0}
 
 
 def _floats(text: str) -> list[float]:
@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--removals-per-query", type=float, default=pq.removals_per_query, help=f"[{pq.removals_per_query:g}]"
     )
-    p.add_argument("--pool-size", type=int, help=f"Prequal m [{pq.pool_size}; --quick {QUICK['pool_size']}]")
+    p.add_argument("--pool-size", type=int, default=pq.pool_size, help=f"Prequal m [{pq.pool_size}]")
+    p.add_argument("--max-reuse", type=int, default=pq.max_reuse, help=f"Prequal max_reuse [{pq.max_reuse}]")
     p.add_argument("--quick", action="store_true", help="a small fleet and a short run (a few seconds)")
     p.add_argument("--json", metavar="PATH", help="also write the config and results as JSON")
     return p
@@ -82,7 +83,8 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         return QUICK[name] if args.quick and name in QUICK else fallback
 
     prequal = PrequalSettings(
-        pool_size=pick("pool_size", PrequalSettings().pool_size),
+        pool_size=args.pool_size,
+        max_reuse=args.max_reuse,
         q_rif=args.q_rif,
         probes_per_query=args.probes_per_query,
         removals_per_query=args.removals_per_query,

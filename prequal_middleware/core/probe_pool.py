@@ -42,9 +42,10 @@ class PrequalSettings:
         drift: ``delta`` in Eq. 1, the net pool drift rate (> 0).
         q_rif: quantile of recent probe RIFs above which a probe is hot. 1 is latency-only (nothing is
             hot), 0 is RIF-only.
-        max_reuse: cap on the reuse budget. Eq. 1 has no finite value when its denominator
-            ``(1 - m/n) * r_probe - r_remove`` is <= 0 (small fleets, ``m >= n``); the budget is then
-            this cap. RIF compensation on every use still steers traffic away from a reused backend.
+        max_reuse: cap on the reuse budget (default 2). The paper's testbed budget is 1.316; much
+            larger ones arise only when the pool is nearly as large as the fleet (``m`` close to
+            ``n``) or probes are scarce, and then the best probe herds traffic onto one backend
+            (docs/simulator.md measures it). Raise it for very low probe rates.
         rif_history_size: how many recent probe RIFs the quantile is taken over.
         rif_history_window_s: only probe RIFs received within this window count.
         max_idle_s: with no query for this long, the client probes anyway to keep the pool warm.
@@ -57,7 +58,7 @@ class PrequalSettings:
     removals_per_query: float = 1.0
     drift: float = 1.0
     q_rif: float = DEFAULT_Q_RIF
-    max_reuse: int = 16
+    max_reuse: int = 2
     rif_history_size: int = 128
     rif_history_window_s: float = 2.0
     max_idle_s: float = 0.5
@@ -93,15 +94,17 @@ def _check(settings: object, checks: tuple[tuple[str, bool, str], ...]) -> None:
 def reuse_budget(m: int, n: int, r_probe: float, r_remove: float, drift: float, max_reuse: int) -> float:
     """Eq. 1: ``b_reuse = max(1, (1 + drift) / ((1 - m/n) * r_probe - r_remove))``, capped at ``max_reuse``.
 
-    When the denominator is <= 0 (``m >= n``, or too few probes to outpace removals) no finite
-    budget keeps the pool full, so the cap applies. The worked example of the paper
-    (m=16, n=100, r_probe=3, r_remove=1, drift=1) gives 2 / 1.52 = 1.316.
+    The paper's worked example (m=16, n=100, r_probe=3, r_remove=1, drift=1) gives 2 / 1.52 = 1.316.
+    When the denominator is <= 0 (``m >= n``: small fleets, the common case behind a gateway; or too
+    few probes to outpace removals) Eq. 1 has no value: no finite budget keeps the pool full. The
+    budget is then 1, each probe used once: with ``m >= n`` probes are plentiful (each query probes a
+    large share of the fleet) and reuse would only herd (docs/simulator.md).
     """
     if n <= 0:
-        return float(max_reuse)
+        return 1.0
     denominator = (1.0 - m / n) * r_probe - r_remove
     if denominator <= 0:
-        return float(max_reuse)
+        return 1.0
     return min(float(max_reuse), max(1.0, (1.0 + drift) / denominator))
 
 

@@ -72,15 +72,18 @@ def test_reuse_budget_probe_rate_sweep_values() -> None:
     assert reuse_budget(16, 100, 0.5, 0.25, 1.0, max_reuse=100) == pytest.approx(2 / 0.17)
 
 
-@pytest.mark.parametrize(("m", "n"), [(16, 16), (16, 4), (16, 1), (16, 0)])
-def test_reuse_budget_is_the_cap_when_eq1_is_undefined(m: int, n: int) -> None:
-    # m >= n: (1 - m/n) * r_probe - r_remove <= 0, Eq. 1 has no finite value.
-    assert reuse_budget(m, n, 3.0, 1.0, 1.0, max_reuse=7) == 7.0
+@pytest.mark.parametrize(
+    ("m", "n", "r_probe"), [(16, 16, 3.0), (16, 4, 3.0), (16, 1, 3.0), (16, 0, 3.0), (4, 100, 0.5)]
+)
+def test_reuse_budget_is_one_when_eq1_is_undefined(m: int, n: int, r_probe: float) -> None:
+    # (1 - m/n) * r_probe - r_remove <= 0: no finite budget keeps the pool full; use each probe once.
+    assert reuse_budget(m, n, r_probe, 1.0, 1.0, max_reuse=7) == 1.0
 
 
 def test_reuse_budget_is_capped_when_the_denominator_is_tiny() -> None:
-    # (1 - 16/17) * 3 - 0.17 = 0.0065: Eq. 1 gives ~309 uses, the cap holds it at max_reuse.
-    assert reuse_budget(16, 17, 3.0, 0.17, 1.0, max_reuse=16) == 16.0
+    # (1 - 16/25) * 3 - 1 = 0.08: Eq. 1 gives 25 uses, the cap holds it at max_reuse.
+    assert reuse_budget(16, 25, 3.0, 1.0, 1.0, max_reuse=2) == 2.0
+    assert reuse_budget(16, 25, 3.0, 1.0, 1.0, max_reuse=100) == pytest.approx(25.0)
 
 
 def test_randomized_rounding_preserves_the_expectation() -> None:
@@ -91,16 +94,16 @@ def test_randomized_rounding_preserves_the_expectation() -> None:
 
 
 def test_pooled_entries_get_the_rounded_budget() -> None:
-    pool = make_pool(seed=5)
+    pool = make_pool(seed=5, max_reuse=16)
     uses = Counter(pool.add(f"b{i}", 0, 0.01, now=0.0, n_available=100).uses_left for i in range(4000))
     assert set(uses) == {1, 2}
     assert uses[2] / 4000 == pytest.approx(0.316, abs=0.02)
 
 
-def test_small_fleet_entries_get_max_reuse() -> None:
+def test_small_fleet_entries_are_used_once() -> None:
     pool = make_pool(max_reuse=5)
     entry = pool.add("a", 0, 0.01, now=0.0, n_available=4)
-    assert entry.uses_left == 5
+    assert entry.uses_left == 1
 
 
 # --- HCL selection ---------------------------------------------------------------------------
@@ -217,8 +220,10 @@ def test_excluded_backends_are_not_usable() -> None:
 
 
 def test_use_compensates_rif_and_spends_the_reuse_budget() -> None:
-    pool = make_pool(q_rif=1.0, max_reuse=2)
-    fill(pool, {"a": (0, 0.001), "b": (0, 0.010)}, n=2)  # m >= n: budget is max_reuse = 2
+    pool = make_pool(q_rif=1.0, pool_size=2, max_reuse=2)
+    fill(pool, {"a": (0, 0.001), "b": (0, 0.010)}, n=100)  # Eq. 1: 2 / (0.98 * 3 - 1) = 1.03, so 1 or 2
+    for entry in pool:
+        entry.uses_left = 2  # pin the randomly rounded budget
     assert pool.choose(0.0) == ("a", "cold")
     entry = pool.get("a")
     assert entry is not None and entry.rif == 1 and entry.uses_left == 1

@@ -17,9 +17,9 @@ from prequal_middleware.core import PrequalSettings
 from prequal_middleware.core.sim_fleet import TRUNCATED_MEAN_FACTOR, build_fleet, draw_work
 from prequal_middleware.core.simulator import SimConfig, fleet_for, percentile, simulate
 
-# A small fleet. The pool is 8 of 20 replicas so that Eq. 1 has a finite reuse budget:
-# (1 - 8/20) * 3 - 1 = 0.8 > 0 (prequal-spec.md section 7).
-SMALL = SimConfig(replicas=20, clients=10, seconds=10.0, seed=3, prequal=PrequalSettings(pool_size=8))
+# A small fleet with the default pool (m=16 of 20 replicas): Eq. 1 is undefined there, so each probe is
+# used once (reuse_budget).
+SMALL = SimConfig(replicas=20, clients=10, seconds=10.0, seed=3, prequal=PrequalSettings())
 
 
 def _small(**changes: Any) -> SimConfig:
@@ -156,7 +156,7 @@ def test_cli_quick_writes_the_json_schema(tmp_path: Path, capsys: pytest.Capture
     config = document["config"]
     assert config["replicas"] == 20 and config["clients"] == 10 and config["seconds"] == 4.0
     assert config["policies"] == ["prequal", "round_robin"] and config["loads"] == [0.5, 0.9]
-    assert config["prequal"]["pool_size"] == 8 and config["prequal"]["probes_per_query"] == 3.0
+    assert config["prequal"]["pool_size"] == 16 and config["prequal"]["probes_per_query"] == 3.0
     assert config["deadline_s"] == 5.0 and config["capacity_qps"] > 0 and config["quick"] is True
     results = document["results"]
     assert [(r["policy"], r["load"]) for r in results] == [

@@ -1,0 +1,147 @@
+"""Configuration from ``PREQUAL_*`` environment variables (the seed project's workflow).
+
+- ``PREQUAL_POOLS``: JSON mapping each prefix to a list of upstream URLs, or to an object with
+  ``upstreams`` and any other ``UpstreamPool`` setting; nested settings (``timeouts``, ``prequal``,
+  ``outliers``, ``probes``, ``health``, ``retry``) are objects of their own fields::
+
+      {"/api": ["http://127.0.0.1:8001"], "/search": {"upstreams": [], "policy": "round_robin",
+       "timeouts": {"connect_s": 0.5}}}
+
+  Unset, the gateway has one pool, ``/api``, filled by registration.
+- ``PREQUAL_POLICY``: the default policy of every pool: a built-in name or ``module:Class``.
+- ``PREQUAL_HEALTH_PATH`` (default ``/healthz``) and ``PREQUAL_PROBE_PATH`` (default ``/_prequal/probe``):
+  defaults for every pool.
+
+A bad value raises ``ConfigurationError`` naming the variable and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .config import HealthSettings, ProbeSettings, RetrySettings, Timeouts, UpstreamPool
+from .core import OutlierSettings, PrequalSettings
+from .core.policies import POLICY_CLASSES
+from .exceptions import ConfigurationError
+
+DEFAULT_POOLS = '{"/api": []}'
+_NESTED: dict[str, type[Any]] = {
+    "timeouts": Timeouts,
+    "prequal": PrequalSettings,
+    "outliers": OutlierSettings,
+    "probes": ProbeSettings,
+    "health": HealthSettings,
+    "retry": RetrySettings,
+}
+_SCALARS = frozenset(
+    {
+        "policy",
+        "strip_prefix",
+        "preserve_host",
+        "max_in_flight",
+        "max_in_flight_per_backend",
+        "clients_per_pool",
+        "websockets",
+        "retry_after_s",
+    }
+)
+
+
+def load_object(spec: str, *, variable: str) -> Any:
+    """Import ``module:attribute``; the error names ``variable``."""
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ConfigurationError(f"{variable} must be 'module:attribute', got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(f"{variable}: cannot import module {module_name!r} ({exc})") from None
+    try:
+        value = module
+        for part in attribute.split("."):
+            value = getattr(value, part)
+    except AttributeError:
+        raise ConfigurationError(f"{variable}: module {module_name!r} has no attribute {attribute!r}") from None
+    return value
+
+
+def policy_from_spec(spec: str, *, variable: str) -> str | Callable[[], Any]:
+    """A built-in policy name stays a name; ``module:Class`` becomes the class."""
+    if spec in POLICY_CLASSES:
+        return spec
+    if ":" not in spec:
+        raise ConfigurationError(
+            f"{variable} must be one of {', '.join(sorted(POLICY_CLASSES))} or 'module:Class', got {spec!r}"
+        )
+    policy = load_object(spec, variable=variable)
+    if not callable(policy):
+        raise ConfigurationError(f"{variable}: {spec!r} is not a class or factory")
+    return policy  # type: ignore[no-any-return]
+
+
+def pools_from_env(environ: Mapping[str, str] | None = None) -> list[UpstreamPool]:
+    """The pools described by ``PREQUAL_POOLS`` and the defaults from the other variables."""
+    env = os.environ if environ is None else environ
+    raw = env.get("PREQUAL_POOLS", DEFAULT_POOLS)
+    try:
+        described = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ConfigurationError(f"PREQUAL_POOLS is not valid JSON ({exc.msg} at position {exc.pos})") from None
+    if not isinstance(described, dict):
+        raise ConfigurationError("PREQUAL_POOLS must be a JSON object mapping prefixes to pools")
+    defaults: dict[str, Any] = {}
+    if "PREQUAL_POLICY" in env:
+        defaults["policy"] = policy_from_spec(env["PREQUAL_POLICY"], variable="PREQUAL_POLICY")
+    health_path = env.get("PREQUAL_HEALTH_PATH")
+    probe_path = env.get("PREQUAL_PROBE_PATH")
+    pools = []
+    for prefix, spec in described.items():
+        where = f"PREQUAL_POOLS[{prefix!r}]"
+        if isinstance(spec, list):
+            spec = {"upstreams": spec}
+        if not isinstance(spec, dict):
+            raise ConfigurationError(f"{where} must be a list of URLs or an object, got {spec!r}")
+        kwargs: dict[str, Any] = dict(defaults)
+        for key, value in spec.items():
+            if key == "upstreams":
+                if not isinstance(value, list) or not all(isinstance(u, str) for u in value):
+                    raise ConfigurationError(f"{where}.upstreams must be a list of URL strings, got {value!r}")
+                kwargs["upstreams"] = value
+            elif key == "policy":
+                if not isinstance(value, str):
+                    raise ConfigurationError(f"{where}.policy must be a string, got {value!r}")
+                kwargs["policy"] = policy_from_spec(value, variable=f"{where}.policy")
+            elif key in _SCALARS:
+                kwargs[key] = value
+            elif key in _NESTED:
+                kwargs[key] = _nested(_NESTED[key], value, f"{where}.{key}")
+            else:
+                known = sorted({"upstreams", *_SCALARS, *_NESTED})
+                raise ConfigurationError(f"{where} has an unknown setting {key!r}; known: {', '.join(known)}")
+        if health_path is not None and "health" not in spec:
+            kwargs["health"] = HealthSettings(path=health_path or None)
+        if probe_path is not None and "probes" not in spec:
+            kwargs["probes"] = ProbeSettings(path=probe_path)
+        try:
+            pools.append(UpstreamPool(prefix, **kwargs))
+        except (ConfigurationError, TypeError, ValueError) as exc:
+            raise ConfigurationError(f"{where}: {exc}") from None
+    return pools
+
+
+def _nested(cls: type[Any], value: object, where: str) -> Any:
+    if not isinstance(value, dict):
+        raise ConfigurationError(f"{where} must be an object, got {value!r}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - fields)
+    if unknown:
+        raise ConfigurationError(f"{where} has unknown settings {unknown}; known: {', '.join(sorted(fields))}")
+    try:
+        return cls(**value)
+    except (ValueError, TypeError) as exc:
+        raise ConfigurationError(f"{where}: {exc}") from None
