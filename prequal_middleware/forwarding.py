@@ -36,6 +36,7 @@ from urllib.parse import quote
 from .core import Outcome, Policy
 from .exceptions import UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
 from .headers import downstream_response_headers, rewrite_location, upstream_request_headers
+from .metrics import PrequalMetrics, code_class
 from .pool import PoolRuntime
 from .scheduler import ProbeScheduler
 from .transport import Transport, UpstreamRequest, UpstreamResponse
@@ -129,54 +130,12 @@ class _DisconnectWatch:
             self._watcher.cancel()
 
 
-class Forwarder:
-    """Forwards HTTP requests for the pools of one gateway.
+class _Exchange:
+    """One client request on its way through the gateway."""
 
-    Parameters:
-        transport: sends upstream requests.
-        scheduler: sends the probes the policies ask for.
-        clock: monotonic seconds.
-    """
+    __slots__ = ("pool", "scope", "send", "headers", "content_length", "target", "body", "watch", "status")
 
-    def __init__(self, transport: Transport, scheduler: ProbeScheduler, clock: Callable[[], float]) -> None:
-        self._transport = transport
-        self._scheduler = scheduler
-        self._clock = clock
-
-    async def http(self, pool: PoolRuntime, scope: Scope, receive: Receive, send: Send) -> None:
-        cfg = pool.config
-        if pool.full():
-            await send_error(send, 503, "pool_overloaded", "the pool is at its concurrency limit", pool)
-            return
-        client = scope.get("client")
-        prepared = upstream_request_headers(
-            scope["headers"],
-            client_ip=client[0] if client else None,
-            scheme=scope.get("scheme", "http"),
-            preserve_host=cfg.preserve_host,
-        )
-        if prepared.problem is not None:
-            await send_error(send, 400, "bad_request", prepared.problem, pool)
-            return
-        target = upstream_target(pool, scope)
-        if cfg.rewrite_path is not None:
-            target = cfg.rewrite_path(target)
-        watch = _DisconnectWatch(receive, asyncio.current_task())
-        body = _ClientBody(receive, watch.arm) if prepared.chunked or prepared.content_length else None
-        if body is None:
-            watch.arm()
-        try:
-            await self._attempts(pool, scope, send, prepared.headers, prepared.content_length, target, body, watch)
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if not watch.fired or task is None or task.uncancel() > 0:
-                raise  # a real cancellation (shutdown), not our client-disconnect signal
-        except ClientDisconnected:
-            pass
-        finally:
-            watch.stop()
-
-    async def _attempts(
+    def __init__(
         self,
         pool: PoolRuntime,
         scope: Scope,
@@ -187,8 +146,93 @@ class Forwarder:
         body: _ClientBody | None,
         watch: _DisconnectWatch,
     ) -> None:
+        self.pool = pool
+        self.scope = scope
+        self.send = send
+        self.headers = headers
+        self.content_length = content_length
+        self.target = target
+        self.body = body
+        self.watch = watch
+        self.status = 0  # the status sent to the client; 0 while none was
+
+
+class Forwarder:
+    """Forwards HTTP requests for the pools of one gateway.
+
+    Parameters:
+        transport: sends upstream requests.
+        scheduler: sends the probes the policies ask for.
+        metrics: where requests, attempts and selections are counted.
+        clock: monotonic seconds.
+    """
+
+    def __init__(
+        self, transport: Transport, scheduler: ProbeScheduler, metrics: PrequalMetrics, clock: Callable[[], float]
+    ) -> None:
+        self._transport = transport
+        self._scheduler = scheduler
+        self._metrics = metrics
+        self._clock = clock
+
+    async def http(self, pool: PoolRuntime, scope: Scope, receive: Receive, send: Send) -> None:
+        metrics = self._metrics
+        prefix = pool.prefix
+        arrived = self._clock()
+        in_flight = metrics.child(metrics.in_flight, prefix)
+        in_flight.inc()
+        status = 0
+        try:
+            status = await self._http(pool, scope, receive, send)
+        finally:
+            in_flight.dec()
+            code = code_class(status) if status else "cancelled"
+            metrics.child(metrics.requests, prefix, code).inc()
+            metrics.child(metrics.request_duration, prefix).observe(self._clock() - arrived)
+
+    async def _http(self, pool: PoolRuntime, scope: Scope, receive: Receive, send: Send) -> int:
         cfg = pool.config
-        method: str = scope["method"]
+        if pool.full():
+            return await self._error(send, 503, "pool_overloaded", "the pool is at its concurrency limit", pool)
+        client = scope.get("client")
+        prepared = upstream_request_headers(
+            scope["headers"],
+            client_ip=client[0] if client else None,
+            scheme=scope.get("scheme", "http"),
+            preserve_host=cfg.preserve_host,
+        )
+        if prepared.problem is not None:
+            return await self._error(send, 400, "bad_request", prepared.problem, pool)
+        target = upstream_target(pool, scope)
+        if cfg.rewrite_path is not None:
+            target = cfg.rewrite_path(target)
+        watch = _DisconnectWatch(receive, asyncio.current_task())
+        body = _ClientBody(receive, watch.arm) if prepared.chunked or prepared.content_length else None
+        if body is None:
+            watch.arm()
+        exchange = _Exchange(pool, scope, send, prepared.headers, prepared.content_length, target, body, watch)
+        try:
+            await self._attempts(exchange)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not watch.fired or task is None or task.uncancel() > 0:
+                raise  # a real cancellation (shutdown), not our client-disconnect signal
+        except ClientDisconnected:
+            pass
+        finally:
+            watch.stop()
+        return exchange.status
+
+    async def _error(self, send: Send, status: int, error: str, detail: str, pool: PoolRuntime) -> int:
+        self._metrics.child(self._metrics.gateway_errors, pool.prefix, error).inc()
+        await send_error(send, status, error, detail, pool)
+        return status
+
+    async def _attempts(self, exchange: _Exchange) -> None:
+        pool = exchange.pool
+        cfg = pool.config
+        metrics = self._metrics
+        method: str = exchange.scope["method"]
         policy = pool.next_client()
         now = self._clock()
         pool.retry_budget.record_request(now)
@@ -197,38 +241,37 @@ class Forwarder:
             blocked = exclude | pool.at_limit if exclude else pool.at_limit
             selection = policy.select(now, blocked) if blocked else policy.select(now)
             if selection is None:
-                await send_error(send, 503, "no_backend", "no backend is available in this pool", pool)
+                exchange.status = await self._error(
+                    exchange.send, 503, "no_backend", "no backend is available in this pool", pool
+                )
                 return
+            metrics.child(metrics.selections, pool.prefix, selection.reason).inc()
             if selection.probes:
                 self._scheduler.send_probes(pool, policy, selection.probes)
-            backend = selection.backend
-            request = UpstreamRequest(method, backend, target, headers, body, content_length)
+            request = UpstreamRequest(
+                method, selection.backend, exchange.target, exchange.headers, exchange.body, exchange.content_length
+            )
             if cfg.on_request is not None:
                 request = await _apply_hook(cfg.on_request, request)
             try:
-                done = await self._attempt(pool, policy, request, scope, send, watch, now)
+                await self._attempt(exchange, policy, request, now)
+                return
             except UpstreamError as exc:
                 now = self._clock()
-                if attempt + 1 < cfg.retry.attempts and _retryable(exc, method, body, cfg.retry.idempotent_methods):
-                    if pool.retry_budget.try_withdraw(now):
-                        exclude.add(backend)
-                        continue
-                await _send_upstream_error(send, exc, pool)
-                return
-            if done:
+                retry = attempt + 1 < cfg.retry.attempts and _retryable(
+                    exc, method, exchange.body, cfg.retry.idempotent_methods
+                )
+                if retry and pool.retry_budget.try_withdraw(now):
+                    metrics.child(metrics.retries, pool.prefix).inc()
+                    exclude.add(request.backend)
+                    continue
+                status, error, detail = _UPSTREAM_ERRORS[_error_kind(exc)]
+                exchange.status = await self._error(exchange.send, status, error, detail, pool)
                 return
 
-    async def _attempt(
-        self,
-        pool: PoolRuntime,
-        policy: Policy,
-        request: UpstreamRequest,
-        scope: Scope,
-        send: Send,
-        watch: _DisconnectWatch,
-        now: float,
-    ) -> bool:
+    async def _attempt(self, exchange: _Exchange, policy: Policy, request: UpstreamRequest, now: float) -> None:
         """One upstream attempt; raises ``UpstreamError`` only before any response byte went out."""
+        pool = exchange.pool
         backend = request.backend
         pool.acquire(backend)
         policy.on_start(backend, now)
@@ -245,31 +288,26 @@ class Forwarder:
                 raise
             latency = self._clock() - started
             outcome = Outcome.from_status(response.status)
+            self._metrics.child(self._metrics.upstream_latency, pool.prefix).observe(latency)
             if pool.config.on_response is not None:
                 response = await _apply_hook(pool.config.on_response, response)
             try:
-                await self._stream(pool, request, response, scope, send, watch)
+                await self._stream(exchange, request, response)
             except UpstreamError as exc:
                 outcome = _outcome_of(exc)
                 logger.warning("upstream %s failed mid-response: %s", backend, exc)
-            return True
         finally:
             if response is not None:
                 await response.aclose()
             pool.release(backend)
             policy.on_finish(backend, self._clock(), latency, outcome)
+            self._metrics.child(self._metrics.upstream_requests, pool.prefix, backend, outcome.value).inc()
 
-    async def _stream(
-        self,
-        pool: PoolRuntime,
-        request: UpstreamRequest,
-        response: UpstreamResponse,
-        scope: Scope,
-        send: Send,
-        watch: _DisconnectWatch,
-    ) -> None:
-        rewrite = _location_rewriter(pool, request.backend, scope)
+    async def _stream(self, exchange: _Exchange, request: UpstreamRequest, response: UpstreamResponse) -> None:
+        scope, send, watch = exchange.scope, exchange.send, exchange.watch
+        rewrite = _location_rewriter(exchange.pool, request.backend, scope)
         headers = downstream_response_headers(response.headers, rewrite)
+        exchange.status = response.status
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         remaining = _content_length(headers)
         if scope["method"] == "HEAD" or response.status in (204, 304):
@@ -359,13 +397,19 @@ async def _apply_hook(hook: Callable[[Any], Any], value: Any) -> Any:
     return value if result is None else result
 
 
-async def _send_upstream_error(send: Send, exc: UpstreamError, pool: PoolRuntime) -> None:
+_UPSTREAM_ERRORS = {
+    "timeout": (504, "upstream_timeout", "the backend did not answer in time"),
+    "connect": (502, "upstream_unreachable", "no backend could be reached"),
+    "protocol": (502, "upstream_error", "the backend failed to answer"),
+}
+
+
+def _error_kind(exc: UpstreamError) -> str:
     if isinstance(exc, UpstreamTimeout):
-        await send_error(send, 504, "upstream_timeout", "the backend did not answer in time", pool)
-    elif isinstance(exc, UpstreamConnectError):
-        await send_error(send, 502, "upstream_unreachable", "no backend could be reached", pool)
-    else:
-        await send_error(send, 502, "upstream_error", "the backend failed to answer", pool)
+        return "timeout"
+    if isinstance(exc, UpstreamConnectError):
+        return "connect"
+    return "protocol"
 
 
 async def send_error(send: Send, status: int, error: str, detail: str, pool: PoolRuntime | None) -> None:

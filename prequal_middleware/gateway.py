@@ -26,6 +26,7 @@ from .config import UpstreamPool
 from .core import Member, PolicySnapshot
 from .exceptions import ConfigurationError
 from .forwarding import Forwarder, Receive, Scope, Send, send_error
+from .metrics import PrequalMetrics
 from .pool import PoolRuntime
 from .scheduler import ProbeScheduler
 from .transport import Transport
@@ -48,6 +49,7 @@ class Gateway:
         pools: the pools, each with a distinct prefix.
         transport: the upstream transport; by default an ``AiohttpTransport``. The gateway closes it
             on shutdown (an ``HttpxTransport`` closes your httpx client only with ``close_client=True``).
+        metrics: the Prometheus metrics; by default on a fresh ``CollectorRegistry`` of the gateway's own.
         clock: monotonic seconds; override for tests.
         rng: seeds every policy's random source; pass a seeded one for reproducible runs.
     """
@@ -57,6 +59,7 @@ class Gateway:
         pools: Sequence[UpstreamPool] = (),
         *,
         transport: Transport | None = None,
+        metrics: PrequalMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
@@ -73,6 +76,7 @@ class Gateway:
         self._by_length = sorted(self.pools.values(), key=lambda p: len(p.prefix), reverse=True)
         self.clock = clock
         self._transport = transport
+        self.metrics = metrics if metrics is not None else PrequalMetrics()
         self._scheduler: ProbeScheduler | None = None
         self._forwarder: Forwarder | None = None
         self.state = GatewayState.CREATED
@@ -93,10 +97,10 @@ class Gateway:
         transport = self._transport
         if transport is None:
             transport = self._transport = AiohttpTransport()
-        scheduler = ProbeScheduler(list(self.pools.values()), transport, self.clock)
+        scheduler = ProbeScheduler(list(self.pools.values()), transport, self.metrics, self.clock)
         await scheduler.start()
         self._scheduler = scheduler
-        self._forwarder = Forwarder(transport, scheduler, self.clock)
+        self._forwarder = Forwarder(transport, scheduler, self.metrics, self.clock)
         self.state = GatewayState.RUNNING
         logger.info("gateway started: %s", ", ".join(self.pools) or "no pools")
 

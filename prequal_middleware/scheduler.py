@@ -24,6 +24,7 @@ from typing import Any
 from .config import Timeouts
 from .core import Policy
 from .exceptions import UpstreamError
+from .metrics import PrequalMetrics
 from .pool import PoolRuntime
 from .probe_client import ProbeClient, ProbeError, ProbeUnsupported
 from .transport import Transport, UpstreamRequest
@@ -32,6 +33,8 @@ logger = logging.getLogger("prequal_middleware.scheduler")
 
 # How often the idle timer asks policies for idle probes, as a share of the smallest max_idle_s.
 IDLE_TICK_SHARE = 0.5
+# How often pool state is copied into gauges.
+GAUGE_INTERVAL_S = 1.0
 
 
 class ProbeScheduler:
@@ -40,13 +43,22 @@ class ProbeScheduler:
     Parameters:
         pools: the pools to serve.
         transport: used for health checks.
+        metrics: where probes, health checks and pool state are recorded.
         clock: monotonic seconds.
     """
 
-    def __init__(self, pools: Sequence[PoolRuntime], transport: Transport, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        pools: Sequence[PoolRuntime],
+        transport: Transport,
+        metrics: PrequalMetrics,
+        clock: Callable[[], float],
+    ) -> None:
         self._pools = list(pools)
         self._transport = transport
+        self._metrics = metrics
         self._clock = clock
+        self._ejections_seen: dict[int, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._probe_clients: dict[int, ProbeClient] = {}
         self._health_streaks: dict[tuple[str, str], int] = {}  # (pool, backend) -> +ok / -failed in a row
@@ -67,6 +79,7 @@ class ProbeScheduler:
         for pool in self._pools:
             if pool.config.health.path is not None:
                 self._spawn(self._health_loop(pool))
+        self._spawn(self._gauge_loop())
 
     async def aclose(self) -> None:
         self._running = False
@@ -98,24 +111,32 @@ class ProbeScheduler:
         for backend in targets:
             if pool.probes_in_flight >= cap:
                 pool.probes_skipped += 1
+                self._metrics.child(self._metrics.probes, pool.prefix, "skipped").inc()
                 continue
             pool.probes_in_flight += 1
             self.probes_sent += 1
             self._spawn(self._probe(pool, policy, client, backend))
 
     async def _probe(self, pool: PoolRuntime, policy: Policy, client: ProbeClient, backend: str) -> None:
+        metrics = self._metrics
+        started = self._clock()
         try:
             result = await client.probe(backend)
         except ProbeUnsupported:
             now = self._clock()
             for c in pool.clients:
                 c.set_probe_mode(backend, "local", now)
+            metrics.child(metrics.probes, pool.prefix, "unsupported").inc()
             logger.info("backend %s of pool %s answers no probes: using the gateway's own view", backend, pool.prefix)
         except ProbeError:
             self.probe_failures += 1
+            metrics.child(metrics.probes, pool.prefix, "failed").inc()
             policy.on_probe_failure(backend, self._clock())
         else:
-            policy.on_probe(backend, self._clock(), result.rif, result.latency_s)
+            now = self._clock()
+            metrics.child(metrics.probes, pool.prefix, "ok").inc()
+            metrics.child(metrics.probe_duration, pool.prefix).observe(now - started)
+            policy.on_probe(backend, now, result.rif, result.latency_s)
         finally:
             pool.probes_in_flight -= 1
 
@@ -164,6 +185,7 @@ class ProbeScheduler:
         return 200 <= response.status < 400 or response.status == 404
 
     def _record_health(self, pool: PoolRuntime, backend: str, ok: bool) -> None:
+        self._metrics.child(self._metrics.health_checks, pool.prefix, "ok" if ok else "failed").inc()
         settings = pool.config.health
         key = (pool.prefix, backend)
         streak = self._health_streaks.get(key, 0)
@@ -176,3 +198,33 @@ class ProbeScheduler:
                 policy.set_health(backend, healthy, now)
             if not healthy:
                 logger.warning("backend %s of pool %s failed %d health checks", backend, pool.prefix, settings.fall)
+
+    # --- pool state as gauges --------------------------------------------------------------------
+
+    async def _gauge_loop(self) -> None:
+        while True:
+            self.update_gauges()
+            await asyncio.sleep(GAUGE_INTERVAL_S)
+
+    def update_gauges(self) -> None:
+        """Members by state, probe-pool occupancy and ejections, from every pool's policies."""
+        metrics, now = self._metrics, self._clock()
+        for pool in self._pools:
+            counts = dict.fromkeys(("healthy", "unhealthy", "ejected", "draining"), 0)
+            pooled = 0
+            ejections = 0
+            for i, policy in enumerate(pool.clients):
+                snapshot = policy.snapshot(now)
+                pooled += snapshot.pool_size or 0
+                if i == 0:  # every client has the same members; health is per client, the first speaks
+                    for backend in snapshot.backends:
+                        counts[backend.state] += 1
+                outliers = getattr(policy, "outliers", None)
+                ejections += getattr(outliers, "ejections_total", 0)
+            for state, count in counts.items():
+                metrics.child(metrics.backends, pool.prefix, state).set(count)
+            metrics.child(metrics.probe_pool_size, pool.prefix).set(pooled)
+            new = ejections - self._ejections_seen.get(id(pool), 0)
+            if new > 0:
+                metrics.child(metrics.ejections, pool.prefix).inc(new)
+            self._ejections_seen[id(pool)] = ejections

@@ -1,0 +1,168 @@
+"""``PrequalMetrics``: the gateway's Prometheus metrics, on a ``CollectorRegistry`` you inject.
+
+Never the global registry: two gateways in one process (or a test suite) keep separate metrics.
+Labels are bounded: ``pool`` (a configured prefix), ``backend`` (a member's URL), ``code_class``
+(``2xx`` ... ``5xx``), and small enums (``outcome``, ``reason``, ``result``, ``state``, ``event``); never a
+raw path or a client address.
+
+Works under ``PROMETHEUS_MULTIPROC_DIR`` (``uvicorn --workers N``): every metric is a plain counter,
+gauge or histogram (no custom collector), gauges declare how workers combine, and ``render`` reads
+all workers' files in that mode.
+
+    metrics = PrequalMetrics(CollectorRegistry())
+    gateway = Gateway(pools=[...], metrics=metrics)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+# Request latencies from sub-millisecond proxying to multi-second upstreams.
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Probes are loopback or in-datacenter round trips.
+PROBE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+_CODE_CLASSES = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
+
+
+def code_class(status: int) -> str:
+    return _CODE_CLASSES.get(status // 100, "other")
+
+
+class PrequalMetrics:
+    """Every metric the gateway exports (prefix ``prequal_``).
+
+    Parameters:
+        registry: where the metrics live; a fresh ``CollectorRegistry()`` by default.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "prequal_requests",
+            "Requests the gateway answered, by pool and status class",
+            ["pool", "code_class"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "prequal_request_duration_seconds",
+            "Time from a request's arrival to its last response byte, by pool",
+            ["pool"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.upstream_requests = Counter(
+            "prequal_upstream_requests",
+            "Attempts sent to backends, by outcome (success, failure, connect_error, timeout, cancelled)",
+            ["pool", "backend", "outcome"],
+            registry=r,
+        )
+        self.upstream_latency = Histogram(
+            "prequal_upstream_latency_seconds",
+            "Time from sending an attempt to the backend's response headers, by pool",
+            ["pool"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "prequal_in_flight",
+            "Requests in flight through the pool",
+            ["pool"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.selections = Counter(
+            "prequal_selections",
+            "Backend choices by reason (cold, hot, fallback, panic, policy)",
+            ["pool", "reason"],
+            registry=r,
+        )
+        self.retries = Counter("prequal_retries", "Attempts retried on another backend", ["pool"], registry=r)
+        self.gateway_errors = Counter(
+            "prequal_gateway_errors",
+            "Error responses the gateway made itself, by error",
+            ["pool", "error"],
+            registry=r,
+        )
+        self.probes = Counter(
+            "prequal_probes",
+            "Probes by result (ok, failed, unsupported, skipped)",
+            ["pool", "result"],
+            registry=r,
+        )
+        self.probe_duration = Histogram(
+            "prequal_probe_duration_seconds",
+            "Probe round trips that answered",
+            ["pool"],
+            buckets=PROBE_BUCKETS,
+            registry=r,
+        )
+        self.probe_pool_size = Gauge(
+            "prequal_probe_pool_size",
+            "Probes pooled (Prequal), summed over clients",
+            ["pool"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.backends = Gauge(
+            "prequal_backends",
+            "Members by state (healthy, unhealthy, ejected, draining)",
+            ["pool", "state"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.ejections = Counter("prequal_ejections", "Backends ejected by outlier detection", ["pool"], registry=r)
+        self.health_checks = Counter(
+            "prequal_health_checks",
+            "Active health checks by result (ok, failed)",
+            ["pool", "result"],
+            registry=r,
+        )
+        self.registry_events = Counter(
+            "prequal_registry_events",
+            "Registry events (register, heartbeat, unregister, expired, rejected)",
+            ["event"],
+            registry=r,
+        )
+        self.registry_stale = Gauge(
+            "prequal_registry_stale_seconds",
+            "Seconds since the registry's store became unreachable (0 when fresh)",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self._cache: dict[tuple[Any, ...], Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """The labelled child, cached: ``labels()`` takes a lock and builds a key on every call."""
+        key = (id(metric), *labels)
+        found = self._cache.get(key)
+        if found is None:
+            found = self._cache[key] = metric.labels(*labels)
+        return found
+
+    def forget_backend(self, pool: str, backend: str) -> None:
+        """Drop a departed member's series (keeps label cardinality bounded under churn)."""
+        for outcome in ("success", "failure", "connect_error", "timeout", "cancelled"):
+            self._cache.pop((id(self.upstream_requests), pool, backend, outcome), None)
+            try:
+                self.upstream_requests.remove(pool, backend, outcome)
+            except KeyError:
+                pass
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type; all workers' values under ``PROMETHEUS_MULTIPROC_DIR``."""
+        directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if directory:
+            merged = CollectorRegistry()
+            MultiProcessCollector(merged, path=directory)  # type: ignore[no-untyped-call]
+            return generate_latest(merged), CONTENT_TYPE
+        return generate_latest(self.registry), CONTENT_TYPE
+
+
+MetricsFactory = Callable[[], PrequalMetrics]
