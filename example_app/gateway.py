@@ -1,8 +1,10 @@
-"""The demo gateway: a host app with its own routes, and ``PrequalMiddleware`` in front of it.
+"""The demo gateway: a host app with its own routes, ``PrequalMiddleware`` in front of it, and the admin
+routes at ``/_prequal`` (register / heartbeat / unregister, backends, health, metrics, status page).
 
-``uvicorn example_app.gateway:app --port 8000`` builds the pools from ``PREQUAL_POOLS`` (JSON: prefix ->
-list of upstream URLs, or -> object with ``upstreams``, ``policy``, ``strip_prefix``, ...). Unset, there
-is one pool at ``/api`` with no members.
+``uvicorn example_app.gateway:app --port 8000`` is configured by ``Gateway.from_env()``: pools from
+``PREQUAL_POOLS`` (JSON: prefix -> list of upstream URLs, or -> object with ``upstreams``, ``policy``,
+``strip_prefix``, ...; unset, one pool at ``/api`` filled by registration), ``PREQUAL_REGISTRY``,
+``PREQUAL_REGISTRATION_TOKEN``, ``PREQUAL_ALLOWED_UPSTREAMS`` and the rest (``prequal_middleware.envconfig``).
 """
 
 from __future__ import annotations
@@ -12,10 +14,9 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
 from prequal_middleware import Gateway, PrequalMiddleware
-from prequal_middleware.envconfig import pools_from_env
 
 
 def create_app(gateway: Gateway) -> Any:
@@ -44,9 +45,9 @@ def create_app(gateway: Gateway) -> Any:
             }
         return JSONResponse({"state": snapshot["state"], "pools": pools})
 
-    app = Starlette(routes=[Route("/", index), Route("/status", status)])
+    app = Starlette(routes=[Route("/", index), Route("/status", status), Mount("/_prequal", gateway.admin_app())])
     app.add_middleware(PrequalMiddleware, gateway=gateway)
     return app
 
 
-app = create_app(Gateway(pools_from_env()))
+app = create_app(Gateway.from_env())

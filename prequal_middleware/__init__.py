@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .backend import LoadReportingMiddleware
-from .config import HealthSettings, ProbeSettings, RetrySettings, Timeouts, UpstreamPool
+from .config import AdminSettings, HealthSettings, ProbeSettings, RetrySettings, Timeouts, UpstreamPool
 from .core import (
     BasePolicy,
     LeastLatencyPolicy,
@@ -32,7 +32,10 @@ from .exceptions import (
     UpstreamTimeout,
 )
 from .gateway import Gateway
+from .metrics import PrequalMetrics
 from .middleware import PrequalMiddleware
+from .registry import BackendRecord, MemoryRegistry, Registry, RegistryUnavailable
+from .self_registration import SelfRegistration
 from .transport import Transport, UpstreamRequest, UpstreamResponse
 from .transport_aiohttp import AiohttpTransport
 from .transport_httpx import HttpxTransport
@@ -40,7 +43,9 @@ from .transport_httpx import HttpxTransport
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "AdminSettings",
     "AiohttpTransport",
+    "BackendRecord",
     "BasePolicy",
     "ConfigurationError",
     "Gateway",
@@ -53,19 +58,24 @@ __all__ = [
     "LoadTracker",
     "LoadTrackerSettings",
     "Member",
+    "MemoryRegistry",
     "Outcome",
     "OutlierSettings",
     "PeakEwmaPolicy",
     "Policy",
     "PrequalError",
+    "PrequalMetrics",
     "PrequalMiddleware",
     "PrequalPolicy",
     "PrequalSettings",
     "ProbeSettings",
     "RandomPolicy",
+    "Registry",
+    "RegistryUnavailable",
     "RetrySettings",
     "RoundRobinPolicy",
     "Selection",
+    "SelfRegistration",
     "Timeouts",
     "Transport",
     "UpstreamConnectError",

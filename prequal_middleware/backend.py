@@ -15,15 +15,16 @@ A probe answer (``GET`` or ``HEAD`` on ``probe_path``; the query string is ignor
 app; other methods on the probe path go to the app like any request. ``probe_path`` is relative to the
 app's ``root_path`` (a ``Mount``, or ``uvicorn --root-path``).
 
-A request counts from arrival until its final ``http.response.body`` (``more_body`` false) has been
-sent, so a streamed response counts until its last chunk. A client disconnect, a cancellation or an
+A request counts from arrival until the app hands its final ``http.response.body`` (``more_body``
+false) to the server, so a streamed response counts until its last chunk and background tasks that
+run after the response do not count. A client disconnect, a cancellation or an
 exception counts it out too; those, 5xx and 429 are never latency samples (fast errors would pull the
 median down). WebSocket and lifespan scopes pass through uncounted: a websocket lives for minutes and
 would pin RIF without saying anything about the load a new request meets.
 
-RIF is per process: with ``uvicorn --workers N`` each worker reports its own, so a gateway sees N
-replicas' worth of partial counts behind one address. Run one process per replica (and register each)
-or accept per-worker reports.
+RIF is per process: with ``uvicorn --workers N`` each worker counts only its own requests and a probe
+is answered by whichever worker accepts it, so one address reports a fraction of its load. Run one
+process per replica (each registered under its own address) or accept per-worker reports.
 """
 
 from __future__ import annotations

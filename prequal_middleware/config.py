@@ -162,6 +162,61 @@ class RetrySettings:
         )
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AdminSettings:
+    """The admin routes: who may register, what, and how long a lease lasts.
+
+    Parameters:
+        token: the bearer token admin writes need; with none, only loopback clients may write.
+        allowed_upstreams: hosts registered URLs may point at (names, ``*.suffix``, IP networks such as
+            ``10.0.0.0/8``); empty allows any host.
+        max_body_bytes: the largest admin request body (413 beyond).
+        default_ttl_s: a registration's lease when it names none; heartbeats renew it.
+        max_ttl_s: the longest lease a registration may ask for.
+        max_metadata_bytes: the largest ``metadata`` object, JSON-encoded.
+    """
+
+    token: str | None = None
+    allowed_upstreams: tuple[str, ...] = ()
+    max_body_bytes: int = 16 * 1024
+    default_ttl_s: float = 30.0
+    max_ttl_s: float = 3600.0
+    max_metadata_bytes: int = 4096
+
+    def __post_init__(self) -> None:
+        if isinstance(self.allowed_upstreams, str):
+            raise ConfigurationError(
+                "AdminSettings.allowed_upstreams must be a list of hosts or networks, not a string"
+            )
+        object.__setattr__(self, "allowed_upstreams", tuple(self.allowed_upstreams))
+        _check(
+            self,
+            [
+                (
+                    "token",
+                    self.token is None or (isinstance(self.token, str) and len(self.token) >= 8),
+                    "None or a string of at least 8 characters",
+                ),
+                (
+                    "max_body_bytes",
+                    isinstance(self.max_body_bytes, int) and self.max_body_bytes >= 256,
+                    "an integer >= 256",
+                ),
+                ("default_ttl_s", _positive(self.default_ttl_s), "a finite number > 0"),
+                (
+                    "max_ttl_s",
+                    _positive(self.max_ttl_s) and self.max_ttl_s >= self.default_ttl_s,
+                    "finite and >= default_ttl_s",
+                ),
+                (
+                    "max_metadata_bytes",
+                    isinstance(self.max_metadata_bytes, int) and self.max_metadata_bytes >= 2,
+                    "an integer >= 2",
+                ),
+            ],
+        )
+
+
 def validate_upstream_url(url: str, *, field_name: str = "url") -> str:
     """Check an upstream URL and return it normalised (no trailing slash).
 

@@ -9,8 +9,17 @@
 
   Unset, the gateway has one pool, ``/api``, filled by registration.
 - ``PREQUAL_POLICY``: the default policy of every pool: a built-in name or ``module:Class``.
-- ``PREQUAL_HEALTH_PATH`` (default ``/healthz``) and ``PREQUAL_PROBE_PATH`` (default ``/_prequal/probe``):
-  defaults for every pool.
+- ``PREQUAL_HEALTH_PATH`` (default ``/healthz``; empty turns active checks off) and ``PREQUAL_PROBE_PATH``
+  (default ``/_prequal/probe``): defaults for every pool.
+- ``PREQUAL_REGISTRY``: ``memory`` (default), a ``redis://`` or ``rediss://`` URL, or ``module:Class``
+  (called with no arguments).
+- ``PREQUAL_REGISTRATION_TOKEN``: the bearer token registration needs (none: loopback clients only).
+- ``PREQUAL_ALLOWED_UPSTREAMS``: comma-separated hosts, ``*.suffix`` wildcards or networks
+  (``10.0.0.0/8``) registered URLs may point at.
+- ``PREQUAL_LEASE_TTL_S``: the lease of a registration that names none (default 30).
+- Hooks, each ``module:function``: ``PREQUAL_REGISTER_HOOK``, ``PREQUAL_UNREGISTER_HOOK`` (called with
+  the registry record), ``PREQUAL_PATH_REWRITE_HOOK``, ``PREQUAL_REQUEST_HOOK``, ``PREQUAL_RESPONSE_HOOK``
+  (every pool's, unless a pool sets its own).
 
 A bad value raises ``ConfigurationError`` naming the variable and what was expected.
 """
@@ -24,7 +33,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .config import HealthSettings, ProbeSettings, RetrySettings, Timeouts, UpstreamPool
+from .config import AdminSettings, HealthSettings, ProbeSettings, RetrySettings, Timeouts, UpstreamPool
 from .core import OutlierSettings, PrequalSettings
 from .core.policies import POLICY_CLASSES
 from .exceptions import ConfigurationError
@@ -97,6 +106,9 @@ def pools_from_env(environ: Mapping[str, str] | None = None) -> list[UpstreamPoo
     defaults: dict[str, Any] = {}
     if "PREQUAL_POLICY" in env:
         defaults["policy"] = policy_from_spec(env["PREQUAL_POLICY"], variable="PREQUAL_POLICY")
+    for variable, setting in _POOL_HOOKS.items():
+        if env.get(variable):
+            defaults[setting] = _hook(env[variable], variable)
     health_path = env.get("PREQUAL_HEALTH_PATH")
     probe_path = env.get("PREQUAL_PROBE_PATH")
     pools = []
@@ -132,6 +144,77 @@ def pools_from_env(environ: Mapping[str, str] | None = None) -> list[UpstreamPoo
         except (ConfigurationError, TypeError, ValueError) as exc:
             raise ConfigurationError(f"{where}: {exc}") from None
     return pools
+
+
+_POOL_HOOKS = {
+    "PREQUAL_PATH_REWRITE_HOOK": "rewrite_path",
+    "PREQUAL_REQUEST_HOOK": "on_request",
+    "PREQUAL_RESPONSE_HOOK": "on_response",
+}
+
+
+def _hook(spec: str, variable: str) -> Callable[..., Any]:
+    hook = load_object(spec, variable=variable)
+    if not callable(hook):
+        raise ConfigurationError(f"{variable}: {spec!r} is not callable")
+    return hook  # type: ignore[no-any-return]
+
+
+def gateway_kwargs_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Everything ``Gateway(**kwargs)`` needs, from the environment (``Gateway.from_env`` uses it)."""
+    env = os.environ if environ is None else environ
+    kwargs: dict[str, Any] = {"pools": pools_from_env(env)}
+    kwargs["registry"] = registry_from_env(env)
+    admin: dict[str, Any] = {}
+    token = env.get("PREQUAL_REGISTRATION_TOKEN")
+    if token:
+        admin["token"] = token
+    allowed = env.get("PREQUAL_ALLOWED_UPSTREAMS")
+    if allowed:
+        admin["allowed_upstreams"] = tuple(a.strip() for a in allowed.split(",") if a.strip())
+    ttl = env.get("PREQUAL_LEASE_TTL_S")
+    if ttl:
+        try:
+            admin["default_ttl_s"] = float(ttl)
+        except ValueError:
+            raise ConfigurationError(f"PREQUAL_LEASE_TTL_S must be a number of seconds, got {ttl!r}") from None
+    try:
+        kwargs["admin"] = AdminSettings(**admin)
+    except ConfigurationError as exc:
+        variable = "PREQUAL_REGISTRATION_TOKEN" if "token" in str(exc) else "PREQUAL_LEASE_TTL_S"
+        raise ConfigurationError(f"{variable}: {exc}") from None
+    from .registration import AllowList
+
+    try:
+        AllowList(kwargs["admin"].allowed_upstreams)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"PREQUAL_ALLOWED_UPSTREAMS: {exc}") from None
+    for variable, setting in (("PREQUAL_REGISTER_HOOK", "on_register"), ("PREQUAL_UNREGISTER_HOOK", "on_unregister")):
+        if env.get(variable):
+            kwargs[setting] = _hook(env[variable], variable)
+    return kwargs
+
+
+def registry_from_env(env: Mapping[str, str]) -> Any:
+    spec = env.get("PREQUAL_REGISTRY", "memory").strip()
+    if spec in ("", "memory"):
+        from .registry import MemoryRegistry
+
+        return MemoryRegistry()
+    if spec.startswith(("redis://", "rediss://", "unix://")):
+        try:
+            from .registry.redis import RedisRegistry
+        except ImportError:
+            raise ConfigurationError(
+                "PREQUAL_REGISTRY is a Redis URL but redis is not installed: pip install 'prequal-middleware[redis]'"
+            ) from None
+        return RedisRegistry(spec)
+    if ":" in spec:
+        factory = load_object(spec, variable="PREQUAL_REGISTRY")
+        if not callable(factory):
+            raise ConfigurationError(f"PREQUAL_REGISTRY: {spec!r} is not a class or factory")
+        return factory()
+    raise ConfigurationError(f"PREQUAL_REGISTRY must be 'memory', a redis:// URL or 'module:Class', got {spec!r}")
 
 
 def _nested(cls: type[Any], value: object, where: str) -> Any:

@@ -18,16 +18,23 @@ import enum
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
-from .config import UpstreamPool
+from starlette.applications import Starlette
+
+from .admin import admin_app, admin_router
+from .config import AdminSettings, UpstreamPool
 from .core import Member, PolicySnapshot
+from .describe import describe, readiness_problems
 from .exceptions import ConfigurationError
 from .forwarding import Forwarder, Receive, Scope, Send, send_error
+from .membership import Membership, RegistryHook
 from .metrics import PrequalMetrics
 from .pool import PoolRuntime
+from .registration import AllowList, RegistrationRequest
+from .registry import BackendRecord, MemoryRegistry, Registry
 from .scheduler import ProbeScheduler
 from .transport import Transport
 from .transport_aiohttp import AiohttpTransport
@@ -50,6 +57,10 @@ class Gateway:
         transport: the upstream transport; by default an ``AiohttpTransport``. The gateway closes it
             on shutdown (an ``HttpxTransport`` closes your httpx client only with ``close_client=True``).
         metrics: the Prometheus metrics; by default on a fresh ``CollectorRegistry`` of the gateway's own.
+        registry: where registered backends live: a ``MemoryRegistry`` by default, a ``RedisRegistry``
+            to share membership between gateways. The gateway starts and closes it.
+        admin: who may register what (token, allow-list, leases) through ``admin_app()``.
+        on_register / on_unregister: hooks called with the record after a change went through.
         clock: monotonic seconds; override for tests.
         rng: seeds every policy's random source; pass a seeded one for reproducible runs.
     """
@@ -60,6 +71,10 @@ class Gateway:
         *,
         transport: Transport | None = None,
         metrics: PrequalMetrics | None = None,
+        registry: Registry | None = None,
+        admin: AdminSettings | None = None,
+        on_register: RegistryHook | None = None,
+        on_unregister: RegistryHook | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
@@ -77,12 +92,27 @@ class Gateway:
         self.clock = clock
         self._transport = transport
         self.metrics = metrics if metrics is not None else PrequalMetrics()
+        self.admin = admin if admin is not None else AdminSettings()
+        self.allow_list = AllowList(self.admin.allowed_upstreams)
+        self.registry: Registry = registry if registry is not None else MemoryRegistry()
+        self.membership = Membership(
+            self.pools, self.registry, self.metrics, clock, on_register=on_register, on_unregister=on_unregister
+        )
         self._scheduler: ProbeScheduler | None = None
         self._forwarder: Forwarder | None = None
         self.state = GatewayState.CREATED
         now = clock()
         for runtime in self.pools.values():
             runtime.set_members([Member(url) for url in runtime.config.upstreams], now)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Gateway:
+        """A gateway configured from ``PREQUAL_*`` variables (see ``envconfig``); keyword arguments win."""
+        from .envconfig import gateway_kwargs_from_env
+
+        kwargs = gateway_kwargs_from_env(environ)
+        kwargs.update(overrides)
+        return cls(**kwargs)
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -97,8 +127,10 @@ class Gateway:
         transport = self._transport
         if transport is None:
             transport = self._transport = AiohttpTransport()
+        await self.registry.start()
+        await self.membership.refresh()
         scheduler = ProbeScheduler(list(self.pools.values()), transport, self.metrics, self.clock)
-        await scheduler.start()
+        await scheduler.start(self.membership)
         self._scheduler = scheduler
         self._forwarder = Forwarder(transport, scheduler, self.metrics, self.clock)
         self.state = GatewayState.RUNNING
@@ -112,6 +144,7 @@ class Gateway:
         scheduler, self._scheduler, self._forwarder = self._scheduler, None, None
         if scheduler is not None:
             await scheduler.aclose()
+        await self.registry.aclose()
         if self._transport is not None:
             await self._transport.aclose()
         logger.info("gateway stopped")
@@ -163,6 +196,46 @@ class Gateway:
         if pool is None:
             raise KeyError(f"no pool with prefix {prefix!r}")
         pool.set_members(members, self.clock())
+
+    # --- registration (the admin routes call these) ----------------------------------------------
+
+    async def register(self, req: RegistrationRequest) -> BackendRecord:
+        """Register (or re-register) a backend; it takes traffic here at once, elsewhere on the next sync."""
+        return await self.membership.register(req)
+
+    async def heartbeat(self, req: RegistrationRequest) -> BackendRecord | None:
+        """Renew a lease; ``None`` for a backend the registry does not know."""
+        return await self.membership.heartbeat(req)
+
+    async def unregister(self, req: RegistrationRequest) -> bool:
+        """Remove a backend; requests in flight to it finish (it drains)."""
+        return await self.membership.unregister(req)
+
+    def admin_app(self) -> Starlette:
+        """The admin routes as a Starlette app: ``app.mount("/_prequal", gateway.admin_app())``."""
+        return admin_app(self)
+
+    def admin_router(self) -> Any:
+        """The admin routes as a FastAPI ``APIRouter``: ``app.include_router(router, prefix="/_prequal")``."""
+        return admin_router(self)
+
+    def record_json(self, record: BackendRecord) -> dict[str, Any]:
+        return {
+            "pool": record.pool,
+            "url": record.url,
+            "weight": record.weight,
+            "metadata": dict(record.metadata),
+            "lease_expires_at": record.lease_expires_at,
+            "ttl_s": None if record.lease_expires_at is None else round(record.lease_expires_at - time.time(), 3),
+        }
+
+    def describe(self) -> dict[str, Any]:
+        """The JSON of ``GET /backends`` and the status page."""
+        return describe(self)
+
+    def readiness_problems(self) -> list[str]:
+        """Why the gateway is not ready (empty when it is)."""
+        return readiness_problems(self)
 
     # --- state ---------------------------------------------------------------------------------
 

@@ -62,7 +62,7 @@ class ProbeResult:
 class _Backend:
     """What is fixed per backend URL: the address, the request bytes, the idle connections."""
 
-    __slots__ = ("url", "host", "port", "ssl", "request", "idle")
+    __slots__ = ("url", "host", "port", "ssl", "request", "idle", "retired")
 
     def __init__(self, url: str, host: str, port: int, tls: ssl.SSLContext | None, request: bytes) -> None:
         self.url = url
@@ -71,6 +71,7 @@ class _Backend:
         self.ssl = tls
         self.request = request
         self.idle: list[_ProbeConnection] = []  # LIFO: the warmest connection is reused first
+        self.retired = False  # forgotten: connections in use are closed when their probe ends
 
 
 class _ProbeConnection(asyncio.Protocol):
@@ -282,18 +283,17 @@ class ProbeClient:
         """Drop a backend that left: close its idle connections and its cached request."""
         backend = self._backends.pop(backend_url, None)
         if backend is not None:
-            for conn in backend.idle:
+            backend.retired = True
+            for conn in list(backend.idle):
                 conn.abort()
-            backend.idle.clear()
 
     async def aclose(self) -> None:
         """Close every connection, idle or busy; ``probe`` raises ``ProbeFailed`` afterwards."""
         self._closed = True
+        for backend in self._backends.values():
+            backend.retired = True
         for conn in list(self._open):
             conn.abort()
-        self._open.clear()
-        for backend in self._backends.values():
-            backend.idle.clear()
         # Transports close their sockets in a callback scheduled by abort(); let it run.
         await asyncio.sleep(0)
 
@@ -361,8 +361,9 @@ class ProbeClient:
         except ProbeError:
             conn.abort()
             raise
-        if conn.reusable and not self._closed and len(backend.idle) < self.max_idle_per_backend:
-            backend.idle.append(conn)
+        idle = backend.idle
+        if conn.reusable and not conn.closed and len(idle) < self.max_idle_per_backend and not backend.retired:
+            idle.append(conn)
         else:
             conn.abort()
         return result

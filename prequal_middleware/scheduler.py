@@ -6,6 +6,7 @@
   a queued probe would be stale on arrival. A backend that answers 404 on the probe path switches to
   the gateway's local view (``probe_mode = "local"``).
 - Idle probing: a timer asks every policy for its idle probes.
+- Registry sync: the registry's changes (and lease expiry) are applied to the pools.
 - Active health checks: ``GET health.path`` on every member each ``interval_s``; ``fall`` failures in a
   row mark a member unhealthy, ``rise`` successes healthy again. A 2xx or 3xx is a success, and so is a
   404 (the backend has no health endpoint but answers HTTP); a 5xx, an error or a timeout is a failure.
@@ -24,6 +25,7 @@ from typing import Any
 from .config import Timeouts
 from .core import Policy
 from .exceptions import UpstreamError
+from .membership import Membership
 from .metrics import PrequalMetrics
 from .pool import PoolRuntime
 from .probe_client import ProbeClient, ProbeError, ProbeUnsupported
@@ -35,6 +37,8 @@ logger = logging.getLogger("prequal_middleware.scheduler")
 IDLE_TICK_SHARE = 0.5
 # How often pool state is copied into gauges.
 GAUGE_INTERVAL_S = 1.0
+# The longest a gateway goes without re-reading the registry.
+REGISTRY_REFRESH_S = 1.0
 
 
 class ProbeScheduler:
@@ -68,7 +72,8 @@ class ProbeScheduler:
 
     # --- lifecycle -----------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, membership: Membership | None = None) -> None:
+        """Start probing, health checks, gauges and (with ``membership``) registry sync."""
         self._running = True
         for pool in self._pools:
             probes = pool.config.probes
@@ -80,6 +85,8 @@ class ProbeScheduler:
             if pool.config.health.path is not None:
                 self._spawn(self._health_loop(pool))
         self._spawn(self._gauge_loop())
+        if membership is not None:
+            self._spawn(self._registry_loop(membership))
 
     async def aclose(self) -> None:
         self._running = False
@@ -198,6 +205,18 @@ class ProbeScheduler:
                 policy.set_health(backend, healthy, now)
             if not healthy:
                 logger.warning("backend %s of pool %s failed %d health checks", backend, pool.prefix, settings.fall)
+
+    # --- registry ------------------------------------------------------------------------------
+
+    async def _registry_loop(self, membership: Membership) -> None:
+        # Woken by changes (Redis pub/sub, local writes) and at least every REGISTRY_REFRESH_S, which
+        # also expires leases and removes drained members.
+        while True:
+            await membership.registry.wait_for_change(REGISTRY_REFRESH_S)
+            try:
+                await membership.refresh()
+            except Exception:  # a registry must not raise from sync, but one bug must not stop the loop
+                logger.exception("registry refresh failed")
 
     # --- pool state as gauges --------------------------------------------------------------------
 

@@ -49,9 +49,7 @@ def running(args: list[str], env: dict[str, str] | None = None) -> Iterator[subp
 
 
 def test_python_m_example_app_balances_and_stops_on_ctrl_c() -> None:
-    port = free_port()
-    while any(_busy(port + i) for i in range(1, 4)):
-        port = free_port()
+    port = consecutive_free_ports(4)
     with running(["-m", "example_app", "--port", str(port), "--backends", "3"]) as process:
         assert process.stdout is not None
         first = process.stdout.readline()
@@ -82,8 +80,25 @@ def test_gateway_and_backend_modules_under_uvicorn() -> None:
         }
 
 
-def _busy(port: int) -> bool:
+def consecutive_free_ports(count: int) -> int:
+    """A port P with P .. P+count-1 all bindable, below Linux's ephemeral range (32768+) so that no
+    outgoing connection takes one of them in the meantime."""
+    import random
     import socket
 
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
+    rng = random.Random()
+    for _ in range(200):
+        first = rng.randrange(20000, 32000)
+        sockets = []
+        try:
+            for port in range(first, first + count):
+                s = socket.socket()
+                sockets.append(s)
+                s.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError("no free run of ports")

@@ -1,0 +1,144 @@
+"""The admin routes: registration, health, metrics and the status page, mountable anywhere.
+
+    app.mount("/_prequal", gateway.admin_app())          # Starlette or FastAPI
+    app.include_router(gateway.admin_router(), prefix="/_prequal")   # FastAPI, listed in its OpenAPI
+
+| route | what |
+|---|---|
+| ``POST /register`` | ``{"url", "pool"?, "weight"?, "metadata"?, "ttl_s"?}`` -> 201 with the record and its lease |
+| ``POST /heartbeat`` | ``{"url", "pool"?, "ttl_s"?}`` -> 200; 404 for an unknown backend (register again) |
+| ``POST /unregister`` | ``{"url", "pool"?}`` -> 200; the backend drains: no new requests, in-flight ones finish |
+| ``GET /backends`` | pools, members and their state, probe mode, RIF, latency, in-flight, lease |
+| ``GET /healthz`` | 200 while the gateway runs |
+| ``GET /readyz`` | 200 when every pool has a healthy member and the registry is fresh, else 503 with reasons |
+| ``GET /metrics`` | Prometheus exposition |
+| ``GET /`` | the status page |
+
+The routes only read and change the ``Gateway``'s state. Writes need the bearer token when one is
+configured, else a loopback client (see ``registration``); every refusal is a 4xx JSON error naming
+the field or the reason, and nothing is half-applied.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from .registration import RegistrationError, authorize, parse_body, validate
+from .registry import RegistryUnavailable
+from .status_page import status_page
+
+if TYPE_CHECKING:
+    from .gateway import Gateway
+
+logger = logging.getLogger("prequal_middleware.admin")
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(body, status_code=status, headers={"cache-control": "no-store", **(headers or {})})
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise RegistrationError(413, "body_too_large", f"the body must be at most {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RegistrationError(413, "body_too_large", f"the body must be at most {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def admin_routes(gateway: Gateway) -> list[BaseRoute]:
+    """The admin routes of ``gateway``, for a ``Mount`` or an app of their own."""
+    settings = gateway.admin
+    allow = gateway.allow_list
+
+    async def write(request: Request, kind: str) -> Response:
+        try:
+            authorize(settings, request.scope["headers"], request.scope.get("client"))
+            body = parse_body(await _read_limited(request, settings.max_body_bytes))
+            req = validate(body, kind=kind, pools=list(gateway.pools), settings=settings, allow=allow)
+            if kind == "register":
+                record = await gateway.register(req)
+                return _json(gateway.record_json(record), 201)
+            if kind == "heartbeat":
+                renewed = await gateway.heartbeat(req)
+                if renewed is None:
+                    raise RegistrationError(404, "unknown_backend", "no such backend: register again", field="url")
+                return _json(gateway.record_json(renewed))
+            if req.url in gateway.pools[req.pool].config.upstreams:
+                raise RegistrationError(409, "static_member", "a static upstream cannot be unregistered", field="url")
+            if not await gateway.unregister(req):
+                raise RegistrationError(404, "unknown_backend", "no such backend", field="url")
+            return _json({"pool": req.pool, "url": req.url, "unregistered": True, "draining": True})
+        except RegistrationError as exc:
+            gateway.metrics.child(gateway.metrics.registry_events, "rejected").inc()
+            return _json(exc.body(), exc.status)
+        except RegistryUnavailable:
+            logger.warning("registry unavailable for %s", kind)
+            return _json(
+                {"error": "registry_unavailable", "detail": "the registry cannot be written now; retry"},
+                503,
+                {"retry-after": "1"},
+            )
+
+    async def register(request: Request) -> Response:
+        return await write(request, "register")
+
+    async def heartbeat(request: Request) -> Response:
+        return await write(request, "heartbeat")
+
+    async def unregister(request: Request) -> Response:
+        return await write(request, "unregister")
+
+    async def backends(request: Request) -> Response:
+        return _json(gateway.describe())
+
+    async def healthz(request: Request) -> Response:
+        if not gateway.running:
+            return _json({"status": "stopped"}, 503)
+        return _json({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        problems = gateway.readiness_problems()
+        if problems:
+            return _json({"status": "not_ready", "problems": problems}, 503)
+        return _json({"status": "ready"})
+
+    async def metrics(request: Request) -> Response:
+        body, content_type = gateway.metrics.render()
+        return Response(body, media_type=content_type, headers={"cache-control": "no-store"})
+
+    return [
+        Route("/", status_page, methods=["GET"]),
+        Route("/register", register, methods=["POST"]),
+        Route("/heartbeat", heartbeat, methods=["POST"]),
+        Route("/unregister", unregister, methods=["POST"]),
+        Route("/backends", backends, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
+
+
+def admin_app(gateway: Gateway) -> Starlette:
+    """A Starlette app of the admin routes, to ``app.mount("/_prequal", ...)``."""
+    return Starlette(routes=admin_routes(gateway))
+
+
+def admin_router(gateway: Gateway) -> Any:
+    """A FastAPI ``APIRouter`` of the admin routes (requires FastAPI)."""
+    try:
+        from fastapi import APIRouter
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise RuntimeError("admin_router() needs FastAPI: pip install fastapi, or mount admin_app()") from exc
+    return APIRouter(routes=admin_routes(gateway))

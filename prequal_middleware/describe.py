@@ -1,0 +1,97 @@
+"""The gateway's state as JSON (``GET /backends``, the status page) and its readiness.
+
+Every pool with its policy, in-flight count, probe-pool occupancy, RIF threshold, selections by
+reason, and each member's state, probe mode, last reported RIF and latency, in-flight count, weight,
+lease and failures. With several clients per pool the first client's view of each member is shown
+(their health and load views are their own), and counters are summed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .core import PolicySnapshot
+
+if TYPE_CHECKING:
+    from .gateway import Gateway
+
+
+def describe(gateway: Gateway) -> dict[str, Any]:
+    now = gateway.clock()
+    snapshot = gateway.registry.snapshot()
+    stale_for = None if snapshot.stale_since is None else round(max(0.0, now - snapshot.stale_since), 3)
+    pools = []
+    for prefix, pool in gateway.pools.items():
+        clients: list[PolicySnapshot] = [c.snapshot(now) for c in pool.clients]
+        first = clients[0]
+        selections: dict[str, int] = {}
+        for c in clients:
+            for reason, count in c.selections.items():
+                selections[reason] = selections.get(reason, 0) + count
+        pooled = [c.pool_size for c in clients if c.pool_size is not None]
+        members = []
+        for b in first.backends:
+            record = gateway.membership.record_of(prefix, b.id)
+            members.append(
+                {
+                    "url": b.id,
+                    "state": b.state,
+                    "probe_mode": b.probe_mode,
+                    "weight": b.weight,
+                    "rif": b.rif,
+                    "latency_ms": None if b.latency_s is None else round(b.latency_s * 1000, 3),
+                    "in_flight": pool.backend_in_flight.get(b.id, 0),
+                    "lease_expires_in_s": _round(gateway.membership.lease_remaining_s(prefix, b.id)),
+                    "ejected_for_s": None if b.ejected_until is None else round(b.ejected_until - now, 3),
+                    "consecutive_failures": b.consecutive_failures,
+                    "failure_rate": round(b.failure_rate, 4),
+                    "source": "registered" if record is not None else "static",
+                    "metadata": dict(record.metadata) if record is not None else {},
+                }
+            )
+        pools.append(
+            {
+                "prefix": prefix,
+                "policy": first.policy,
+                "in_flight": pool.in_flight,
+                "clients": len(clients),
+                "pool_size": sum(pooled) if pooled else None,
+                "pool_capacity": None if first.pool_capacity is None else first.pool_capacity * len(clients),
+                "rif_threshold": first.rif_threshold,
+                "panic": any(c.panic for c in clients),
+                "selections": selections,
+                "probes_in_flight": pool.probes_in_flight,
+                "probes_skipped": pool.probes_skipped,
+                "members": members,
+            }
+        )
+    return {
+        "state": gateway.state.value,
+        "registry": {
+            "kind": getattr(gateway.registry, "kind", type(gateway.registry).__name__),
+            "version": snapshot.version,
+            "stale": snapshot.stale_since is not None,
+            "stale_for_s": stale_for,
+        },
+        "pools": pools,
+    }
+
+
+def readiness_problems(gateway: Gateway) -> list[str]:
+    """Why the gateway should not get traffic yet: not running, a pool without a healthy member, a stale registry."""
+    problems = []
+    if not gateway.running:
+        problems.append("the gateway is not running")
+    now = gateway.clock()
+    for prefix, pool in gateway.pools.items():
+        snapshot = pool.clients[0].snapshot(now)
+        if not any(b.state == "healthy" for b in snapshot.backends):
+            problems.append(f"pool {prefix} has no healthy member")
+    stale_since = gateway.registry.snapshot().stale_since
+    if stale_since is not None:
+        problems.append(f"the registry has been unreachable for {max(0.0, now - stale_since):.1f} s")
+    return problems
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)

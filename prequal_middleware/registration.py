@@ -1,0 +1,223 @@
+"""Who may register what: authentication and validation of registration requests.
+
+Registration is a gateway's most dangerous surface: whoever registers a URL receives traffic, and the
+gateway will call whatever URL it is given. So:
+
+- with a token configured, every admin write needs ``Authorization: Bearer <token>`` (compared in
+  constant time); without one, writes are accepted only from loopback clients, and a request that
+  carries proxy headers (``X-Forwarded-For``, ``Forwarded``, ``X-Real-IP``) is not a loopback client
+  whatever its socket says (a local reverse proxy would otherwise let anyone in);
+- URLs must be http or https with a host and an explicit port, no credentials, no query; with an
+  allow-list, the host must be listed (a name, a ``*.suffix`` wildcard, or an IP network in CIDR form);
+- every refusal is a ``RegistrationError`` with a status, an error code and the offending field.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from .config import AdminSettings, validate_upstream_url
+from .exceptions import ConfigurationError
+
+_PROXY_HEADERS = frozenset({b"x-forwarded-for", b"forwarded", b"x-real-ip", b"x-forwarded-host"})
+_REGISTER_FIELDS = frozenset({"url", "pool", "weight", "metadata", "ttl_s"})
+_HEARTBEAT_FIELDS = frozenset({"url", "pool", "ttl_s"})
+_UNREGISTER_FIELDS = frozenset({"url", "pool"})
+MAX_WEIGHT = 1000.0
+
+
+class RegistrationError(Exception):
+    """A refused admin request: ``status`` (4xx), ``error`` (a code), ``field`` (or None) and ``detail``."""
+
+    def __init__(self, status: int, error: str, detail: str, field: str | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.error = error
+        self.detail = detail
+        self.field = field
+
+    def body(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"error": self.error, "detail": self.detail}
+        if self.field is not None:
+            out["field"] = self.field
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrationRequest:
+    """A validated register / heartbeat / unregister request."""
+
+    pool: str
+    url: str
+    weight: float = 1.0
+    metadata: dict[str, Any] | None = None
+    ttl_s: float | None = None
+
+
+# --- who ----------------------------------------------------------------------------------------
+
+
+def authorize(settings: AdminSettings, headers: list[tuple[bytes, bytes]], client: tuple[str, int] | None) -> None:
+    """Raise ``RegistrationError`` (401 / 403) unless this caller may change the registry."""
+    if settings.token is not None:
+        expected = b"Bearer " + settings.token.encode("utf-8")
+        given = next((v for k, v in headers if k == b"authorization"), b"")
+        if not hmac.compare_digest(given, expected):
+            raise RegistrationError(401, "unauthorized", "a valid 'Authorization: Bearer <token>' header is required")
+        return
+    if any(k in _PROXY_HEADERS for k, _ in headers):
+        raise RegistrationError(
+            403, "forbidden", "registration without a token is accepted only from loopback clients, not through a proxy"
+        )
+    if client is None or not _is_loopback(client[0]):
+        raise RegistrationError(403, "forbidden", "registration without a token is accepted only from loopback clients")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+# --- what ---------------------------------------------------------------------------------------
+
+
+class AllowList:
+    """Hosts a registered URL may point at: names, ``*.suffix`` wildcards and IP networks."""
+
+    def __init__(self, entries: tuple[str, ...]) -> None:
+        self.networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        self.names: set[str] = set()
+        self.suffixes: list[str] = []
+        for entry in entries:
+            entry = entry.strip().lower()
+            if not entry:
+                continue
+            try:
+                self.networks.append(ipaddress.ip_network(entry, strict=False))
+            except ValueError:
+                if entry.startswith("*."):
+                    self.suffixes.append(entry[1:])
+                elif "/" in entry or " " in entry:
+                    raise ConfigurationError(
+                        f"allowed_upstreams entry {entry!r} is neither a host nor a network"
+                    ) from None
+                else:
+                    self.names.add(entry)
+
+    def __bool__(self) -> bool:
+        return bool(self.networks or self.names or self.suffixes)
+
+    def allows(self, host: str) -> bool:
+        host = host.lower().strip("[]")
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return host in self.names or any(host.endswith(s) for s in self.suffixes)
+        return any(address in network for network in self.networks)
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    if not raw:
+        raise RegistrationError(400, "invalid_json", "the body must be a JSON object")
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise RegistrationError(400, "invalid_json", "the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise RegistrationError(400, "invalid_json", "the body must be a JSON object")
+    return body
+
+
+def validate(
+    body: dict[str, Any],
+    *,
+    kind: str,
+    pools: list[str],
+    settings: AdminSettings,
+    allow: AllowList,
+) -> RegistrationRequest:
+    """Check a register / heartbeat / unregister body; raise ``RegistrationError`` naming the field."""
+    allowed_fields = {"register": _REGISTER_FIELDS, "heartbeat": _HEARTBEAT_FIELDS, "unregister": _UNREGISTER_FIELDS}[
+        kind
+    ]
+    for key in body:
+        if key not in allowed_fields:
+            raise RegistrationError(400, "unknown_field", f"unknown field {key!r}", field=str(key))
+    url = _url(body.get("url"), allow)
+    pool = _pool(body.get("pool"), pools)
+    weight = 1.0
+    metadata: dict[str, Any] | None = None
+    ttl_s: float | None = None
+    if kind == "register":
+        weight = _number(body.get("weight", 1.0), "weight", low=0.0, high=MAX_WEIGHT, low_open=True)
+        metadata = _metadata(body.get("metadata"), settings)
+    if kind in ("register", "heartbeat"):
+        raw_ttl = body.get("ttl_s")
+        ttl_s = (
+            settings.default_ttl_s
+            if raw_ttl is None
+            else _number(raw_ttl, "ttl_s", low=0.0, high=settings.max_ttl_s, low_open=True)
+        )
+    return RegistrationRequest(pool=pool, url=url, weight=weight, metadata=metadata, ttl_s=ttl_s)
+
+
+def _url(value: object, allow: AllowList) -> str:
+    if not isinstance(value, str) or not value:
+        raise RegistrationError(400, "invalid_field", "url must be a non-empty string", field="url")
+    if len(value) > 2048:
+        raise RegistrationError(400, "invalid_field", "url is too long (2048 characters at most)", field="url")
+    try:
+        url = validate_upstream_url(value)
+    except ConfigurationError as exc:
+        raise RegistrationError(400, "invalid_field", str(exc), field="url") from None
+    parts = urlsplit(url)
+    if parts.port is None:
+        raise RegistrationError(400, "invalid_field", "url must include a port (http://host:port)", field="url")
+    host = parts.hostname or ""
+    if allow and not allow.allows(host):
+        raise RegistrationError(403, "forbidden_upstream", f"the host {host!r} is not in the allow-list", field="url")
+    return url
+
+
+def _pool(value: object, pools: list[str]) -> str:
+    if value is None:
+        if len(pools) == 1:
+            return pools[0]
+        raise RegistrationError(
+            400, "invalid_field", f"pool is required: the gateway has the pools {', '.join(pools)}", field="pool"
+        )
+    if not isinstance(value, str) or value not in pools:
+        raise RegistrationError(
+            400, "invalid_field", f"pool must be one of {', '.join(pools) or '(none)'}, got {value!r}", field="pool"
+        )
+    return value
+
+
+def _number(value: object, field: str, *, low: float, high: float, low_open: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RegistrationError(400, "invalid_field", f"{field} must be a finite number", field=field)
+    x = float(value)
+    if (x <= low if low_open else x < low) or x > high:
+        raise RegistrationError(400, "invalid_field", f"{field} must be in ({low:g}, {high:g}], got {x:g}", field=field)
+    return x
+
+
+def _metadata(value: object, settings: AdminSettings) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise RegistrationError(400, "invalid_field", "metadata must be a JSON object", field="metadata")
+    encoded = json.dumps(value, separators=(",", ":"))
+    if len(encoded) > settings.max_metadata_bytes:
+        raise RegistrationError(
+            400, "invalid_field", f"metadata is larger than {settings.max_metadata_bytes} bytes", field="metadata"
+        )
+    return dict(value)

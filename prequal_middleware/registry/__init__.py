@@ -1,0 +1,31 @@
+"""Who exists: the ``Registry`` protocol, ``MemoryRegistry`` (default) and ``RedisRegistry`` (extra ``redis``).
+
+``RedisRegistry`` is imported on first use, so this package imports without redis installed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .base import BackendRecord, Registry, RegistrySnapshot, RegistryUnavailable
+from .memory import MemoryRegistry
+
+if TYPE_CHECKING:
+    from .redis import RedisRegistry
+
+__all__ = [
+    "BackendRecord",
+    "MemoryRegistry",
+    "RedisRegistry",
+    "Registry",
+    "RegistrySnapshot",
+    "RegistryUnavailable",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "RedisRegistry":
+        from .redis import RedisRegistry
+
+        return RedisRegistry
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
