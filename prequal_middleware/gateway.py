@@ -18,7 +18,7 @@ import enum
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -187,15 +187,6 @@ class Gateway:
             await send({"type": "websocket.close", "code": 1011})
             return
         await forward_websocket(pool, scope, receive, send, transport, scheduler, self.clock)  # type: ignore[arg-type]
-
-    # --- membership ----------------------------------------------------------------------------
-
-    def set_members(self, prefix: str, members: Iterable[Member]) -> None:
-        """Replace a pool's members (the static upstreams are not kept unless listed)."""
-        pool = self.pools.get(prefix)
-        if pool is None:
-            raise KeyError(f"no pool with prefix {prefix!r}")
-        pool.set_members(members, self.clock())
 
     # --- registration (the admin routes call these) ----------------------------------------------
 

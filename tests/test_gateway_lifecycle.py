@@ -13,12 +13,11 @@ import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
 from prequal_middleware import Gateway, HttpxTransport, PrequalMiddleware, UpstreamPool
-from prequal_middleware.core import Member
 from tests.apps import BackendState, make_backend
 from tests.servers import ServerThread, serve
 
@@ -218,17 +217,19 @@ def test_probes_reach_only_live_members() -> None:
     app_a, state_a = make_backend("a")
     app_b, state_b = make_backend("b")
     with serve(app_a) as a, serve(app_b) as b:
-        gateway = Gateway(pools=[UpstreamPool("/api", upstreams=[a.url, b.url])])
-        with serve(host_app(gateway)) as g:
-            with httpx.Client(base_url=g.url) as client:
-                for _ in range(20):
-                    client.get("/api/x")
+        gateway = Gateway(pools=[UpstreamPool("/api")])
+        app = Starlette(routes=[Mount("/_prequal", gateway.admin_app())])
+        app.add_middleware(PrequalMiddleware, gateway=gateway)
+        with serve(app) as g, httpx.Client(base_url=g.url) as client:
+            for server in (a, b):
+                assert client.post("/_prequal/register", json={"url": server.url}).status_code == 201
+            for _ in range(20):
+                client.get("/api/x")
             wait_for(lambda: state_a.probes_seen > 0 and state_b.probes_seen > 0, what="both backends probed")
-            gateway.set_members("/api", [Member(a.url)])
+            assert client.post("/_prequal/unregister", json={"url": b.url}).status_code == 200
             time.sleep(0.2)  # probes already in flight may land
             b_before = state_b.probes_seen
-            with httpx.Client(base_url=g.url) as client:
-                backends = {client.get("/api/x").json()["backend"] for _ in range(30)}
+            backends = {client.get("/api/x").json()["backend"] for _ in range(30)}
             time.sleep(1.0)  # and idle probing goes on
             assert backends == {"a"}
             assert state_b.probes_seen == b_before, "a member that left gets no more probes"
