@@ -209,7 +209,7 @@ def registry_from_env(env: Mapping[str, str]) -> Any:
                 "PREQUAL_REGISTRY is a Redis URL but redis is not installed: pip install 'prequal-middleware[redis]'"
             ) from None
         return RedisRegistry(spec)
-    if ":" in spec:
+    if ":" in spec and "://" not in spec:
         factory = load_object(spec, variable="PREQUAL_REGISTRY")
         if not callable(factory):
             raise ConfigurationError(f"PREQUAL_REGISTRY: {spec!r} is not a class or factory")

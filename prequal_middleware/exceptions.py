@@ -3,6 +3,7 @@
     PrequalError
     ├── ConfigurationError (also a ValueError)   a setting or environment variable is wrong
     ├── GatewayNotRunning                        a request arrived before startup or after shutdown
+    ├── RegistryUnavailable                      the registry's store cannot be reached or written
     └── UpstreamError                            talking to a backend failed
         ├── UpstreamConnectError                 never reached it: refused, unreachable (nothing sent)
         ├── UpstreamTimeout                      connect, response headers or body read took too long
@@ -29,6 +30,10 @@ class ConfigurationError(PrequalError, ValueError):
 
 class GatewayNotRunning(PrequalError):
     """The gateway has not been started (or was stopped)."""
+
+
+class RegistryUnavailable(PrequalError):
+    """The registry's store cannot be reached or written; the write was not applied."""
 
 
 class UpstreamError(PrequalError):

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .base import BackendRecord, Registry, RegistrySnapshot, RegistryUnavailable
+from ..exceptions import RegistryUnavailable
+from .base import BackendRecord, Registry, RegistrySnapshot
 from .memory import MemoryRegistry
 
 if TYPE_CHECKING:

@@ -19,10 +19,6 @@ Records = Mapping[str, Mapping[str, "BackendRecord"]]
 EMPTY_RECORDS: Records = MappingProxyType({})
 
 
-class RegistryUnavailable(Exception):
-    """The registry's store cannot be reached or written; the write was not applied."""
-
-
 @dataclass(frozen=True, slots=True)
 class BackendRecord:
     """One backend of one pool.

@@ -16,12 +16,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ..exceptions import RegistryUnavailable
 from .base import (
     EMPTY_RECORDS,
     BackendRecord,
     Records,
     RegistrySnapshot,
-    RegistryUnavailable,
     earliest_expiry,
     freeze,
     lease_expiry,
@@ -190,7 +190,7 @@ class RedisRegistry:
                 self._went_stale(exc)
                 return False
             if self._stale_since is not None:
-                logger.warning("registry: Redis reachable again")
+                logger.info("registry: Redis reachable again")
             self._stale_since = None
             self._synced_at = self._monotonic()
             self._snapshot = None

@@ -1,0 +1,94 @@
+"""Configuration from PREQUAL_* variables: what is accepted, and errors that name the variable."""
+
+from __future__ import annotations
+
+import pytest
+
+from prequal_middleware import ConfigurationError, Gateway, MemoryRegistry, RoundRobinPolicy
+from prequal_middleware.envconfig import gateway_kwargs_from_env, pools_from_env
+
+
+def seen_hook(record: object) -> None:
+    """A hook for PREQUAL_REGISTER_HOOK."""
+
+
+def rewrite(target: str) -> str:
+    return "/v2" + target
+
+
+def test_default_is_one_registration_pool() -> None:
+    pools = pools_from_env({})
+    assert [(p.prefix, p.upstreams, p.policy) for p in pools] == [("/api", (), "prequal")]
+
+
+def test_pools_lists_and_objects() -> None:
+    pools = pools_from_env(
+        {
+            "PREQUAL_POOLS": '{"/api": ["http://127.0.0.1:8001/"], "/s": {"upstreams": [], "policy": "peak_ewma",'
+            ' "strip_prefix": false, "timeouts": {"connect_s": 0.5}, "prequal": {"q_rif": 0.6},'
+            ' "max_in_flight_per_backend": 8}}',
+            "PREQUAL_POLICY": "round_robin",
+            "PREQUAL_HEALTH_PATH": "/health",
+            "PREQUAL_PROBE_PATH": "/probe",
+            "PREQUAL_PATH_REWRITE_HOOK": "tests.test_envconfig:rewrite",
+        }
+    )
+    api, s = pools
+    assert (api.prefix, api.upstreams, api.policy) == ("/api", ("http://127.0.0.1:8001",), "round_robin")
+    assert (s.policy, s.strip_prefix, s.timeouts.connect_s, s.prequal.q_rif) == ("peak_ewma", False, 0.5, 0.6)
+    assert s.max_in_flight_per_backend == 8
+    assert api.health.path == "/health" and api.probes.path == "/probe"
+    assert api.rewrite_path is rewrite and s.rewrite_path is rewrite
+
+
+def test_policy_by_class_path() -> None:
+    (pool,) = pools_from_env({"PREQUAL_POLICY": "prequal_middleware.core:RoundRobinPolicy"})
+    assert pool.policy is RoundRobinPolicy
+
+
+def test_gateway_from_env() -> None:
+    gateway = Gateway.from_env(
+        {
+            "PREQUAL_POOLS": '{"/a": [], "/b": []}',
+            "PREQUAL_REGISTRATION_TOKEN": "a-long-token",
+            "PREQUAL_ALLOWED_UPSTREAMS": "10.0.0.0/8, *.svc",
+            "PREQUAL_LEASE_TTL_S": "12",
+            "PREQUAL_REGISTER_HOOK": "tests.test_envconfig:seen_hook",
+        }
+    )
+    assert list(gateway.pools) == ["/a", "/b"]
+    assert isinstance(gateway.registry, MemoryRegistry)
+    assert gateway.admin.token == "a-long-token"
+    assert gateway.admin.allowed_upstreams == ("10.0.0.0/8", "*.svc")
+    assert gateway.admin.default_ttl_s == 12.0
+    assert gateway.membership.on_register is seen_hook
+
+
+def test_redis_registry_from_a_url() -> None:
+    pytest.importorskip("redis")
+    kwargs = gateway_kwargs_from_env({"PREQUAL_REGISTRY": "redis://127.0.0.1:6399/2"})
+    assert kwargs["registry"].kind == "redis"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"PREQUAL_POOLS": "{nope"}, r"PREQUAL_POOLS is not valid JSON"),
+        ({"PREQUAL_POOLS": "[]"}, r"PREQUAL_POOLS must be a JSON object"),
+        ({"PREQUAL_POOLS": '{"api": []}'}, r"PREQUAL_POOLS\['api'\].*prefix must be"),
+        ({"PREQUAL_POOLS": '{"/api": ["ftp://x"]}'}, r"PREQUAL_POOLS\['/api'\].*http or https"),
+        ({"PREQUAL_POOLS": '{"/api": {"upstream": []}}'}, r"unknown setting 'upstream'"),
+        ({"PREQUAL_POOLS": '{"/api": {"timeouts": {"connect": 1}}}'}, r"timeouts has unknown settings"),
+        ({"PREQUAL_POOLS": '{"/api": {"prequal": {"q_rif": 2}}}'}, r"prequal: q_rif must be"),
+        ({"PREQUAL_POLICY": "fastest"}, r"PREQUAL_POLICY must be one of"),
+        ({"PREQUAL_POLICY": "no_such_module_x:Policy"}, r"PREQUAL_POLICY: cannot import module"),
+        ({"PREQUAL_REGISTRY": "etcd://x"}, r"PREQUAL_REGISTRY must be 'memory'"),
+        ({"PREQUAL_REGISTRATION_TOKEN": "short"}, r"PREQUAL_REGISTRATION_TOKEN"),
+        ({"PREQUAL_ALLOWED_UPSTREAMS": "10.0.0.0/8, bad host"}, r"PREQUAL_ALLOWED_UPSTREAMS"),
+        ({"PREQUAL_LEASE_TTL_S": "soon"}, r"PREQUAL_LEASE_TTL_S must be a number"),
+        ({"PREQUAL_REQUEST_HOOK": "tests.test_envconfig:nothing_here"}, r"PREQUAL_REQUEST_HOOK: module"),
+    ],
+)
+def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        Gateway.from_env(env)
