@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from .backend import LoadReportingMiddleware
-from .config import AdminSettings, HealthSettings, ProbeSettings, RetrySettings, Timeouts, UpstreamPool
+from .config import (
+    AdminSettings,
+    HealthSettings,
+    ProbeSettings,
+    RequestLimits,
+    RetrySettings,
+    Timeouts,
+    UpstreamPool,
+)
 from .core import (
     BasePolicy,
     LeastLatencyPolicy,
@@ -72,6 +80,7 @@ __all__ = [
     "RandomPolicy",
     "Registry",
     "RegistryUnavailable",
+    "RequestLimits",
     "RetrySettings",
     "RoundRobinPolicy",
     "Selection",

@@ -217,6 +217,39 @@ class AdminSettings:
         )
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RequestLimits:
+    """Limits on client requests, checked before anything goes upstream.
+
+    Parameters:
+        max_headers: the most request headers (431 beyond).
+        max_header_bytes: the most bytes of header names and values together (431 beyond).
+        max_body_bytes: the largest request body, declared or streamed (413 beyond); None: no limit.
+    """
+
+    max_headers: int = 100
+    max_header_bytes: int = 32 * 1024
+    max_body_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(
+            self,
+            [
+                ("max_headers", isinstance(self.max_headers, int) and self.max_headers >= 1, "an integer >= 1"),
+                (
+                    "max_header_bytes",
+                    isinstance(self.max_header_bytes, int) and self.max_header_bytes >= 256,
+                    "an integer >= 256",
+                ),
+                (
+                    "max_body_bytes",
+                    self.max_body_bytes is None or (isinstance(self.max_body_bytes, int) and self.max_body_bytes >= 0),
+                    "None or an integer >= 0",
+                ),
+            ],
+        )
+
+
 def validate_upstream_url(url: str, *, field_name: str = "url") -> str:
     """Check an upstream URL and return it normalised (no trailing slash).
 
@@ -264,6 +297,9 @@ class UpstreamPool:
         probes: how probes are sent.
         health: active health checks.
         retry: when failed attempts are retried.
+        limits: request header and body limits (431 / 413).
+        slow_start_s: a member that joins or returns from ejection or ill health ramps up from 10% to a
+            full share of the requests chosen for it over this window (0: off).
         clients_per_pool: independent policy instances, each with its own state, taking requests in
             turn: emulates a fleet of clients in one process, as Prequal assumes many clients.
         websockets: proxy WebSocket upgrades on this prefix (else they go to the wrapped app).
@@ -285,6 +321,8 @@ class UpstreamPool:
     probes: ProbeSettings = field(default_factory=ProbeSettings)
     health: HealthSettings = field(default_factory=HealthSettings)
     retry: RetrySettings = field(default_factory=RetrySettings)
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    slow_start_s: float = 0.0
     clients_per_pool: int = 1
     websockets: bool = True
     retry_after_s: int = 1
@@ -319,6 +357,11 @@ class UpstreamPool:
                     "an integer >= 1",
                 ),
                 ("retry_after_s", isinstance(self.retry_after_s, int) and self.retry_after_s >= 0, "an integer >= 0"),
+                (
+                    "slow_start_s",
+                    isinstance(self.slow_start_s, (int, float)) and 0 <= self.slow_start_s < math.inf,
+                    "a finite number >= 0",
+                ),
             ],
         )
         if isinstance(self.upstreams, str):
@@ -349,6 +392,7 @@ class UpstreamPool:
             ("probes", ProbeSettings),
             ("health", HealthSettings),
             ("retry", RetrySettings),
+            ("limits", RequestLimits),
         ):
             if not isinstance(getattr(self, name), cls):
                 raise ConfigurationError(f"UpstreamPool.{name} must be a {cls.__name__}, got {getattr(self, name)!r}")

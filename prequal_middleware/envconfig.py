@@ -33,7 +33,15 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .config import AdminSettings, HealthSettings, ProbeSettings, RetrySettings, Timeouts, UpstreamPool
+from .config import (
+    AdminSettings,
+    HealthSettings,
+    ProbeSettings,
+    RequestLimits,
+    RetrySettings,
+    Timeouts,
+    UpstreamPool,
+)
 from .core import OutlierSettings, PrequalSettings
 from .core.policies import POLICY_CLASSES
 from .exceptions import ConfigurationError
@@ -46,6 +54,7 @@ _NESTED: dict[str, type[Any]] = {
     "probes": ProbeSettings,
     "health": HealthSettings,
     "retry": RetrySettings,
+    "limits": RequestLimits,
 }
 _SCALARS = frozenset(
     {
@@ -57,6 +66,7 @@ _SCALARS = frozenset(
         "clients_per_pool",
         "websockets",
         "retry_after_s",
+        "slow_start_s",
     }
 )
 

@@ -6,6 +6,8 @@ This is the one place where upstream errors become status codes:
 what happened                                              status  ``error`` in the body
 =========================================================  ======  =======================
 request refused as ambiguous (CL + TE, conflicting CL)     400     ``bad_request``
+more than ``max_headers`` headers or ``max_header_bytes``  431     ``headers_too_large``
+a body larger than ``max_body_bytes``                      413     ``body_too_large``
 no eligible backend, or every backend at its limit         503     ``no_backend``
 the pool at its concurrency limit                          503     ``pool_overloaded``
 connect failed on every attempt                            502     ``upstream_unreachable``
@@ -58,16 +60,21 @@ class ClientDisconnected(Exception):
     """The client went away (while its request body was being read)."""
 
 
+class RequestBodyTooLarge(Exception):
+    """The client's streamed body went past ``RequestLimits.max_body_bytes``."""
+
+
 class _ClientBody:
     """The client's request body as an async iterator over ASGI ``http.request`` messages (read once)."""
 
-    __slots__ = ("_receive", "started", "done", "_on_done")
+    __slots__ = ("_receive", "started", "done", "_on_done", "_limit")
 
-    def __init__(self, receive: Receive, on_done: Callable[[], None]) -> None:
+    def __init__(self, receive: Receive, on_done: Callable[[], None], limit: int | None) -> None:
         self._receive = receive
         self.started = False
         self.done = False
         self._on_done = on_done
+        self._limit = limit
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._iterate()
@@ -76,11 +83,16 @@ class _ClientBody:
         if self.started:
             raise RuntimeError("the request body can be read only once")
         self.started = True
+        remaining = self._limit
         while True:
             message = await self._receive()
             if message["type"] == "http.disconnect":
                 raise ClientDisconnected()
             chunk = message.get("body", b"")
+            if remaining is not None:
+                remaining -= len(chunk)
+                if remaining < 0:
+                    raise RequestBodyTooLarge()
             more = message.get("more_body", False)
             if not more:
                 self.done = True
@@ -194,20 +206,32 @@ class Forwarder:
         cfg = pool.config
         if pool.full():
             return await self._error(send, 503, "pool_overloaded", "the pool is at its concurrency limit", pool)
+        limits = cfg.limits
+        raw_headers = scope["headers"]
+        if len(raw_headers) > limits.max_headers:
+            detail = f"more than {limits.max_headers} request headers"
+            return await self._error(send, 431, "headers_too_large", detail, pool)
+        if sum(len(k) + len(v) for k, v in raw_headers) > limits.max_header_bytes:
+            detail = f"request headers larger than {limits.max_header_bytes} bytes"
+            return await self._error(send, 431, "headers_too_large", detail, pool)
         client = scope.get("client")
         prepared = upstream_request_headers(
-            scope["headers"],
+            raw_headers,
             client_ip=client[0] if client else None,
             scheme=scope.get("scheme", "http"),
             preserve_host=cfg.preserve_host,
         )
         if prepared.problem is not None:
             return await self._error(send, 400, "bad_request", prepared.problem, pool)
+        too_large = f"the request body is larger than {limits.max_body_bytes} bytes"
+        if limits.max_body_bytes is not None and (prepared.content_length or 0) > limits.max_body_bytes:
+            return await self._error(send, 413, "body_too_large", too_large, pool)
         target = upstream_target(pool, scope)
         if cfg.rewrite_path is not None:
             target = cfg.rewrite_path(target)
         watch = _DisconnectWatch(receive, asyncio.current_task())
-        body = _ClientBody(receive, watch.arm) if prepared.chunked or prepared.content_length else None
+        has_body = prepared.chunked or prepared.content_length
+        body = _ClientBody(receive, watch.arm, limits.max_body_bytes) if has_body else None
         if body is None:
             watch.arm()
         exchange = _Exchange(pool, scope, send, prepared.headers, prepared.content_length, target, body, watch)
@@ -219,6 +243,9 @@ class Forwarder:
                 raise  # a real cancellation (shutdown), not our client-disconnect signal
         except ClientDisconnected:
             pass
+        except RequestBodyTooLarge:
+            if exchange.status == 0:
+                exchange.status = await self._error(send, 413, "body_too_large", too_large, pool)
         finally:
             watch.stop()
         return exchange.status
@@ -237,10 +264,15 @@ class Forwarder:
         now = self._clock()
         pool.retry_budget.record_request(now)
         exclude: set[str] = set()
+        failed: UpstreamError | None = None  # the last attempt's error, when retrying
         for attempt in range(cfg.retry.attempts):
             blocked = exclude | pool.at_limit if exclude else pool.at_limit
             selection = policy.select(now, blocked) if blocked else policy.select(now)
             if selection is None:
+                if failed is not None:  # every other backend was tried: the real cause, not a 503
+                    status, error, detail = _UPSTREAM_ERRORS[_error_kind(failed)]
+                    exchange.status = await self._error(exchange.send, status, error, detail, pool)
+                    return
                 exchange.status = await self._error(
                     exchange.send, 503, "no_backend", "no backend is available in this pool", pool
                 )
@@ -264,6 +296,7 @@ class Forwarder:
                 if retry and pool.retry_budget.try_withdraw(now):
                     metrics.child(metrics.retries, pool.prefix).inc()
                     exclude.add(request.backend)
+                    failed = exc
                     continue
                 status, error, detail = _UPSTREAM_ERRORS[_error_kind(exc)]
                 exchange.status = await self._error(exchange.send, status, error, detail, pool)

@@ -47,6 +47,7 @@ class PoolRuntime:
                 rng=random.Random(rng.getrandbits(64)),
                 outliers=self.config.outliers,
                 prequal=self.config.prequal,
+                slow_start_s=self.config.slow_start_s,
             )
         policy = spec()
         if not isinstance(policy, Policy):

@@ -81,6 +81,9 @@ def make_backend(name: str, *, instrumented: bool = True) -> tuple[Any, BackendS
         )
         return response
 
+    async def huge_header(request: Request) -> Response:
+        return PlainTextResponse("huge", headers={"x-huge": "z" * 10_000})
+
     async def redirect(request: Request) -> Response:
         base = f"{request.url.scheme}://{request.headers['host']}"
         return Response(status_code=302, headers={"location": f"{base}/target?x=1"})
@@ -145,6 +148,7 @@ def make_backend(name: str, *, instrumented: bool = True) -> tuple[Any, BackendS
             Route("/cookies", cookies),
             Route("/hop", hop),
             Route("/redirect", redirect),
+            Route("/huge-header", huge_header),
             Route("/raw/redirect", redirect),
             Route("/stream", stream),
             Route("/sleep", sleep),

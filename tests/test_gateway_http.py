@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from prequal_middleware import Gateway, PrequalMiddleware, RetrySettings, Timeouts, UpstreamPool
+from prequal_middleware import Gateway, PrequalMiddleware, RequestLimits, RetrySettings, Timeouts, UpstreamPool
 from tests.apps import BackendState, make_backend, random_bytes
 from tests.servers import ServerThread, free_port, serve
 
@@ -55,6 +55,11 @@ def fleet() -> Iterator[Fleet]:
                 UpstreamPool("/slow", upstreams=[a.url], timeouts=Timeouts(response_headers_s=0.3)),
                 UpstreamPool("/plain", upstreams=[plain.url]),
                 UpstreamPool("/nows", upstreams=[a.url], websockets=False),
+                UpstreamPool(
+                    "/limited",
+                    upstreams=[a.url],
+                    limits=RequestLimits(max_headers=20, max_header_bytes=2048, max_body_bytes=1000),
+                ),
             ]
         )
 
@@ -297,3 +302,26 @@ def test_probes_never_count_in_rif(fleet: Fleet) -> None:
     for server in (fleet.a, fleet.b):
         reply = httpx.get(server.url + "/_prequal/probe")
         assert reply.headers["x-prequal-rif"] == "0"
+
+
+# --- limits ---------------------------------------------------------------------------------------
+
+
+def test_request_limits(client: httpx.Client, fleet: Fleet) -> None:
+    assert client.post("/limited/ok", content=b"x" * 1000).json()["body_len"] == 1000
+    many = client.get("/limited/x", headers=[(f"x-h{i}", "1") for i in range(25)])
+    assert_gateway_error(many, 431, "headers_too_large", "/limited")
+    big = client.get("/limited/x", headers={"x-big": "y" * 3000})
+    assert_gateway_error(big, 431, "headers_too_large", "/limited")
+    declared = client.post("/limited/x", content=b"x" * 1001)
+    assert_gateway_error(declared, 413, "body_too_large", "/limited")
+    requests_before = fleet.state_a.requests
+    streamed = client.post("/limited/x", content=iter([b"x" * 600, b"x" * 600]))
+    assert_gateway_error(streamed, 413, "body_too_large", "/limited")
+    assert fleet.state_a.requests == requests_before, "the backend never answered a request past the limit"
+
+
+def test_oversized_upstream_response_headers_are_a_502(client: httpx.Client) -> None:
+    # aiohttp's default limit on one response header line is 8190 bytes.
+    response = client.get("/api/huge-header")
+    assert response.status_code == 502 and response.json()["error"] == "upstream_error"

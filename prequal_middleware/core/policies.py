@@ -38,8 +38,10 @@ class RoundRobinPolicy(BasePolicy):
 
     name = "round_robin"
 
-    def __init__(self, *, rng: random.Random | None = None, outliers: OutlierSettings | None = None) -> None:
-        super().__init__(rng=rng, outliers=outliers)
+    def __init__(
+        self, *, rng: random.Random | None = None, outliers: OutlierSettings | None = None, slow_start_s: float = 0.0
+    ) -> None:
+        super().__init__(rng=rng, outliers=outliers, slow_start_s=slow_start_s)
         self._next = self.rng.randrange(1 << 16)
         self._current: dict[BackendId, float] = {}
 
@@ -121,6 +123,7 @@ class PeakEwmaPolicy(_PowerOfTwoChoices):
         *,
         rng: random.Random | None = None,
         outliers: OutlierSettings | None = None,
+        slow_start_s: float = 0.0,
         default_rtt_s: float = DEFAULT_RTT_S,
         decay_s: float = DEFAULT_DECAY_S,
     ) -> None:
@@ -128,7 +131,7 @@ class PeakEwmaPolicy(_PowerOfTwoChoices):
             raise ValueError(f"default_rtt_s must be a finite number > 0, got {default_rtt_s!r}")
         if not 0 < decay_s < math.inf:
             raise ValueError(f"decay_s must be a finite number > 0, got {decay_s!r}")
-        super().__init__(rng=rng, outliers=outliers)
+        super().__init__(rng=rng, outliers=outliers, slow_start_s=slow_start_s)
         self.default_rtt_s = default_rtt_s
         self.decay_s = decay_s
         self._ewma: dict[BackendId, tuple[float, float]] = {}  # backend -> (estimate_s, stamp)
@@ -208,11 +211,12 @@ def create_policy(
     rng: random.Random | None = None,
     outliers: OutlierSettings | None = None,
     prequal: PrequalSettings | None = None,
+    slow_start_s: float = 0.0,
 ) -> BasePolicy:
     """A fresh built-in policy by name. ``prequal`` settings apply to the ``prequal`` policy only."""
     if name == "prequal":
-        return PrequalPolicy(prequal, rng=rng, outliers=outliers)
+        return PrequalPolicy(prequal, rng=rng, outliers=outliers, slow_start_s=slow_start_s)
     cls = POLICY_CLASSES.get(name)
     if cls is None:
         raise ValueError(f"policy must be one of {', '.join(sorted(POLICY_CLASSES))}, got {name!r}")
-    return cls(rng=rng, outliers=outliers)
+    return cls(rng=rng, outliers=outliers, slow_start_s=slow_start_s)

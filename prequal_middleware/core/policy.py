@@ -40,6 +40,8 @@ _NOTHING: frozenset[BackendId] = frozenset()
 
 # Weight of a new sample in the plain latency EWMA every policy keeps (the "local view").
 LATENCY_EWMA_WEIGHT = 0.3
+# Slow start never sends a returning backend less than this share of the requests chosen for it.
+SLOW_START_MIN_SHARE = 0.1
 
 
 @runtime_checkable
@@ -98,13 +100,27 @@ class BasePolicy:
     Parameters:
         rng: the source of every random choice; pass a seeded one for deterministic tests.
         outliers: passive health settings (ejection, panic, error aversion).
+        slow_start_s: a member that joins, or comes back from ejection or ill health, gets a share of
+            the requests chosen for it that grows linearly from 10% to all over this window (0: off;
+            Envoy's slow start). The members present at the start are not slowed.
     """
 
     name = "base"
 
-    def __init__(self, *, rng: random.Random | None = None, outliers: OutlierSettings | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        rng: random.Random | None = None,
+        outliers: OutlierSettings | None = None,
+        slow_start_s: float = 0.0,
+    ) -> None:
+        if not 0.0 <= slow_start_s < math.inf:
+            raise ValueError(f"slow_start_s must be a finite number >= 0, got {slow_start_s!r}")
         self.rng = rng if rng is not None else random.Random()
         self.outliers = OutlierDetector(outliers)
+        self.slow_start_s = slow_start_s
+        self._warming: dict[BackendId, float] = {}  # backend -> when its slow start began
+        self._healthy: frozenset[BackendId] | None = None  # None until the first members arrive
         self._backends: dict[BackendId, _Backend] = {}
         self._candidates: list[BackendId] = []
         self._candidate_set: frozenset[BackendId] = _NOTHING
@@ -159,12 +175,35 @@ class BasePolicy:
                 if not b.draining and b.healthy and not self.outliers.is_ejected(b.id, now)
             ]
             self._panic = self.outliers.in_panic(len(healthy), len(active))
+            if self.slow_start_s > 0:
+                self._track_warming(healthy, now)
             self._candidates = active if self._panic else healthy
             self._candidate_set = frozenset(self._candidates)
             self._valid_until = self.outliers.next_return(now)
             self._stale = False
             self._candidates_changed(self._candidate_set, now)
         return self._candidates
+
+    def _track_warming(self, healthy: list[BackendId], now: float) -> None:
+        current = frozenset(healthy)
+        if self._healthy is not None:
+            for backend in current - self._healthy:
+                self._warming[backend] = now  # joined, or back from ejection or ill health
+            for backend in [b for b in self._warming if b not in self._backends]:
+                del self._warming[backend]  # left the pool
+        if current or self._healthy is not None:
+            self._healthy = current  # the first non-empty set is the baseline: nothing to warm up from
+
+    def _slowed(self, backend: BackendId, now: float) -> bool:
+        """Whether slow start turns this choice down (the request then goes elsewhere)."""
+        started = self._warming.get(backend)
+        if started is None:
+            return False
+        progress = (now - started) / self.slow_start_s
+        if progress >= 1.0:
+            del self._warming[backend]
+            return False
+        return self.rng.random() >= max(SLOW_START_MIN_SHARE, progress)
 
     # --- requests ------------------------------------------------------------------------------
 
@@ -175,6 +214,9 @@ class BasePolicy:
         if not candidates:
             return None
         selection = self._choose(candidates, now, exclude)
+        if self._warming and len(candidates) > 1 and self._slowed(selection.backend, now):
+            others = [b for b in candidates if b != selection.backend]
+            selection = Selection(self._weighted_choice(others), selection.reason, selection.probes)
         if self._panic:
             selection = Selection(selection.backend, "panic", selection.probes)
         self.selections[selection.reason] += 1
@@ -195,8 +237,7 @@ class BasePolicy:
         if outcome is Outcome.CANCELLED:
             return  # the client left: nothing learned about the backend
         if outcome.is_failure:
-            if self.outliers.record_failure(backend, now, len(self._backends)):
-                self._stale = True
+            self._record_failure(backend, now)
             self._on_failure(b, now)
         else:
             self.outliers.record_success(backend, now)
@@ -211,8 +252,14 @@ class BasePolicy:
         return None
 
     def on_probe_failure(self, backend: BackendId, now: float) -> None:
-        if backend in self._backends and self.outliers.record_failure(backend, now, len(self._backends)):
+        if backend in self._backends:
+            self._record_failure(backend, now)
+
+    def _record_failure(self, backend: BackendId, now: float) -> None:
+        if self.outliers.record_failure(backend, now, len(self._backends)):
             self._stale = True
+            if self.slow_start_s > 0:  # it warms up again from the moment it returns
+                self._warming[backend] = self.outliers.ejected_until(backend, now) or now
 
     def idle_probes(self, now: float) -> Sequence[BackendId]:
         return ()

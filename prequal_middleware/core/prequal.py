@@ -44,8 +44,9 @@ class PrequalPolicy(BasePolicy):
         *,
         rng: random.Random | None = None,
         outliers: OutlierSettings | None = None,
+        slow_start_s: float = 0.0,
     ) -> None:
-        super().__init__(rng=rng, outliers=outliers)
+        super().__init__(rng=rng, outliers=outliers, slow_start_s=slow_start_s)
         self.settings = settings or PrequalSettings()
         self.pool = ProbePool(self.settings, self.rng)
         self._last_activity = -math.inf  # last query or idle probe round

@@ -139,3 +139,35 @@ def test_cancelled_requests_say_nothing_about_health() -> None:
 def test_invalid_settings_name_the_field(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=rf"^{field} must be"):
         OutlierSettings(**{field: value})  # type: ignore[arg-type]
+
+
+def test_slow_start_ramps_a_joining_backend() -> None:
+    policy = RoundRobinPolicy(rng=random.Random(3), slow_start_s=10.0)
+    policy.set_members([Member("a"), Member("b")], now=0.0)
+    assert policy.select(0.0) is not None  # the first members are the baseline: not slowed
+    policy.set_members([Member("a"), Member("b"), Member("c")], now=100.0)
+
+    def share_of_c(now: float, n: int = 3000) -> float:
+        picks = [s.backend for s in (policy.select(now) for _ in range(n)) if s is not None]
+        return picks.count("c") / n
+
+    early = share_of_c(100.0)
+    mid = share_of_c(105.0)
+    late = share_of_c(111.0)
+    assert early == pytest.approx(1 / 3 * 0.1, abs=0.02), "10% of its fair share at first"
+    assert mid == pytest.approx(1 / 3 * 0.5, abs=0.03), "half way through the window"
+    assert late == pytest.approx(1 / 3, abs=0.02), "a full share once the window has passed"
+
+
+def test_slow_start_after_ejection() -> None:
+    policy = RoundRobinPolicy(
+        rng=random.Random(3), slow_start_s=4.0, outliers=OutlierSettings(consecutive_failures=1, base_ejection_s=1.0)
+    )
+    policy.set_members([Member("a"), Member("b")], now=0.0)
+    policy.select(0.0)
+    policy.on_start("a", 0.0)
+    policy.on_finish("a", 0.0, 0.001, Outcome.FAILURE)  # ejected until 1.0
+    picks = [s.backend for s in (policy.select(1.0) for _ in range(2000)) if s is not None]
+    assert 0.02 < picks.count("a") / 2000 < 0.09, "back from ejection: slowed (10% of a half share)"
+    picks = [s.backend for s in (policy.select(6.0) for _ in range(2000)) if s is not None]
+    assert picks.count("a") / 2000 == pytest.approx(0.5, abs=0.03)
