@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 from yarl import URL
 
-from .exceptions import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
+from .exceptions import UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
 from .transport import RawHeaders, UpstreamRequest, UpstreamResponse, UpstreamWebSocket
 
 if TYPE_CHECKING:
@@ -119,16 +119,10 @@ class AiohttpTransport:
                 )
         except TimeoutError:
             raise UpstreamTimeout(f"{request!r}: the request body stalled", phase="body") from None
-        except aiohttp.ConnectionTimeoutError:
-            raise UpstreamTimeout(f"{request!r}: connect timed out", phase="connect") from None
-        except aiohttp.SocketTimeoutError:
-            raise UpstreamTimeout(f"{request!r}: no response headers in time", phase="headers") from None
-        except aiohttp.ClientConnectorError as exc:
-            raise UpstreamConnectError(f"{request!r}: cannot connect: {exc}") from None
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             if body is not None and body.failed is not None:
                 raise body.failed from None  # the client side of the upload broke, not the backend
-            raise UpstreamProtocolError(f"{request!r}: {type(exc).__name__}: {exc}") from None
+            raise _upstream_error(exc, repr(request)) from None
         connection = response.connection
         if connection is not None and connection.protocol is not None:
             # From here on the body's idle timeout applies, enforced per read in _read_body.
@@ -161,13 +155,20 @@ class AiohttpTransport:
                 )
         except TimeoutError:
             raise UpstreamTimeout(f"websocket {url}: no handshake in time", phase="headers") from None
-        except aiohttp.ConnectionTimeoutError:
-            raise UpstreamTimeout(f"websocket {url}: connect timed out", phase="connect") from None
-        except aiohttp.ClientConnectorError as exc:
-            raise UpstreamConnectError(f"websocket {url}: cannot connect: {exc}") from None
         except (aiohttp.ClientError, OSError, ValueError) as exc:
-            raise UpstreamProtocolError(f"websocket {url}: {type(exc).__name__}: {exc}") from None
+            raise _upstream_error(exc, f"websocket {url}") from None
         return _AiohttpWebSocket(ws)
+
+
+def _upstream_error(exc: BaseException, what: str) -> UpstreamError:
+    """aiohttp's exception as ours: never sent (connect), a timeout by phase, or sent-then-failed."""
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return UpstreamTimeout(f"{what}: connect timed out", phase="connect")
+    if isinstance(exc, aiohttp.SocketTimeoutError):
+        return UpstreamTimeout(f"{what}: no response headers in time", phase="headers")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamConnectError(f"{what}: cannot connect: {exc}")
+    return UpstreamProtocolError(f"{what}: {type(exc).__name__}: {exc}")
 
 
 class _BodyStream:

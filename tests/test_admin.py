@@ -4,34 +4,19 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-from starlette.applications import Starlette
-from starlette.routing import Mount
 
 from prequal_middleware import AdminSettings, Gateway, PrequalMiddleware, UpstreamPool
 from prequal_middleware.registration import RegistrationError, authorize
 from tests.apps import BackendState, make_backend
+from tests.helpers import gateway_app, members, wait_for
 from tests.servers import ServerThread, free_port, serve
 
 TOKEN = "s3cret-token"
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-def gateway_app(gateway: Gateway) -> Any:
-    app = Starlette(routes=[Mount("/_prequal", gateway.admin_app())])
-    app.add_middleware(PrequalMiddleware, gateway=gateway)
-    return app
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +32,6 @@ def one_pool() -> Iterator[tuple[str, Gateway, list[Any]]]:
     gateway = Gateway(pools=[UpstreamPool("/api")], on_register=registered.append)
     with serve(gateway_app(gateway), proxy_headers=False) as g:
         yield g.url, gateway, registered
-
-
-def members(url: str, pool: str = "/api") -> dict[str, dict[str, Any]]:
-    described = httpx.get(url + "/_prequal/backends").json()
-    return {m["url"]: m for p in described["pools"] if p["prefix"] == pool for m in p["members"]}
 
 
 # --- registration ---------------------------------------------------------------------------------

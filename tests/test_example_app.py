@@ -3,49 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import httpx
 
+from tests.helpers import consecutive_free_ports, running, wait_http
 from tests.servers import free_port
-
-
-def wait_http(url: str, timeout_s: float = 15.0) -> httpx.Response:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return httpx.get(url, timeout=2.0)
-        except httpx.TransportError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
-
-
-@contextmanager
-def running(args: list[str], env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[str]]:
-    process = subprocess.Popen(
-        [sys.executable, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
-    try:
-        yield process
-    finally:
-        if process.poll() is None:
-            process.terminate()
-        try:
-            process.communicate(timeout=10)  # also closes the pipe
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.communicate(timeout=10)
 
 
 def test_python_m_example_app_balances_and_stops_on_ctrl_c() -> None:
@@ -78,27 +41,3 @@ def test_gateway_and_backend_modules_under_uvicorn() -> None:
         assert wait_http(f"http://127.0.0.1:{gateway_port}/").json()["pools"] == {
             "/api": [f"http://127.0.0.1:{backend_port}"]
         }
-
-
-def consecutive_free_ports(count: int) -> int:
-    """A port P with P .. P+count-1 all bindable, below Linux's ephemeral range (32768+) so that no
-    outgoing connection takes one of them in the meantime."""
-    import random
-    import socket
-
-    rng = random.Random()
-    for _ in range(200):
-        first = rng.randrange(20000, 32000)
-        sockets = []
-        try:
-            for port in range(first, first + count):
-                s = socket.socket()
-                sockets.append(s)
-                s.bind(("127.0.0.1", port))
-            return first
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError("no free run of ports")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -19,15 +19,8 @@ from websockets.sync.client import connect as ws_connect
 
 from prequal_middleware import Gateway, HttpxTransport, PrequalMiddleware, UpstreamPool
 from tests.apps import BackendState, make_backend
+from tests.helpers import wait_for
 from tests.servers import ServerThread, serve
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def probe_rif(server: ServerThread) -> int:

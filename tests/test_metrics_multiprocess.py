@@ -11,8 +11,8 @@ import time
 import httpx
 
 from tests.apps import make_backend
+from tests.helpers import consecutive_free_ports, wait_http
 from tests.servers import serve
-from tests.test_example_app import consecutive_free_ports, wait_http
 
 
 def test_metrics_add_up_over_workers(tmp_path: object) -> None:

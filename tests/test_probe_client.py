@@ -169,14 +169,19 @@ async def test_base_path_prefixes_the_probe_path(client: ProbeClient) -> None:
         assert len(ports.ports) == 2
 
 
-@pytest.mark.parametrize("methods", [["GET"], ["POST"]], ids=["404", "405"])
-async def test_backend_without_the_middleware_is_unsupported(client: ProbeClient, methods: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("path", "methods", "status"),
+    [("/elsewhere", ["GET"], "404"), ("/_prequal/probe", ["POST"], "405"), ("/{any:path}", ["GET"], "200")],
+    ids=["404", "405", "catch-all-200"],
+)
+async def test_backend_without_the_middleware_is_unsupported(
+    client: ProbeClient, path: str, methods: list[str], status: str
+) -> None:
     async def other(request: Request) -> Response:
         return PlainTextResponse("not a probe")
 
-    path = "/elsewhere" if methods == ["GET"] else "/_prequal/probe"
     with serve(Starlette(routes=[Route(path, other, methods=methods)])) as server:
-        with pytest.raises(ProbeUnsupported, match=f"{server.url}: 40[45]"):
+        with pytest.raises(ProbeUnsupported, match=f"{server.url}: {status}"):
             await client.probe(server.url)
         assert client._open == set(), "a connection that failed a probe is not kept"
 
@@ -269,9 +274,10 @@ async def test_a_fresh_connection_lost_before_answering_fails(client: ProbeClien
     ("response", "error", "match"),
     [
         (b"HELLO\r\n\r\n", ProbeFailed, "malformed"),
-        (answer(b"content-length: 0\r\n"), ProbeFailed, "x-prequal-rif"),
+        (answer(b"content-length: 0\r\n"), ProbeUnsupported, "200 without x-prequal-rif"),
         (answer(b"x-prequal-rif: many\r\ncontent-length: 0\r\n"), ProbeFailed, "invalid"),
         (answer(b"x-prequal-rif: -1\r\ncontent-length: 0\r\n"), ProbeFailed, "invalid"),
+        (answer(b"x-prequal-rif: 1\r\nx-prequal-latency-us: 1.5\r\ncontent-length: 0\r\n"), ProbeFailed, "invalid"),
         (b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n", ProbeFailed, "unexpected status 503"),
         (b"HTTP/1.1 405 Method Not Allowed\r\ncontent-length: 0\r\n\r\n", ProbeUnsupported, "405"),
     ],

@@ -12,7 +12,7 @@ from contextlib import ExitStack, contextmanager
 
 import httpx
 
-from tests.test_example_app import consecutive_free_ports, wait_http
+from tests.helpers import consecutive_free_ports, wait_http
 
 
 @contextmanager

@@ -7,16 +7,16 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
 import httpx
 import pytest
 
 from tests.apps import make_backend
+from tests.helpers import consecutive_free_ports, members, seconds_until, wait_http
 from tests.registry.conftest import RedisServer, new_redis_server
 from tests.servers import serve
-from tests.test_example_app import consecutive_free_ports, wait_http
 
 
 @contextmanager
@@ -41,23 +41,9 @@ def gateway_process(port: int, redis_url: str) -> Iterator[str]:
             process.wait(timeout=10)
 
 
-def seconds_until(condition: Callable[[], bool], timeout_s: float = 5.0) -> float:
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > timeout_s:
-            raise AssertionError(f"not within {timeout_s} s")
-        time.sleep(0.01)
-    return time.monotonic() - started
-
-
 def backend_of(gateway: str) -> str | None:
     reply = httpx.get(gateway + "/api/x", timeout=5)
     return reply.json().get("backend") if reply.status_code == 200 else None
-
-
-def members(gateway: str) -> list[str]:
-    described = httpx.get(gateway + "/_prequal/backends").json()
-    return sorted(m["url"] for p in described["pools"] for m in p["members"])
 
 
 @pytest.fixture
@@ -87,7 +73,7 @@ def test_two_gateways_share_membership_and_survive_redis_outages(redis: RedisSer
 
         for gateway, backend in ((g1, a), (g2, b)):
             assert httpx.post(gateway + "/_prequal/register", json={"url": backend.url}).status_code == 201
-        seconds_until(lambda: members(g1) == members(g2) == sorted([a.url, b.url]))
+        seconds_until(lambda: sorted(members(g1)) == sorted(members(g2)) == sorted([a.url, b.url]))
 
         redis.stop()
         deadline = time.monotonic() + 2.0
@@ -115,7 +101,9 @@ def test_two_gateways_share_membership_and_survive_redis_outages(redis: RedisSer
                 ),
                 timeout_s=5.0,
             )
-        converged = seconds_until(lambda: members(g1) == members(g2) == sorted([a.url, b.url]), timeout_s=5.0)
+        converged = seconds_until(
+            lambda: sorted(members(g1)) == sorted(members(g2)) == sorted([a.url, b.url]), timeout_s=5.0
+        )
         assert converged < 2.0
         print(f"\nspread {spread * 1000:.0f} ms, removal {gone * 1000:.0f} ms, converged {converged * 1000:.0f} ms")
         assert httpx.get(g1 + "/_prequal/readyz").status_code == 200

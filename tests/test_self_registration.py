@@ -3,31 +3,17 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
-from starlette.routing import Mount, Route
+from starlette.routing import Route
 
-from prequal_middleware import Gateway, LoadReportingMiddleware, PrequalMiddleware, SelfRegistration, UpstreamPool
+from prequal_middleware import Gateway, LoadReportingMiddleware, SelfRegistration, UpstreamPool
+from tests.helpers import gateway_app, members, wait_for
 from tests.servers import ServerThread, free_port, serve
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-def gateway_app(gateway: Gateway) -> Any:
-    app = Starlette(routes=[Mount("/_prequal", gateway.admin_app())])
-    app.add_middleware(PrequalMiddleware, gateway=gateway)
-    return app
 
 
 def backend_app(registration: SelfRegistration) -> Any:
@@ -37,11 +23,6 @@ def backend_app(registration: SelfRegistration) -> Any:
     return LoadReportingMiddleware(Starlette(routes=[Route("/{p:path}", hello)], lifespan=registration.lifespan))
 
 
-def members(gateway_url: str) -> list[str]:
-    described = httpx.get(gateway_url + "/_prequal/backends").json()
-    return [m["url"] for p in described["pools"] for m in p["members"]]
-
-
 def test_registers_heartbeats_reregisters_and_leaves() -> None:
     gateway = Gateway(pools=[UpstreamPool("/api")])
     with serve(gateway_app(gateway)) as g:
@@ -49,17 +30,17 @@ def test_registers_heartbeats_reregisters_and_leaves() -> None:
         registration = SelfRegistration(g.url + "/_prequal", f"http://127.0.0.1:{port}", ttl_s=2.0, interval_s=0.2)
         backend = ServerThread(backend_app(registration), port=port).start()
         try:
-            assert members(g.url) == [f"http://127.0.0.1:{port}"], "registered during startup"
+            assert list(members(g.url)) == [f"http://127.0.0.1:{port}"], "registered during startup"
             assert httpx.get(g.url + "/api/x").text == "self-registered"
             wait_for(lambda: registration.heartbeats >= 3, what="heartbeats")
             # The gateway forgets it (as after a restart): the next heartbeat gets 404 and it registers again.
             httpx.post(g.url + "/_prequal/unregister", json={"url": f"http://127.0.0.1:{port}"})
-            assert members(g.url) == []
-            wait_for(lambda: members(g.url) == [f"http://127.0.0.1:{port}"], what="re-registration after a 404")
-            assert registration.registrations == 2
+            assert list(members(g.url)) == []
+            wait_for(lambda: list(members(g.url)) == [f"http://127.0.0.1:{port}"], what="re-registration after a 404")
+            wait_for(lambda: registration.registrations == 2, what="the second registration to be counted")
         finally:
             backend.stop()
-        assert members(g.url) == [], "unregistered at shutdown, not left to expire"
+        assert list(members(g.url)) == [], "unregistered at shutdown, not left to expire"
 
 
 def test_a_gateway_that_is_down_does_not_block_startup() -> None:
@@ -75,6 +56,6 @@ def test_a_gateway_that_is_down_does_not_block_startup() -> None:
         gateway = Gateway(pools=[UpstreamPool("/api")])
         with serve(gateway_app(gateway), port=gateway_port):
             wait_for(lambda: registration.registered, timeout_s=8.0, what="registration once the gateway is up")
-            assert members(gateway_url) == [f"http://127.0.0.1:{backend_port}"]
+            assert list(members(gateway_url)) == [f"http://127.0.0.1:{backend_port}"]
     finally:
         backend.stop()
