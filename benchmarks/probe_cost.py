@@ -147,7 +147,8 @@ def main() -> None:
     parser.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        uvicorn.run(backend_app(), host="127.0.0.1", port=args.serve, log_level="warning")
+        # A long keep-alive: the floor's one connection sits idle while the other clients run.
+        uvicorn.run(backend_app(), host="127.0.0.1", port=args.serve, log_level="warning", timeout_keep_alive=3600)
         return
     port = free_port()
     backend = start_backend(port)

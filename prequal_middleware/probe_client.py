@@ -10,8 +10,10 @@ A proxied request costs one to three probes, so a probe must cost far less than 
     await client.aclose()
 
 The answer's ``x-prequal-rif`` (required) and ``x-prequal-latency-us`` (optional, 0 when absent) headers
-are read; the body is consumed and ignored. ``404`` or ``405`` raise ``ProbeUnsupported`` (the backend
-has no ``LoadReportingMiddleware``); any other failure raises ``ProbeFailed``. Both are ``ProbeError``.
+are read; the body is consumed and ignored. ``404``, ``405`` or a ``200`` without ``x-prequal-rif`` (a
+catch-all route) raise ``ProbeUnsupported``: the backend has no ``LoadReportingMiddleware``. Any other
+failure (connect, timeout, malformed answer, other status, invalid header value) raises ``ProbeFailed``.
+Both are ``ProbeError``.
 
 ``https://`` backends are probed over TLS with ``ssl.create_default_context()`` (certificates verified);
 a base path in the URL (``http://h:1/svc``) prefixes the probe path. One client belongs to one event loop.
@@ -44,11 +46,11 @@ class ProbeError(Exception):
 
 
 class ProbeUnsupported(ProbeError):
-    """The backend answered 404 or 405 on the probe path: it does not report its load."""
+    """The backend answered 404, 405 or a 200 without ``x-prequal-rif``: it does not report its load."""
 
 
 class ProbeFailed(ProbeError):
-    """Connect error, timeout, malformed answer, unexpected status or a missing/invalid ``x-prequal-rif``."""
+    """Connect error, timeout, malformed answer, unexpected status or an invalid load header."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,11 +378,15 @@ class ProbeClient:
             if status in UNSUPPORTED_STATUSES:
                 raise ProbeUnsupported(f"{url}: {status} on the probe path (no LoadReportingMiddleware?)")
             raise ProbeFailed(f"{url}: unexpected status {status}")
+        if conn.rif is None:
+            # A 200 with no load report: a catch-all route answered, not LoadReportingMiddleware. The
+            # backend is fine; counting this as a failure would eject a healthy backend.
+            raise ProbeUnsupported(f"{url}: 200 without {RIF_HEADER.decode()} on the probe path")
         try:
-            rif = int(conn.rif) if conn.rif is not None else -1
+            rif = int(conn.rif)
             latency_us = int(conn.latency_us) if conn.latency_us is not None else 0
         except ValueError:
-            raise ProbeFailed(f"{url}: invalid load headers {conn.rif!r}, {conn.latency_us!r}") from None
+            rif = latency_us = -1
         if rif < 0 or latency_us < 0:
-            raise ProbeFailed(f"{url}: missing or invalid {RIF_HEADER.decode()} / {LATENCY_HEADER.decode()}")
+            raise ProbeFailed(f"{url}: invalid load headers {conn.rif!r}, {conn.latency_us!r}")
         return ProbeResult(rif, latency_us / 1e6)
