@@ -30,7 +30,10 @@ class BackgroundServer:
     """A uvicorn server on its own event loop in a daemon thread (signals stay with the main one)."""
 
     def __init__(self, app: Any, host: str, port: int) -> None:
-        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        # IPPROTO_TCP explicitly: asyncio turns TCP_NODELAY on for accepted sockets only when the
+        # listening socket says it is TCP; without it keep-alive responses stall ~40 ms (Nagle).
+        self.sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
