@@ -107,10 +107,48 @@ def _direct(ctx: LaunchContext) -> list[str]:
     return python_target("backend")(LaunchContext(ctx.port, [], ctx.workdir, ctx.profile))
 
 
-# The contenders, in their default order. Issue 6 adds here:
-#   Target("fastapi_proxy_lib", "...", python_target("fastapi_proxy_lib"))  (app in overhead_targets.APPS)
-#   Target("nginx", "...", <writes ctx.workdir / "nginx.conf" with `master_process off; daemon off;`
-#          (one process, so its CPU is measurable), keepalive to the upstreams, returns the nginx argv>)
+NGINX_CONF = """\
+master_process off;
+daemon off;
+worker_processes 1;
+error_log {workdir}/nginx-error.log warn;
+pid {workdir}/nginx.pid;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {workdir}/body;
+    proxy_temp_path {workdir}/proxy;
+    fastcgi_temp_path {workdir}/fastcgi;
+    uwsgi_temp_path {workdir}/uwsgi;
+    scgi_temp_path {workdir}/scgi;
+    upstream backends {{
+{servers}
+        keepalive 256;
+        keepalive_requests 100000;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        keepalive_requests 100000;
+        location / {{
+            proxy_pass http://backends;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"""
+
+
+def _nginx(ctx: LaunchContext) -> list[str]:
+    """nginx as one process (``master_process off``), so /proc/<pid>/stat is all of its CPU."""
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    servers = "\n".join(f"        server {u.removeprefix('http://')};" for u in ctx.upstreams)
+    conf = ctx.workdir / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(workdir=ctx.workdir, servers=servers, port=ctx.port))
+    return [binary, "-c", str(conf), "-p", str(ctx.workdir)]
+
+
+# The contenders, in their default order (nginx and fastapi_proxy_lib only when installed).
 TARGETS: list[Target] = [
     Target("direct", "wrk straight at a backend (uvicorn + 2-byte ASGI app), for scale", _direct, proxies=False),
     Target("aiohttp_raw", "pure-ASGI proxy, one aiohttp session (the Python ceiling)", python_target("aiohttp_raw")),
@@ -124,6 +162,12 @@ TARGETS: list[Target] = [
         "Gateway + PrequalMiddleware, UpstreamPool('/', policy='prequal')",
         python_target("gateway_prequal"),
     ),
+    Target(
+        "fastapi_proxy_lib",
+        "fastapi-proxy-lib reverse_http_app (httpx + StreamingResponse), one upstream",
+        python_target("fastapi_proxy_lib"),
+    ),
+    Target("nginx", "nginx, one process, round robin, keepalive 256 to the upstreams", _nginx),
 ]
 TARGETS_BY_NAME = {t.name: t for t in TARGETS}
 
@@ -607,6 +651,17 @@ def library_revision() -> dict[str, Any]:
     return {"commit": git("rev-parse", "HEAD") or None, "library_changed_files": changed.splitlines()}
 
 
+def installed(target: str) -> bool:
+    """Whether a peer's software is here (nginx from Debian, fastapi-proxy-lib from PyPI)."""
+    if target == "nginx":
+        return shutil.which("nginx") is not None or Path("/usr/sbin/nginx").exists()
+    if target == "fastapi_proxy_lib":
+        import importlib.util
+
+        return importlib.util.find_spec("fastapi_proxy_lib") is not None
+    return True
+
+
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.overhead",
@@ -618,7 +673,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
     parser.add_argument("--warmup", type=int, default=2, help="seconds of warm-up load before each measurement [2]")
     parser.add_argument("--connections", help="comma-separated wrk connection counts [16,64; quick 16]")
     parser.add_argument(
-        "--targets", default=",".join(TARGETS_BY_NAME), help=f"comma-separated, of: {', '.join(TARGETS_BY_NAME)}"
+        "--targets",
+        default=",".join(t for t in TARGETS_BY_NAME if installed(t)),
+        help=f"comma-separated, of: {', '.join(TARGETS_BY_NAME)} [those installed]",
     )
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="write the results here [%(default)s]")
     parser.add_argument("--load-cpu", type=int, help="CPU for wrk and the upstreams [first allowed CPU]")

@@ -258,13 +258,28 @@ def gateway_prequal_app(upstreams: list[str]) -> ASGIApp:
     return gateway_app(upstreams, "prequal")
 
 
-# Target name -> factory of its ASGI app from the upstream URLs.
-# Issue 6: add ``fastapi_proxy_lib`` here (nginx is not a Python app: it gets a target in overhead.py only).
+# --- a peer: fastapi-proxy-lib --------------------------------------------------------------------
+
+
+def fastapi_proxy_lib_app(upstreams: list[str]) -> ASGIApp:
+    """fastapi-proxy-lib's reverse proxy (httpx + StreamingResponse + a FastAPI route), as its README shows.
+
+    It proxies to one base URL (no balancing), so it gets the first upstream: a cost comparison only.
+    """
+    from fastapi_proxy_lib.fastapi.app import reverse_http_app
+
+    app: ASGIApp = reverse_http_app(base_url=upstreams[0].rstrip("/") + "/")
+    return app
+
+
+# Target name -> factory of its ASGI app from the upstream URLs (nginx is not a Python app: it has a
+# target in overhead.py only).
 APPS: dict[str, Callable[[list[str]], ASGIApp]] = {
     "backend": backend_app,
     "aiohttp_raw": aiohttp_raw_app,
     "gateway_round_robin": gateway_round_robin_app,
     "gateway_prequal": gateway_prequal_app,
+    "fastapi_proxy_lib": fastapi_proxy_lib_app,
 }
 
 
