@@ -102,22 +102,33 @@ class AiohttpTransport:
             sock_read=timeouts.response_headers_s,
         )
         body: _BodyStream | None = None
-        deadline = asyncio.timeout(None)
+        deadline: asyncio.Timeout | None = None
         if request.body is not None:
+            deadline = asyncio.timeout(None)
             body = _BodyStream(request.body, deadline, timeouts.read_idle_s, loop)
         try:
-            async with deadline:
-                if body is not None:
-                    deadline.reschedule(loop.time() + timeouts.connect_s + timeouts.read_idle_s)
+            if deadline is None:
                 response = await session.request(
                     request.method,
                     URL(request.url, encoded=True),
                     headers=headers,
-                    data=body,
                     allow_redirects=False,
                     timeout=limits,
                 )
-        except TimeoutError:
+            else:
+                async with deadline:
+                    deadline.reschedule(loop.time() + timeouts.connect_s + timeouts.read_idle_s)
+                    response = await session.request(
+                        request.method,
+                        URL(request.url, encoded=True),
+                        headers=headers,
+                        data=body,
+                        allow_redirects=False,
+                        timeout=limits,
+                    )
+        except TimeoutError as exc:
+            if isinstance(exc, aiohttp.ClientError):  # aiohttp's own timeouts are TimeoutErrors too
+                raise _upstream_error(exc, repr(request)) from None
             raise UpstreamTimeout(f"{request!r}: the request body stalled", phase="body") from None
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             if body is not None and body.failed is not None:
@@ -125,8 +136,8 @@ class AiohttpTransport:
             raise _upstream_error(exc, repr(request)) from None
         connection = response.connection
         if connection is not None and connection.protocol is not None:
-            # From here on the body's idle timeout applies, enforced per read in _read_body.
-            connection.protocol.read_timeout = None
+            # From here on sock_read is the body's idle timeout: aiohttp re-arms it on every read.
+            connection.protocol.read_timeout = timeouts.read_idle_s
             connection.protocol.start_timeout()
 
         async def close() -> None:
@@ -134,9 +145,7 @@ class AiohttpTransport:
             # this is a no-op; otherwise the connection is closed, which cancels the request upstream.
             response.close()
 
-        return UpstreamResponse(
-            response.status, list(response.raw_headers), _read_body(response, timeouts.read_idle_s), close
-        )
+        return UpstreamResponse(response.status, list(response.raw_headers), _read_body(response), close)
 
     async def connect_websocket(
         self, url: str, headers: RawHeaders, subprotocols: list[str], timeouts: Timeouts
@@ -200,18 +209,14 @@ class _BodyStream:
         deadline.reschedule(None)  # all sent: aiohttp's sock_read now times the response headers
 
 
-async def _read_body(response: aiohttp.ClientResponse, idle_s: float) -> AsyncIterator[bytes]:
+async def _read_body(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
     content = response.content
     try:
-        while True:
-            try:
-                async with asyncio.timeout(idle_s):
-                    chunk = await content.readany()
-            except TimeoutError:
-                raise UpstreamTimeout("upstream body: no data in time", phase="body") from None
-            if not chunk:
-                break
+        while chunk := await content.readany():
             yield chunk
+    except aiohttp.SocketTimeoutError:
+        response.close()
+        raise UpstreamTimeout("upstream body: no data in time", phase="body") from None
     except (aiohttp.ClientError, OSError) as exc:
         response.close()
         raise UpstreamProtocolError(f"upstream body: {type(exc).__name__}: {exc}") from None

@@ -54,6 +54,7 @@ def fleet() -> Iterator[Fleet]:
                 UpstreamPool("/dead", upstreams=[dead], retry=RetrySettings(attempts=1)),
                 UpstreamPool("/mixed", upstreams=[dead, b.url], policy="round_robin"),
                 UpstreamPool("/slow", upstreams=[a.url], timeouts=Timeouts(response_headers_s=0.3)),
+                UpstreamPool("/idle", upstreams=[a.url], timeouts=Timeouts(read_idle_s=0.3)),
                 UpstreamPool("/plain", upstreams=[plain.url]),
                 UpstreamPool("/nows", upstreams=[a.url], websockets=False),
                 UpstreamPool(
@@ -271,6 +272,18 @@ def test_timeout_is_504(client: httpx.Client) -> None:
     elapsed = time.monotonic() - started
     assert_gateway_error(response, 504, "upstream_timeout", "/slow")
     assert 0.25 < elapsed < 1.0, f"504 after {elapsed:.2f} s for a 0.3 s timeout"
+
+
+def test_a_body_that_stalls_is_cut_at_the_idle_timeout(client: httpx.Client) -> None:
+    started = time.monotonic()
+    received = b""
+    with pytest.raises(httpx.RemoteProtocolError), client.stream("GET", "/idle/stream?pause=3") as response:
+        assert response.status_code == 200
+        for chunk in response.iter_raw():
+            received += chunk
+    elapsed = time.monotonic() - started
+    assert received == b"first chunk\n", "what arrived before the stall was passed on"
+    assert 0.25 < elapsed < 1.5, f"cut after {elapsed:.2f} s for a 0.3 s idle timeout"
 
 
 def test_refused_connection_is_retried_on_another_backend(client: httpx.Client) -> None:
