@@ -191,13 +191,10 @@ class Forwarder:
         metrics = self._metrics
         prefix = pool.prefix
         arrived = self._clock()
-        in_flight = metrics.child(metrics.in_flight, prefix)
-        in_flight.inc()
         status = 0
         try:
             status = await self._http(pool, scope, receive, send)
         finally:
-            in_flight.dec()
             code = code_class(status) if status else "cancelled"
             metrics.child(metrics.requests, prefix, code).inc()
             metrics.child(metrics.request_duration, prefix).observe(self._clock() - arrived)

@@ -72,7 +72,7 @@ class PrequalMetrics:
         )
         self.in_flight = Gauge(
             "prequal_in_flight",
-            "Requests in flight through the pool",
+            "Requests in flight to the pool's backends, sampled every second",
             ["pool"],
             registry=r,
             multiprocess_mode="livesum",

@@ -247,6 +247,8 @@ class ProbeScheduler:
             for state, count in counts.items():
                 metrics.child(metrics.backends, pool.prefix, state).set(count)
             metrics.child(metrics.probe_pool_size, pool.prefix).set(pooled)
+            # Sampled here rather than counted per request: two gauge updates fewer on the request path.
+            metrics.child(metrics.in_flight, pool.prefix).set(pool.in_flight)
             new = ejections - self._ejections_seen.get(id(pool), 0)
             if new > 0:
                 metrics.child(metrics.ejections, pool.prefix).inc(new)
