@@ -220,9 +220,8 @@ class Forwarder:
         )
         if prepared.problem is not None:
             return await self._error(send, 400, "bad_request", prepared.problem, pool)
-        too_large = f"the request body is larger than {limits.max_body_bytes} bytes"
         if limits.max_body_bytes is not None and (prepared.content_length or 0) > limits.max_body_bytes:
-            return await self._error(send, 413, "body_too_large", too_large, pool)
+            return await self._error(send, 413, "body_too_large", _too_large(limits.max_body_bytes), pool)
         target = upstream_target(pool, scope)
         if cfg.rewrite_path is not None:
             target = cfg.rewrite_path(target)
@@ -242,7 +241,8 @@ class Forwarder:
             pass
         except RequestBodyTooLarge:
             if exchange.status == 0:
-                exchange.status = await self._error(send, 413, "body_too_large", too_large, pool)
+                detail = _too_large(limits.max_body_bytes)
+                exchange.status = await self._error(send, 413, "body_too_large", detail, pool)
         finally:
             watch.stop()
         return exchange.status
@@ -363,6 +363,10 @@ class Forwarder:
             raise UpstreamProtocolError(f"upstream {request.backend} closed {remaining} bytes short")
         watch.stop()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _too_large(limit: int | None) -> str:
+    return f"the request body is larger than {limit} bytes"
 
 
 def upstream_target(pool: PoolRuntime, scope: Scope) -> str:
