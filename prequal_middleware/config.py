@@ -250,6 +250,9 @@ class RequestLimits:
         )
 
 
+_NOT_IN_URLS = frozenset('<>"{}|\\^`')
+
+
 def validate_upstream_url(url: str, *, field_name: str = "url") -> str:
     """Check an upstream URL and return it normalised (no trailing slash).
 
@@ -257,6 +260,8 @@ def validate_upstream_url(url: str, *, field_name: str = "url") -> str:
     """
     if not isinstance(url, str) or not url:
         raise ConfigurationError(f"{field_name} must be a non-empty string, got {url!r}")
+    if any(ch <= " " or ch >= "\x7f" or ch in _NOT_IN_URLS for ch in url):
+        raise ConfigurationError(f"{field_name} must be a plain ASCII URL without spaces or quotes, got {url!r}")
     try:
         parts = urlsplit(url)
         port = parts.port

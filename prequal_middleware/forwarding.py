@@ -219,7 +219,9 @@ class Forwarder:
             preserve_host=cfg.preserve_host,
         )
         if prepared.problem is not None:
-            return await self._error(send, 400, "bad_request", prepared.problem, pool)
+            # Close the connection too: with ambiguous framing, whatever follows on it cannot be trusted
+            # to be the next request (a smuggling attempt hides one there).
+            return await self._error(send, 400, "bad_request", prepared.problem, pool, close=True)
         if limits.max_body_bytes is not None and (prepared.content_length or 0) > limits.max_body_bytes:
             return await self._error(send, 413, "body_too_large", _too_large(limits.max_body_bytes), pool)
         target = upstream_target(pool, scope)
@@ -247,9 +249,11 @@ class Forwarder:
             watch.stop()
         return exchange.status
 
-    async def _error(self, send: Send, status: int, error: str, detail: str, pool: PoolRuntime) -> int:
+    async def _error(
+        self, send: Send, status: int, error: str, detail: str, pool: PoolRuntime, *, close: bool = False
+    ) -> int:
         self._metrics.child(self._metrics.gateway_errors, pool.prefix, error).inc()
-        await send_error(send, status, error, detail, pool)
+        await send_error(send, status, error, detail, pool, close=close)
         return status
 
     async def _attempts(self, exchange: _Exchange) -> None:
@@ -446,8 +450,13 @@ def _error_kind(exc: UpstreamError) -> str:
     return "protocol"
 
 
-async def send_error(send: Send, status: int, error: str, detail: str, pool: PoolRuntime | None) -> None:
-    """A gateway-made error: a small JSON body, the pool's name in a header, ``Retry-After`` on 503."""
+async def send_error(
+    send: Send, status: int, error: str, detail: str, pool: PoolRuntime | None, *, close: bool = False
+) -> None:
+    """A gateway-made error: a small JSON body, the pool's name in a header, ``Retry-After`` on 503.
+
+    ``close`` asks the server to close the connection after it (``Connection: close``).
+    """
     prefix = pool.prefix if pool is not None else None
     body = json.dumps({"error": error, "detail": detail, "pool": prefix}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
@@ -456,5 +465,7 @@ async def send_error(send: Send, status: int, error: str, detail: str, pool: Poo
     if status == 503:
         retry_after = pool.config.retry_after_s if pool is not None else 1
         headers.append((b"retry-after", str(retry_after).encode()))
+    if close:
+        headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -128,12 +128,20 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     if not raw:
         raise RegistrationError(400, "invalid_json", "the body must be a JSON object")
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_reject_constant)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise RegistrationError(400, "invalid_json", "the body is not valid JSON") from None
+    except RecursionError:
+        raise RegistrationError(400, "invalid_json", "the body is nested too deeply") from None
+    except ValueError:  # NaN or Infinity: not JSON, and unsafe to store or echo back
+        raise RegistrationError(400, "invalid_json", "the body holds a non-finite number") from None
     if not isinstance(body, dict):
         raise RegistrationError(400, "invalid_json", "the body must be a JSON object")
     return body
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def validate(
@@ -215,7 +223,10 @@ def _metadata(value: object, settings: AdminSettings) -> dict[str, Any]:
         return {}
     if not isinstance(value, dict):
         raise RegistrationError(400, "invalid_field", "metadata must be a JSON object", field="metadata")
-    encoded = json.dumps(value, separators=(",", ":"))
+    try:
+        encoded = json.dumps(value, separators=(",", ":"), allow_nan=False)
+    except (ValueError, TypeError, RecursionError):
+        raise RegistrationError(400, "invalid_field", "metadata must be plain, finite JSON", field="metadata") from None
     if len(encoded) > settings.max_metadata_bytes:
         raise RegistrationError(
             400, "invalid_field", f"metadata is larger than {settings.max_metadata_bytes} bytes", field="metadata"

@@ -136,6 +136,8 @@ def test_unregister_unknown_and_static(backends: Any) -> None:
         ({"url": "http://127.0.0.1:8001", "metadata": [1]}, 400, "invalid_field", "metadata"),
         ({"url": "http://127.0.0.1:8001", "metadata": {"x": "y" * 5000}}, 400, "invalid_field", "metadata"),
         ({"url": "http://127.0.0.1:8001", "admin": True}, 400, "unknown_field", "admin"),
+        ({"url": "http://127.0.0.1:8001/ x"}, 400, "invalid_field", "url"),
+        ({"url": "http://127.0.0.1:8001/\u00e9"}, 400, "invalid_field", "url"),
     ],
 )
 def test_bad_registrations_name_the_field_and_change_nothing(
@@ -153,7 +155,17 @@ def test_bad_registrations_name_the_field_and_change_nothing(
 
 def test_malformed_bodies(one_pool: tuple[str, Gateway, list[Any]]) -> None:
     url, _, _ = one_pool
-    for content in (b"{not json", b"[1, 2]", b"", b"\xff\xfe"):
+    deep = b"[" * 5000 + b"]" * 5000
+    nan = b'{"url": "http://127.0.0.1:8001", "metadata": {"x": NaN}}'
+    for content in (
+        b"{not json",
+        b"[1, 2]",
+        b"",
+        b"\xff\xfe",
+        deep,
+        nan,
+        b'{"url": "http://127.0.0.1:8001", "weight": Infinity}',
+    ):
         reply = httpx.post(url + "/_prequal/register", content=content, headers={"content-type": "application/json"})
         assert reply.status_code == 400 and reply.json()["error"] == "invalid_json", content
     big = httpx.post(url + "/_prequal/register", content=b"{" + b" " * 20_000 + b"}")

@@ -212,6 +212,14 @@ def test_request_smuggling_shapes_are_refused(fleet: Fleet) -> None:
     ):
         reply = raw_http(fleet.port, request)
         assert reply.startswith(b"HTTP/1.1 400"), reply[:60]
+    # Content-Length and Transfer-Encoding together: 400, and the connection is closed (what follows the
+    # body on it could be a smuggled request). raw_http reads until the server closes.
+    smuggle = (
+        b"POST /api/s HTTP/1.1\r\nHost: gw\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"0\r\n\r\nGET /api/smuggled HTTP/1.1\r\nHost: gw\r\n\r\n"
+    )
+    reply = raw_http(fleet.port, smuggle)
+    assert reply.startswith(b"HTTP/1.1 400") and reply.count(b"HTTP/1.1") == 1, reply
 
 
 # --- responses ---------------------------------------------------------------------------------------

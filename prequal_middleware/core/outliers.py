@@ -7,7 +7,8 @@ out. We combine what production balancers do (gateway-anchors.md section 2):
 - a time-decayed failure rate per backend that load-aware policies use to make a failing backend
   look *worse*, never better (``penalty``);
 - ejection after ``consecutive_failures`` failures in a row, for ``base_ejection_s`` doubling on each
-  repeat up to ``max_ejection_s`` (Envoy's outlier detection, prequal-rs' health module);
+  repeat up to ``max_ejection_s`` (Envoy's outlier detection, prequal-rs' health module); a backend
+  back from an ejection is on probation until its first success, and one failure ejects it again;
 - at most ``max_ejected_share`` of the members ejected at once: a further ejection is skipped;
 - panic mode (Envoy's panic threshold): when fewer than ``panic_threshold`` of the members are
   healthy, route over all of them rather than overload the few that are left.
@@ -63,10 +64,11 @@ class OutlierSettings:
 
 
 class _Health:
-    __slots__ = ("consecutive", "ejections", "ejected_until", "last_ejection_s", "rate", "rate_at")
+    __slots__ = ("consecutive", "ejections", "ejected_until", "last_ejection_s", "rate", "rate_at", "probation")
 
     def __init__(self) -> None:
         self.consecutive = 0
+        self.probation = False  # back from an ejection, no success since: one failure ejects again
         self.ejections = 0  # the backoff exponent; decays while the backend behaves
         self.ejected_until = -math.inf
         self.last_ejection_s = 0.0
@@ -95,6 +97,7 @@ class OutlierDetector:
         if h is None:
             return
         h.consecutive = 0
+        h.probation = False
         self._update_rate(h, 0.0, now)
         # Forgive one step of backoff once the backend has behaved for as long as it was last out.
         if h.ejections and now - h.ejected_until >= h.last_ejection_s:
@@ -112,7 +115,10 @@ class OutlierDetector:
         h.consecutive += 1
         self._update_rate(h, 1.0, now)
         s = self.settings
-        if s.consecutive_failures == 0 or h.consecutive < s.consecutive_failures or h.ejected_until > now:
+        # On probation (back from an ejection with no success since) one failure is enough: its failure
+        # rate faded while it was out, so a fast failer would otherwise be everyone's favourite again.
+        threshold = 1 if h.probation else s.consecutive_failures
+        if s.consecutive_failures == 0 or h.consecutive < threshold or h.ejected_until > now:
             return False
         if self.ejected_count(now) + 1 > s.max_ejected_share * members:
             return False  # the cap: keep serving from it rather than eject too many
@@ -121,6 +127,7 @@ class OutlierDetector:
         h.last_ejection_s = duration
         h.ejections += 1
         h.consecutive = 0
+        h.probation = True
         self.ejections_total += 1
         return True
 

@@ -171,3 +171,12 @@ def test_slow_start_after_ejection() -> None:
     assert 0.02 < picks.count("a") / 2000 < 0.09, "back from ejection: slowed (10% of a half share)"
     picks = [s.backend for s in (policy.select(6.0) for _ in range(2000)) if s is not None]
     assert picks.count("a") / 2000 == pytest.approx(0.5, abs=0.03)
+
+
+def test_one_failure_on_probation_ejects_again() -> None:
+    d = make_detector(consecutive_failures=5, base_ejection_s=1.0)
+    assert fail(d, "b0", 5, now=0.0)  # out until 1.0
+    assert d.record_failure("b0", 1.0, 10), "back from ejection, the first failure ejects it again"
+    assert d.ejected_until("b0", 1.0) == 3.0, "for twice as long"
+    d.record_success("b0", 3.5)  # a success ends probation
+    assert not fail(d, "b0", 4, now=3.6), "then it takes the full streak again"
