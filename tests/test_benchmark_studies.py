@@ -1,0 +1,141 @@
+"""Smoke tests of ``python -m benchmarks.studies``: each study at ``--quick`` (shortened), its JSON checked.
+
+    pytest tests/test_benchmark_studies.py
+
+In-process ``main([...])`` into a temporary directory; about 10 s in all. The PNGs are checked only when
+matplotlib is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks import studies
+from benchmarks.plotting import have_matplotlib
+from prequal_middleware.core import POLICY_CLASSES, PrequalSettings
+from prequal_middleware.core.simulator import SimConfig
+
+REPO = Path(__file__).resolve().parents[1]
+REQUIRED = ("policy", "load", "requests", "errors", "p50_ms", "p90_ms", "p99_ms", "p999_ms", "seed")
+PNG = {"compare": "compare-p99", "qrif": "qrif", "probes": "probes"}
+
+
+def run_study(tmp_path: Path, study: str, *extra: str) -> dict[str, Any]:
+    argv = ["--quick", "--seconds", "3", "--studies", study, "--json-dir", str(tmp_path), "--img-dir", str(tmp_path)]
+    assert studies.main([*argv, *extra]) == 0
+    document: dict[str, Any] = json.loads((tmp_path / f"studies-{study}-quick.json").read_text(encoding="utf-8"))
+    assert set(document) >= {"config", "results", "summary"}
+    assert document["config"]["study"] == study
+    assert document["config"]["seeds"] == [1]
+    assert document["config"]["simulator"]["seconds"] == 3
+    for record in document["results"]:
+        for key in REQUIRED:
+            assert key in record, (key, record)
+        assert record["requests"] > 0
+        assert 0 <= record["errors"] <= record["requests"]
+        assert 0 < record["p50_ms"] <= record["p90_ms"] <= record["p99_ms"] <= record["p999_ms"] <= 5000
+    if have_matplotlib() and "--no-plots" not in extra:
+        png = tmp_path / f"studies-{PNG[study]}-quick.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return document
+
+
+def test_compare_covers_every_policy_at_both_loads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    document = run_study(tmp_path, "compare")
+    results = document["results"]
+    cells = {(r["load"], r["variant"]) for r in results}
+    variants = {*POLICY_CLASSES, "prequal q=0.75"}
+    assert cells == {(load, v) for load in (0.7, 0.9) for v in variants}
+    assert len(results) == len(cells)  # one seed
+    assert {r["q_rif"] for r in results if r["policy"] == "prequal"} == {0.75, PrequalSettings().q_rif}
+    out, err = capsys.readouterr()
+    assert "| 0.9 | least_latency |" in out  # the table
+    assert err.count("compare ") >= len(results)  # a progress line per run
+
+
+def test_qrif_sweeps_the_papers_values_on_a_two_speed_fleet(tmp_path: Path) -> None:
+    document = run_study(tmp_path, "qrif")
+    results = document["results"]
+    assert [r["q_rif"] for r in results] == list(studies.PAPER_Q_RIF)
+    assert len(studies.PAPER_Q_RIF) == 14
+    for r in results:
+        assert r["policy"] == "prequal" and r["load"] == 0.75
+        assert 1.3 < r["capacity_factor"] < 2.0  # about half the replicas run at twice the speed
+        assert math.isclose(r["sim_load"], 0.75 * r["capacity_factor"])
+    assert document["config"]["simulator"]["headroom_min"] == 2.0
+    summary = document["summary"]
+    assert [row["q_rif"] for row in summary] == list(studies.PAPER_Q_RIF)
+    assert set(summary[0]["p99_ms"]) == {"median", "min", "max"}
+
+
+def test_probes_sweeps_the_rates_under_every_cap_rule(tmp_path: Path) -> None:
+    document = run_study(tmp_path, "probes")
+    results = document["results"]
+    rates = [rate for _, rate in studies.PROBE_RATES]
+    cells = {(r["load"], r["r_probe"], r["cap_rule"]) for r in results}
+    assert cells == {
+        (load, rate, rule) for load in studies.PROBE_LOADS for rate in rates for rule in studies.PROBE_CAPS
+    }
+    assert len(results) == len(cells)  # one seed
+    for r in results:
+        assert r["r_remove"] == 0.25
+        assert 1.0 <= r["b_reuse"] <= r["max_reuse"]
+        assert r["mean_pool_size"] is not None and 0 <= r["fallback_rate"] <= 1
+    by_cell = {(r["r_probe"], r["cap_rule"]): r for r in results if r["load"] == studies.PROBE_LOADS[0]}
+    assert [by_cell[(rate, "eq1")]["max_reuse"] for rate in rates] == [32] * 7
+    assert [by_cell[(rate, "default")]["max_reuse"] for rate in rates] == [2] * 7
+    assert [by_cell[(rate, "scaled")]["max_reuse"] for rate in rates] == [2, 2, 2, 2, 2, 3, 4]
+    assert by_cell[(0.5, "eq1")]["b_reuse"] > 4
+    for (rate, rule), r in by_cell.items():  # a cap that does not change the budget: simulated once, reported twice
+        twin = by_cell[(rate, "default")]
+        if r["shared_run"] and twin["shared_run"] and r["b_reuse"] == twin["b_reuse"]:
+            assert r["p99_ms"] == twin["p99_ms"] and r["requests"] == twin["requests"], (rate, rule)
+
+
+def test_cap_rules_sharing_a_budget_are_simulated_once() -> None:
+    runs = studies.probe_runs(SimConfig(), seeds=[1], loads=[0.9])
+    simulated = {(run.fields["r_probe_label"], run.fields["cap_rule"]) for run in runs}
+    copied = {(run.fields["r_probe_label"], copy["cap_rule"]) for run in runs for copy in run.copies}
+    assert len(simulated) + len(copied) == 7 * 3
+    # At 100 replicas, r_probe 4, 2 sqrt(2) and 2 have budgets below 2 even with half the fleet ejected.
+    assert {("4", "eq1"), ("2√2", "eq1"), ("2", "eq1"), ("1", "default"), ("1/2", "scaled")} <= simulated
+    assert {("4", "default"), ("2", "scaled"), ("1", "scaled")} <= copied
+    assert len(runs) == 3 * 1 + 2 * 2 + 2 * 3  # 4, 2 sqrt(2), 2: one run; sqrt(2), 1: two; 1/sqrt(2), 1/2: three
+
+
+def test_parallel_runs_give_the_same_results(tmp_path: Path) -> None:
+    serial = run_study(tmp_path / "serial", "compare", "--no-plots")
+    parallel = run_study(tmp_path / "parallel", "compare", "--no-plots", "--jobs", "2")
+
+    def strip(document: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{k: v for k, v in r.items() if k != "wall_s"} for r in document["results"]]
+
+    assert strip(serial) == strip(parallel)
+
+
+def test_two_speed_fleet_has_two_speeds() -> None:
+    config = studies.two_speed_fleet(SimConfig(replicas=200, seconds=10.0, burst_rate_hz=0.0))
+    _, speeds = studies.fleet_speeds(config)
+    assert {round(s, 6) for s in speeds} <= {1.0, 2.0}
+    assert 70 < studies.slow_replicas(config) < 130
+
+
+@pytest.mark.parametrize("argv", [["--studies", "nope"], ["--seeds", "x"], ["--jobs", "0"]])
+def test_bad_arguments_are_refused(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as raised:
+        code = studies.main(argv)
+        raise SystemExit(code)
+    assert raised.value.code == 2
+
+
+def test_help_does_not_import_matplotlib() -> None:
+    code = "import sys, benchmarks.studies as s; s.build_parser().format_help(); print('matplotlib' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
