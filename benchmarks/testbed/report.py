@@ -1,0 +1,78 @@
+"""The testbed's summary tables (markdown, so they can go straight into docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+
+def fmt(value: float | None, digits: int = 0, deadline_ms: float | None = None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if deadline_ms is not None and value >= deadline_ms:
+        return "TO"
+    return f"{value:.{digits}f}"
+
+
+def share_range(shares: Sequence[float]) -> str:
+    """min-max of each replica's share times n (1.00-1.00 is a perfectly even split)."""
+    if not shares:
+        return "-"
+    n = len(shares)
+    return f"{min(shares) * n:.2f}-{max(shares) * n:.2f}"
+
+
+def detail_table(results: Sequence[dict[str, Any]], deadline_ms: float) -> str:
+    """One row per (setting, load, policy): medians over rounds."""
+    header = (
+        "| setting | load | policy | req/s | requests | errors | p50 ms | p90 ms | p99 ms | p99.9 ms | "
+        "balancer CPU % (max process) | probes/req | fallback % | RIF p99 | share x n | corr | valid |"
+    )
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for r in results:
+        lines.append(
+            f"| {r['setting']} | {r['load']:g} | {r['policy']} | {r['rate_rps']:.0f} | {r['requests']} | "
+            f"{r['errors']} | {fmt(r['p50_ms'], 0, deadline_ms)} | {fmt(r['p90_ms'], 0, deadline_ms)} | "
+            f"{fmt(r['p99_ms'], 0, deadline_ms)} | {fmt(r['p999_ms'], 0, deadline_ms)} | "
+            f"{fmt(r['cpu_pct'])} ({fmt(r['max_process_cpu_pct'])}) | {fmt(r.get('probes_per_req'), 2)} | "
+            f"{fmt(r.get('fallback_pct'), 1)} | "
+            f"{fmt(r.get('rif_p99'))} | {share_range(r['shares'])} | {fmt(r.get('share_speed_corr'), 2)} | "
+            f"{'yes' if r['valid'] else 'NO'} |"
+        )
+    return "\n".join(lines)
+
+
+def pivot_table(results: Sequence[dict[str, Any]], setting: str, key: str, deadline_ms: float) -> str:
+    """``key`` (e.g. p99_ms) per load (rows) and policy (columns) for one setting; errors after a slash."""
+    rows = [r for r in results if r["setting"] == setting]
+    if not rows:
+        return ""
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    loads = sorted({r["load"] for r in rows})
+    by = {(r["load"], r["policy"]): r for r in rows}
+    lines = [
+        "| load | " + " | ".join(policies) + " |",
+        "|---|" + "---|" * len(policies),
+    ]
+    best: dict[float, float] = {}
+    for load in loads:
+        values = [by[(load, p)][key] for p in policies if (load, p) in by and by[(load, p)]["valid"]]
+        best[load] = min((v for v in values if not math.isnan(v)), default=math.nan)
+    for load in loads:
+        cells = []
+        for p in policies:
+            r = by.get((load, p))
+            if r is None:
+                cells.append("")
+                continue
+            text = fmt(r[key], 0, deadline_ms)
+            if r[key] == best[load]:
+                text = f"**{text}**"
+            if r["errors"]:
+                text += f" / {r['errors']} err"
+            if not r["valid"]:
+                text += " (invalid)"
+            cells.append(text)
+        lines.append(f"| {load:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,123 @@
+"""Smoke test of ``python -m benchmarks.testbed``: a tiny real run (replicas, load generator, contenders).
+
+    pytest tests/test_benchmark_testbed.py
+
+Runs the benchmark as a subprocess with a small configuration (6 replicas, one load, 1 + 2 s runs) and
+checks the JSON it writes and that no process it started is left behind. nginx and haproxy contenders
+are included when installed, and always under ``CI`` (where their absence then fails the test:
+``python -m benchmarks.testbed --setup`` installs them). Linux only (/proc). About 20-40 s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+GATEWAY_CONTENDERS = ["prequal", "round_robin"]
+EXTERNAL_CONTENDERS = {"nginx_least_conn": "nginx", "haproxy_leastconn": "haproxy"}
+RESULT_KEYS: dict[str, type | tuple[type, ...]] = {
+    "policy": str,
+    "setting": str,
+    "load": (int, float),
+    "requests": int,
+    "errors": int,
+    "p50_ms": (int, float),
+    "p90_ms": (int, float),
+    "p99_ms": (int, float),
+    "p999_ms": (int, float),
+    "cpu_pct": (int, float),
+    "valid": bool,
+    "shares": list,
+}
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="the testbed reads /proc (Linux)")
+
+
+def _installed(binary: str) -> bool:
+    return any(shutil.which(binary) or Path(d, binary).is_file() for d in ("/usr/sbin", "/usr/local/sbin", "/sbin"))
+
+
+def _stat(pid: str) -> tuple[int, int]:
+    """(parent pid, start time in clock ticks) of a process."""
+    text = Path(f"/proc/{pid}/stat").read_text(errors="replace")
+    fields = text[text.rindex(")") + 2 :].split()
+    return int(fields[1]), int(fields[19])
+
+
+def _tagged_processes(tag: str, started_after: int) -> list[str]:
+    """Processes the benchmark started that are still alive.
+
+    They carry ``tag`` in their environment, except nginx, which rewrites that memory for its process
+    titles: its master names the benchmark's temporary directory, and a worker has such a master as
+    parent, or init if orphaned (then it started after ``started_after``, in clock ticks since boot).
+    """
+    needle = f"TESTBED_SMOKE_TAG={tag}".encode()
+    found: dict[int, str] = {}
+    workers: dict[int, tuple[int, int, str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            environ = Path(f"/proc/{entry}/environ").read_bytes()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            ppid, start = _stat(entry)
+        except (OSError, ValueError):
+            continue
+        if needle in environ.split(b"\0") or "prequal-testbed-" in cmdline:
+            found[int(entry)] = cmdline.strip()
+        elif cmdline.startswith("nginx: worker process"):
+            workers[int(entry)] = (ppid, start, cmdline.strip())
+    for pid, (ppid, start, cmdline) in workers.items():
+        if ppid in found or (ppid == 1 and start >= started_after):
+            found[pid] = cmdline
+    return [f"{pid}: {cmdline}" for pid, cmdline in found.items()]
+
+
+def test_quick_run_writes_results_and_leaves_no_process(tmp_path: Path) -> None:
+    contenders = list(GATEWAY_CONTENDERS)
+    for name, binary in EXTERNAL_CONTENDERS.items():
+        if _installed(binary) or os.environ.get("CI"):
+            contenders.append(name)
+    out = tmp_path / "testbed.json"
+    command = [sys.executable, "-m", "benchmarks.testbed", "--quick", "--loads", "0.8", "--seconds", "2"]
+    command += ["--warmup", "1", "--contenders", ",".join(contenders), "--no-plots", "--json", str(out)]
+    tag = uuid.uuid4().hex
+    env = {**os.environ, "TESTBED_SMOKE_TAG": tag}
+    started_after = _stat("self")[1]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=110, check=False)
+    leftover = _tagged_processes(tag, started_after)
+    for line in leftover:  # never leave them running, even when the test fails
+        pid = int(line.split(":", 1)[0])
+        try:
+            os.kill(pid, 9)
+        except OSError:
+            pass
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    assert not leftover, f"processes left behind: {leftover}"
+
+    data = json.loads(out.read_text())
+    config = data["config"]
+    assert config["loads"] == [0.8] and config["settings"] == ["single"] and config["rounds"] == 1
+    assert config["capacity_rps"] > 0 and not config["interrupted"] and not config["failures"]
+    assert config["contenders_run"] == contenders, (config["skipped"], done.stderr)
+    results = {r["policy"]: r for r in data["results"]}
+    assert set(results) == set(contenders)
+    for name, result in results.items():
+        for key, kind in RESULT_KEYS.items():
+            assert isinstance(result[key], kind), (name, key, result[key])
+        assert result["setting"] == "single" and result["load"] == 0.8
+        assert result["requests"] > 0
+        assert 0 < result["p50_ms"] <= result["p90_ms"] <= result["p99_ms"] <= result["p999_ms"]
+        assert len(result["shares"]) == config["fleet"]["replicas"]
+        assert abs(sum(result["shares"]) - 1.0) < 1e-6
+    assert results["prequal"]["probes_per_req"] > 0  # counted at the replicas
+    assert results["round_robin"]["probes_per_req"] == 0
+    assert "| single | 0.8 | prequal |" in done.stdout  # the summary table
