@@ -210,9 +210,14 @@ def _pool(value: object, pools: list[str]) -> str:
 
 
 def _number(value: object, field: str, *, low: float, high: float, low_open: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RegistrationError(400, "invalid_field", f"{field} must be a finite number", field=field)
-    x = float(value)
+    try:  # JSON integers are unbounded: 1 followed by 400 zeros overflows a float
+        x = float(value)
+    except OverflowError:
+        x = math.inf
+    if not math.isfinite(x):
+        raise RegistrationError(400, "invalid_field", f"{field} must be a finite number", field=field)
     if (x <= low if low_open else x < low) or x > high:
         raise RegistrationError(400, "invalid_field", f"{field} must be in ({low:g}, {high:g}], got {x:g}", field=field)
     return x
