@@ -75,12 +75,18 @@ class PrequalMiddleware:
 
         try:
             await self.app(scope, wrapped_receive, send)
-        except BaseException:
+        except Exception:
             if startup_seen:
                 raise
-            # The app does not speak lifespan: answer it ourselves so the gateway still starts.
+            # The app does not speak lifespan (it raised, as ASGI allows): answer it ourselves.
             logger.debug("the wrapped app does not handle lifespan; PrequalMiddleware answers it")
             await self._own_lifespan(receive, send)
+        else:
+            if not startup_seen:
+                # The app returned without reading the startup message (another way of not
+                # supporting lifespan): the gateway must still start, so answer it ourselves.
+                logger.debug("the wrapped app ignored lifespan; PrequalMiddleware answers it")
+                await self._own_lifespan(receive, send)
         finally:
             if started_here:
                 await gateway.shutdown()

@@ -158,12 +158,17 @@ def test_lifespan_starts_and_stops_the_gateway(backend: tuple[ServerThread, Back
     assert transport is not None and getattr(transport, "_session", None) is None, "connections closed"
 
 
-def test_app_without_lifespan_support_still_starts_the_gateway(backend: tuple[ServerThread, BackendState]) -> None:
+@pytest.mark.parametrize("unsupported", ["raises", "returns"])
+def test_app_without_lifespan_support_still_starts_the_gateway(
+    backend: tuple[ServerThread, BackendState], unsupported: str
+) -> None:
     server, _ = backend
 
     async def bare(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            raise RuntimeError("lifespan is not supported here")
+        if scope["type"] != "http":  # both are ways ASGI allows an app to say "no lifespan here"
+            if unsupported == "raises":
+                raise RuntimeError("lifespan is not supported here")
+            return
         await send({"type": "http.response.start", "status": 204, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
