@@ -82,7 +82,7 @@ class Policy(Protocol):
 
 
 class _Backend:
-    __slots__ = ("id", "weight", "draining", "healthy", "in_flight", "probe_mode", "latency_s")
+    __slots__ = ("id", "weight", "draining", "healthy", "in_flight", "probe_mode", "latency_s", "probe_failures")
 
     def __init__(self, member: Member) -> None:
         self.id = member.id
@@ -92,6 +92,7 @@ class _Backend:
         self.in_flight = 0
         self.probe_mode: ProbeMode = "probe"
         self.latency_s: float | None = None  # EWMA of successful request latencies seen here
+        self.probe_failures = 0  # probes missed in a row (reset by an answered probe or a success)
 
 
 class BasePolicy:
@@ -241,6 +242,7 @@ class BasePolicy:
             self._on_failure(b, now)
         else:
             self.outliers.record_success(backend, now)
+            b.probe_failures = 0
             b.latency_s = (
                 latency_s if b.latency_s is None else b.latency_s + LATENCY_EWMA_WEIGHT * (latency_s - b.latency_s)
             )
@@ -252,8 +254,14 @@ class BasePolicy:
         return None
 
     def on_probe_failure(self, backend: BackendId, now: float) -> None:
-        if backend in self._backends:
-            self._record_failure(backend, now)
+        # A missed probe is weak evidence: a CPU stall on the gateway or the backend longer than the
+        # probe timeout looks the same as a dead backend. Counting it like a failed request ejected
+        # healthy backends during stalls, filled the ejection cap and left a real fast failer in the
+        # pool. Real requests (connect errors, timeouts, 5xx) and active health checks decide ejection;
+        # a missed probe only makes the backend a last resort for a random fallback until it answers.
+        b = self._backends.get(backend)
+        if b is not None:
+            b.probe_failures += 1
 
     def _record_failure(self, backend: BackendId, now: float) -> None:
         if self.outliers.record_failure(backend, now, len(self._backends)):
@@ -322,6 +330,17 @@ class BasePolicy:
 
     def _on_failure(self, b: _Backend, now: float) -> None:
         """A request to ``b`` failed (5xx, 429, connect error, timeout)."""
+
+    def _trusted(self, candidates: Sequence[BackendId], now: float) -> Sequence[BackendId]:
+        """``candidates`` without those failing recently (error aversion) or missing probes, unless none is left.
+
+        For choices made without load information (Prequal's random fallback): a backend that fails
+        fast is never its own tie-breaker.
+        """
+        backends, outliers = self._backends, self.outliers
+        good = [c for c in candidates if not outliers.is_averse(c, now)]
+        answering = [c for c in good if backends[c].probe_failures == 0]
+        return answering or good or candidates
 
     def _weighted_choice(self, candidates: Sequence[BackendId]) -> BackendId:
         """A random candidate, in proportion to weight."""

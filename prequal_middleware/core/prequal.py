@@ -10,7 +10,10 @@ gateway's own view: its requests in flight to them and the latencies it measured
 
 Error aversion: a failed query purges the backend's probe; a backend whose recent failure rate is
 above ``OutlierSettings.averse_above`` has its probes ignored until the rate decays, so a backend
-that fails fast while reporting zero load cannot become the pool's favourite.
+that fails fast while reporting zero load cannot become the pool's favourite. The random fallback
+avoids such backends, and those whose last probe went unanswered, while any other candidate is left.
+A missed probe purges that backend's probe but does not count toward ejection (see
+``BasePolicy.on_probe_failure``).
 
 Weights: Prequal balances on measured load, so member weights do not bias its choices.
 """
@@ -60,7 +63,8 @@ class PrequalPolicy(BasePolicy):
         choice = pool.choose(now, exclude)
         reason: SelectionReason
         if choice is None:
-            backend = candidates[int(self.rng.random() * len(candidates))]
+            trusted = self._trusted(candidates, now)
+            backend = trusted[int(self.rng.random() * len(trusted))]
             reason = "fallback"
         else:
             backend, reason = choice
@@ -100,6 +104,7 @@ class PrequalPolicy(BasePolicy):
         if b is None:
             return
         self._last_probe[backend] = (rif, latency_s)
+        b.probe_failures = 0
         self._pool_result(b, rif, latency_s, now)
 
     def _pool_result(self, b: _Backend, rif: int, latency_s: float, now: float) -> None:
@@ -111,7 +116,7 @@ class PrequalPolicy(BasePolicy):
         self.pool.add(b.id, rif, latency_s, now, len(self._candidates))
 
     def on_probe_failure(self, backend: BackendId, now: float) -> None:
-        self.pool.discard(backend)
+        self.pool.discard(backend)  # its last answer is no longer to be trusted
         super().on_probe_failure(backend, now)
 
     def _on_failure(self, b: _Backend, now: float) -> None:

@@ -114,7 +114,50 @@ def test_failed_probe_is_not_pooled_and_purges() -> None:
     policy.on_probe("b2", now=0.0, rif=0, latency_s=0.01)
     policy.on_probe_failure("b2", now=0.1)
     assert "b2" not in policy.pool
-    assert policy.outliers.consecutive_failures("b2") == 1
+    assert policy.outliers.consecutive_failures("b2") == 0, "a missed probe is not a failed request"
+
+
+def test_missed_probes_never_eject() -> None:
+    # A CPU stall longer than the probe timeout makes healthy backends miss probes in a row.
+    policy = make_policy(n=4)
+    for k in range(50):
+        policy.on_probe_failure("b1", now=k * 0.01)
+    assert not policy.outliers.is_ejected("b1", 1.0)
+    assert "b1" in policy.candidates(1.0)
+    assert policy.outliers.failure_rate("b1", 1.0) == 0.0
+
+
+def fallback_picks(policy: PrequalPolicy, now: float, n: int = 400) -> Counter[str]:
+    picks: Counter[str] = Counter()
+    for _ in range(n):
+        policy.pool.retain(frozenset())  # keep the pool empty: every choice is the fallback
+        selection = policy.select(now)
+        assert selection is not None and selection.reason == "fallback"
+        picks[selection.backend] += 1
+    return picks
+
+
+def test_fallback_avoids_averse_and_unanswering_backends_while_others_remain() -> None:
+    policy = make_policy(n=4, outliers=OutlierSettings(consecutive_failures=0))
+    policy.on_finish("b0", now=1.0, latency_s=0.001, outcome=Outcome.FAILURE)
+    policy.on_finish("b0", now=1.0, latency_s=0.001, outcome=Outcome.FAILURE)
+    policy.on_finish("b0", now=1.0, latency_s=0.001, outcome=Outcome.FAILURE)
+    assert policy.outliers.is_averse("b0", 1.0)
+    policy.on_probe_failure("b1", now=1.0)
+    picks = fallback_picks(policy, now=1.0)
+    assert set(picks) == {"b2", "b3"}, picks
+    assert min(picks.values()) > 150, "uniform over the trusted ones"
+    # b1 answers again: it is trusted again. b0's failure rate decays back under the bound.
+    policy.on_probe("b1", now=1.1, rif=0, latency_s=0.001)
+    assert set(fallback_picks(policy, now=1.1)) == {"b1", "b2", "b3"}
+    assert set(fallback_picks(policy, now=10.0)) == {"b0", "b1", "b2", "b3"}
+
+
+def test_fallback_uses_everyone_when_no_backend_is_trusted() -> None:
+    policy = make_policy(n=2)
+    policy.on_probe_failure("b0", now=0.0)
+    policy.on_probe_failure("b1", now=0.0)
+    assert set(fallback_picks(policy, now=0.0)) == {"b0", "b1"}
 
 
 def test_local_mode_backends_are_pooled_from_the_gateways_view() -> None:

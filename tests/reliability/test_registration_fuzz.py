@@ -389,8 +389,7 @@ def record(report: Report, order: int, what: str, stats: Counter[str], note: str
         load=f"{stats['cases']} cases (hypothesis, derandomized, deadline=None)",
         happened=(
             f"statuses {dict(sorted((k, v) for k, v in stats.items() if k.endswith('xx')))}; "
-            f"{stats['accepted']} accepted, each complete and then removed"
-            + (f"; {note}" if note else "")
+            f"{stats['accepted']} accepted, each complete and then removed" + (f"; {note}" if note else "")
         ),
         figure="0 5xx, 0 partial records, 0 accepted URLs off the allow-list, with credentials, "
         "without a port or not http(s)",
