@@ -30,6 +30,8 @@ import random
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from prequal_middleware.core.sim_fleet import antagonist_busy
+
 # E[X | X > 0] for X ~ Normal(mu, mu) is mu * (1 + phi(1) / Phi(1)) ~= 1.2876 * mu.
 TRUNCATED_MEAN_FACTOR = 1.0 + (math.exp(-0.5) / math.sqrt(2.0 * math.pi)) / (
     0.5 * (1.0 + math.erf(1.0 / math.sqrt(2.0)))
@@ -106,21 +108,14 @@ class FleetConfig:
     def schedule(self, index: int, key: str, horizon_s: float) -> Antagonist:
         """Replica ``index``'s antagonist for the schedule ``key``, over ``[0, horizon_s]``."""
         rng = random.Random(f"testbed-antagonist:{self.seed}:{key}:{index}")
-        period = rng.uniform(self.antagonist_period_min_s, self.antagonist_period_max_s)
-        duty = rng.uniform(self.antagonist_duty_min, self.antagonist_duty_max)
-        phase = rng.uniform(0.0, period)
-        busy: list[tuple[float, float]] = []
-        start = phase - period
-        while start < horizon_s:
-            end = start + duty * period
-            if end > 0.0 and end > start:
-                busy.append((max(0.0, start), min(end, horizon_s)))
-            start += period
-        if self.burst_rate_hz > 0:
-            t = rng.expovariate(self.burst_rate_hz)
-            while t < horizon_s:
-                busy.append((t, min(horizon_s, t + rng.uniform(self.burst_min_s, self.burst_max_s))))
-                t += rng.expovariate(self.burst_rate_hz)
+        busy = antagonist_busy(
+            rng,
+            horizon_s,
+            period_s=(self.antagonist_period_min_s, self.antagonist_period_max_s),
+            duty=(self.antagonist_duty_min, self.antagonist_duty_max),
+            burst_rate_hz=self.burst_rate_hz,
+            burst_s=(self.burst_min_s, self.burst_max_s),
+        )
         return Antagonist.merged(busy, horizon_s)
 
 

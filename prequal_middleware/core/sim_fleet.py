@@ -164,24 +164,50 @@ def build_fleet(config: SimConfig, rng: random.Random) -> Fleet:
     for i in range(config.replicas):
         allocation = rng.uniform(config.allocation_min, config.allocation_max)
         headroom = rng.uniform(config.headroom_min, config.headroom_max)
-        period = rng.uniform(config.antagonist_period_min_s, config.antagonist_period_max_s)
-        duty = rng.uniform(config.antagonist_duty_min, config.antagonist_duty_max)
-        phase = rng.uniform(0.0, period)
-        busy: list[tuple[float, float]] = []
-        start = phase - period
-        while start < horizon:
-            end = start + duty * period
-            if end > 0.0 and end > start:
-                busy.append((max(0.0, start), min(end, horizon)))
-            start += period
-        if config.burst_rate_hz > 0:
-            t = rng.expovariate(config.burst_rate_hz)
-            while t < horizon:
-                busy.append((t, min(horizon, t + rng.uniform(config.burst_min_s, config.burst_max_s))))
-                t += rng.expovariate(config.burst_rate_hz)
+        busy = antagonist_busy(
+            rng,
+            horizon,
+            period_s=(config.antagonist_period_min_s, config.antagonist_period_max_s),
+            duty=(config.antagonist_duty_min, config.antagonist_duty_max),
+            burst_rate_hz=config.burst_rate_hz,
+            burst_s=(config.burst_min_s, config.burst_max_s),
+        )
         specs.append(ReplicaSpec(i, f"replica-{i:03d}", allocation, allocation * headroom, tuple(busy)))
     capacity = sum(config.slots * s.allocation for s in specs) / config.mean_work_s
     return Fleet(tuple(specs), capacity)
+
+
+def antagonist_busy(
+    rng: random.Random,
+    horizon_s: float,
+    *,
+    period_s: tuple[float, float],
+    duty: tuple[float, float],
+    burst_rate_hz: float,
+    burst_s: tuple[float, float],
+) -> list[tuple[float, float]]:
+    """An antagonist's busy intervals over ``[0, horizon_s]`` (unsorted, may overlap).
+
+    A square wave with a period and duty cycle drawn uniformly from the ranges and a random phase, plus
+    Poisson bursts of uniformly drawn lengths (prequal-spec.md section 11). Draws from ``rng`` in a fixed
+    order, so a seeded ``rng`` gives the same schedule everywhere (the simulator and the testbed).
+    """
+    period = rng.uniform(*period_s)
+    share = rng.uniform(*duty)
+    phase = rng.uniform(0.0, period)
+    busy: list[tuple[float, float]] = []
+    start = phase - period
+    while start < horizon_s:
+        end = start + share * period
+        if end > 0.0 and end > start:
+            busy.append((max(0.0, start), min(end, horizon_s)))
+        start += period
+    if burst_rate_hz > 0:
+        t = rng.expovariate(burst_rate_hz)
+        while t < horizon_s:
+            busy.append((t, min(horizon_s, t + rng.uniform(*burst_s))))
+            t += rng.expovariate(burst_rate_hz)
+    return busy
 
 
 def draw_work(rng: random.Random, mu: float) -> float:
