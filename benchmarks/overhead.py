@@ -12,7 +12,8 @@ each target runs alone on the proxy CPU, in a fresh process per measurement:
 - ``direct``: wrk straight at a backend process (the same app as the upstreams) started in the target's
   slot, for scale: what uvicorn costs answering by itself.
 - ``aiohttp_raw``: a minimal pure-ASGI proxy over one aiohttp session, "the Python ceiling".
-- ``gateway_round_robin`` / ``gateway_prequal``: ``Gateway`` + ``PrequalMiddleware``, one pool at ``/``.
+- ``gateway_round_robin`` / ``gateway_prequal``: ``Gateway`` + ``PrequalMiddleware``, one pool at ``/``;
+  ``gateway_round_robin_h1`` / ``gateway_prequal_h1``: the same on ``H1Transport``.
 
 Per measurement: start the target, wait until it answers, warm up (``wrk`` for ``--warmup`` s), then
 ``wrk -t1 -cN -dDs --latency --timeout 5s``; the target's CPU is read from ``/proc/<pid>/stat`` just before
@@ -161,6 +162,16 @@ TARGETS: list[Target] = [
         "gateway_prequal",
         "Gateway + PrequalMiddleware, UpstreamPool('/', policy='prequal')",
         python_target("gateway_prequal"),
+    ),
+    Target(
+        "gateway_round_robin_h1",
+        "the same with transport=H1Transport() (the lean HTTP/1.1 transport)",
+        python_target("gateway_round_robin_h1"),
+    ),
+    Target(
+        "gateway_prequal_h1",
+        "Gateway + PrequalMiddleware, policy='prequal', transport=H1Transport()",
+        python_target("gateway_prequal_h1"),
     ),
     Target(
         "fastapi_proxy_lib",

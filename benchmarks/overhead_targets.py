@@ -44,6 +44,8 @@ from yarl import URL
 
 from prequal_middleware import Gateway, PrequalMiddleware, UpstreamPool
 from prequal_middleware.backend import DEFAULT_PROBE_PATH, LoadReportingMiddleware
+from prequal_middleware.transport import Transport
+from prequal_middleware.transport_h1 import H1Transport
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -229,8 +231,8 @@ def aiohttp_raw_app(upstreams: list[str]) -> ASGIApp:
 # --- our gateway -------------------------------------------------------------------------------------
 
 
-def gateway_app(upstreams: list[str], policy: str) -> ASGIApp:
-    gateway = Gateway(pools=[UpstreamPool("/", upstreams=upstreams, policy=policy)])
+def gateway_app(upstreams: list[str], policy: str, transport: Transport | None = None) -> ASGIApp:
+    gateway = Gateway(pools=[UpstreamPool("/", upstreams=upstreams, policy=policy)], transport=transport)
 
     @contextlib.asynccontextmanager
     async def report_probe_stats(app: Starlette) -> AsyncIterator[None]:
@@ -258,6 +260,14 @@ def gateway_prequal_app(upstreams: list[str]) -> ASGIApp:
     return gateway_app(upstreams, "prequal")
 
 
+def gateway_round_robin_h1_app(upstreams: list[str]) -> ASGIApp:
+    return gateway_app(upstreams, "round_robin", H1Transport())
+
+
+def gateway_prequal_h1_app(upstreams: list[str]) -> ASGIApp:
+    return gateway_app(upstreams, "prequal", H1Transport())
+
+
 # --- a peer: fastapi-proxy-lib --------------------------------------------------------------------
 
 
@@ -279,6 +289,8 @@ APPS: dict[str, Callable[[list[str]], ASGIApp]] = {
     "aiohttp_raw": aiohttp_raw_app,
     "gateway_round_robin": gateway_round_robin_app,
     "gateway_prequal": gateway_prequal_app,
+    "gateway_round_robin_h1": gateway_round_robin_h1_app,
+    "gateway_prequal_h1": gateway_prequal_h1_app,
     "fastapi_proxy_lib": fastapi_proxy_lib_app,
 }
 

@@ -183,7 +183,7 @@ class Child:
     def start(self) -> None:
         self.close_log()
         self._log = open(self.log_dir / f"{self.name}.log", "ab")  # open for the child's life
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PREQUAL_")}
+        env = {k: v for k, v in os.environ.items() if k == "PREQUAL_TRANSPORT" or not k.startswith("PREQUAL_")}
         env.update(PYTHONUNBUFFERED="1", **self.env)
         self.popen = subprocess.Popen(
             self.argv,

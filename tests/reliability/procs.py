@@ -47,8 +47,12 @@ def pick_port() -> int:
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The parent's environment without its PREQUAL_* settings, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREQUAL_") and k != "PROMETHEUS_MULTIPROC_DIR"}
+    """The parent's environment without its PREQUAL_* settings (but ``PREQUAL_TRANSPORT``), plus ``extra``."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if (k == "PREQUAL_TRANSPORT" or not k.startswith("PREQUAL_")) and k != "PROMETHEUS_MULTIPROC_DIR"
+    }
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra or {})
     return env

@@ -1,0 +1,543 @@
+"""``H1Transport``: a lean HTTP/1.1 upstream transport on ``asyncio`` protocols and ``httptools``.
+
+The opt-in alternative to ``AiohttpTransport`` for plain HTTP/1.1 backends, built the way
+``ProbeClient`` is: one ``asyncio.Protocol`` per keep-alive connection, uvicorn's own parser, the request
+head written as one byte string, the body streamed with the transport's flow control both ways. It
+does what a proxy needs and nothing else: no cookies, no decompression, no redirects, no invented
+headers (only ``Host`` when the request has none, and ``Transfer-Encoding: chunked`` for a body of
+unknown length), the target sent byte-exact.
+
+    gateway = Gateway(pools=[...], transport=H1Transport())
+
+- Connections: a LIFO stack of idle keep-alive connections per backend origin, at most
+  ``limit_per_backend`` open per origin (more requests wait), idle ones kept ``keepalive_s``.
+- Timeouts, as ``Timeouts`` says: ``connect_s``; ``response_headers_s`` from the end of the request
+  body; ``read_idle_s`` between body chunks either way (a stalled upload or a stalled download).
+- Errors, as ``UpstreamError`` subclasses with ``sent`` told right: a refused connection or a connect
+  timeout was never sent; anything after the first request byte was. A reused idle connection that the
+  backend had closed is retried once on a fresh one when the request has no body (nothing is lost).
+- ``https://`` backends use TLS (``ssl.create_default_context()`` unless you pass a context).
+- WebSockets go through an ``AiohttpTransport`` this transport owns (opened on first use).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl as ssl_module
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, cast
+from urllib.parse import urlsplit
+
+import httptools
+
+from .exceptions import UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
+from .transport import RawHeaders, UpstreamRequest, UpstreamResponse, UpstreamWebSocket
+from .transport_aiohttp import AiohttpTransport
+
+if TYPE_CHECKING:
+    from .config import Timeouts
+
+# Stop reading from the backend while this much of its body waits for the client (backpressure).
+READ_HIGH_WATER = 256 * 1024
+READ_LOW_WATER = 64 * 1024
+
+
+class _Origin:
+    """One backend origin (scheme, host, port): its connections and what every request to it shares."""
+
+    __slots__ = ("url", "host", "port", "ssl", "host_header", "base", "idle", "open", "waiters", "limit")
+
+    def __init__(self, url: str, limit: int, tls: ssl_module.SSLContext | None) -> None:
+        split = urlsplit(url)
+        if split.scheme not in ("http", "https") or not split.hostname:
+            raise UpstreamConnectError(f"{url!r}: not an http:// or https:// URL with a host")
+        self.url = url
+        self.host = split.hostname
+        self.port = split.port or (443 if split.scheme == "https" else 80)
+        self.ssl = tls if split.scheme == "https" else None
+        self.host_header = split.netloc.rpartition("@")[2].encode("ascii")
+        self.base = split.path.rstrip("/").encode("ascii")
+        self.idle: list[_Connection] = []  # LIFO: the warmest connection first
+        self.open = 0  # connections open or being opened
+        self.waiters: deque[asyncio.Future[None]] = deque()  # requests waiting for a connection slot
+        self.limit = limit
+
+    def release_slot(self) -> None:
+        """A connection closed: its slot goes to the first request still waiting, if any."""
+        self.open -= 1
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection to an origin; one exchange at a time."""
+
+    def __init__(self, origin: _Origin, registry: set[_Connection]) -> None:
+        self.origin = origin
+        self._registry = registry  # the transport's open connections, for aclose()
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.exchanges = 0  # exchanges begun: tells a late close of an earlier response from this one
+        self.idle_since = 0.0
+        self.max_headers = 128
+        self.max_header_bytes = 8190
+        self._reset(head_only=False)
+
+    def _reset(self, head_only: bool) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.head_only = head_only  # a HEAD request: the answer has no body whatever its headers say
+        self.active = False
+        self.received = False
+        self.status = 0
+        self.headers: RawHeaders = []
+        self.framed = False
+        self.keep_alive = False
+        self.headers_waiter: asyncio.Future[None] | None = None
+        self.chunks: deque[bytes] = deque()
+        self.buffered = 0
+        self.data_waiter: asyncio.Future[None] | None = None
+        self.complete = False
+        self.error: UpstreamError | None = None
+        self.reading_paused = False
+        self.drain_waiter: asyncio.Future[None] | None = None
+        self.writing_paused = False
+
+    def begin(self, loop: asyncio.AbstractEventLoop, head_only: bool) -> asyncio.Future[None]:
+        """Start an exchange: a fresh parser (a HEAD answer leaves the old one expecting a body)."""
+        self._reset(head_only)
+        self.active = True
+        self.exchanges += 1
+        waiter = self.headers_waiter = loop.create_future()
+        return waiter
+
+    def abort(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._registry.discard(self)
+            origin = self.origin
+            if self in origin.idle:
+                origin.idle.remove(self)
+            origin.release_slot()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def fail(self, error: UpstreamError) -> None:
+        """End the exchange with ``error`` (whoever waits gets it) and close the connection."""
+        if self.error is None and not self.complete:
+            self.error = error
+        for waiter in (self.headers_waiter, self.data_waiter, self.drain_waiter):
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(error)
+                waiter.exception()  # retrieved here: an unawaited waiter must not log
+        self.abort()
+
+    # --- asyncio callbacks ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self._registry.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.active:
+            self.abort()  # bytes nobody asked for: the stream can no longer be trusted
+            return
+        self.received = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self.fail(UpstreamProtocolError(f"{self.origin.url}: unexpected protocol upgrade"))
+        except httptools.HttpParserError as exc:
+            self.fail(UpstreamProtocolError(f"{self.origin.url}: malformed response ({exc})"))
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport; connection_lost decides what the EOF meant
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.active and not self.complete:
+            if self.status and not self.framed and self.error is None:
+                self._finish()  # a body delimited by the end of the connection: complete
+            else:
+                what = "before the response headers" if not self.status else "mid-body"
+                self.fail(UpstreamProtocolError(f"{self.origin.url}: connection closed {what}"))
+        self.abort()
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        waiter = self.drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # --- httptools callbacks -------------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(self.headers) >= self.max_headers or len(name) + len(value) + 2 > self.max_header_bytes:
+            raise ValueError("response headers too large")  # httptools reports it as a parser error
+        name = name.lower()
+        if name == b"content-length" or (name == b"transfer-encoding" and b"chunked" in value.lower()):
+            self.framed = True
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if status < 200:
+            self.headers = []  # an interim answer (100 Continue, 103): the final one follows
+            self.framed = False
+            return
+        self.status = status
+        self.keep_alive = self.parser.should_keep_alive()
+        waiter = self.headers_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if self.head_only or status in (204, 304):
+            self.framed = True
+            self._finish()
+
+    def on_body(self, body: bytes) -> None:
+        if self.complete:
+            return
+        self.chunks.append(body)
+        self.buffered += len(body)
+        if self.buffered > READ_HIGH_WATER and not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if self.status == 0:
+            return  # end of an interim answer
+        self._finish()
+
+    def _finish(self) -> None:
+        if not self.complete:
+            self.complete = True
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter = self.data_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def take(self) -> bytes:
+        """The body bytes that arrived (joined), resuming reading below the low-water mark."""
+        chunks = self.chunks
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self.buffered = 0
+        if self.reading_paused and self.transport is not None:
+            self.reading_paused = False
+            self.transport.resume_reading()
+        return data
+
+
+class H1Transport:
+    """A lean HTTP/1.1 transport (see the module docstring).
+
+    Parameters:
+        limit_per_backend: connections per backend origin; requests beyond it wait for one.
+        keepalive_s: how long an idle connection is kept.
+        max_response_header_bytes: the longest upstream response header line accepted.
+        max_response_headers: the most upstream response headers accepted.
+        ssl: the TLS context for ``https://`` backends (default: ``ssl.create_default_context()``).
+    """
+
+    def __init__(
+        self,
+        *,
+        limit_per_backend: int = 1024,
+        keepalive_s: float = 30.0,
+        max_response_header_bytes: int = 8190,
+        max_response_headers: int = 128,
+        ssl: ssl_module.SSLContext | None = None,
+    ) -> None:
+        if limit_per_backend < 1:
+            raise ValueError(f"limit_per_backend must be >= 1, got {limit_per_backend!r}")
+        self.limit_per_backend = limit_per_backend
+        self.keepalive_s = keepalive_s
+        self.max_response_header_bytes = max_response_header_bytes
+        self.max_response_headers = max_response_headers
+        self._ssl = ssl
+        self._origins: dict[str, _Origin] = {}
+        self._connections: set[_Connection] = set()
+        self._websockets: AiohttpTransport | None = None
+        self._closed = False
+
+    # --- Transport -----------------------------------------------------------------------------
+
+    async def send(self, request: UpstreamRequest, timeouts: Timeouts) -> UpstreamResponse:
+        if self._closed:
+            raise UpstreamConnectError("the transport is closed")
+        origin = self._origins.get(request.backend) or self._origin(request.backend)
+        loop = asyncio.get_running_loop()
+        head, chunked = self._head(request, origin)
+        head_only = request.method == "HEAD"
+        conn = self._pop_idle(origin, loop)
+        if conn is not None and request.body is None:
+            try:
+                return await self._exchange(conn, request, head, chunked, head_only, timeouts, loop)
+            except UpstreamProtocolError:
+                if conn.received:
+                    raise
+                # The backend closed the idle connection as we reused it: nothing of the request was
+                # read, and with no body there is nothing lost by sending it again on a fresh one.
+            conn = None
+        if conn is None:
+            conn = await self._connect(origin, timeouts, loop)
+        return await self._exchange(conn, request, head, chunked, head_only, timeouts, loop)
+
+    async def connect_websocket(
+        self, url: str, headers: RawHeaders, subprotocols: list[str], timeouts: Timeouts
+    ) -> UpstreamWebSocket:
+        if self._websockets is None:
+            self._websockets = AiohttpTransport(ssl=self._ssl if self._ssl is not None else True)
+        return await self._websockets.connect_websocket(url, headers, subprotocols, timeouts)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for conn in list(self._connections):
+            conn.abort()
+        self._connections.clear()
+        for origin in self._origins.values():
+            for waiter in origin.waiters:
+                if not waiter.done():
+                    waiter.set_exception(UpstreamConnectError("the transport is closed"))
+        websockets, self._websockets = self._websockets, None
+        if websockets is not None:
+            await websockets.aclose()
+        await asyncio.sleep(0)  # let the transports' close callbacks run
+
+    # --- connections ---------------------------------------------------------------------------
+
+    def _origin(self, url: str) -> _Origin:
+        tls = None
+        if url.startswith("https:"):
+            if self._ssl is None:
+                self._ssl = ssl_module.create_default_context()
+            tls = self._ssl
+        try:
+            origin = _Origin(url, self.limit_per_backend, tls)
+        except (ValueError, UnicodeEncodeError) as exc:
+            raise UpstreamConnectError(f"{url!r}: {exc}") from None
+        self._origins[url] = origin
+        return origin
+
+    def _pop_idle(self, origin: _Origin, loop: asyncio.AbstractEventLoop) -> _Connection | None:
+        idle = origin.idle
+        now = loop.time()
+        while idle:
+            conn = idle.pop()
+            if conn.closed or conn.transport is None or conn.transport.is_closing():
+                conn.abort()
+            elif now - conn.idle_since > self.keepalive_s:
+                conn.abort()
+            else:
+                return conn
+        return None
+
+    async def _connect(self, origin: _Origin, timeouts: Timeouts, loop: asyncio.AbstractEventLoop) -> _Connection:
+        while origin.open >= origin.limit:
+            waiter = loop.create_future()
+            origin.waiters.append(waiter)
+            try:
+                await waiter  # a slot freed; another request may have taken it first, so check again
+            except asyncio.CancelledError:
+                if waiter in origin.waiters:
+                    origin.waiters.remove(waiter)
+                raise
+            reused = self._pop_idle(origin, loop)
+            if reused is not None:
+                return reused
+        origin.open += 1
+        try:
+            async with asyncio.timeout(timeouts.connect_s):
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(origin, self._connections), origin.host, origin.port, ssl=origin.ssl
+                )
+        except TimeoutError:
+            origin.release_slot()
+            raise UpstreamTimeout(f"{origin.url}: connect timed out", phase="connect") from None
+        except (OSError, ssl_module.SSLError) as exc:
+            origin.release_slot()
+            raise UpstreamConnectError(f"{origin.url}: cannot connect: {exc}") from None
+        except BaseException:
+            origin.release_slot()
+            raise
+        conn.max_headers = self.max_response_headers
+        conn.max_header_bytes = self.max_response_header_bytes
+        if self._closed:
+            conn.abort()
+            raise UpstreamConnectError("the transport is closed")
+        return conn
+
+    def _release(self, conn: _Connection, loop: asyncio.AbstractEventLoop) -> None:
+        """After a complete exchange: back to the idle stack when reusable, else closed."""
+        conn.active = False
+        if conn.closed or not conn.keep_alive or self._closed:
+            conn.abort()
+            return
+        conn.idle_since = loop.time()
+        conn.origin.idle.append(conn)
+        origin = conn.origin
+        if origin.waiters:  # a request waiting for a slot can take this connection
+            waiter = origin.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # --- one exchange --------------------------------------------------------------------------
+
+    @staticmethod
+    def _head(request: UpstreamRequest, origin: _Origin) -> tuple[bytearray, bool]:
+        # latin-1: the target is the client's raw path and query, decoded byte for byte.
+        head = bytearray(request.method.encode("latin-1"))
+        head += b" "
+        head += origin.base
+        head += request.target.encode("latin-1")
+        head += b" HTTP/1.1\r\n"
+        has_host = has_length = False
+        for name, value in request.headers:
+            if name == b"host":
+                has_host = True
+            elif name == b"content-length":
+                has_length = True
+            head += name
+            head += b": "
+            head += value
+            head += b"\r\n"
+        if not has_host:
+            head += b"host: " + origin.host_header + b"\r\n"
+        chunked = request.body is not None and not has_length
+        if chunked:
+            # A body of unknown length, or one whose Content-Length the client named in Connection
+            # (so it was dropped as hop-by-hop): frame it ourselves.
+            head += b"transfer-encoding: chunked\r\n"
+        head += b"\r\n"
+        return head, chunked
+
+    async def _exchange(
+        self,
+        conn: _Connection,
+        request: UpstreamRequest,
+        head: bytearray,
+        chunked: bool,
+        head_only: bool,
+        timeouts: Timeouts,
+        loop: asyncio.AbstractEventLoop,
+    ) -> UpstreamResponse:
+        transport = conn.transport
+        assert transport is not None
+        headers_waiter = conn.begin(loop, head_only)
+        timer: asyncio.TimerHandle | None = None
+        try:
+            transport.write(head)
+            if request.body is not None:
+                await self._upload(conn, request, chunked, timeouts, loop)
+            if not headers_waiter.done():
+                timer = loop.call_later(
+                    timeouts.response_headers_s,
+                    conn.fail,
+                    UpstreamTimeout(f"{request!r}: no response headers in time", phase="headers"),
+                )
+            await headers_waiter
+        except BaseException:
+            conn.abort()
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+        if conn.complete and not conn.chunks:
+            self._release(conn, loop)  # no body (HEAD, 204, 304, empty): the connection is free now
+            return UpstreamResponse(conn.status, conn.headers, _empty())
+        return UpstreamResponse(
+            conn.status, conn.headers, self._body(conn, request, timeouts.read_idle_s, loop), _Closer(conn)
+        )
+
+    async def _upload(
+        self,
+        conn: _Connection,
+        request: UpstreamRequest,
+        chunked: bool,
+        timeouts: Timeouts,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        transport = conn.transport
+        assert transport is not None and request.body is not None
+        idle_s = timeouts.read_idle_s
+        chunks = aiter(request.body)
+        while True:
+            try:
+                async with asyncio.timeout(idle_s):
+                    chunk = await anext(chunks, None)
+            except TimeoutError:
+                raise UpstreamTimeout(f"{request!r}: the request body stalled", phase="body") from None
+            if conn.error is not None:
+                raise conn.error
+            if chunk is None or conn.complete:
+                break  # all sent, or the backend already answered in full (an early 413, say)
+            if not chunk:
+                continue
+            if chunked:
+                transport.write(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+            else:
+                transport.write(chunk)
+            if conn.writing_paused:
+                waiter = conn.drain_waiter = loop.create_future()
+                try:
+                    async with asyncio.timeout(idle_s):
+                        await waiter
+                except TimeoutError:
+                    raise UpstreamTimeout(f"{request!r}: the backend stopped reading", phase="body") from None
+                finally:
+                    conn.drain_waiter = None
+        if chunked:
+            transport.write(b"0\r\n\r\n")
+
+    async def _body(
+        self, conn: _Connection, request: UpstreamRequest, idle_s: float, loop: asyncio.AbstractEventLoop
+    ) -> AsyncIterator[bytes]:
+        while True:
+            if conn.chunks:
+                yield conn.take()
+                continue
+            if conn.complete:
+                break
+            if conn.error is not None:
+                raise conn.error
+            waiter = conn.data_waiter = loop.create_future()
+            timer = loop.call_later(
+                idle_s, conn.fail, UpstreamTimeout(f"{request!r}: no body data in time", phase="body")
+            )
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                conn.data_waiter = None
+        self._release(conn, loop)
+
+
+class _Closer:
+    """``UpstreamResponse.aclose``: closes the connection unless the body was read to the end."""
+
+    __slots__ = ("_conn", "_exchange")
+
+    def __init__(self, conn: _Connection) -> None:
+        self._conn = conn
+        self._exchange = conn.exchanges
+
+    async def __call__(self) -> None:
+        conn = self._conn
+        # Still this response's exchange and not finished: cancel the request upstream. (Once the
+        # body was read to its end the connection may already serve another request: leave it.)
+        if conn.active and conn.exchanges == self._exchange:
+            conn.fail(UpstreamProtocolError(f"{conn.origin.url}: response closed before its end"))
+            conn.active = False
+
+
+async def _empty() -> AsyncIterator[bytes]:
+    return
+    yield  # an async generator with nothing in it
