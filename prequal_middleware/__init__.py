@@ -46,6 +46,7 @@ from .registry import BackendRecord, MemoryRegistry, Registry, RegistryUnavailab
 from .self_registration import SelfRegistration
 from .transport import Transport, UpstreamRequest, UpstreamResponse
 from .transport_aiohttp import AiohttpTransport
+from .transport_h1 import H1Transport
 from .transport_httpx import HttpxTransport
 
 __version__ = "0.1.0.dev0"
@@ -58,6 +59,7 @@ __all__ = [
     "ConfigurationError",
     "Gateway",
     "GatewayNotRunning",
+    "H1Transport",
     "HealthSettings",
     "HttpxTransport",
     "LeastLatencyPolicy",

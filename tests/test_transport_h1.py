@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -207,6 +209,34 @@ async def test_closing_a_response_early_closes_its_connection(backend: tuple[Ser
         await transport.aclose()
     with pytest.raises(UpstreamConnectError):
         await transport.send(UpstreamRequest("GET", server.url, "/x", []), FAST)
+
+
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    command = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"]
+    command += ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)]
+    subprocess.run(command, check=True, capture_output=True, timeout=60)
+    return key, cert
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None and not os.environ.get("CI"), reason="needs the openssl CLI")
+async def test_https_backends_are_verified(tmp_path: Path) -> None:
+    key, cert = self_signed(tmp_path)
+    server = ServerThread(Backend(), ssl_keyfile=str(key), ssl_certfile=str(cert)).start()
+    url = f"https://127.0.0.1:{server.port}"
+    trusting = H1Transport(ssl=ssl.create_default_context(cafile=str(cert)))
+    default = H1Transport()  # the system's CAs: a self-signed certificate is refused
+    try:
+        for _ in range(3):
+            status, _, body = await fetch(trusting, url, "/x")
+            assert (status, body) == (200, b"hello")
+        with pytest.raises(UpstreamConnectError) as refused:
+            await fetch(default, url, "/x")
+        assert refused.value.sent is False
+    finally:
+        await trusting.aclose()
+        await default.aclose()
+        server.stop()
 
 
 def test_gateway_suites_pass_on_h1() -> None:
