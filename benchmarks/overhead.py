@@ -1,6 +1,6 @@
 """Proxy overhead: requests/s, latency and CPU per request of one proxy worker alone on one core.
 
-    python -m benchmarks.overhead                        # 3 rounds x 10 s, 16 and 64 connections (~6 min)
+    python -m benchmarks.overhead                        # 3 rounds x 10 s, 16 and 64 connections (~10 min)
     python -m benchmarks.overhead --quick                # 1 round x 3 s, 16 connections (~1 min)
     python -m benchmarks.overhead --targets direct,gateway_prequal --rounds 5 --json /tmp/o.json
     python -m benchmarks.overhead --quick --profile /tmp/prof   # cProfile each target (slows it down)
