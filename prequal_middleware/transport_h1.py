@@ -15,7 +15,7 @@ unknown length), the target sent byte-exact.
   body; ``read_idle_s`` between body chunks either way (a stalled upload or a stalled download).
 - Errors, as ``UpstreamError`` subclasses with ``sent`` told right: a refused connection or a connect
   timeout was never sent; anything after the first request byte was. A reused idle connection that the
-  backend had closed is retried once on a fresh one when the request has no body (nothing is lost).
+  backend had closed is retried once on a fresh one for an idempotent request without a body.
 - ``https://`` backends use TLS (``ssl.create_default_context()`` unless you pass a context).
 - WebSockets go through an ``AiohttpTransport`` this transport owns (opened on first use).
 """
@@ -38,6 +38,10 @@ from .transport_aiohttp import AiohttpTransport
 if TYPE_CHECKING:
     from .config import Timeouts
 
+# Sent again on a fresh connection when a reused one closed before any answer (no body only).
+RESENDABLE = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+# Origins kept without any connection before the unused ones are dropped (backends come and go).
+MAX_IDLE_ORIGINS = 1024
 # Stop reading from the backend while this much of its body waits for the client (backpressure).
 READ_HIGH_WATER = 256 * 1024
 READ_LOW_WATER = 64 * 1024
@@ -278,14 +282,15 @@ class H1Transport:
         head, chunked = self._head(request, origin)
         head_only = request.method == "HEAD"
         conn = self._pop_idle(origin, loop)
-        if conn is not None and request.body is None:
+        if conn is not None and request.body is None and request.method in RESENDABLE:
             try:
                 return await self._exchange(conn, request, head, chunked, head_only, timeouts, loop)
             except UpstreamProtocolError:
                 if conn.received:
                     raise
-                # The backend closed the idle connection as we reused it: nothing of the request was
-                # read, and with no body there is nothing lost by sending it again on a fresh one.
+                # The connection closed before any answer: most likely the backend closed it while it
+                # sat idle, as we reused it. An idempotent request without a body loses nothing by
+                # being sent again, on a fresh connection (what browsers do).
             conn = None
         if conn is None:
             conn = await self._connect(origin, timeouts, loop)
@@ -324,6 +329,10 @@ class H1Transport:
             origin = _Origin(url, self.limit_per_backend, tls)
         except (ValueError, UnicodeEncodeError) as exc:
             raise UpstreamConnectError(f"{url!r}: {exc}") from None
+        if len(self._origins) >= MAX_IDLE_ORIGINS:
+            for key, old in list(self._origins.items()):
+                if old.open == 0 and not old.waiters:
+                    del self._origins[key]
         self._origins[url] = origin
         return origin
 

@@ -128,6 +128,44 @@ async def test_a_connection_the_backend_closed_while_idle_is_replaced(backend: t
         server.stop()
 
 
+async def test_only_idempotent_requests_are_resent_when_a_reused_connection_closes() -> None:
+    # A raw server that answers the first request of a connection and drops the connection, unanswered,
+    # on the second: to the client that looks like a keep-alive connection closed as it was reused.
+    seen: list[tuple[str, int]] = []
+    connections = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        number, answered = connections, 0
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                seen.append((head.split(b" ", 1)[0].decode(), number))
+                if answered:
+                    break  # the second request: close without a word
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                answered += 1
+        except asyncio.IncompleteReadError:
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    transport = H1Transport()
+    try:
+        assert (await fetch(transport, url, "/a"))[2] == b"ok"  # connection 1, now idle
+        assert (await fetch(transport, url, "/b"))[2] == b"ok", "GET resent on a fresh connection"
+        assert seen == [("GET", 1), ("GET", 1), ("GET", 2)]
+        with pytest.raises(UpstreamProtocolError) as post:
+            await fetch(transport, url, "/c", "POST")  # reuses connection 2, which drops it
+        assert post.value.sent, "the POST may have reached the backend: never sent twice"
+        assert seen[3:] == [("POST", 2)]
+    finally:
+        await transport.aclose()
+        server.close()
+        await server.wait_closed()
+
+
 async def test_limit_per_backend_queues_requests(backend: tuple[ServerThread, Backend]) -> None:
     server, app = backend
     transport = H1Transport(limit_per_backend=2)
