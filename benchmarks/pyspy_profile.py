@@ -76,7 +76,8 @@ def wait_ready(port: int, deadline_s: float = 15.0) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.pyspy_profile", description=__doc__.split("\n")[0])
-    parser.add_argument("target", choices=["aiohttp_raw", "gateway_round_robin", "gateway_prequal"])
+    targets = ["aiohttp_raw", "gateway_round_robin", "gateway_prequal", "gateway_round_robin_h1", "gateway_prequal_h1"]
+    parser.add_argument("target", choices=targets)
     parser.add_argument("--seconds", type=float, default=10.0, help="sampling time [10]")
     parser.add_argument("--connections", type=int, default=16, help="wrk connections [16]")
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second [250]")
