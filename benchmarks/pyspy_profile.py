@@ -4,7 +4,7 @@
     python -m benchmarks.pyspy_profile gateway_round_robin     # 10 s of samples under wrk -c16
     python -m benchmarks.pyspy_profile gateway_prequal --seconds 20 --raw /tmp/prequal.txt
 
-The target and two backends start as ``benchmarks.overhead`` starts them (``benchmarks.overhead_targets``,
+The target and two backends start as ``benchmarks.overhead`` starts them (its ``started`` helper:
 backends and wrk on CPU 0, the target alone on CPU 1), wrk runs for the sampling time plus 4 s, and
 ``py-spy record --format raw`` samples the target meanwhile. Printed: the share of samples whose innermost
 frame is in each package or module of ours (self time), and wrk's req/s (lower than without the profiler).
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import re
 import shutil
 import subprocess
@@ -23,9 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.overhead import free_port
+from benchmarks.overhead import LaunchContext, free_port, python_target, started
+from benchmarks.overhead_targets import APPS
 
-REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("aiohttp", "uvicorn", "starlette", "prometheus_client", "asyncio", "yarl", "multidict", "httptools")
 FRAME_FILE = re.compile(r"\(([^)]*?):\d+\)")
 
@@ -55,29 +56,9 @@ def self_shares(raw: Path) -> tuple[int, list[tuple[str, float]]]:
     return total, [(part, count / total) for part, count in counts.most_common()] if total else []
 
 
-def start(cpu: int, *argv: str) -> subprocess.Popen[bytes]:
-    command = ["taskset", "-c", str(cpu), sys.executable, "-m", "benchmarks.overhead_targets", *argv]
-    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def wait_ready(port: int, deadline_s: float = 15.0) -> None:
-    import httpx
-
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/x", timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"the target on port {port} did not answer within {deadline_s:g} s")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.pyspy_profile", description=__doc__.split("\n")[0])
-    targets = ["aiohttp_raw", "gateway_round_robin", "gateway_prequal", "gateway_round_robin_h1", "gateway_prequal_h1"]
-    parser.add_argument("target", choices=targets)
+    parser.add_argument("target", choices=[name for name in APPS if name != "backend"])
     parser.add_argument("--seconds", type=float, default=10.0, help="sampling time [10]")
     parser.add_argument("--connections", type=int, default=16, help="wrk connections [16]")
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second [250]")
@@ -86,33 +67,30 @@ def main(argv: list[str] | None = None) -> int:
     missing = [tool for tool in ("wrk", "taskset", "py-spy") if shutil.which(tool) is None]
     if missing:
         raise SystemExit(f"missing: {', '.join(missing)} (pip install py-spy; apt-get install wrk util-linux)")
-    raw = args.raw or Path(tempfile.mkdtemp(prefix="pyspy-")) / f"{args.target}.txt"
+    workdir = Path(tempfile.mkdtemp(prefix="pyspy-"))
+    raw = args.raw or workdir / f"{args.target}.txt"
     ports = [free_port() for _ in range(3)]
-    upstreams = ",".join(f"http://127.0.0.1:{p}" for p in ports[1:])
-    procs = [start(0, "backend", "--port", str(p)) for p in ports[1:]]
-    try:
-        for p in ports[1:]:
-            wait_ready(p)
-        target = start(1, args.target, "--port", str(ports[0]), "--upstreams", upstreams)
-        procs.append(target)
-        wait_ready(ports[0])
+    upstreams = [f"http://127.0.0.1:{p}" for p in ports[1:]]
+    backend = python_target("backend")
+    target_argv = python_target(args.target)(LaunchContext(ports[0], upstreams, workdir, None))
+    # Started and pinned as benchmarks.overhead does: backends and wrk on CPU 0, the target on CPU 1.
+    with contextlib.ExitStack() as stack:
+        for port, url in zip(ports[1:], upstreams, strict=True):
+            argv_b = backend(LaunchContext(port, [], workdir, None))
+            stack.enter_context(started(f"backend-{port}", argv_b, 0, workdir, url + "/x"))
+        target = stack.enter_context(started(args.target, target_argv, 1, workdir, f"http://127.0.0.1:{ports[0]}/x"))
         wrk_argv = ["taskset", "-c", "0", "wrk", "-t1", f"-c{args.connections}", f"-d{args.seconds + 4:g}s"]
         wrk = subprocess.Popen([*wrk_argv, f"http://127.0.0.1:{ports[0]}/x"], stdout=subprocess.PIPE, text=True)
-        procs.append(wrk)  # type: ignore[arg-type]
-        time.sleep(2.0)  # warm up before sampling
-        record = ["py-spy", "record", "--pid", str(target.pid), "--duration", f"{args.seconds:g}"]
-        record += ["--rate", str(args.rate), "--format", "raw", "--output", str(raw), "--nonblocking"]
-        subprocess.run(record, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        out, _ = wrk.communicate(timeout=args.seconds + 30)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        try:
+            time.sleep(2.0)  # warm up before sampling
+            record = ["py-spy", "record", "--pid", str(target.pid), "--duration", f"{args.seconds:g}"]
+            record += ["--rate", str(args.rate), "--format", "raw", "--output", str(raw), "--nonblocking"]
+            subprocess.run(record, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            out, _ = wrk.communicate(timeout=args.seconds + 30)
+        finally:
+            if wrk.poll() is None:
+                wrk.kill()
+                wrk.wait()
     total, shares = self_shares(raw)
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     print(f"{args.target}: {total} samples, wrk {rps.group(1) if rps else '?'} req/s under the profiler; raw: {raw}")

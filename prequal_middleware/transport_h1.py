@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from .exceptions import UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
+from .exceptions import TimeoutPhase, UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
 from .transport import RawHeaders, UpstreamRequest, UpstreamResponse, UpstreamWebSocket
 from .transport_aiohttp import AiohttpTransport
 
@@ -44,7 +44,6 @@ RESENDABLE = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 MAX_IDLE_ORIGINS = 1024
 # Stop reading from the backend while this much of its body waits for the client (backpressure).
 READ_HIGH_WATER = 256 * 1024
-READ_LOW_WATER = 64 * 1024
 
 
 class _Origin:
@@ -70,6 +69,10 @@ class _Origin:
     def release_slot(self) -> None:
         """A connection closed: its slot goes to the first request still waiting, if any."""
         self.open -= 1
+        self.wake_one()
+
+    def wake_one(self) -> None:
+        """Wake the first request still waiting for a connection (a slot or an idle one), if any."""
         while self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.done():
@@ -80,15 +83,15 @@ class _Origin:
 class _Connection(asyncio.Protocol):
     """One keep-alive connection to an origin; one exchange at a time."""
 
-    def __init__(self, origin: _Origin, registry: set[_Connection]) -> None:
+    def __init__(self, origin: _Origin, registry: set[_Connection], max_headers: int, max_header_bytes: int) -> None:
         self.origin = origin
         self._registry = registry  # the transport's open connections, for aclose()
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.exchanges = 0  # exchanges begun: tells a late close of an earlier response from this one
         self.idle_since = 0.0
-        self.max_headers = 128
-        self.max_header_bytes = 8190
+        self.max_headers = max_headers
+        self.max_header_bytes = max_header_bytes
         self._reset(head_only=False)
 
     def _reset(self, head_only: bool) -> None:
@@ -138,6 +141,11 @@ class _Connection(asyncio.Protocol):
                 waiter.set_exception(error)
                 waiter.exception()  # retrieved here: an unawaited waiter must not log
         self.abort()
+
+    def time_out(self, phase: TimeoutPhase, request: UpstreamRequest) -> None:
+        """A timer fired: fail the exchange (the error is built only now, not for every request)."""
+        what = "no response headers in time" if phase == "headers" else "no body data in time"
+        self.fail(UpstreamTimeout(f"{request!r}: {what}", phase=phase))
 
     # --- asyncio callbacks ---------------------------------------------------------------------
 
@@ -229,7 +237,7 @@ class _Connection(asyncio.Protocol):
             waiter.set_result(None)
 
     def take(self) -> bytes:
-        """The body bytes that arrived (joined), resuming reading below the low-water mark."""
+        """The body bytes that arrived (joined); reading resumes if it was paused."""
         chunks = self.chunks
         data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
@@ -366,7 +374,12 @@ class H1Transport:
         try:
             async with asyncio.timeout(timeouts.connect_s):
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(origin, self._connections), origin.host, origin.port, ssl=origin.ssl
+                    lambda: _Connection(
+                        origin, self._connections, self.max_response_headers, self.max_response_header_bytes
+                    ),
+                    origin.host,
+                    origin.port,
+                    ssl=origin.ssl,
                 )
         except TimeoutError:
             origin.release_slot()
@@ -377,8 +390,6 @@ class H1Transport:
         except BaseException:
             origin.release_slot()
             raise
-        conn.max_headers = self.max_response_headers
-        conn.max_header_bytes = self.max_response_header_bytes
         if self._closed:
             conn.abort()
             raise UpstreamConnectError("the transport is closed")
@@ -392,11 +403,7 @@ class H1Transport:
             return
         conn.idle_since = loop.time()
         conn.origin.idle.append(conn)
-        origin = conn.origin
-        if origin.waiters:  # a request waiting for a slot can take this connection
-            waiter = origin.waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
+        conn.origin.wake_one()  # a request waiting for a slot can take this connection
 
     # --- one exchange --------------------------------------------------------------------------
 
@@ -447,11 +454,7 @@ class H1Transport:
             if request.body is not None:
                 await self._upload(conn, request, chunked, timeouts, loop)
             if not headers_waiter.done():
-                timer = loop.call_later(
-                    timeouts.response_headers_s,
-                    conn.fail,
-                    UpstreamTimeout(f"{request!r}: no response headers in time", phase="headers"),
-                )
+                timer = loop.call_later(timeouts.response_headers_s, conn.time_out, "headers", request)
             await headers_waiter
         except BaseException:
             conn.abort()
@@ -518,9 +521,7 @@ class H1Transport:
             if conn.error is not None:
                 raise conn.error
             waiter = conn.data_waiter = loop.create_future()
-            timer = loop.call_later(
-                idle_s, conn.fail, UpstreamTimeout(f"{request!r}: no body data in time", phase="body")
-            )
+            timer = loop.call_later(idle_s, conn.time_out, "body", request)
             try:
                 await waiter
             finally:

@@ -30,7 +30,7 @@ import random
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from prequal_middleware.core.sim_fleet import antagonist_busy
+from prequal_middleware.core.sim_fleet import antagonist_busy, replica_model_checks
 
 # E[X | X > 0] for X ~ Normal(mu, mu) is mu * (1 + phi(1) / Phi(1)) ~= 1.2876 * mu.
 TRUNCATED_MEAN_FACTOR = 1.0 + (math.exp(-0.5) / math.sqrt(2.0 * math.pi)) / (
@@ -62,14 +62,7 @@ class FleetConfig:
     def __post_init__(self) -> None:
         checks = (
             ("replicas", self.replicas >= 1),
-            ("slots", self.slots >= 1),
-            ("work_mu_s", 0 < self.work_mu_s < math.inf),
-            ("allocation_min", 0 < self.allocation_min <= self.allocation_max < math.inf),
-            ("headroom_min", 1.0 <= self.headroom_min <= self.headroom_max < math.inf),
-            ("antagonist_period_min_s", 0 < self.antagonist_period_min_s <= self.antagonist_period_max_s < math.inf),
-            ("antagonist_duty_min", 0.0 <= self.antagonist_duty_min <= self.antagonist_duty_max <= 1.0),
-            ("burst_rate_hz", 0.0 <= self.burst_rate_hz < math.inf),
-            ("burst_min_s", 0.0 <= self.burst_min_s <= self.burst_max_s < math.inf),
+            *replica_model_checks(self),
         )
         for name, ok in checks:
             if not ok:

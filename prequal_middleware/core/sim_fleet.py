@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from .probe_pool import PrequalSettings
 
@@ -90,14 +91,7 @@ class SimConfig:
             ("network_delay_s", 0 <= self.network_delay_s < self.deadline_s),
             ("idle_tick_s", 0 < self.idle_tick_s < math.inf),
             ("sample_interval_s", 0 < self.sample_interval_s < math.inf),
-            ("slots", self.slots >= 1),
-            ("work_mu_s", 0 < self.work_mu_s < math.inf),
-            ("allocation_min", 0 < self.allocation_min <= self.allocation_max < math.inf),
-            ("headroom_min", 1.0 <= self.headroom_min <= self.headroom_max < math.inf),
-            ("antagonist_period_min_s", 0 < self.antagonist_period_min_s <= self.antagonist_period_max_s < math.inf),
-            ("antagonist_duty_min", 0.0 <= self.antagonist_duty_min <= self.antagonist_duty_max <= 1.0),
-            ("burst_rate_hz", 0.0 <= self.burst_rate_hz < math.inf),
-            ("burst_min_s", 0.0 <= self.burst_min_s <= self.burst_max_s < math.inf),
+            *replica_model_checks(self),
         )
         for name, ok in checks:
             if not ok:
@@ -175,6 +169,51 @@ def build_fleet(config: SimConfig, rng: random.Random) -> Fleet:
         specs.append(ReplicaSpec(i, f"replica-{i:03d}", allocation, allocation * headroom, tuple(busy)))
     capacity = sum(config.slots * s.allocation for s in specs) / config.mean_work_s
     return Fleet(tuple(specs), capacity)
+
+
+class ReplicaModel(Protocol):
+    """The replica parameters the simulator and the testbed share (same names, same meaning)."""
+
+    @property
+    def slots(self) -> int: ...
+    @property
+    def work_mu_s(self) -> float: ...
+    @property
+    def allocation_min(self) -> float: ...
+    @property
+    def allocation_max(self) -> float: ...
+    @property
+    def headroom_min(self) -> float: ...
+    @property
+    def headroom_max(self) -> float: ...
+    @property
+    def antagonist_period_min_s(self) -> float: ...
+    @property
+    def antagonist_period_max_s(self) -> float: ...
+    @property
+    def antagonist_duty_min(self) -> float: ...
+    @property
+    def antagonist_duty_max(self) -> float: ...
+    @property
+    def burst_rate_hz(self) -> float: ...
+    @property
+    def burst_min_s(self) -> float: ...
+    @property
+    def burst_max_s(self) -> float: ...
+
+
+def replica_model_checks(c: ReplicaModel) -> tuple[tuple[str, bool], ...]:
+    """(field, valid) for the shared replica parameters, for a config's ``__post_init__``."""
+    return (
+        ("slots", c.slots >= 1),
+        ("work_mu_s", 0 < c.work_mu_s < math.inf),
+        ("allocation_min", 0 < c.allocation_min <= c.allocation_max < math.inf),
+        ("headroom_min", 1.0 <= c.headroom_min <= c.headroom_max < math.inf),
+        ("antagonist_period_min_s", 0 < c.antagonist_period_min_s <= c.antagonist_period_max_s < math.inf),
+        ("antagonist_duty_min", 0.0 <= c.antagonist_duty_min <= c.antagonist_duty_max <= 1.0),
+        ("burst_rate_hz", 0.0 <= c.burst_rate_hz < math.inf),
+        ("burst_min_s", 0.0 <= c.burst_min_s <= c.burst_max_s < math.inf),
+    )
 
 
 def antagonist_busy(
