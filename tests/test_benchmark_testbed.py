@@ -121,3 +121,23 @@ def test_quick_run_writes_results_and_leaves_no_process(tmp_path: Path) -> None:
     assert results["prequal"]["probes_per_req"] > 0  # counted at the replicas
     assert results["round_robin"]["probes_per_req"] == 0
     assert "| single | 0.8 | prequal |" in done.stdout  # the summary table
+
+
+def test_prequal_variants_run_the_gateway_with_their_own_q_rif(tmp_path: Path) -> None:
+    from benchmarks.testbed.cli import build_parser
+    from benchmarks.testbed.contenders import contender, plan
+
+    variant = contender("prequal_q0.6")
+    assert (variant.kind, variant.method, variant.q_rif) == ("gateway", "prequal", 0.6)
+    argv = plan(variant, 2, [9001, 9002], [8001, 8002], tmp_path, seed=1, q_rif=0.9).commands
+    assert [a[a.index("--q-rif") + 1] for a in argv] == ["0.6", "0.6"]  # the variant wins over the run's setting
+    plain = plan(contender("prequal"), 1, [9001], [8001], tmp_path, seed=1, q_rif=0.9).commands[0]
+    assert plain[plain.index("--q-rif") + 1] == "0.9"
+    assert "--q-rif" not in plan(contender("prequal"), 1, [9001], [8001], tmp_path, seed=1).commands[0]
+    parser = build_parser()
+    assert parser.parse_args(["--contenders", "prequal,prequal_q0"]).contenders == ["prequal", "prequal_q0"]
+    for bad in ("prequal_q1.5", "prequal_qx", "nginx"):
+        with pytest.raises(ValueError, match="unknown contender"):
+            contender(bad)
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--contenders", bad])

@@ -16,7 +16,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from .contenders import ALL_CONTENDERS, CONTENDERS, SETTINGS, find_binary
+from .contenders import ALL_CONTENDERS, SETTINGS, contender, find_binary
 from .fleet import FleetConfig
 from .metrics import aggregate, cdf_points
 from .procs import TASKSET, Supervisor
@@ -42,6 +42,20 @@ def _floats(text: str) -> list[float]:
     return values
 
 
+def _contender_names(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    for name in names:
+        try:
+            contender(name)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected names among {', '.join(ALL_CONTENDERS)} or prequal_q<Q_RIF in [0, 1]>, got {name!r}"
+            ) from None
+    if not names:
+        raise argparse.ArgumentTypeError("expected at least one contender")
+    return list(dict.fromkeys(names))
+
+
 def _names(allowed: Sequence[str]) -> Any:
     def parse(text: str) -> list[str]:
         names = [x.strip() for x in text.split(",") if x.strip()]
@@ -60,7 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--setup", action="store_true", help="install nginx and haproxy with apt-get when missing, exit")
     p.add_argument("--quick", action="store_true", help="6 replicas, loads 0.7,1.2, 4 s runs, 4 contenders, single")
-    p.add_argument("--contenders", type=_names(ALL_CONTENDERS), help=f"[all: {','.join(ALL_CONTENDERS)}]")
+    p.add_argument(
+        "--contenders",
+        type=_contender_names,
+        help=f"[all: {','.join(ALL_CONTENDERS)}]; prequal_q<Q_RIF> runs Prequal with that Q_RIF",
+    )
     p.add_argument("--settings", type=_names(SETTINGS), help="single,fleet [both; --quick: single]")
     p.add_argument("--loads", type=_floats, help=f"fractions of fleet capacity [{','.join(map(str, DEFAULT_LOADS))}]")
     p.add_argument("--seconds", type=float, help=f"measured seconds per run [{FULL['seconds']:g}]")
@@ -176,11 +194,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     available, skipped = [], {}
     for name in options.contenders:
-        contender = CONTENDERS[name]
-        if contender.available():
+        entry = contender(name)
+        if entry.available():
             available.append(name)
         else:
-            skipped[name] = f"{contender.binary} is not installed (python -m benchmarks.testbed --setup installs it)"
+            skipped[name] = f"{entry.binary} is not installed (python -m benchmarks.testbed --setup installs it)"
             log(f"skipping {name}: {skipped[name]}")
     if not available:
         log("error: no contender to run")
@@ -210,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for i, (round_index, load, setting, name) in enumerate(runs, 1):
                 t = time.monotonic()
                 try:
-                    result = runner.run(CONTENDERS[name], setting, load, round_index)
+                    result = runner.run(contender(name), setting, load, round_index)
                 except TestbedError as exc:
                     failures.append({"policy": name, "setting": setting, "load": load, "round": round_index})
                     failures[-1]["error"] = str(exc)

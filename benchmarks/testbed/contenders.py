@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import sys
 from collections.abc import Sequence
@@ -48,6 +49,7 @@ class Contender:
     name: str
     kind: str  # gateway, nginx or haproxy
     method: str  # the gateway policy, or the nginx / haproxy balancing method
+    q_rif: float | None = None  # a Prequal variant's Q_RIF (``prequal_q0.6``); None: the run's setting
 
     @property
     def binary(self) -> str | None:
@@ -64,6 +66,20 @@ CONTENDERS: dict[str, Contender] = {
     "nginx_round_robin": Contender("nginx_round_robin", "nginx", "round_robin"),
     "haproxy_leastconn": Contender("haproxy_leastconn", "haproxy", "leastconn"),
 }
+
+
+def contender(name: str) -> Contender:
+    """The contender called ``name``: one of ``ALL_CONTENDERS`` or a Prequal variant ``prequal_q<Q_RIF>``.
+
+    A variant runs our gateway's Prequal with that Q_RIF, so two settings can be compared side by side,
+    interleaved in one run (``--contenders prequal,prequal_q0.6``). Raises ``ValueError`` otherwise.
+    """
+    if name in CONTENDERS:
+        return CONTENDERS[name]
+    match = re.fullmatch(r"prequal_q(\d+(?:\.\d+)?)", name)
+    if match is None or not 0.0 <= float(match.group(1)) <= 1.0:
+        raise ValueError(f"unknown contender {name!r}")
+    return Contender(name, "gateway", "prequal", q_rif=float(match.group(1)))
 
 
 def find_binary(name: str) -> str | None:
@@ -97,9 +113,11 @@ def plan(
 ) -> LaunchPlan:
     """How to start ``instances`` independent instances of ``contender``; ``ports``: free ports, one per instance.
 
-    ``q_rif`` overrides Prequal's ``Q_RIF`` in our gateway (the library's default otherwise).
+    ``q_rif`` overrides Prequal's ``Q_RIF`` in our gateway (the library's default otherwise); a variant's
+    own ``Q_RIF`` wins over it.
     """
     if contender.kind == "gateway":
+        variant_q_rif = q_rif if contender.q_rif is None else contender.q_rif
         commands = []
         for k in range(instances):
             commands.append(
@@ -118,7 +136,7 @@ def plan(
                     ",".join(f"http://127.0.0.1:{p}" for p in upstreams),
                     "--stats",
                     str(workdir / f"gateway-{k}.json"),
-                    *([] if q_rif is None else ["--q-rif", repr(q_rif)]),
+                    *([] if variant_q_rif is None else ["--q-rif", repr(variant_q_rif)]),
                 ]
             )
         return LaunchPlan(commands, list(ports[:instances]))
