@@ -7,7 +7,13 @@ A proxied request costs one to three probes, so a probe must cost far less than 
 
     client = ProbeClient(timeout_s=0.05)
     result = await client.probe("http://10.0.0.5:8000")  # ProbeResult(rif=3, latency_s=0.012)
+    client.send("http://10.0.0.5:8000", on_result)  # no task: on_result(result, error) follows
     await client.aclose()
+
+``send`` is what the gateway uses: on a kept-alive connection a probe is one write, one timer and the
+parser's callbacks, with no task or coroutine of its own (a task per probe cost as much as the rest of
+the probe, measured with ``benchmarks.pyspy_profile``). Only a probe that must open a connection runs
+a task, to connect.
 
 The answer's ``x-prequal-rif`` (required) and ``x-prequal-latency-us`` (optional, 0 when absent) headers
 are read; the body is consumed and ignored. ``404``, ``405`` or a ``200`` without ``x-prequal-rif`` (a
@@ -22,8 +28,9 @@ a base path in the URL (``http://h:1/svc``) prefixes the probe path. One client 
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
-import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 from urllib.parse import urlsplit
@@ -37,8 +44,7 @@ UNSUPPORTED_STATUSES = frozenset({404, 405})
 RIF_HEADER = b"x-prequal-rif"
 LATENCY_HEADER = b"x-prequal-latency-us"
 
-# Python 3.11 counts cancellations; a timeout we raise ourselves must be taken back out of the count.
-_COUNTS_CANCELS = sys.version_info >= (3, 11)
+logger = logging.getLogger("prequal_middleware.probe_client")
 
 
 class ProbeError(Exception):
@@ -59,6 +65,10 @@ class ProbeResult:
 
     rif: int
     latency_s: float
+
+
+ProbeCallback = Callable[[ProbeResult | None, ProbeError | None], None]
+"""Told the outcome of ``ProbeClient.send``: ``(result, None)`` or ``(None, error)``."""
 
 
 class _Backend:
@@ -84,7 +94,7 @@ class _ProbeConnection(asyncio.Protocol):
         "_open",
         "_parser",
         "transport",
-        "waiter",
+        "probe",
         "closed",
         "received",
         "status",
@@ -99,7 +109,7 @@ class _ProbeConnection(asyncio.Protocol):
         self._open = open_connections
         self._parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
-        self.waiter: asyncio.Future[None] | None = None
+        self.probe: _Probe | None = None  # the probe this connection is answering
         self.closed = False
         self.received = False
         self.status = 0
@@ -108,27 +118,26 @@ class _ProbeConnection(asyncio.Protocol):
         self.rif: bytes | None = None
         self.latency_us: bytes | None = None
 
-    def begin(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
-        """Reset for a new exchange; the future resolves when the answer is in."""
+    def begin(self, probe: _Probe) -> None:
+        """Send ``probe``'s request; its answer (or the failure) is reported to it."""
+        self.probe = probe
         self.received = False
         self.status = 0
         self.framed = self.reusable = False
         self.rif = self.latency_us = None
-        waiter = self.waiter = loop.create_future()
-        return waiter
+        assert self.transport is not None
+        self.transport.write(self.backend.request)
 
     def abort(self) -> None:
         """Close now, dropping any unsent bytes; the client's bookkeeping forgets it at once."""
-        self._drop()
-        if self.transport is not None:
-            self.transport.abort()
-
-    def _drop(self) -> None:
+        self.probe = None
         self.closed = True
         self._open.discard(self)
         idle = self.backend.idle
         if self in idle:
             idle.remove(self)
+        if self.transport is not None:
+            self.transport.abort()
 
     # asyncio callbacks
 
@@ -137,8 +146,7 @@ class _ProbeConnection(asyncio.Protocol):
         self._open.add(self)
 
     def data_received(self, data: bytes) -> None:
-        waiter = self.waiter
-        if waiter is None or waiter.done():
+        if self.probe is None:
             self.abort()  # bytes nobody asked for: the stream can no longer be trusted
             return
         self.received = True
@@ -148,7 +156,6 @@ class _ProbeConnection(asyncio.Protocol):
             self._fail(f"malformed response ({exc!r})")
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._drop()
         self._fail("connection closed before a full response")
 
     # httptools callbacks
@@ -170,52 +177,108 @@ class _ProbeConnection(asyncio.Protocol):
         self.reusable = self.framed and self._parser.should_keep_alive()
         if not self.framed:
             # The body runs to EOF: take the headers now and close the connection after use.
-            self._resolve()
+            self._answered()
 
     def on_message_complete(self) -> None:
         if self.status == 0:
             self.framed = False  # end of an interim answer
             self.rif = self.latency_us = None
             return
-        self._resolve()
+        self._answered()
 
-    def _resolve(self) -> None:
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+    def _answered(self) -> None:
+        probe = self.probe
+        if probe is not None:
+            self.probe = None
+            probe.answered(self)
 
     def _fail(self, reason: str) -> None:
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(ProbeFailed(f"{self.backend.url}: {reason}"))
+        probe = self.probe
         self.abort()
+        if probe is not None:
+            probe.connection_failed(self, reason)
 
 
-class _StaleConnection(Exception):
-    """A reused idle connection turned out closed before answering: retry on a fresh one."""
+class _Probe:
+    """One probe in flight: its deadline, its connection or connect task, and whom to tell.
 
+    No task of its own: on a kept-alive connection a probe is a write, a timer and parser callbacks.
+    Only a probe that needs a new connection runs a (connect) task.
+    """
 
-class _Deadline:
-    """Cancels the probing task when time is up: one timer, no extra task (unlike ``wait_for``)."""
+    __slots__ = ("_client", "_backend", "_callback", "_timer", "_conn", "_task", "_reused", "done")
 
-    __slots__ = ("_task", "_cancelling", "expired")
+    def __init__(self, client: ProbeClient, backend: _Backend, callback: ProbeCallback) -> None:
+        self._client = client
+        self._backend = backend
+        self._callback = callback
+        self._timer: asyncio.TimerHandle | None = None
+        self._conn: _ProbeConnection | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._reused = False
+        self.done = False
 
-    def __init__(self, task: asyncio.Task[object]) -> None:
-        self._task = task
-        self._cancelling = task.cancelling() if _COUNTS_CANCELS else 0
-        self.expired = False
+    def cancel(self) -> None:
+        """Give up without reporting: the callback is not called."""
+        self._end(None, None, notify=False)
+
+    # driven by the client and the connection
+
+    def start(self, conn: _ProbeConnection, reused: bool) -> None:
+        self._conn = conn
+        self._reused = reused
+        conn.begin(self)
 
     def expire(self) -> None:
-        self.expired = True
-        self._task.cancel()
+        self._timer = None
+        self._end(None, ProbeFailed(f"{self._backend.url}: no answer within {self._client.timeout_s * 1000:g} ms"))
 
-    def caused(self) -> bool:
-        """Whether a CancelledError came from this deadline alone (else the caller cancelled too)."""
-        if not self.expired:
-            return False
-        if _COUNTS_CANCELS:
-            return self._task.uncancel() <= self._cancelling
-        return True
+    def answered(self, conn: _ProbeConnection) -> None:
+        self._conn = None
+        try:
+            result = ProbeClient._read(conn)
+        except ProbeError as exc:
+            conn.abort()
+            self._end(None, exc)
+            return
+        self._client._release(conn)
+        self._end(result, None)
+
+    def connection_failed(self, conn: _ProbeConnection, reason: str) -> None:
+        self._conn = None
+        if self.done:
+            return
+        if self._reused and not conn.received:
+            # The server closed the idle connection before our request reached it: not the backend's
+            # fault. Try once more on a fresh connection, within the same deadline.
+            self._client._connect_for(self)
+            return
+        self._end(None, ProbeFailed(f"{self._backend.url}: {reason}"))
+
+    def connecting(self, task: asyncio.Task[None]) -> None:
+        self._task = task
+
+    def connected(self) -> None:
+        self._task = None
+
+    def _end(self, result: ProbeResult | None, error: ProbeError | None, notify: bool = True) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        conn, self._conn = self._conn, None
+        if conn is not None and conn.probe is self:
+            conn.abort()  # given up mid-answer: the stream is out of step
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+        if notify:
+            try:
+                self._callback(result, error)
+            except Exception:  # a bug in the caller must not break the connection's callbacks
+                logger.exception("probe callback failed")
 
 
 class ProbeClient:
@@ -245,6 +308,7 @@ class ProbeClient:
         self.max_idle_per_backend = max_idle_per_backend
         self._backends: dict[str, _Backend] = {}
         self._open: set[_ProbeConnection] = set()  # every live connection, idle or busy
+        self._connecting: set[asyncio.Task[None]] = set()
         self._tls: ssl.SSLContext | None = None
         self._closed = False
 
@@ -255,31 +319,49 @@ class ProbeClient:
 
     async def probe(self, backend_url: str) -> ProbeResult:
         """Ask ``backend_url`` (``http://host:port[/base]``) for its load; raises a ``ProbeError``."""
-        if self._closed:
-            raise ProbeFailed("the probe client is closed")
-        backend = self._backends.get(backend_url)
-        if backend is None:
-            backend = self._backends[backend_url] = self._backend(backend_url)
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None, "probe() runs inside a task"
-        deadline = _Deadline(task)
-        timer = loop.call_later(self.timeout_s, deadline.expire)
+        future: asyncio.Future[ProbeResult] = asyncio.get_running_loop().create_future()
+
+        def done(result: ProbeResult | None, error: ProbeError | None) -> None:
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(cast(ProbeResult, result))
+
+        handle = self.send(backend_url, done)
         try:
-            conn = self._pop_idle(backend)
-            if conn is not None:
-                try:
-                    return await self._exchange(conn, loop, reused=True)
-                except _StaleConnection:
-                    pass  # the server closed it while idle; not the backend's fault
-            conn = await self._connect(backend, loop)
-            return await self._exchange(conn, loop, reused=False)
+            return await future
         except asyncio.CancelledError:
-            if deadline.caused():
-                raise ProbeFailed(f"{backend_url}: no answer within {self.timeout_s * 1000:g} ms") from None
+            if handle is not None:
+                handle.cancel()
             raise
-        finally:
-            timer.cancel()
+
+    def send(self, backend_url: str, callback: ProbeCallback) -> _Probe | None:
+        """Probe ``backend_url`` without waiting: ``callback(result, None)`` or ``callback(None, error)`` follows.
+
+        The callback runs exactly once, from an event-loop callback, within about ``timeout_s``; it runs
+        before ``send`` returns when the probe cannot start (closed client, invalid URL), and then
+        ``send`` returns None. Otherwise it returns a handle whose ``cancel()`` gives the probe up silently.
+        """
+        backend = self._backends.get(backend_url)
+        if backend is None or self._closed:
+            try:
+                if self._closed:
+                    raise ProbeFailed("the probe client is closed")
+                backend = self._backends[backend_url] = self._backend(backend_url)
+            except ProbeFailed as exc:
+                callback(None, exc)
+                return None
+        loop = asyncio.get_running_loop()
+        probe = _Probe(self, backend, callback)
+        probe._timer = loop.call_later(self.timeout_s, probe.expire)
+        conn = self._pop_idle(backend)
+        if conn is not None:
+            probe.start(conn, reused=True)
+        else:
+            self._connect_for(probe)
+        return probe
 
     def forget(self, backend_url: str) -> None:
         """Drop a backend that left: close its idle connections and its cached request."""
@@ -294,8 +376,10 @@ class ProbeClient:
         self._closed = True
         for backend in self._backends.values():
             backend.retired = True
+        for task in list(self._connecting):
+            task.cancel()
         for conn in list(self._open):
-            conn.abort()
+            conn._fail("the probe client is closed")
         # Transports close their sockets in a callback scheduled by abort(); let it run.
         await asyncio.sleep(0)
 
@@ -329,46 +413,48 @@ class ProbeClient:
             conn.abort()
         return None
 
-    async def _connect(self, backend: _Backend, loop: asyncio.AbstractEventLoop) -> _ProbeConnection:
-        try:
-            _, conn = await loop.create_connection(
-                lambda: _ProbeConnection(backend, self._open), backend.host, backend.port, ssl=backend.ssl
-            )
-        except OSError as exc:
-            raise ProbeFailed(f"{backend.url}: connect failed ({exc})") from exc
-        if self._closed:  # aclose() ran while we were connecting
-            conn.abort()
-            raise ProbeFailed("the probe client is closed")
-        return conn
-
-    async def _exchange(self, conn: _ProbeConnection, loop: asyncio.AbstractEventLoop, reused: bool) -> ProbeResult:
+    def _release(self, conn: _ProbeConnection) -> None:
+        """After a complete answer: keep the connection for the next probe, or close it."""
         backend = conn.backend
-        transport = conn.transport
-        assert transport is not None
-        waiter = conn.begin(loop)
-        transport.write(backend.request)
-        try:
-            await waiter
-        except ProbeFailed:
-            if reused and not conn.received:
-                raise _StaleConnection from None
-            raise
-        except BaseException:
-            conn.abort()  # a timeout or cancellation mid-answer: the stream is out of step
-            raise
-        finally:
-            conn.waiter = None
-        try:
-            result = self._read(conn)
-        except ProbeError:
-            conn.abort()
-            raise
         idle = backend.idle
         if conn.reusable and not conn.closed and len(idle) < self.max_idle_per_backend and not backend.retired:
             idle.append(conn)
         else:
             conn.abort()
-        return result
+
+    def _connect_for(self, probe: _Probe) -> None:
+        task = asyncio.get_running_loop().create_task(self._connect(probe))
+        self._connecting.add(task)
+        task.add_done_callback(self._connecting.discard)
+        probe.connecting(task)
+
+    async def _connect(self, probe: _Probe) -> None:
+        backend = probe._backend
+        if self._closed:
+            probe._end(None, ProbeFailed("the probe client is closed"))
+            return
+        conn = _ProbeConnection(backend, self._open)
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.create_connection(lambda: conn, backend.host, backend.port, ssl=backend.ssl)
+        except asyncio.CancelledError:
+            probe.connected()
+            conn.abort()  # given up (deadline, cancel, aclose) while connecting; it may have connected
+            if self._closed:
+                probe._end(None, ProbeFailed("the probe client is closed"))
+            raise
+        except OSError as exc:
+            probe.connected()
+            probe._end(None, ProbeFailed(f"{backend.url}: connect failed ({exc})"))
+            return
+        probe.connected()
+        if self._closed:  # aclose() ran while we were connecting
+            conn.abort()
+            probe._end(None, ProbeFailed("the probe client is closed"))
+        elif probe.done:  # given up just as it connected
+            conn.abort()
+        else:
+            probe.start(conn, reused=False)
 
     @staticmethod
     def _read(conn: _ProbeConnection) -> ProbeResult:

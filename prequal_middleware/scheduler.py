@@ -1,7 +1,8 @@
 """``ProbeScheduler``: the only owner of the gateway's background tasks.
 
 - Probes: the policies ask for them (per query, and after ``max_idle_s`` without queries); each is
-  sent at once in its own task with a short timeout, never awaited by a request. At most
+  sent at once with a short timeout and reported by callback (``ProbeClient.send``: no task per probe),
+  never awaited by a request. At most
   ``ProbeSettings.max_in_flight`` per pool are in flight; beyond that a probe is skipped, not queued:
   a queued probe would be stale on arrival. A backend that answers 404 on the probe path switches to
   the gateway's local view (``probe_mode = "local"``).
@@ -20,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Coroutine, Iterable, Sequence
+from functools import partial
 from typing import Any
 
 from .config import Timeouts
@@ -28,7 +30,7 @@ from .exceptions import UpstreamError
 from .membership import Membership
 from .metrics import PrequalMetrics
 from .pool import PoolRuntime
-from .probe_client import ProbeClient, ProbeError, ProbeUnsupported
+from .probe_client import ProbeClient, ProbeError, ProbeResult, ProbeUnsupported
 from .transport import Transport, UpstreamRequest
 
 logger = logging.getLogger("prequal_middleware.scheduler")
@@ -126,30 +128,36 @@ class ProbeScheduler:
                 continue
             pool.probes_in_flight += 1
             self.probes_sent += 1
-            self._spawn(self._probe(pool, policy, client, backend))
+            # No task per probe: the client calls back from its connection's callbacks.
+            client.send(backend, partial(self._probe_done, pool, policy, backend, self._clock()))
 
-    async def _probe(self, pool: PoolRuntime, policy: Policy, client: ProbeClient, backend: str) -> None:
+    def _probe_done(
+        self,
+        pool: PoolRuntime,
+        policy: Policy,
+        backend: str,
+        started: float,
+        result: ProbeResult | None,
+        error: ProbeError | None,
+    ) -> None:
+        pool.probes_in_flight -= 1
+        if not self._running:
+            return  # closing: the client fails what is in flight
         metrics = self._metrics
-        started = self._clock()
-        try:
-            result = await client.probe(backend)
-        except ProbeUnsupported:
-            now = self._clock()
+        now = self._clock()
+        if result is not None:
+            metrics.child(metrics.probes, pool.prefix, "ok").inc()
+            metrics.child(metrics.probe_duration, pool.prefix).observe(now - started)
+            policy.on_probe(backend, now, result.rif, result.latency_s)
+        elif isinstance(error, ProbeUnsupported):
             for c in pool.clients:
                 c.set_probe_mode(backend, "local", now)
             metrics.child(metrics.probes, pool.prefix, "unsupported").inc()
             logger.info("backend %s of pool %s answers no probes: using the gateway's own view", backend, pool.prefix)
-        except ProbeError:
+        else:
             self.probe_failures += 1
             metrics.child(metrics.probes, pool.prefix, "failed").inc()
-            policy.on_probe_failure(backend, self._clock())
-        else:
-            now = self._clock()
-            metrics.child(metrics.probes, pool.prefix, "ok").inc()
-            metrics.child(metrics.probe_duration, pool.prefix).observe(now - started)
-            policy.on_probe(backend, now, result.rif, result.latency_s)
-        finally:
-            pool.probes_in_flight -= 1
+            policy.on_probe_failure(backend, now)
 
     async def _idle_loop(self) -> None:
         tick = IDLE_TICK_SHARE * min(pool.config.prequal.max_idle_s for pool in self._pools)

@@ -360,7 +360,7 @@ async def test_aclose_closes_everything_and_then_refuses() -> None:
             connections = list(client._open)
             assert len(connections) == 4
             await client.aclose()
-            with pytest.raises(ProbeFailed, match="connection closed"):
+            with pytest.raises(ProbeFailed, match="the probe client is closed"):
                 await in_flight
             assert client.closed
             assert client._open == set()
@@ -390,3 +390,114 @@ async def test_forget_drops_a_backend(client: ProbeClient) -> None:
         assert server.url not in client._backends
         assert client._open == set()
         assert (await client.probe(server.url)).rif == 0
+
+
+class Outcomes:
+    """A ``ProbeClient.send`` callback that records every call and wakes a waiter on the first."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[ProbeResult | None, ProbeError | None]] = []
+        self.event = asyncio.Event()
+
+    def __call__(self, result: ProbeResult | None, error: ProbeError | None) -> None:
+        self.calls.append((result, error))
+        self.event.set()
+
+    async def first(self) -> tuple[ProbeResult | None, ProbeError | None]:
+        await asyncio.wait_for(self.event.wait(), WAIT_S)
+        return self.calls[0]
+
+
+async def test_send_on_a_kept_alive_connection_runs_no_task(client: ProbeClient) -> None:
+    ports, middleware, release = reporting_app()
+    with serve(ports) as server:
+        await client.probe(server.url)  # opens the connection the next probe reuses
+        tasks_before = asyncio.all_tasks()
+        outcomes = Outcomes()
+        handle = client.send(server.url, outcomes)
+        assert handle is not None and not handle.done
+        assert asyncio.all_tasks() == tasks_before, "a probe on an idle connection is callbacks only"
+        assert await outcomes.first() == (ProbeResult(0, 0.0), None)
+        await asyncio.sleep(0.05)
+        assert len(outcomes.calls) == 1, "called back exactly once"
+        assert handle.done
+        assert len(set(ports.ports)) == 1, "the same connection served both probes"
+
+
+async def test_send_opens_a_connection_when_none_is_idle(client: ProbeClient) -> None:
+    ports, _, _ = reporting_app()
+    with serve(ports) as server:
+        outcomes = [Outcomes() for _ in range(3)]
+        for o in outcomes:
+            client.send(server.url, o)
+        for o in outcomes:
+            assert await o.first() == (ProbeResult(0, 0.0), None)
+        assert len(set(ports.ports)) == 3, "concurrent probes each had a connection of their own"
+        assert len(client._backends[server.url].idle) == 3
+
+
+async def test_send_reports_a_refused_url_before_returning(client: ProbeClient) -> None:
+    outcomes = Outcomes()
+    assert client.send("ftp://example.invalid", outcomes) is None
+    assert len(outcomes.calls) == 1
+    result, error = outcomes.calls[0]
+    assert result is None and isinstance(error, ProbeFailed) and "not an http:// or https:// URL" in str(error)
+
+
+async def test_send_times_out_once_and_closes_the_connection() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(WAIT_S)
+
+    client = ProbeClient(timeout_s=0.1)
+    try:
+        async with raw_server(silent) as url:
+            outcomes = Outcomes()
+            started = time.monotonic()
+            client.send(url, outcomes)
+            result, error = await outcomes.first()
+            assert 0.1 <= time.monotonic() - started < 0.5
+            assert result is None and isinstance(error, ProbeFailed) and "no answer within 100 ms" in str(error)
+            await asyncio.sleep(0.05)
+            assert len(outcomes.calls) == 1
+            assert client._open == set() and client._connecting == set()
+    finally:
+        await client.aclose()
+
+
+async def test_a_cancelled_send_is_never_reported_and_frees_its_connection(client: ProbeClient) -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(WAIT_S)
+
+    async with raw_server(silent) as url:
+        outcomes = Outcomes()
+        handle = client.send(url, outcomes)
+        assert handle is not None
+        await asyncio.sleep(0.05)
+        assert len(client._open) == 1
+        handle.cancel()
+        await asyncio.sleep(0.05)
+        assert outcomes.calls == [] and client._open == set()
+
+
+async def test_a_failing_callback_is_logged_and_the_connection_kept(
+    client: ProbeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    ports, _, _ = reporting_app()
+    calls: list[ProbeResult | None] = []
+
+    def broken(result: ProbeResult | None, error: ProbeError | None) -> None:
+        calls.append(result)
+        raise RuntimeError("bug in the caller")
+
+    with serve(ports) as server:
+        client.send(server.url, broken)
+        for _ in range(100):
+            if calls:
+                break
+            await asyncio.sleep(0.01)
+        assert calls == [ProbeResult(0, 0.0)]
+        assert "probe callback failed" in caplog.text
+        assert (await client.probe(server.url)).rif == 0
+        assert len(set(ports.ports)) == 1, "the connection survived the caller's bug"
