@@ -125,7 +125,7 @@ def test_quick_run_writes_results_and_leaves_no_process(tmp_path: Path) -> None:
 
 def test_prequal_variants_run_the_gateway_with_their_own_q_rif(tmp_path: Path) -> None:
     from benchmarks.testbed.cli import build_parser
-    from benchmarks.testbed.contenders import contender, plan
+    from benchmarks.testbed.contenders import contender, gateway_app, plan
 
     variant = contender("prequal_q0.6")
     assert (variant.kind, variant.method, variant.q_rif) == ("gateway", "prequal", 0.6)
@@ -134,9 +134,17 @@ def test_prequal_variants_run_the_gateway_with_their_own_q_rif(tmp_path: Path) -
     plain = plan(contender("prequal"), 1, [9001], [8001], tmp_path, seed=1, q_rif=0.9).commands[0]
     assert plain[plain.index("--q-rif") + 1] == "0.9"
     assert "--q-rif" not in plan(contender("prequal"), 1, [9001], [8001], tmp_path, seed=1).commands[0]
+    assert "--fallback" not in plain
+    old = contender("prequal_q0.84_random")
+    assert (old.q_rif, old.fallback) == (0.84, "random")
+    argv = plan(old, 1, [9001], [8001], tmp_path, seed=1).commands[0]
+    assert argv[argv.index("--fallback") + 1] == "random"
+    app = gateway_app(["http://127.0.0.1:9"], "prequal", 1, q_rif=0.84, fallback="random")
+    settings = app.gateway.pools["/work"].config.prequal
+    assert (settings.q_rif, settings.fallback) == (0.84, "random")
     parser = build_parser()
     assert parser.parse_args(["--contenders", "prequal,prequal_q0"]).contenders == ["prequal", "prequal_q0"]
-    for bad in ("prequal_q1.5", "prequal_qx", "nginx"):
+    for bad in ("prequal_q1.5", "prequal_qx", "prequal_q0.6_rand", "nginx"):
         with pytest.raises(ValueError, match="unknown contender"):
             contender(bad)
         with pytest.raises(SystemExit):

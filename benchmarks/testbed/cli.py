@@ -49,7 +49,7 @@ def _contender_names(text: str) -> list[str]:
             contender(name)
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"expected names among {', '.join(ALL_CONTENDERS)} or prequal_q<Q_RIF in [0, 1]>, got {name!r}"
+                f"expected names among {', '.join(ALL_CONTENDERS)} or prequal_q<Q_RIF in [0, 1]>[_random], got {name!r}"
             ) from None
     if not names:
         raise argparse.ArgumentTypeError("expected at least one contender")
@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--contenders",
         type=_contender_names,
-        help=f"[all: {','.join(ALL_CONTENDERS)}]; prequal_q<Q_RIF> runs Prequal with that Q_RIF",
+        help=f"[all: {','.join(ALL_CONTENDERS)}]; prequal_q<Q_RIF>[_random]: Prequal with that Q_RIF "
+        "(and the random fallback)",
     )
     p.add_argument("--settings", type=_names(SETTINGS), help="single,fleet [both; --quick: single]")
     p.add_argument("--loads", type=_floats, help=f"fractions of fleet capacity [{','.join(map(str, DEFAULT_LOADS))}]")

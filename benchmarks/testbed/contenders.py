@@ -50,6 +50,7 @@ class Contender:
     kind: str  # gateway, nginx or haproxy
     method: str  # the gateway policy, or the nginx / haproxy balancing method
     q_rif: float | None = None  # a Prequal variant's Q_RIF (``prequal_q0.6``); None: the run's setting
+    fallback: str | None = None  # a Prequal variant's fallback (``prequal_q0.84_random``); None: the default
 
     @property
     def binary(self) -> str | None:
@@ -69,17 +70,19 @@ CONTENDERS: dict[str, Contender] = {
 
 
 def contender(name: str) -> Contender:
-    """The contender called ``name``: one of ``ALL_CONTENDERS`` or a Prequal variant ``prequal_q<Q_RIF>``.
+    """The contender called ``name``: one of ``ALL_CONTENDERS`` or a Prequal variant ``prequal_q<Q_RIF>[_random]``.
 
-    A variant runs our gateway's Prequal with that Q_RIF, so two settings can be compared side by side,
-    interleaved in one run (``--contenders prequal,prequal_q0.6``). Raises ``ValueError`` otherwise.
+    A variant runs our gateway's Prequal with that Q_RIF (and with ``_random``, the paper's random
+    fallback), so settings can be compared side by side, interleaved in one run (``--contenders
+    prequal,prequal_q0.84_random``). Raises ``ValueError`` otherwise.
     """
     if name in CONTENDERS:
         return CONTENDERS[name]
-    match = re.fullmatch(r"prequal_q(\d+(?:\.\d+)?)", name)
+    match = re.fullmatch(r"prequal_q(\d+(?:\.\d+)?)(_random)?", name)
     if match is None or not 0.0 <= float(match.group(1)) <= 1.0:
         raise ValueError(f"unknown contender {name!r}")
-    return Contender(name, "gateway", "prequal", q_rif=float(match.group(1)))
+    fallback = "random" if match.group(2) else None
+    return Contender(name, "gateway", "prequal", q_rif=float(match.group(1)), fallback=fallback)
 
 
 def find_binary(name: str) -> str | None:
@@ -137,6 +140,7 @@ def plan(
                     "--stats",
                     str(workdir / f"gateway-{k}.json"),
                     *([] if variant_q_rif is None else ["--q-rif", repr(variant_q_rif)]),
+                    *([] if contender.fallback is None else ["--fallback", contender.fallback]),
                 ]
             )
         return LaunchPlan(commands, list(ports[:instances]))
@@ -225,7 +229,12 @@ backend replicas
 
 
 def gateway_app(
-    upstreams: Sequence[str], policy: str, seed: int, stats_path: str | None = None, q_rif: float | None = None
+    upstreams: Sequence[str],
+    policy: str,
+    seed: int,
+    stats_path: str | None = None,
+    q_rif: float | None = None,
+    fallback: str | None = None,
 ) -> Any:
     """A bare ASGI app behind ``PrequalMiddleware`` with one pool at ``/work`` over ``upstreams``.
 
@@ -234,7 +243,12 @@ def gateway_app(
     """
     from prequal_middleware import Gateway, PrequalMiddleware, PrequalSettings, UpstreamPool
 
-    prequal = PrequalSettings() if q_rif is None else PrequalSettings(q_rif=q_rif)
+    overrides: dict[str, Any] = {}
+    if q_rif is not None:
+        overrides["q_rif"] = q_rif
+    if fallback is not None:
+        overrides["fallback"] = fallback
+    prequal = PrequalSettings(**overrides)
     pool = UpstreamPool(POOL_PREFIX, upstreams=list(upstreams), policy=policy, strip_prefix=False, prequal=prequal)
     gateway = Gateway(pools=[pool], rng=random.Random(seed))
 
@@ -286,10 +300,12 @@ def gateway_main(argv: Sequence[str]) -> int:
     parser.add_argument("--upstreams", required=True, help="comma-separated URLs")
     parser.add_argument("--stats", help="write the gateway's counters here (JSON) at shutdown")
     parser.add_argument("--q-rif", type=float, help="Prequal's Q_RIF [the library's default]")
+    parser.add_argument("--fallback", choices=("least_in_flight", "random"), help="[the library's default]")
     args = parser.parse_args(argv)
     import uvicorn
 
-    app = gateway_app([u for u in args.upstreams.split(",") if u], args.policy, args.seed, args.stats, args.q_rif)
+    upstreams = [u for u in args.upstreams.split(",") if u]
+    app = gateway_app(upstreams, args.policy, args.seed, args.stats, args.q_rif, args.fallback)
     uvicorn.run(
         app,
         host="127.0.0.1",

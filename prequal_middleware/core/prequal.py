@@ -1,6 +1,6 @@
 """``PrequalPolicy``: the probe pool driven per query, with error aversion (Prequal, NSDI '24, section 4).
 
-Per query: expire old probes, choose with HCL (random fallback below two probes), compensate the
+Per query: expire old probes, choose with HCL (a fallback below two probes), compensate the
 chosen probe's RIF, remove ``r_remove`` probes alternating oldest and worst, and ask for
 ``r_probe`` probes to distinct, uniformly random eligible backends. The caller sends the probes
 asynchronously; the current query was routed on probes earlier queries asked for.
@@ -10,8 +10,9 @@ gateway's own view: its requests in flight to them and the latencies it measured
 
 Error aversion: a failed query purges the backend's probe; a backend whose recent failure rate is
 above ``OutlierSettings.averse_above`` has its probes ignored until the rate decays, so a backend
-that fails fast while reporting zero load cannot become the pool's favourite. The random fallback
-avoids such backends, and those whose last probe went unanswered, while any other candidate is left.
+that fails fast while reporting zero load cannot become the pool's favourite. The fallback (the
+fewest of our own requests in flight by default, ``PrequalSettings.fallback``) avoids such backends,
+and those whose last probe went unanswered, while any other candidate is left.
 A missed probe purges that backend's probe but does not count toward ejection (see
 ``BasePolicy.on_probe_failure``).
 
@@ -64,13 +65,32 @@ class PrequalPolicy(BasePolicy):
         reason: SelectionReason
         if choice is None:
             trusted = self._trusted(candidates, now)
-            backend = trusted[int(self.rng.random() * len(trusted))]
+            if self.settings.fallback == "random":
+                backend = trusted[int(self.rng.random() * len(trusted))]
+            else:
+                backend = self._least_in_flight(trusted)
             reason = "fallback"
         else:
             backend, reason = choice
         pool.remove_per_query(now)
         self._last_activity = now
         return Selection(backend, reason, self._probe(self.pool.probes_for_query(), now))
+
+    def _least_in_flight(self, candidates: Sequence[BackendId]) -> BackendId:
+        """The candidate with the fewest of our requests in flight; ties uniformly at random."""
+        backends, rng = self._backends, self.rng
+        best = candidates[0]
+        low = backends[best].in_flight
+        ties = 1
+        for c in candidates[1:]:
+            n = backends[c].in_flight
+            if n < low:
+                best, low, ties = c, n, 1
+            elif n == low:
+                ties += 1
+                if rng.random() * ties < 1.0:  # reservoir sampling: each tie kept with probability 1/ties
+                    best = c
+        return best
 
     def idle_probes(self, now: float) -> Sequence[BackendId]:
         """``ceil(r_probe)`` probes when no query has come for ``max_idle_s``; rearms."""

@@ -22,11 +22,12 @@ import random
 from collections import deque
 from collections.abc import Collection, Container, Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 from .types import BackendId, SelectionReason
 
 # The paper's default quantile, 2 ** -0.25 ~= 0.84 (section 4).
-DEFAULT_Q_RIF = 0.84
+DEFAULT_Q_RIF = 0.6
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -49,7 +50,13 @@ class PrequalSettings:
         rif_history_size: how many recent probe RIFs the quantile is taken over.
         rif_history_window_s: only probe RIFs received within this window count.
         max_idle_s: with no query for this long, the client probes anyway to keep the pool warm.
-        fallback_below: below this many usable probes, choose a uniformly random backend.
+        fallback_below: below this many usable probes, the fallback chooses.
+        fallback: how the fallback chooses. ``"least_in_flight"`` (default): the backend with the
+            fewest of this client's own requests in flight, ties broken at random; ``"random"``: a
+            uniformly random backend, the paper's rule. The paper's many clients each see a sliver of
+            the traffic and hold ~0 requests per backend, so their tie-break is the paper's random
+            choice; a gateway that sees most of the traffic knows the backends' load exactly and
+            should use it (measured in docs/benchmarks.md).
     """
 
     pool_size: int = 16
@@ -63,6 +70,7 @@ class PrequalSettings:
     rif_history_window_s: float = 2.0
     max_idle_s: float = 0.5
     fallback_below: int = 2
+    fallback: Literal["least_in_flight", "random"] = "least_in_flight"
 
     def __post_init__(self) -> None:
         checks = (
@@ -77,6 +85,7 @@ class PrequalSettings:
             ("rif_history_window_s", 0 < self.rif_history_window_s < math.inf, "a finite number > 0"),
             ("max_idle_s", 0 < self.max_idle_s < math.inf, "a finite number > 0"),
             ("fallback_below", self.fallback_below >= 1, "an integer >= 1"),
+            ("fallback", self.fallback in ("least_in_flight", "random"), "'least_in_flight' or 'random'"),
         )
         _check(self, checks)
 

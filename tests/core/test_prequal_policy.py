@@ -11,7 +11,7 @@ from prequal_middleware.core import Member, Outcome, OutlierSettings, PrequalPol
 
 
 def make_policy(
-    n: int = 10, seed: int = 1, outliers: OutlierSettings | None = None, **settings: float
+    n: int = 10, seed: int = 1, outliers: OutlierSettings | None = None, **settings: float | str
 ) -> PrequalPolicy:
     prequal = PrequalSettings(**settings)  # type: ignore[arg-type]
     policy = PrequalPolicy(prequal, rng=random.Random(seed), outliers=outliers)
@@ -51,11 +51,34 @@ def test_probes_never_exceed_the_member_count() -> None:
     assert selection is not None and sorted(selection.probes) == ["b0", "b1"]
 
 
-def test_fallback_is_uniformly_random_over_eligible_members() -> None:
-    policy = make_policy(n=4, probes_per_query=0.0)
+def test_random_fallback_is_uniform_over_eligible_members_whatever_their_load() -> None:
+    policy = make_policy(n=4, probes_per_query=0.0, fallback="random")
+    for _ in range(5):
+        policy.on_start("b0", now=0.0)
     counts = Counter(s.backend for s in (policy.select(now=0.0) for _ in range(4000)) if s is not None)
     assert policy.selections["fallback"] == 4000
     assert all(900 < c < 1100 for c in counts.values()), counts
+
+
+def test_fallback_picks_the_fewest_requests_in_flight_ties_at_random() -> None:
+    policy = make_policy(n=4, probes_per_query=0.0)
+    assert policy.settings.fallback == "least_in_flight"
+    counts = Counter(s.backend for s in (policy.select(now=0.0) for _ in range(4000)) if s is not None)
+    assert all(900 < c < 1100 for c in counts.values()), f"all idle: uniform over the ties {counts}"
+    for backend, n in (("b0", 3), ("b1", 1), ("b2", 1), ("b3", 2)):
+        for _ in range(n):
+            policy.on_start(backend, now=0.0)
+    counts = Counter(s.backend for s in (policy.select(now=0.0) for _ in range(2000)) if s is not None)
+    assert set(counts) == {"b1", "b2"} and min(counts.values()) > 900, counts
+    # Each choice is sent: a gateway that sees all traffic fills the emptiest backend first.
+    picks = []
+    for _ in range(4):
+        selection = policy.select(now=0.0)
+        assert selection is not None and selection.reason == "fallback"
+        policy.on_start(selection.backend, now=0.0)
+        picks.append(selection.backend)
+    assert sorted(picks[:2]) == ["b1", "b2"], picks  # 1 in flight each: both before anyone at 2
+    assert len(set(picks[2:])) == 2 and set(picks[2:]) <= {"b1", "b2", "b3"}, picks  # then b1-b3 tie at 2
 
 
 def test_selection_uses_probe_results() -> None:

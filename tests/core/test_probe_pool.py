@@ -298,8 +298,9 @@ def test_probe_rate_of_a_half_alternates() -> None:
         ("max_reuse", 0),
         ("max_idle_s", math.inf),
         ("fallback_below", 0),
+        ("fallback", "least_latency"),
     ],
 )
-def test_invalid_settings_name_the_field(field: str, value: float) -> None:
+def test_invalid_settings_name_the_field(field: str, value: float | str) -> None:
     with pytest.raises(ValueError, match=rf"^{field} must be"):
         PrequalSettings(**{field: value})  # type: ignore[arg-type]
