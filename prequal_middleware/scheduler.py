@@ -2,9 +2,8 @@
 
 - Probes: the policies ask for them (per query, and after ``max_idle_s`` without queries); each is
   sent at once with a short timeout and reported by callback (``ProbeClient.send``: no task per probe),
-  never awaited by a request. At most
-  ``ProbeSettings.max_in_flight`` per pool are in flight; beyond that a probe is skipped, not queued:
-  a queued probe would be stale on arrival. A backend that answers 404 on the probe path switches to
+  never awaited by a request. At most ``ProbeSettings.max_in_flight`` per pool are in flight; beyond
+  that a probe is skipped, not queued: a queued probe would be stale on arrival. A backend that answers 404 on the probe path switches to
   the gateway's local view (``probe_mode = "local"``).
 - Idle probing: a timer asks every policy for its idle probes.
 - Registry sync: the registry's changes (and lease expiry) are applied to the pools.
@@ -12,7 +11,8 @@
   row mark a member unhealthy, ``rise`` successes healthy again. A 2xx or 3xx is a success, and so is a
   404 (the backend has no health endpoint but answers HTTP); a 5xx, an error or a timeout is a failure.
 
-On ``aclose()`` every task is cancelled and awaited and the probe connections are closed.
+On ``aclose()`` every task is cancelled and awaited and the probe connections are closed. The probe
+clients it owns run one short task per connection they open (to connect); ``aclose()`` cancels those too.
 """
 
 from __future__ import annotations
