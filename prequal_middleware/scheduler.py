@@ -3,8 +3,8 @@
 - Probes: the policies ask for them (per query, and after ``max_idle_s`` without queries); each is
   sent at once with a short timeout and reported by callback (``ProbeClient.send``: no task per probe),
   never awaited by a request. At most ``ProbeSettings.max_in_flight`` per pool are in flight; beyond
-  that a probe is skipped, not queued: a queued probe would be stale on arrival. A backend that answers 404 on the probe path switches to
-  the gateway's local view (``probe_mode = "local"``).
+  that a probe is skipped, not queued: a queued probe would be stale on arrival. A backend that
+  answers 404 on the probe path switches to the gateway's local view (``probe_mode = "local"``).
 - Idle probing: a timer asks every policy for its idle probes.
 - Registry sync: the registry's changes (and lease expiry) are applied to the pools.
 - Active health checks: ``GET health.path`` on every member each ``interval_s``; ``fall`` failures in a
