@@ -1,5 +1,8 @@
 """CPU cost of one Prequal probe: ``ProbeClient`` vs an ``aiohttp`` GET (and ``httpx``, for reference).
 
+``task+probe`` is how the gateway sent a probe before (a task awaiting ``probe()``), ``send`` how it
+sends one now (``ProbeClient.send`` with a callback, no task).
+
 The backend (a Starlette app behind ``LoadReportingMiddleware``) runs in a uvicorn subprocess, so the
 CPU time measured with ``time.process_time()`` is the probing client's alone. Probes run serially over
 one keep-alive connection; rounds are interleaved so drift hits every client alike. ``floor`` is a bare
@@ -91,6 +94,16 @@ async def run(url: str, n: int, rounds: int) -> None:
     async def probe_client() -> int:
         return (await client.probe(url)).rif
 
+    # How the gateway sends probes: before, one task per probe awaiting probe(); now send() with a
+    # callback, no task. The waiter here only paces the serial loop.
+    async def probe_task() -> int:
+        return (await asyncio.create_task(client.probe(url))).rif
+
+    async def probe_send() -> int:
+        waiter: asyncio.Future[int] = loop.create_future()
+        client.send(url, lambda result, error: waiter.set_result(result.rif if result is not None else -1))
+        return await waiter
+
     async def probe_aiohttp() -> int:
         async with session.get(url + PROBE_PATH) as response:
             await response.read()
@@ -114,6 +127,8 @@ async def run(url: str, n: int, rounds: int) -> None:
     clients: dict[str, Probe] = {
         "floor": probe_floor,
         "ProbeClient": probe_client,
+        "task+probe": probe_task,
+        "send": probe_send,
         "aiohttp": probe_aiohttp,
         "httpx": probe_httpx,
     }
