@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--pool-size", type=int, default=pq.pool_size, help=f"Prequal m [{pq.pool_size}]")
     p.add_argument("--max-reuse", type=int, default=pq.max_reuse, help=f"Prequal max_reuse [{pq.max_reuse}]")
+    fallbacks = ("least_in_flight", "random")
+    p.add_argument("--fallback", choices=fallbacks, default=pq.fallback, help=f"Prequal fallback [{pq.fallback}]")
     p.add_argument("--quick", action="store_true", help="a small fleet and a short run (a few seconds)")
     p.add_argument("--json", metavar="PATH", help="also write the config and results as JSON")
     return p
@@ -88,6 +90,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         q_rif=args.q_rif,
         probes_per_query=args.probes_per_query,
         removals_per_query=args.removals_per_query,
+        fallback=args.fallback,
     )
     return SimConfig(
         replicas=pick("replicas", base.replicas),

@@ -181,10 +181,12 @@ def test_cli_quick_writes_the_json_schema(tmp_path: Path, capsys: pytest.Capture
 def test_cli_overrides_prequal_settings(tmp_path: Path) -> None:
     path = tmp_path / "sim.json"
     args = ["--quick", "--policies", "prequal", "--seconds", "3", "--probes-per-query", "1.5"]
-    args += ["--q-rif", "0.5", "--removals-per-query", "0.5", "--deadline-s", "2", "--json", str(path)]
+    args += ["--q-rif", "0.5", "--fallback", "random", "--removals-per-query", "0.5", "--deadline-s", "2"]
+    args += ["--json", str(path)]
     assert main(args) == 0
     document = json.loads(path.read_text())
     assert document["config"]["prequal"]["q_rif"] == 0.5
+    assert document["config"]["prequal"]["fallback"] == "random"
     assert document["config"]["prequal"]["removals_per_query"] == 0.5
     assert document["config"]["deadline_s"] == 2.0
     assert document["results"][0]["probes_per_query"] == pytest.approx(1.5, abs=0.05)
