@@ -26,13 +26,14 @@ from typing import Literal
 
 from .types import BackendId, SelectionReason
 
-# The paper's default quantile, 2 ** -0.25 ~= 0.84 (section 4).
+# The low end of the paper's good range [0.6, 0.9]. The paper's default, 2 ** -0.25 ~= 0.84 (section 4),
+# lost to 0.6 in our simulator and testbed at high load (CHANGELOG, "Decided"; docs/benchmarks.md).
 DEFAULT_Q_RIF = 0.6
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class PrequalSettings:
-    """Prequal's parameters, with the paper's testbed defaults (section 5).
+    """Prequal's parameters, with the paper's testbed defaults (section 5) except ``q_rif`` and ``fallback``.
 
     Parameters:
         pool_size: ``m``, the most probes kept; a newer probe of a backend replaces the older one.
@@ -42,7 +43,7 @@ class PrequalSettings:
         removals_per_query: ``r_remove``, alternating the oldest and the worst probe.
         drift: ``delta`` in Eq. 1, the net pool drift rate (> 0).
         q_rif: quantile of recent probe RIFs above which a probe is hot. 1 is latency-only (nothing is
-            hot), 0 is RIF-only.
+            hot), 0 is RIF-only. Default 0.6; the paper's is 0.84 (see ``DEFAULT_Q_RIF``).
         max_reuse: cap on the reuse budget (default 2). The paper's testbed budget is 1.316; much
             larger ones arise only when the pool is nearly as large as the fleet (``m`` close to
             ``n``) or probes are scarce, and then the best probe herds traffic onto one backend
