@@ -149,3 +149,19 @@ def test_prequal_variants_run_the_gateway_with_their_own_q_rif(tmp_path: Path) -
             contender(bad)
         with pytest.raises(SystemExit):
             parser.parse_args(["--contenders", bad])
+
+
+def test_fleet_speed_ranges_come_from_the_command_line() -> None:
+    from benchmarks.testbed.cli import build_parser, options_from_args
+
+    parser = build_parser()
+    fleet = options_from_args(parser.parse_args(["--allocation", "0.3,1.7", "--headroom", "2,4"])).fleet
+    assert (fleet.allocation_min, fleet.allocation_max, fleet.headroom_min, fleet.headroom_max) == (0.3, 1.7, 2.0, 4.0)
+    assert all(
+        0.3 <= s.allocation <= 1.7 and 2.0 * s.allocation <= s.fast_speed <= 4.0 * s.allocation for s in fleet.specs
+    )
+    default = options_from_args(parser.parse_args([])).fleet
+    assert (default.allocation_min, default.headroom_max) == (0.6, 2.0)
+    for bad in (["--allocation", "1.4,0.6"], ["--headroom", "2"], ["--allocation", "0,1"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)

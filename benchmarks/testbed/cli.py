@@ -56,6 +56,16 @@ def _contender_names(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _range(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX (two numbers), got {text!r}") from None
+    if not 0 < low <= high:
+        raise argparse.ArgumentTypeError(f"expected 0 < MIN <= MAX, got {text!r}")
+    return low, high
+
+
 def _names(allowed: Sequence[str]) -> Any:
     def parse(text: str) -> list[str]:
         names = [x.strip() for x in text.split(",") if x.strip()]
@@ -90,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replica-processes", type=int, help=f"[{FULL['replica_processes']}]")
     p.add_argument("--slots", type=int, default=4, help="service slots per replica [4]")
     p.add_argument("--work-mu-ms", type=float, default=80.0, help="work mu, ms at speed 1 [80]")
+    p.add_argument(
+        "--allocation", type=_range, default=(0.6, 1.4), help="MIN,MAX of the replicas' guaranteed speeds [0.6,1.4]"
+    )
+    p.add_argument(
+        "--headroom", type=_range, default=(1.5, 2.0), help="MIN,MAX speed-up when the antagonist is idle [1.5,2.0]"
+    )
     p.add_argument("--deadline-s", type=float, default=5.0, help="client deadline [5]")
     p.add_argument("--balancer-cpu", type=int, default=1, help="CPU the balancers are pinned to [1]")
     p.add_argument("--load-cpu", type=int, default=0, help="CPU of the replicas and load generator [0]")
@@ -144,7 +160,16 @@ def options_from_args(args: argparse.Namespace) -> Options:
         value = getattr(args, attr or name)
         return base[name] if value is None else value
 
-    fleet = FleetConfig(replicas=pick("replicas"), slots=args.slots, work_mu_s=args.work_mu_ms / 1000.0, seed=args.seed)
+    fleet = FleetConfig(
+        replicas=pick("replicas"),
+        slots=args.slots,
+        work_mu_s=args.work_mu_ms / 1000.0,
+        allocation_min=args.allocation[0],
+        allocation_max=args.allocation[1],
+        headroom_min=args.headroom[0],
+        headroom_max=args.headroom[1],
+        seed=args.seed,
+    )
     contenders = args.contenders or list(QUICK_CONTENDERS if args.quick else ALL_CONTENDERS)
     settings = args.settings or (["single"] if args.quick else list(SETTINGS))
     loads = args.loads or list(QUICK_LOADS if args.quick else DEFAULT_LOADS)
