@@ -220,11 +220,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     available, skipped = [], {}
     for name in options.contenders:
-        entry = contender(name)
-        if entry.available():
+        candidate = contender(name)
+        if candidate.available():
             available.append(name)
         else:
-            skipped[name] = f"{entry.binary} is not installed (python -m benchmarks.testbed --setup installs it)"
+            skipped[name] = f"{candidate.binary} is not installed (python -m benchmarks.testbed --setup installs it)"
             log(f"skipping {name}: {skipped[name]}")
     if not available:
         log("error: no contender to run")
