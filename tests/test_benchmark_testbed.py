@@ -137,8 +137,8 @@ def test_prequal_variants_run_the_gateway_with_their_own_q_rif(tmp_path: Path) -
     assert "--fallback" not in plain
     old = contender("prequal_q0.84_random")
     assert (old.q_rif, old.fallback) == (0.84, "random")
-    argv = plan(old, 1, [9001], [8001], tmp_path, seed=1).commands[0]
-    assert argv[argv.index("--fallback") + 1] == "random"
+    old_argv = plan(old, 1, [9001], [8001], tmp_path, seed=1).commands[0]
+    assert old_argv[old_argv.index("--fallback") + 1] == "random"
     app = gateway_app(["http://127.0.0.1:9"], "prequal", 1, q_rif=0.84, fallback="random")
     settings = app.gateway.pools["/work"].config.prequal
     assert (settings.q_rif, settings.fallback) == (0.84, "random")
