@@ -255,12 +255,6 @@ class _Probe:
             return
         self._end(None, ProbeFailed(f"{self._backend.url}: {reason}"))
 
-    def connecting(self, task: asyncio.Task[None]) -> None:
-        self._task = task
-
-    def connected(self) -> None:
-        self._task = None
-
     def _end(self, result: ProbeResult | None, error: ProbeError | None, notify: bool = True) -> None:
         if self.done:
             return
@@ -344,11 +338,12 @@ class ProbeClient:
         before ``send`` returns when the probe cannot start (closed client, invalid URL), and then
         ``send`` returns None. Otherwise it returns a handle whose ``cancel()`` gives the probe up silently.
         """
+        if self._closed:
+            callback(None, ProbeFailed("the probe client is closed"))
+            return None
         backend = self._backends.get(backend_url)
-        if backend is None or self._closed:
+        if backend is None:
             try:
-                if self._closed:
-                    raise ProbeFailed("the probe client is closed")
                 backend = self._backends[backend_url] = self._backend(backend_url)
             except ProbeFailed as exc:
                 callback(None, exc)
@@ -426,7 +421,7 @@ class ProbeClient:
         task = asyncio.get_running_loop().create_task(self._connect(probe))
         self._connecting.add(task)
         task.add_done_callback(self._connecting.discard)
-        probe.connecting(task)
+        probe._task = task
 
     async def _connect(self, probe: _Probe) -> None:
         backend = probe._backend
@@ -436,18 +431,18 @@ class ProbeClient:
         conn = _ProbeConnection(backend, self._open)
         loop = asyncio.get_running_loop()
         try:
-            await loop.create_connection(lambda: conn, backend.host, backend.port, ssl=backend.ssl)
+            try:
+                await loop.create_connection(lambda: conn, backend.host, backend.port, ssl=backend.ssl)
+            finally:
+                probe._task = None  # connecting is over: ending the probe must not cancel this task now
         except asyncio.CancelledError:
-            probe.connected()
             conn.abort()  # given up (deadline, cancel, aclose) while connecting; it may have connected
             if self._closed:
                 probe._end(None, ProbeFailed("the probe client is closed"))
             raise
         except OSError as exc:
-            probe.connected()
             probe._end(None, ProbeFailed(f"{backend.url}: connect failed ({exc})"))
             return
-        probe.connected()
         if self._closed:  # aclose() ran while we were connecting
             conn.abort()
             probe._end(None, ProbeFailed("the probe client is closed"))
