@@ -322,7 +322,7 @@ class RedisRegistry:
                 await pubsub.subscribe(self._keys.changes)
         except _STORE_ERRORS as exc:
             logger.debug("registry: cannot subscribe to changes: %s", exc)
-            await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves PubSub.aclose untyped
+            await pubsub.aclose()
             return None
         self._pubsub = pubsub
         self._force_full = True  # anything published before this moment was missed
@@ -332,7 +332,7 @@ class RedisRegistry:
         pubsub, self._pubsub = self._pubsub, None
         if pubsub is not None:
             with contextlib.suppress(*_STORE_ERRORS):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves PubSub.aclose untyped
+                await pubsub.aclose()
 
 
 _SCRIPTS = {"register": REGISTER, "heartbeat": HEARTBEAT, "unregister": UNREGISTER, "prune": PRUNE}
