@@ -22,6 +22,13 @@ exception counts it out too; those, 5xx and 429 are never latency samples (fast 
 median down). WebSocket and lifespan scopes pass through uncounted: a websocket lives for minutes and
 would pin RIF without saying anything about the load a new request meets.
 
+Requests on ``excluded_paths`` reach the app but are not load: never in RIF, never latency samples.
+The default (``DEFAULT_EXCLUDED_PATHS`` plus ``probe_path``) covers the gateway's health check
+(``HealthSettings.path``, ``/healthz``), the usual ``/readyz`` and ``/livez``, and the gateway's admin
+routes at their documented ``/_prequal`` mount, in case a backend is also a gateway. Without this, a
+few quick health checks on an idle backend outvote its real requests and it reports a latency of
+almost 0; slow ones raise its RIF. A gateway checking another path needs it listed here.
+
 RIF is per process: with ``uvicorn --workers N`` each worker counts only its own requests and a probe
 is answered by whichever worker accepts it, so one address reports a fraction of its load. Run one
 process per replica (each registered under its own address) or accept per-worker reports.
@@ -30,7 +37,7 @@ process per replica (each registered under its own address) or accept per-worker
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -38,6 +45,24 @@ from .core.load_tracker import LoadTracker
 
 DEFAULT_PROBE_PATH = "/_prequal/probe"
 PROBE_METHODS = frozenset({"GET", "HEAD"})
+# Not load: health checks (the gateway's default HealthSettings.path is /healthz) and the gateway's
+# admin routes at their documented mount (admin.admin_routes under /_prequal).
+DEFAULT_EXCLUDED_PATHS = frozenset(
+    {
+        "/healthz",
+        "/readyz",
+        "/livez",
+        "/_prequal",
+        "/_prequal/",
+        "/_prequal/backends",
+        "/_prequal/healthz",
+        "/_prequal/readyz",
+        "/_prequal/metrics",
+        "/_prequal/register",
+        "/_prequal/heartbeat",
+        "/_prequal/unregister",
+    }
+)
 
 # Built once; only the two numbers and the length change per probe.
 _PROBE_STATIC_HEADERS = ((b"content-type", b"application/json"), (b"cache-control", b"no-store"))
@@ -49,6 +74,10 @@ class LoadReportingMiddleware:
     Parameters:
         app: the ASGI app to wrap.
         probe_path: the path probes are answered on (exact match, after the ``root_path``).
+        excluded_paths: paths whose requests go to the app uncounted (any method; exact match on the
+            path after the ``root_path``, no prefixes, query string ignored). ``None`` (the default)
+            is ``DEFAULT_EXCLUDED_PATHS`` plus ``probe_path``; a collection given replaces it, so
+            ``()`` counts every request again. Public as ``self.excluded_paths``, a frozenset.
         tracker: the ``LoadTracker`` to feed; a new one by default. Public as ``self.tracker``.
         clock: monotonic seconds; injectable for tests.
     """
@@ -58,11 +87,17 @@ class LoadReportingMiddleware:
         app: ASGIApp,
         *,
         probe_path: str = DEFAULT_PROBE_PATH,
+        excluded_paths: Iterable[str] | None = None,
         tracker: LoadTracker | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        if isinstance(excluded_paths, str):
+            raise TypeError("excluded_paths must be a collection of paths, not a string")
         self.app = app
         self.probe_path = probe_path
+        self.excluded_paths = (
+            DEFAULT_EXCLUDED_PATHS | {probe_path} if excluded_paths is None else frozenset(excluded_paths)
+        )
         self.tracker = LoadTracker() if tracker is None else tracker
         self.clock = clock
 
@@ -71,15 +106,16 @@ class LoadReportingMiddleware:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
-        probe_path = self.probe_path
-        # endswith first: one cheap test rejects nearly every request. The path may carry the
-        # root_path in front (a Mount, or uvicorn --root-path); the probe path is relative to it.
-        if (
-            path.endswith(probe_path)
-            and scope["method"] in PROBE_METHODS
-            and (len(path) == len(probe_path) or path[: -len(probe_path)] == scope.get("root_path"))
-        ):
+        # The path may carry the root_path in front (a Mount, or uvicorn --root-path); the probe and
+        # excluded paths are relative to it. Unmounted, root_path is "" and this is one falsy test.
+        root_path: str | None = scope.get("root_path")
+        if root_path and path.startswith(root_path):
+            path = path[len(root_path) :]
+        if path == self.probe_path and scope["method"] in PROBE_METHODS:
             await self._answer_probe(scope["method"] == "HEAD", send)
+            return
+        if path in self.excluded_paths:
+            await self.app(scope, receive, send)
             return
 
         tracker = self.tracker

@@ -7,6 +7,7 @@ import contextlib
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -19,7 +20,9 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from prequal_middleware.backend import LoadReportingMiddleware
+from prequal_middleware.admin import admin_routes
+from prequal_middleware.backend import DEFAULT_EXCLUDED_PATHS, LoadReportingMiddleware
+from prequal_middleware.config import AdminSettings, HealthSettings, ProbeSettings
 from prequal_middleware.core.load_tracker import LoadTracker
 from tests.servers import ServerThread
 
@@ -91,7 +94,7 @@ class GiveUpOnDisconnect:
             pass
 
 
-def build(gate: Gate) -> tuple[LoadReportingMiddleware, Recorder]:
+def build(gate: Gate, **settings: Any) -> tuple[LoadReportingMiddleware, Recorder]:
     async def hold(request: Request) -> Response:
         await gate.wait()
         return PlainTextResponse("released")
@@ -124,6 +127,11 @@ def build(gate: Gate) -> tuple[LoadReportingMiddleware, Recorder]:
     async def app_probe_post(request: Request) -> Response:
         return PlainTextResponse("the app")
 
+    async def health(request: Request) -> Response:
+        # A slow health check while the gate is shut (a busy event loop, a check that touches a database).
+        await gate.wait()
+        return PlainTextResponse("ok")
+
     async def echo(websocket: WebSocket) -> None:
         await websocket.accept()
         async for text in websocket.iter_text():
@@ -137,10 +145,12 @@ def build(gate: Gate) -> tuple[LoadReportingMiddleware, Recorder]:
         Route("/endless", endless),
         Route(PROBE, app_probe_post, methods=["POST"]),
         Route("/abandon", GiveUpOnDisconnect()),
+        Route("/healthz", health),
+        Route("/ping", health),
         WebSocketRoute("/ws", echo),
     ]
     recorder = Recorder(Starlette(routes=routes))
-    return LoadReportingMiddleware(recorder), recorder
+    return LoadReportingMiddleware(recorder, **settings), recorder
 
 
 @pytest.fixture
@@ -298,6 +308,95 @@ async def test_websocket_passes_through_uncounted(
         assert await ws.receive_str(timeout=WAIT_S) == "echo:hi"
         assert stack[0].tracker.rif == 0
         assert (await probe(http))[0] == 0
+
+
+async def test_slow_health_checks_are_not_load(http: httpx.AsyncClient, gate: Gate) -> None:
+    # The gateway's own checks (HealthSettings.path, /healthz by default) are not client load.
+    checks = [asyncio.create_task(http.get("/healthz")) for _ in range(5)]
+    await until(lambda: gate.entered == 5, "5 health checks in the handler")
+    assert await probe(http) == (0, 0), "health checks in flight are not RIF"
+    await asyncio.sleep(0.1)
+    gate.open()
+    assert [r.text for r in await asyncio.gather(*checks)] == ["ok"] * 5
+    assert await probe(http) == (0, 0), "a 100 ms health check is not a latency sample"
+    assert (await http.get("/sleep", params={"s": 0.05})).status_code == 200
+    rif, latency_us = await probe(http)
+    assert rif == 0
+    assert 50_000 <= latency_us < 250_000, "a client request still is one"
+
+
+async def test_quick_health_checks_do_not_pull_the_latency_estimate_to_zero(
+    http: httpx.AsyncClient, gate: Gate
+) -> None:
+    first = asyncio.create_task(http.get("/healthz"))
+    await until(lambda: gate.entered == 1, "a health check in the handler")
+    gate.open()  # from here on health checks are quick
+    assert (await first).text == "ok"
+    assert (await http.get("/sleep", params={"s": 0.1})).status_code == 200
+    for _ in range(5):
+        assert (await http.get("/healthz")).text == "ok"
+    rif, latency_us = await probe(http)
+    assert rif == 0
+    assert 100_000 <= latency_us < 300_000, "the median is still the one client request's latency"
+
+
+async def test_custom_excluded_paths_replace_the_defaults(gate: Gate) -> None:
+    middleware, recorder = build(gate, excluded_paths={"/ping"})
+    assert middleware.excluded_paths == frozenset({"/ping"})
+    with serve(middleware) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=WAIT_S) as http:
+            ping = asyncio.create_task(http.get("/ping"))
+            await until(lambda: gate.entered == 1, "the ping in the handler")
+            assert (await probe(http))[0] == 0
+            health = asyncio.create_task(http.get("/healthz"))
+            await until(lambda: gate.entered == 2, "the health check in the handler")
+            assert (await probe(http))[0] == 1, "/healthz is not in the custom set: it counts"
+            gate.open()
+            await asyncio.gather(ping, health)
+    assert recorder.seen == [("GET", "/ping"), ("GET", "/healthz")], "excluded paths still reach the app"
+
+
+async def test_no_excluded_paths_makes_health_checks_count_again(gate: Gate) -> None:
+    middleware, _ = build(gate, excluded_paths=())
+    with serve(middleware) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=WAIT_S) as http:
+            checks = [asyncio.create_task(http.get("/healthz")) for _ in range(3)]
+            await until(lambda: gate.entered == 3, "3 health checks in the handler")
+            assert await probe(http) == (3, 0)
+            await asyncio.sleep(0.1)
+            gate.open()
+            await asyncio.gather(*checks)
+            rif, latency_us = await probe(http)
+            assert rif == 0
+            assert latency_us >= 100_000
+
+
+async def test_excluded_paths_are_relative_to_a_mount() -> None:
+    inner = Recorder(PlainTextResponse("inner"))
+    middleware = LoadReportingMiddleware(inner)
+    app = Starlette(routes=[Mount("/svc", app=middleware)])
+    with serve(app) as server:
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            assert (await http.get("/svc/healthz")).text == "inner"
+            assert middleware.tracker.estimate(time.monotonic()) == 0.0
+            assert (await http.get("/svc/other")).text == "inner"
+            assert middleware.tracker.estimate(time.monotonic()) > 0.0
+
+
+def test_default_excluded_paths_cover_the_gateways_own_requests() -> None:
+    # Kept in step with the gateway: its default health check and its admin routes at /_prequal.
+    middleware = LoadReportingMiddleware(PlainTextResponse("app"))
+    assert HealthSettings().path in middleware.excluded_paths
+    assert ProbeSettings().path == PROBE
+    assert PROBE in middleware.excluded_paths
+    fake_gateway: Any = SimpleNamespace(admin=AdminSettings(), allow_list=None)
+    admin_paths = {f"/_prequal{route.path}" for route in admin_routes(fake_gateway) if isinstance(route, Route)}
+    assert admin_paths <= middleware.excluded_paths
+    assert LoadReportingMiddleware(PlainTextResponse("app"), probe_path="/load").excluded_paths == (
+        DEFAULT_EXCLUDED_PATHS | {"/load"}
+    )
+    with pytest.raises(TypeError):
+        LoadReportingMiddleware(PlainTextResponse("app"), excluded_paths="/healthz")
 
 
 def test_lifespan_passes_through() -> None:
