@@ -331,11 +331,18 @@ class Forwarder:
                 outcome = _outcome_of(exc)
                 logger.warning("upstream %s failed mid-response: %s", backend, exc)
         finally:
-            if response is not None:
-                await response.aclose()
-            pool.release(backend)
-            policy.on_finish(backend, self._clock(), latency, outcome)
-            self._metrics.child(self._metrics.upstream_requests, pool.prefix, backend, outcome.value).inc()
+            try:
+                if response is not None:
+                    await response.aclose()
+            except Exception as exc:
+                # Cleanup only: the client already has its answer (or the error above), and an error
+                # raised from here would be retried or answered after the response went out.
+                logger.warning("upstream %s: closing the response failed: %r", backend, exc)
+            finally:
+                # Always, even when closing raises or is cancelled: else the counts leak for good.
+                pool.release(backend)
+                policy.on_finish(backend, self._clock(), latency, outcome)
+                self._metrics.child(self._metrics.upstream_requests, pool.prefix, backend, outcome.value).inc()
 
     async def _stream(self, exchange: _Exchange, request: UpstreamRequest, response: UpstreamResponse) -> None:
         scope, send, watch = exchange.scope, exchange.send, exchange.watch
