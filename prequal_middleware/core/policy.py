@@ -107,6 +107,8 @@ class BasePolicy:
     """
 
     name = "base"
+    # True when ``_choose`` applies slow start itself (through ``_slow_start``) before committing.
+    _chooses_with_slow_start = False
 
     def __init__(
         self,
@@ -195,6 +197,17 @@ class BasePolicy:
         if current or self._healthy is not None:
             self._healthy = current  # the first non-empty set is the baseline: nothing to warm up from
 
+    def _slow_start(self, backend: BackendId, candidates: Sequence[BackendId], now: float) -> BackendId:
+        """Where a choice of ``backend`` goes: to it, or to another candidate when slow start turns it down.
+
+        The one place slow start decides. ``select`` applies it to what ``_choose`` returned, unless the
+        policy sets ``_chooses_with_slow_start`` and calls it from ``_choose`` itself, before committing
+        to its choice (Prequal: the chosen probe is charged only if the request really goes there).
+        """
+        if self._warming and len(candidates) > 1 and self._slowed(backend, now):
+            return self._weighted_choice([b for b in candidates if b != backend])
+        return backend
+
     def _slowed(self, backend: BackendId, now: float) -> bool:
         """Whether slow start turns this choice down (the request then goes elsewhere)."""
         started = self._warming.get(backend)
@@ -215,9 +228,10 @@ class BasePolicy:
         if not candidates:
             return None
         selection = self._choose(candidates, now, exclude)
-        if self._warming and len(candidates) > 1 and self._slowed(selection.backend, now):
-            others = [b for b in candidates if b != selection.backend]
-            selection = Selection(self._weighted_choice(others), selection.reason, selection.probes)
+        if not self._chooses_with_slow_start:
+            backend = self._slow_start(selection.backend, candidates, now)
+            if backend != selection.backend:
+                selection = Selection(backend, selection.reason, selection.probes)
         if self._panic:
             selection = Selection(selection.backend, "panic", selection.probes)
         self.selections[selection.reason] += 1
@@ -258,7 +272,7 @@ class BasePolicy:
         # probe timeout looks the same as a dead backend. Counting it like a failed request ejected
         # healthy backends during stalls, filled the ejection cap and left a real fast failer in the
         # pool. Real requests (connect errors, timeouts, 5xx) and active health checks decide ejection;
-        # a missed probe only makes the backend a last resort for a random fallback until it answers.
+        # a missed probe only makes the backend a last resort for the fallback until it answers.
         b = self._backends.get(backend)
         if b is not None:
             b.probe_failures += 1
@@ -334,7 +348,7 @@ class BasePolicy:
     def _trusted(self, candidates: Sequence[BackendId], now: float) -> Sequence[BackendId]:
         """``candidates`` without those failing recently (error aversion) or missing probes, unless none is left.
 
-        For choices made without load information (Prequal's random fallback): a backend that fails
+        For choices made without probe information (Prequal's fallback): a backend that fails
         fast is never its own tie-breaker.
         """
         backends, outliers = self._backends, self.outliers

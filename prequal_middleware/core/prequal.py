@@ -41,6 +41,7 @@ class PrequalPolicy(BasePolicy):
     """
 
     name = "prequal"
+    _chooses_with_slow_start = True  # a probe is charged only when slow start lets the query go there
 
     def __init__(
         self,
@@ -59,19 +60,24 @@ class PrequalPolicy(BasePolicy):
     # --- selection -----------------------------------------------------------------------------
 
     def _choose(self, candidates: Sequence[BackendId], now: float, exclude: Container[BackendId]) -> Selection:
+        # Order of one query: expire, select (HCL or the fallback), slow start, charge, then remove.
         pool = self.pool
         pool.expire(now)
-        choice = pool.choose(now, exclude)
+        picked = pool.pick(now, exclude)
         reason: SelectionReason
-        if choice is None:
+        if picked is None:
             trusted = self._trusted(candidates, now)
             if self.settings.fallback == "random":
                 backend = trusted[int(self.rng.random() * len(trusted))]
             else:
                 backend = self._least_in_flight(trusted)
+            backend = self._slow_start(backend, candidates, now)
             reason = "fallback"
         else:
-            backend, reason = choice
+            entry, reason = picked
+            backend = self._slow_start(entry.backend, candidates, now)
+            if backend == entry.backend:
+                pool.use(entry)  # a probe skipped by slow start keeps its RIF and reuse budget
         pool.remove_per_query(now)
         self._last_activity = now
         return Selection(backend, reason, self._probe(self.pool.probes_for_query(), now))
@@ -120,6 +126,16 @@ class PrequalPolicy(BasePolicy):
     # --- inflow --------------------------------------------------------------------------------
 
     def on_probe(self, backend: BackendId, now: float, rif: int, latency_s: float) -> None:
+        """A probe answer: it feeds the RIF history, then the pool if the backend may be chosen.
+
+        The history behind the hot/cold threshold estimates the RIF distribution over the backends
+        this client may send to (the candidates). So every answer from a candidate feeds it, whether
+        or not it is pooled: one for a backend already pooled (it replaces that entry), one evicted
+        later, one from a candidate whose probes error aversion ignores. An answer from a backend that
+        is not a candidate (ejected, unhealthy, draining, or no longer a member: a late answer) feeds
+        neither: its load is not part of the choice, and a fast-failing ejected backend's RIF of 0
+        would drag the threshold down.
+        """
         b = self._backends.get(backend)
         if b is None:
             return
@@ -128,10 +144,13 @@ class PrequalPolicy(BasePolicy):
         self._pool_result(b, rif, latency_s, now)
 
     def _pool_result(self, b: _Backend, rif: int, latency_s: float, now: float) -> None:
-        # Only eligible, non-averse backends enter the pool; the candidate list is current because
-        # every change to it marks it stale and this reads it.
+        # Only candidates count (the list is current: every change to it marks it stale and this reads
+        # it); a non-averse one enters the pool, an averse one only the RIF history (see ``on_probe``).
         self.candidates(now)
-        if b.id not in self._candidate_set or self.outliers.is_averse(b.id, now):
+        if b.id not in self._candidate_set:
+            return
+        if self.outliers.is_averse(b.id, now):
+            self.pool.history.add(rif, now)
             return
         self.pool.add(b.id, rif, latency_s, now, len(self._candidates))
 

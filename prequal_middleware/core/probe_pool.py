@@ -73,6 +73,33 @@ class PrequalSettings:
     fallback_below: int = 2
     fallback: Literal["least_in_flight", "random"] = "least_in_flight"
 
+    @classmethod
+    def paper(cls) -> PrequalSettings:
+        """The paper's own testbed settings (NSDI '24 sections 4-5; prequal-spec.md section 2).
+
+        m = 16 probes, 1 s max age, r_probe = 3, r_remove = 1, drift 1, Q_RIF = 2**-0.25 (~0.84), and
+        below 2 usable probes a uniformly random backend (``fallback="random"``). The other fields (RIF
+        history, idle probing) have no value in the paper and keep this library's defaults.
+
+        Reuse cap: the paper has none. The preset keeps the default ``max_reuse=2``: with the paper's
+        numbers Eq. 1 gives 2 / ((1 - 16/n) * 3 - 1), 1.316 at the testbed's n = 100, under the cap, so
+        the cap changes nothing there. It binds only for 25 <= n <= 47 (25 uses at n = 25), where an
+        unbounded budget herds traffic onto the best probe (docs/simulator.md). For n <= 24 the
+        denominator is <= 0 and Eq. 1 has no value; each probe is then used once (``reuse_budget``).
+        Pass ``dataclasses.replace(PrequalSettings.paper(), max_reuse=...)`` to lift the cap.
+        """
+        return cls(
+            pool_size=16,
+            max_age_s=1.0,
+            probes_per_query=3.0,
+            removals_per_query=1.0,
+            drift=1.0,
+            q_rif=2**-0.25,
+            max_reuse=2,
+            fallback_below=2,
+            fallback="random",
+        )
+
     def __post_init__(self) -> None:
         checks = (
             ("pool_size", self.pool_size >= 1, "an integer >= 1"),
@@ -278,12 +305,22 @@ class ProbePool:
     def choose(
         self, now: float, exclude: Container[BackendId] = frozenset()
     ) -> tuple[BackendId, SelectionReason] | None:
+        """``pick`` then ``use``: HCL selection that charges the chosen entry; ``None`` for the fallback."""
+        picked = self.pick(now, exclude)
+        if picked is None:
+            return None
+        entry, reason = picked
+        self.use(entry)
+        return entry.backend, reason
+
+    def pick(
+        self, now: float, exclude: Container[BackendId] = frozenset()
+    ) -> tuple[ProbeEntry, SelectionReason] | None:
         """HCL selection over the pool, or ``None`` when fewer than ``fallback_below`` usable entries remain.
 
         Call ``expire`` (and ``retain``) first; entries of backends in ``exclude`` are not usable.
-        The chosen entry's RIF goes up by one (the query about to be sent) and its reuse budget down
-        by one; at zero it leaves the pool. Ties are broken by (latency, RIF) among cold probes and
-        (RIF, latency) among hot ones, then at random.
+        Nothing is charged: call ``use`` on the entry once the query is really sent on it. Ties are
+        broken by (latency, RIF) among cold probes and (RIF, latency) among hot ones, then at random.
         """
         entries = self._entries
         usable: Collection[ProbeEntry] = (
@@ -310,11 +347,14 @@ class ProbePool:
                 if self.rng.random() * ties < 1.0:  # reservoir sampling: each tie equally likely
                     best = entry
         assert best is not None
-        best.rif += 1
-        best.uses_left -= 1
-        if best.uses_left <= 0:
-            del self._entries[best.backend]
-        return best.backend, ("cold" if cold else "hot")
+        return best, ("cold" if cold else "hot")
+
+    def use(self, entry: ProbeEntry) -> None:
+        """Charge a picked entry for the query sent on it: RIF up by one, reuse budget down by one (0: it leaves)."""
+        entry.rif += 1
+        entry.uses_left -= 1
+        if entry.uses_left <= 0:
+            self._entries.pop(entry.backend, None)
 
     def remove_per_query(self, now: float) -> list[BackendId]:
         """The ``r_remove`` removals that follow each query, alternating the oldest and the worst probe.

@@ -99,7 +99,7 @@ class RunResult:
     p999_ms: float
     mean_ms: float
     probes_per_query: float
-    fallback_rate: float  # share of selections that were Prequal's random fallback
+    fallback_rate: float  # share of selections that were Prequal's fallback (too few usable probes)
     mean_pool_size: float | None  # Prequal only: fresh probes pooled, averaged over clients and samples
     rif_p50: float  # replica RIF sampled every sample_interval_s
     rif_p99: float

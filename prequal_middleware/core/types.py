@@ -17,7 +17,8 @@ SelectionReason = Literal["cold", "hot", "fallback", "panic", "policy"]
 
 - ``cold``: Prequal, the cold probe with the lowest latency;
 - ``hot``: Prequal, every probe was hot, so the lowest RIF;
-- ``fallback``: Prequal, fewer than two usable probes, so a uniformly random backend;
+- ``fallback``: Prequal, fewer than two usable probes, so the fallback rule chose (``PrequalSettings.fallback``:
+  the fewest of this client's requests in flight by default, or a uniformly random backend, the paper's rule);
 - ``panic``: too few healthy backends, so the choice was made over every member;
 - ``policy``: any other policy's ordinary choice.
 """
