@@ -302,7 +302,7 @@ class ProbeClient:
         self.max_idle_per_backend = max_idle_per_backend
         self._backends: dict[str, _Backend] = {}
         self._open: set[_ProbeConnection] = set()  # every live connection, idle or busy
-        self._connecting: set[asyncio.Task[None]] = set()
+        self._connecting: dict[asyncio.Task[None], _Probe] = {}  # connect tasks and the probe each one is for
         self._tls: ssl.SSLContext | None = None
         self._closed = False
 
@@ -371,8 +371,11 @@ class ProbeClient:
         self._closed = True
         for backend in self._backends.values():
             backend.retired = True
-        for task in list(self._connecting):
+        for task, probe in list(self._connecting.items()):
             task.cancel()
+            # Reported here, not by the task: a task cancelled before its first step never runs a line
+            # of ``_connect``, and its probe would otherwise be reported only at its deadline.
+            probe._end(None, ProbeFailed("the probe client is closed"))
         for conn in list(self._open):
             conn._fail("the probe client is closed")
         # Transports close their sockets in a callback scheduled by abort(); let it run.
@@ -419,9 +422,12 @@ class ProbeClient:
 
     def _connect_for(self, probe: _Probe) -> None:
         task = asyncio.get_running_loop().create_task(self._connect(probe))
-        self._connecting.add(task)
-        task.add_done_callback(self._connecting.discard)
+        self._connecting[task] = probe
+        task.add_done_callback(self._connected)
         probe._task = task
+
+    def _connected(self, task: asyncio.Task[None]) -> None:
+        self._connecting.pop(task, None)
 
     async def _connect(self, probe: _Probe) -> None:
         backend = probe._backend

@@ -460,7 +460,7 @@ async def test_send_times_out_once_and_closes_the_connection() -> None:
             assert result is None and isinstance(error, ProbeFailed) and "no answer within 100 ms" in str(error)
             await asyncio.sleep(0.05)
             assert len(outcomes.calls) == 1
-            assert client._open == set() and client._connecting == set()
+            assert client._open == set() and not client._connecting
     finally:
         await client.aclose()
 
@@ -501,3 +501,21 @@ async def test_a_failing_callback_is_logged_and_the_connection_kept(
         assert "probe callback failed" in caplog.text
         assert (await client.probe(server.url)).rif == 0
         assert len(set(ports.ports)) == 1, "the connection survived the caller's bug"
+
+
+async def test_aclose_reports_a_probe_still_connecting_at_once() -> None:
+    # The connect task has not taken a step yet when aclose() cancels it: the probe must still be
+    # reported as closed before aclose() returns, not at its deadline much later.
+    ports, _, _ = reporting_app()
+    client = ProbeClient(timeout_s=WAIT_S)
+    with serve(ports) as server:
+        outcomes = Outcomes()
+        assert client.send(server.url, outcomes) is not None
+        assert len(client._connecting) == 1
+        await client.aclose()
+        assert len(outcomes.calls) == 1
+        result, error = outcomes.calls[0]
+        assert result is None and isinstance(error, ProbeFailed) and "the probe client is closed" in str(error)
+        await asyncio.sleep(0.05)
+        assert len(outcomes.calls) == 1, "reported once"
+        assert not client._connecting and client._open == set()
