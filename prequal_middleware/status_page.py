@@ -164,7 +164,8 @@ _SCRIPT = r"""
   const REASON_HELP = {
     cold: "Prequal: the cold probe (RIF below the threshold) with the lowest latency",
     hot: "Prequal: every probe was hot, so the one with the lowest RIF",
-    fallback: "Prequal: fewer than two usable probes, so a uniformly random backend",
+    fallback: "Prequal: fewer than two usable probes, so the backend with the fewest of this client's " +
+      "requests in flight (a uniformly random one with fallback=\"random\", the paper's rule)",
     panic: "Too few healthy backends: chosen over every member",
     policy: "Another policy's ordinary choice",
   };
@@ -488,7 +489,8 @@ STATUS_PAGE_HTML = (
     <dt>local</dt><dd>the backend answers no probes; the gateway uses its own view
       (its requests in flight to it and the latencies it measured)</dd>
     <dt>cold / hot</dt><dd>Prequal chose the lowest-latency cold probe / every probe was hot, so the lowest RIF</dd>
-    <dt>fallback</dt><dd>fewer than two usable probes, so a uniformly random backend</dd>
+    <dt>fallback</dt><dd>fewer than two usable probes, so the backend with the fewest of this client's requests
+      in flight (a uniformly random one with <code>fallback="random"</code>, the paper's rule)</dd>
     <dt>panic</dt><dd>too few healthy backends, so the choice was made over every member</dd>
     <dt>policy</dt><dd>a non-Prequal policy's ordinary choice</dd>
     <dt>&mdash;</dt><dd>no value (no probe pool for this policy, no lease for static members, no report yet)</dd>

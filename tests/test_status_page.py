@@ -285,3 +285,15 @@ def test_fetch_failure_keeps_the_last_data() -> None:
     assert "HTTP 500" in banner.text and "Showing data from" in banner.text
     rows = page.find_all("tr", data_member_url=None)
     assert {row.attrs["data-member-url"]: row.attrs["data-state"] for row in rows} == EXPECTED_STATES
+
+
+def test_the_fallback_is_described_as_the_library_does_it(page: Element) -> None:
+    # The default fallback takes the fewest of this client's requests in flight; "random" is the paper's rule.
+    titles = {row.find("td", title=None).attrs["title"] for row in page.find_all("tr", data_selection="fallback")}
+    legend = page.find("footer").find("dl")
+    terms = [child for child in legend.children if isinstance(child, Element)]
+    fallback = next(terms[i + 1].text for i, term in enumerate(terms) if term.tag == "dt" and term.text == "fallback")
+    for text in [*titles, fallback]:
+        assert text is not None
+        assert "fewest" in text and "in flight" in text, text
+        assert "so a uniformly random backend" not in text, text
