@@ -62,9 +62,13 @@ class Membership:
 
     async def register(self, req: RegistrationRequest) -> BackendRecord:
         record = BackendRecord(pool=req.pool, url=req.url, weight=req.weight, metadata=req.metadata or {})
+        pool = self.pools.get(req.pool)
+        present = pool is not None and req.url in pool.members
         stored = await self.registry.register(record, req.ttl_s)
         self._count("register")
         await self.refresh()
+        if pool is not None and present:
+            pool.announce([stored.url])  # registered again while present: revisit what we learnt of it
         await _call(self.on_register, stored)
         return stored
 

@@ -7,13 +7,20 @@ budget. No I/O here: the forwarder and the scheduler drive it.
 
 from __future__ import annotations
 
+import logging
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from .config import UpstreamPool
 from .core import Member, Policy, create_policy
 from .core.retry_budget import RetryBudget
 from .exceptions import ConfigurationError
+
+logger = logging.getLogger("prequal_middleware.pool")
+
+MembersListener = Callable[["PoolRuntime", Sequence[str], Sequence[str]], None]
+"""Told ``(pool, joined, left)`` after the pool's members changed, and ``(pool, announced, ())`` when
+present members were announced again (``PoolRuntime.announce``)."""
 
 
 class PoolRuntime:
@@ -38,6 +45,7 @@ class PoolRuntime:
         self.retry_budget = RetryBudget(retry.budget_ratio, retry.budget_min_per_s, max(1.0, retry.budget_window_s))
         self.probes_in_flight = 0
         self.probes_skipped = 0
+        self._listeners: list[MembersListener] = []
 
     def _new_policy(self, rng: random.Random) -> Policy:
         spec = self.config.policy
@@ -65,12 +73,41 @@ class PoolRuntime:
         return clients[self._next_client]
 
     def set_members(self, members: Iterable[Member], now: float) -> None:
+        old = self.members
         self.members = {m.id: m for m in members}
         listed = list(self.members.values())
         for client in self.clients:
             client.set_members(listed, now)
         for gone in [b for b in self.backend_in_flight if b not in self.members and not self.backend_in_flight[b]]:
             del self.backend_in_flight[gone]
+        joined = [b for b in self.members if b not in old]
+        left = [b for b in old if b not in self.members]
+        if joined or left:
+            self._notify(joined, left)
+
+    def announce(self, backends: Iterable[str]) -> None:
+        """Members registered again while present (a restart, a re-announcement): listeners hear of them
+        as joined, so that what they learnt of the old instance (e.g. "answers no probes") is revisited."""
+        present = [b for b in backends if b in self.members]
+        if present:
+            self._notify(present, [])
+
+    # --- listeners -------------------------------------------------------------------------------
+
+    def add_listener(self, listener: MembersListener) -> None:
+        """Call ``listener(pool, joined, left)`` after every change of members (the scheduler's hook)."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: MembersListener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def _notify(self, joined: Sequence[str], left: Sequence[str]) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(self, joined, left)
+            except Exception:  # a listener's bug must not stop membership changes
+                logger.exception("members listener %r failed on pool %s", listener, self.prefix)
 
     # --- concurrency limits ----------------------------------------------------------------------
 

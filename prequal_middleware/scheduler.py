@@ -3,8 +3,14 @@
 - Probes: the policies ask for them (per query, and after ``max_idle_s`` without queries); each is
   sent at once with a short timeout and reported by callback (``ProbeClient.send``: no task per probe),
   never awaited by a request. At most ``ProbeSettings.max_in_flight`` per pool are in flight; beyond
-  that a probe is skipped, not queued: a queued probe would be stale on arrival. A backend that
-  answers 404 on the probe path switches to the gateway's local view (``probe_mode = "local"``).
+  that a probe is skipped, not queued: a queued probe would be stale on arrival. A probe answer is
+  reported with the time of its receipt; a failed probe is reported to the policy that asked.
+- Local mode: a backend that answers 404, 405 or a 200 without load headers (``ProbeUnsupported``)
+  switches to the gateway's local view (``probe_mode = "local"`` on every client of the pool). The
+  policies never probe it then, so the scheduler re-probes it itself, with exponential backoff, and
+  switches it back to ``"probe"`` when it answers a load report (it gained ``LoadReportingMiddleware``).
+  Registering it again, or leaving and joining, restarts the backoff.
+- Members that leave a pool have their idle probe connections closed (``ProbeClient.forget``).
 - Idle probing: a timer asks every policy for its idle probes.
 - Registry sync: the registry's changes (and lease expiry) are applied to the pools.
 - Active health checks: ``GET health.path`` on every member each ``interval_s``; ``fall`` failures in a
@@ -20,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from functools import partial
 from typing import Any
@@ -41,6 +48,24 @@ IDLE_TICK_SHARE = 0.5
 GAUGE_INTERVAL_S = 1.0
 # The longest a gateway goes without re-reading the registry.
 REGISTRY_REFRESH_S = 1.0
+# Re-probing a backend in local mode (it answered no load report): first after LOCAL_REPROBE_INITIAL_S,
+# the wait doubling after each answer without a load report, up to LOCAL_REPROBE_MAX_S. A backend
+# usually gains LoadReportingMiddleware by a redeploy, so a prompt first look catches a quick restart,
+# and one probe per 30 s at worst costs a backend nothing while keeping a redeployed one off Prequal's
+# signal for 30 s at most.
+LOCAL_REPROBE_INITIAL_S = 1.0
+LOCAL_REPROBE_MAX_S = 30.0
+
+
+class _LocalMode:
+    """The re-probe state of one backend in local mode."""
+
+    __slots__ = ("delay", "timer", "probing")
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay  # the wait before the next re-probe
+        self.timer: asyncio.TimerHandle | None = None
+        self.probing = False
 
 
 class ProbeScheduler:
@@ -51,6 +76,8 @@ class ProbeScheduler:
         transport: used for health checks.
         metrics: where probes, health checks and pool state are recorded.
         clock: monotonic seconds.
+        local_reprobe_initial_s / local_reprobe_max_s: the backoff of re-probes to backends in local
+            mode (see ``LOCAL_REPROBE_INITIAL_S``).
     """
 
     def __init__(
@@ -59,7 +86,18 @@ class ProbeScheduler:
         transport: Transport,
         metrics: PrequalMetrics,
         clock: Callable[[], float],
+        *,
+        local_reprobe_initial_s: float = LOCAL_REPROBE_INITIAL_S,
+        local_reprobe_max_s: float = LOCAL_REPROBE_MAX_S,
     ) -> None:
+        if not 0 < local_reprobe_initial_s <= local_reprobe_max_s < math.inf:
+            raise ValueError(
+                "need 0 < local_reprobe_initial_s <= local_reprobe_max_s < inf, got "
+                f"{local_reprobe_initial_s!r} and {local_reprobe_max_s!r}"
+            )
+        self._reprobe_initial_s = local_reprobe_initial_s
+        self._reprobe_max_s = local_reprobe_max_s
+        self._local: dict[tuple[int, str], _LocalMode] = {}  # (id(pool), backend) in local mode
         self._pools = list(pools)
         self._transport = transport
         self._metrics = metrics
@@ -84,6 +122,8 @@ class ProbeScheduler:
             self._probe_clients[id(pool)] = ProbeClient(
                 path=probes.path, timeout_s=probes.timeout_s, max_idle_per_backend=probes.max_in_flight
             )
+            pool.add_listener(self._members_changed)
+            self._adopt_local_mode(pool)
         idle = [c for pool in self._pools for c in pool.clients]
         if idle:
             self._spawn(self._idle_loop())
@@ -96,6 +136,12 @@ class ProbeScheduler:
 
     async def aclose(self) -> None:
         self._running = False
+        for pool in self._pools:
+            pool.remove_listener(self._members_changed)
+        for state in self._local.values():
+            if state.timer is not None:
+                state.timer.cancel()
+        self._local.clear()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -150,14 +196,98 @@ class ProbeScheduler:
             metrics.child(metrics.probe_duration, pool.prefix).observe(now - started)
             policy.on_probe(backend, now, result.rif, result.latency_s)
         elif isinstance(error, ProbeUnsupported):
-            for c in pool.clients:
-                c.set_probe_mode(backend, "local", now)
             metrics.child(metrics.probes, pool.prefix, "unsupported").inc()
-            logger.info("backend %s of pool %s answers no probes: using the gateway's own view", backend, pool.prefix)
+            if (id(pool), backend) not in self._local and backend in pool.members:
+                for c in pool.clients:
+                    c.set_probe_mode(backend, "local", now)
+                self._enter_local_mode(pool, backend)
+                logger.info(
+                    "backend %s of pool %s answers no probes: using the gateway's own view", backend, pool.prefix
+                )
         else:
             self.probe_failures += 1
             metrics.child(metrics.probes, pool.prefix, "failed").inc()
             policy.on_probe_failure(backend, now)
+
+    # --- local mode: re-probing backends that answered no load report -----------------------------
+
+    def local_mode_backoff(self, pool: PoolRuntime, backend: str) -> float | None:
+        """The wait before ``backend``'s next re-probe while it is in local mode; None otherwise."""
+        state = self._local.get((id(pool), backend))
+        return None if state is None else state.delay
+
+    def _enter_local_mode(self, pool: PoolRuntime, backend: str) -> None:
+        state = self._local[(id(pool), backend)] = _LocalMode(self._reprobe_initial_s)
+        self._schedule_reprobe(pool, backend, state, state.delay)
+
+    def _adopt_local_mode(self, pool: PoolRuntime) -> None:
+        """Backends a previous run left in local mode are re-probed by this one."""
+        now = self._clock()
+        local = {b.id for c in pool.clients for b in c.snapshot(now).backends if b.probe_mode == "local"}
+        for backend in local:
+            if backend in pool.members and (id(pool), backend) not in self._local:
+                self._enter_local_mode(pool, backend)
+
+    def _schedule_reprobe(self, pool: PoolRuntime, backend: str, state: _LocalMode, delay: float) -> None:
+        if state.timer is not None:
+            state.timer.cancel()
+        state.timer = asyncio.get_running_loop().call_later(delay, self._reprobe, pool, backend)
+
+    def _reprobe(self, pool: PoolRuntime, backend: str) -> None:
+        state = self._local.get((id(pool), backend))
+        if state is None or not self._running:
+            return
+        state.timer = None
+        if pool.probes_in_flight >= pool.config.probes.max_in_flight:
+            self._schedule_reprobe(pool, backend, state, state.delay)  # busy: try again later, same wait
+            return
+        state.probing = True
+        pool.probes_in_flight += 1
+        self.probes_sent += 1
+        self._probe_clients[id(pool)].send(backend, partial(self._reprobe_done, pool, backend))
+
+    def _reprobe_done(
+        self, pool: PoolRuntime, backend: str, result: ProbeResult | None, error: ProbeError | None
+    ) -> None:
+        pool.probes_in_flight -= 1
+        if not self._running:
+            return
+        key = (id(pool), backend)
+        state = self._local.get(key)
+        if state is None:
+            return  # it left (or came back) meanwhile
+        state.probing = False
+        metrics = self._metrics
+        if result is not None:
+            del self._local[key]
+            now = self._clock()
+            for c in pool.clients:
+                c.set_probe_mode(backend, "probe", now)
+            metrics.child(metrics.probes, pool.prefix, "ok").inc()
+            logger.info("backend %s of pool %s answers probes again", backend, pool.prefix)
+            return
+        # Unsupported again, or a failure: a backend in local mode is balanced on the gateway's own
+        # view, which a missed probe does not change; only wait longer.
+        outcome = "unsupported" if isinstance(error, ProbeUnsupported) else "failed"
+        metrics.child(metrics.probes, pool.prefix, outcome).inc()
+        state.delay = min(state.delay * 2, self._reprobe_max_s)
+        if state.timer is None:
+            self._schedule_reprobe(pool, backend, state, state.delay)
+
+    def _members_changed(self, pool: PoolRuntime, joined: Sequence[str], left: Sequence[str]) -> None:
+        client = self._probe_clients.get(id(pool))
+        for backend in left:
+            if client is not None:
+                client.forget(backend)  # closes its idle probe connections; busy ones close after use
+            state = self._local.pop((id(pool), backend), None)
+            if state is not None and state.timer is not None:
+                state.timer.cancel()
+        for backend in joined:
+            state = self._local.get((id(pool), backend))
+            if state is not None:  # announced again while in local mode: look now, back off from the start
+                state.delay = self._reprobe_initial_s
+                if not state.probing:
+                    self._schedule_reprobe(pool, backend, state, 0.0)
 
     async def _idle_loop(self) -> None:
         tick = IDLE_TICK_SHARE * min(pool.config.prequal.max_idle_s for pool in self._pools)
