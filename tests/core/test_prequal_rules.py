@@ -70,10 +70,10 @@ def history_rifs(policy: PrequalPolicy) -> list[int]:
 def test_removal_takes_the_oldest_first_then_the_worst_when_they_differ() -> None:
     pool = make_pool(q_rif=1.0)  # nothing hot: the worst is the slowest
     pool.add("oldest-fast", 0, 0.001, now=0.0, n_available=100)
-    pool.add("slowest", 0, 0.900, now=0.1, n_available=100)
-    pool.add("second-oldest", 0, 0.010, now=0.2, n_available=100)
-    pool.add("second-slowest", 0, 0.500, now=0.3, n_available=100)
-    pool.add("newest", 0, 0.020, now=0.4, n_available=100)
+    pool.add("second-oldest", 0, 0.010, now=0.1, n_available=100)
+    pool.add("slowest", 0, 0.900, now=0.2, n_available=100)
+    pool.add("newest", 0, 0.020, now=0.3, n_available=100)
+    pool.add("second-slowest", 0, 0.500, now=0.4, n_available=100)
     removed = [pool.remove_per_query(0.5) for _ in range(4)]
     assert removed == [["oldest-fast"], ["slowest"], ["second-oldest"], ["second-slowest"]]
     assert [e.backend for e in pool] == ["newest"]
@@ -84,9 +84,9 @@ def test_the_worst_is_the_hottest_by_rif_even_when_a_cold_probe_is_slower_and_ol
     for rif in (0, 0, 0, 1, 1):
         pool.history.add(rif, now=0.0)  # theta = sorted[2] = 0: RIF >= 1 is hot
     pool.add("old-cold-slow", 0, 0.900, now=0.0, n_available=100)
-    pool.add("hot-fast", 9, 0.001, now=0.1, n_available=100)
-    pool.add("hot-slow", 3, 0.800, now=0.2, n_available=100)
-    pool.add("cold", 0, 0.700, now=0.3, n_available=100)
+    pool.add("hot-slow", 3, 0.800, now=0.1, n_available=100)
+    pool.add("cold", 0, 0.700, now=0.2, n_available=100)
+    pool.add("hot-fast", 9, 0.001, now=0.3, n_available=100)
     assert pool.threshold(0.3) == 0.0
     assert pool.remove_per_query(0.3) == ["old-cold-slow"]
     assert pool.remove_per_query(0.3) == ["hot-fast"], "hot first, and among hot the highest RIF, not the slowest"
@@ -137,7 +137,7 @@ def test_removal_on_an_empty_pool_does_not_advance_the_alternation() -> None:
 
 def test_policy_queries_remove_the_oldest_then_the_worst() -> None:
     policy = make_policy(n=6, q_rif=1.0, probes_per_query=0.0, max_reuse=1)
-    latencies = {"b0": 0.002, "b1": 0.900, "b2": 0.001, "b3": 0.003, "b4": 0.800, "b5": 0.004}
+    latencies = {"b0": 0.002, "b1": 0.800, "b2": 0.001, "b3": 0.003, "b4": 0.900, "b5": 0.004}
     for i, (backend, latency) in enumerate(latencies.items()):
         policy.on_probe(backend, now=i * 0.01, rif=0, latency_s=latency)
     first = policy.select(now=0.1)
@@ -145,7 +145,7 @@ def test_policy_queries_remove_the_oldest_then_the_worst() -> None:
     assert sorted(e.backend for e in policy.pool) == ["b1", "b3", "b4", "b5"], "then the oldest (b0) went"
     second = policy.select(now=0.1)
     assert second is not None and second.backend == "b3"
-    assert sorted(e.backend for e in policy.pool) == ["b4", "b5"], "then the slowest (b1) went"
+    assert sorted(e.backend for e in policy.pool) == ["b1", "b5"], "then the slowest (b4), not the oldest (b1)"
 
 
 # --- rule 2: the server's latency estimate -----------------------------------------------------
@@ -179,12 +179,12 @@ def test_widens_to_plus_minus_one_below_min_samples_and_reads_both_sides() -> No
 def test_widens_to_plus_minus_two_when_plus_minus_one_is_not_enough() -> None:
     tracker = LoadTracker(LoadTrackerSettings(min_samples=3, max_widen=2))
     sample(tracker, 3, 0.010, finished_at=1.0)  # -2
-    sample(tracker, 5, 0.020, finished_at=1.0)  # exact
+    sample(tracker, 5, 0.040, finished_at=1.0)  # exact
     sample(tracker, 7, 0.030, finished_at=1.0)  # +2
     sample(tracker, 8, 0.990, finished_at=1.0)  # +3: beyond max_widen
     sample(tracker, 8, 0.990, finished_at=1.0)
     hold(tracker, 5, now=1.0)
-    assert tracker.estimate(1.0) == pytest.approx(0.020)
+    assert tracker.estimate(1.0) == pytest.approx(0.030), "the median of 10, 40 and 30 ms (+-1 alone: 40)"
 
 
 def test_max_widen_bounds_the_search() -> None:
@@ -339,14 +339,17 @@ def test_answers_evicted_from_the_pool_still_count_in_the_history() -> None:
 
 
 def test_the_hot_threshold_uses_answers_that_left_the_pool() -> None:
-    # b0's high answers make the threshold high enough that b1 is cold; without them b1 would be hot.
+    # b0's earlier answers (replaced in the pool) lift the threshold so that b1 is cold. A threshold
+    # taken over the pool alone ([2, 3, 5, 12] -> 3) would make b1 hot and pick b3.
     policy = make_policy(n=4, q_rif=0.5, probes_per_query=0.0)
     for t in (0.0, 0.1, 0.2):
         policy.on_probe("b0", now=t, rif=10, latency_s=0.001)
-    policy.on_probe("b1", now=0.3, rif=4, latency_s=0.050)
+    policy.on_probe("b1", now=0.3, rif=5, latency_s=0.050)
     policy.on_probe("b2", now=0.3, rif=2, latency_s=0.090)
+    policy.on_probe("b3", now=0.3, rif=3, latency_s=0.080)
     policy.on_probe("b0", now=0.3, rif=12, latency_s=0.001)  # hot whatever the rule
-    # History 10, 10, 10, 4, 2, 12 -> sorted 2 4 10 10 10 12, theta = sorted[2] = 10: b1 and b2 cold.
+    # History 10, 10, 10, 5, 2, 3, 12 -> sorted 2 3 5 10 10 10 12, theta = sorted[3] = 10.
+    assert policy.pool.threshold(0.3) == 10.0
     selection = policy.select(now=0.3)
     assert selection is not None and (selection.backend, selection.reason) == ("b1", "cold")
 
