@@ -33,13 +33,13 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
-from urllib.parse import quote
 
 from .core import Outcome, Policy
 from .exceptions import UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
 from .headers import downstream_response_headers, rewrite_location, upstream_request_headers
 from .metrics import PrequalMetrics, code_class
 from .pool import PoolRuntime
+from .request_target import NOT_ORIGIN_FORM, raw_path, raw_prefix
 from .scheduler import ProbeScheduler
 from .transport import Transport, UpstreamRequest, UpstreamResponse
 
@@ -49,7 +49,6 @@ logger = logging.getLogger("prequal_middleware.forwarding")
 # never pay for the extra task.
 DISCONNECT_WATCH_DELAY_S = 0.05
 POOL_HEADER = b"x-prequal-pool"
-_SAFE_PATH = "/:@!$&'()*+,;=-._~"
 
 Scope = dict[str, Any]
 Receive = Callable[[], Any]
@@ -381,21 +380,19 @@ def _too_large(limit: int | None) -> str:
 
 
 def upstream_target(pool: PoolRuntime, scope: Scope) -> str:
-    """The path and query to send upstream: prefix stripped (or not), percent-encoding kept byte-exact."""
-    raw: bytes | None = scope.get("raw_path")
-    path: str = scope["path"]
-    prefix = pool.prefix
-    rest: str
-    if pool.config.strip_prefix and prefix != "/":
-        n = len(pool.prefix_bytes)
-        if raw is not None and raw.startswith(pool.prefix_bytes) and raw[n : n + 1] in (b"/", b""):
-            rest = raw[n:].decode("latin-1")
-        else:  # the client percent-encoded part of the prefix: rebuild from the decoded path
-            rest = quote(path[len(prefix) :], safe=_SAFE_PATH)
-        if not rest:
-            rest = "/"
-    else:
-        rest = raw.decode("latin-1") if raw is not None else quote(path, safe=_SAFE_PATH)
+    """The path and query to send upstream: the raw path the client sent, less the prefix it matched.
+
+    The middleware routed the request on its raw path (``request_target``), so the prefix is
+    stripped byte for byte and the rest goes upstream exactly as it came.
+    """
+    raw = raw_path(scope)
+    if pool.config.strip_prefix and pool.prefix != "/":
+        prefix = raw_prefix(pool.prefix)
+        if raw.startswith(prefix):
+            raw = raw[len(prefix) :] or b"/"
+    if raw[:1] != b"/":  # the middleware refuses these; joined to a backend URL they would name another host
+        raise NOT_ORIGIN_FORM
+    rest = raw.decode("latin-1")
     query: bytes = scope.get("query_string", b"")
     return rest + "?" + query.decode("latin-1") if query else rest
 

@@ -35,6 +35,7 @@ from .metrics import PrequalMetrics
 from .pool import PoolRuntime
 from .registration import AllowList, RegistrationRequest
 from .registry import BackendRecord, MemoryRegistry, Registry
+from .request_target import raw_prefix, under_prefix
 from .scheduler import ProbeScheduler
 from .transport import Transport
 from .transport_aiohttp import AiohttpTransport
@@ -87,8 +88,10 @@ class Gateway:
             seen.add(pool.prefix)
         rng = rng if rng is not None else random.Random()
         self.pools: dict[str, PoolRuntime] = {p.prefix: PoolRuntime(p, rng) for p in pools}
-        # Longest prefix first, so the first match wins.
-        self._by_length = sorted(self.pools.values(), key=lambda p: len(p.prefix), reverse=True)
+        # Longest prefix first, so the first match wins; matched against the raw path, byte for byte.
+        self._by_length = sorted(
+            ((raw_prefix(p.prefix), p) for p in self.pools.values()), key=lambda item: len(item[0]), reverse=True
+        )
         self.clock = clock
         self._transport = transport
         self.metrics = metrics if metrics is not None else PrequalMetrics()
@@ -160,11 +163,13 @@ class Gateway:
 
     # --- requests ------------------------------------------------------------------------------
 
-    def match(self, path: str) -> PoolRuntime | None:
-        """The pool whose prefix is the longest one matching ``path`` on a segment boundary."""
-        for pool in self._by_length:
-            prefix = pool.prefix
-            if prefix == "/" or path == prefix or (path.startswith(prefix) and path[len(prefix)] == "/"):
+    def match(self, raw_path: bytes) -> PoolRuntime | None:
+        """The pool whose prefix is the longest one matching the raw (undecoded) path on a segment boundary.
+
+        The raw path is matched byte for byte (``request_target``): ``/%61pi`` is not under ``/api``.
+        """
+        for prefix, pool in self._by_length:
+            if under_prefix(raw_path, prefix):
                 return pool
         return None
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .forwarding import Receive, Scope, Send
+from .forwarding import Receive, Scope, Send, send_error
 from .gateway import Gateway
+from .request_target import TargetRefused, check_target, raw_path
 
 logger = logging.getLogger("prequal_middleware.middleware")
 
@@ -40,20 +41,40 @@ class PrequalMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
-        if kind == "http":
-            pool = self.gateway.match(scope["path"])
+        if kind == "http" or kind == "websocket":
+            raw = raw_path(scope)
+            try:
+                check_target(raw, scope["path"])
+            except TargetRefused as refused:
+                await self._refuse(kind, scope, receive, send, refused)
+                return
+            pool = self.gateway.match(raw)
             if pool is not None:
-                await self.gateway.handle_http(pool, scope, receive, send)
-                return
-        elif kind == "websocket":
-            pool = self.gateway.match(scope["path"])
-            if pool is not None and pool.config.websockets:
-                await self.gateway.handle_websocket(pool, scope, receive, send)
-                return
+                if kind == "http":
+                    await self.gateway.handle_http(pool, scope, receive, send)
+                    return
+                if pool.config.websockets:
+                    await self.gateway.handle_websocket(pool, scope, receive, send)
+                    return
         elif kind == "lifespan":
             await self._lifespan(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+    async def _refuse(self, kind: str, scope: Scope, receive: Receive, send: Send, refused: TargetRefused) -> None:
+        """400 for a target no route may see (``request_target``), on HTTP and WebSocket alike."""
+        if kind == "http":
+            await send_error(send, 400, refused.error, refused.detail, None, close=True)
+            return
+        await receive()  # websocket.connect
+        if "websocket.http.response" in scope.get("extensions", {}):
+
+            async def denial_send(message: dict[str, Any]) -> None:
+                await send({**message, "type": "websocket." + message["type"]})
+
+            await send_error(denial_send, 400, refused.error, refused.detail, None)
+        else:  # the server cannot send a response of ours: closing before accept is its 403
+            await send({"type": "websocket.close", "code": 1008})
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         gateway = self.gateway
