@@ -99,7 +99,9 @@ class HealthSettings:
 
     A member turns unhealthy after ``fall`` failed checks in a row (a non-2xx status, an error, or no
     answer within ``timeout_s``) and healthy again after ``rise`` good ones. ``path=None`` disables
-    active checks (passive outlier detection still applies).
+    active checks (passive outlier detection still applies). The backends' ``LoadReportingMiddleware``
+    leaves ``/healthz`` out of their load by default; a gateway checking another path must list it in
+    their ``excluded_paths``, or its checks count as requests in flight and latency samples.
     """
 
     path: str | None = "/healthz"

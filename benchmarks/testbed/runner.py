@@ -323,7 +323,7 @@ def _gateway_counters(workdir: Path) -> dict[str, dict[str, float]] | None:
 
 
 def _gateway_rates(counters: dict[str, dict[str, float]] | None) -> dict[str, float | None]:
-    """Shares over the whole run (warm-up included): random fallback, probes failed and skipped."""
+    """Shares over the whole run (warm-up included): fallback choices, probes failed and skipped."""
     if counters is None:
         return {"fallback_pct": None, "probe_failed_pct": None, "probe_skipped_pct": None, "ejections": None}
     selections = counters.get("selections", {})
