@@ -345,7 +345,7 @@ class Forwarder:
 
     async def _stream(self, exchange: _Exchange, request: UpstreamRequest, response: UpstreamResponse) -> None:
         scope, send, watch = exchange.scope, exchange.send, exchange.watch
-        rewrite = _location_rewriter(exchange.pool, request.backend, scope)
+        rewrite = _location_rewriter(exchange.pool, request.backend)
         headers = downstream_response_headers(response.headers, rewrite)
         exchange.status = response.status
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
@@ -397,14 +397,16 @@ def upstream_target(pool: PoolRuntime, scope: Scope) -> str:
     return rest + "?" + query.decode("latin-1") if query else rest
 
 
-def _location_rewriter(pool: PoolRuntime, backend: str, scope: Scope) -> Callable[[bytes], bytes]:
+def _location_rewriter(pool: PoolRuntime, backend: str) -> Callable[[bytes], bytes]:
+    """A ``Location`` at the backend becomes a relative reference under the pool's prefix.
+
+    Nothing from the request goes into it: not the client's ``Host`` (which any client may forge),
+    not its scheme. The client resolves the path against the URL it used (``headers.rewrite_location``).
+    """
+
     def rewrite(value: bytes) -> bytes:
-        host = next((v for k, v in scope["headers"] if k == b"host"), None)
-        if host is None:
-            return value
-        scheme = scope.get("scheme", "http").encode("latin-1")
-        prefix = pool.prefix_bytes if pool.config.strip_prefix and pool.prefix != "/" else b""
-        return rewrite_location(value, backend.encode("latin-1"), scheme + b"://" + host + prefix)
+        prefix = raw_prefix(pool.prefix) if pool.config.strip_prefix and pool.prefix != "/" else b""
+        return rewrite_location(value, backend.encode("latin-1"), prefix)
 
     return rewrite
 

@@ -124,13 +124,18 @@ def downstream_response_headers(headers: RawHeaders, location: Callable[[bytes],
     return out
 
 
-def rewrite_location(value: bytes, backend: bytes, public: bytes) -> bytes:
-    """``backend/rest`` -> ``public/rest`` (case-insensitive scheme and host); anything else unchanged.
+def rewrite_location(value: bytes, backend: bytes, prefix: bytes = b"") -> bytes:
+    """``backend/rest`` -> ``prefix/rest``, a relative reference (RFC 9110 section 10.2.2); anything else unchanged.
 
-    As NGINX's ``proxy_redirect default``: an absolute ``Location`` pointing at the backend is turned
-    into the same place under the gateway's prefix.
+    As NGINX's ``proxy_redirect default``, an absolute ``Location`` pointing at the backend (scheme and
+    host matched case-insensitively) is turned into the same place under the gateway's prefix, but
+    without a scheme or host: the client resolves it against the URL it asked for, so no part of the
+    result comes from the request (a client's ``Host`` is never echoed into a redirect, which would
+    otherwise let a forged ``Host`` poison cached redirects). ``prefix`` is the raw prefix the pool
+    strips (``b""`` when none), without a trailing slash; so is ``backend``.
 
-    Both ``backend`` and ``public`` come without a trailing slash.
+    A result that would read as a network-path reference (``//host`` or ``/\\host``, which browsers
+    resolve to another host) is not produced: such a ``Location`` is left as the backend sent it.
     """
     n = len(backend)
     if len(value) < n or value[:n].lower() != backend.lower():
@@ -138,4 +143,10 @@ def rewrite_location(value: bytes, backend: bytes, public: bytes) -> bytes:
     rest = value[n:]
     if rest and rest[:1] not in (b"/", b"?", b"#"):
         return value  # http://backend:80001 is not under http://backend:8000
-    return public + rest
+    if prefix:
+        return prefix + rest
+    if rest[:1] != b"/":
+        return b"/" + rest
+    if rest[1:2] in (b"/", b"\\"):
+        return value
+    return rest

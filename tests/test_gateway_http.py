@@ -238,9 +238,10 @@ def test_request_smuggling_shapes_are_refused(fleet: Fleet) -> None:
 def test_redirects_are_not_followed_and_location_is_rewritten(client: httpx.Client) -> None:
     response = client.get("/api/redirect", headers={"host": "public.example"})
     assert response.status_code == 302
-    assert response.headers["location"] == "http://public.example/api/target?x=1"
+    # A relative reference under the prefix: the client's Host (forgeable) never goes into it.
+    assert response.headers["location"] == "/api/target?x=1"
     response = client.get("/raw/redirect", headers={"host": "public.example"})
-    assert response.headers["location"] == "http://public.example/target?x=1", "strip_prefix=False: no prefix"
+    assert response.headers["location"] == "/target?x=1", "strip_prefix=False: no prefix"
 
 
 def test_streaming_first_byte_arrives_before_the_end(client: httpx.Client) -> None:
