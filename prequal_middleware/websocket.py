@@ -82,6 +82,13 @@ async def forward_websocket(
             )
         except UpstreamError as exc:
             latency = clock() - started
+            status = handshake_status(exc)
+            if status is not None and 400 <= status < 500:
+                # The backend answered and said no (auth, origin, a missing route): the client's doing,
+                # not the backend's failure; counted like the same status on HTTP (429 alone is one).
+                outcome = Outcome.from_status(status)
+                await _deny(scope, send, status, "upstream_refused", "the backend refused the WebSocket", pool)
+                return
             outcome = Outcome.TIMEOUT if isinstance(exc, UpstreamTimeout) else Outcome.CONNECT_ERROR
             await _deny(scope, send, 502, "upstream_unreachable", "the backend refused the WebSocket", pool)
             return
@@ -92,6 +99,23 @@ async def forward_websocket(
     finally:
         pool.release(backend)
         policy.on_finish(backend, clock(), latency, outcome)
+
+
+def handshake_status(exc: BaseException) -> int | None:
+    """The HTTP status a backend answered a WebSocket handshake with, when that is why ``exc`` was raised.
+
+    A transport may set ``status`` on its ``UpstreamError``; otherwise the client library's own error
+    it was raised from is asked (aiohttp's ``WSServerHandshakeError`` carries the status).
+    """
+    seen: BaseException | None = exc
+    for _ in range(3):  # ours, the library's, at most one more
+        if seen is None:
+            return None
+        status = getattr(seen, "status", None)
+        if isinstance(status, int) and 100 <= status <= 599:
+            return status
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 async def _relay(receive: Receive, send: Send, upstream: UpstreamWebSocket) -> None:
