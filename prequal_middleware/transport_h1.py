@@ -18,6 +18,22 @@ unknown length), the target sent byte-exact.
   backend had closed is retried once on a fresh one for an idempotent request without a body.
 - ``https://`` backends use TLS (``ssl.create_default_context()`` unless you pass a context).
 - WebSockets go through an ``AiohttpTransport`` this transport owns (opened on first use).
+
+What a hostile or broken backend sends is bounded and never outlives its exchange:
+
+- Only 100 and 103 are accepted as interim answers; any other 1xx (101 without an upgrade asked for
+  included) or a status above 599 fails the exchange (``UpstreamProtocolError``: a 502 and a failure).
+- The head and each trailer section are bounded in bytes (``max_response_headers`` times
+  ``max_response_header_bytes``), not only line by line; trailer fields are parsed and dropped, never
+  merged into the head that was already handed on.
+- A byte after the end of the response (a second response in the same segment, a late one on the
+  idle connection, a body on a 204/304) closes the connection: it is never parsed as the answer to the
+  next request.
+- A final answer that arrives while the request body is still being sent (an early 413) is returned
+  at once; the upload stops and the connection is closed after the response.
+- A request waits for a connection slot (``limit_per_backend``) no longer than ``Timeouts.connect_s``
+  (an ``UpstreamTimeout`` in the ``connect`` phase: nothing was sent); a periodic sweep closes
+  connections idle longer than ``keepalive_s`` and forgets origins with nothing open.
 """
 
 from __future__ import annotations
@@ -44,6 +60,19 @@ RESENDABLE = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 MAX_IDLE_ORIGINS = 1024
 # Stop reading from the backend while this much of its body waits for the client (backpressure).
 READ_HIGH_WATER = 256 * 1024
+# The interim answers a request without ``Expect``/``Upgrade`` games can get (RFC 9110 15.2; 103 Early Hints).
+INTERIM_OK = (100, 103)
+# How often at most, and at least, idle connections are swept (a fraction of ``keepalive_s``, clamped).
+SWEEP_MIN_S = 0.05
+SWEEP_MAX_S = 10.0
+
+
+class _Overrun(Exception):
+    """Raised from a parser callback: bytes after the end of the response (the connection must go)."""
+
+
+class _Refused(Exception):
+    """Raised from a parser callback: the response breaks a rule; the message says which."""
 
 
 class _Origin:
@@ -92,6 +121,8 @@ class _Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self.max_headers = max_headers
         self.max_header_bytes = max_header_bytes
+        # A head or trailer section larger than this fails the exchange (httptools would buffer any size).
+        self.max_head_bytes = max_headers * max_header_bytes
         self._reset(head_only=False)
 
     def _reset(self, head_only: bool) -> None:
@@ -112,6 +143,9 @@ class _Connection(asyncio.Protocol):
         self.reading_paused = False
         self.drain_waiter: asyncio.Future[None] | None = None
         self.writing_paused = False
+        self.since_body = 0  # bytes received since the last body bytes: the head, chunk framing, trailers
+        self.uploader: asyncio.Task[object] | None = None  # the task sending the request body, while it does
+        self.answered_early = False  # the final answer came before the request body was all sent
 
     def begin(self, loop: asyncio.AbstractEventLoop, head_only: bool) -> asyncio.Future[None]:
         """Start an exchange: a fresh parser (a HEAD answer leaves the old one expecting a body)."""
@@ -154,16 +188,27 @@ class _Connection(asyncio.Protocol):
         self._registry.add(self)
 
     def data_received(self, data: bytes) -> None:
-        if not self.active:
-            self.abort()  # bytes nobody asked for: the stream can no longer be trusted
+        if not self.active or self.complete:
+            # Bytes nobody asked for (idle, or after the end of the response): never parsed as the
+            # next request's answer; the stream can no longer be trusted.
+            self.abort()
             return
         self.received = True
+        self.since_body += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self.fail(UpstreamProtocolError(f"{self.origin.url}: unexpected protocol upgrade"))
         except httptools.HttpParserError as exc:
-            self.fail(UpstreamProtocolError(f"{self.origin.url}: malformed response ({exc})"))
+            cause = exc.__context__
+            if isinstance(cause, _Overrun):
+                self.abort()  # the response stands (it ended); what followed it closes the connection
+                return
+            what = cause if isinstance(cause, _Refused) else exc
+            self.fail(UpstreamProtocolError(f"{self.origin.url}: malformed response ({what})"))
+            return
+        if self.since_body > self.max_head_bytes:
+            self.fail(UpstreamProtocolError(f"{self.origin.url}: response head or trailers too large"))
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost decides what the EOF meant
@@ -188,9 +233,15 @@ class _Connection(asyncio.Protocol):
 
     # --- httptools callbacks -------------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self.status:
+            raise _Overrun()  # a second response after the final one: nobody asked for it
+
     def on_header(self, name: bytes, value: bytes) -> None:
         if len(self.headers) >= self.max_headers or len(name) + len(value) + 2 > self.max_header_bytes:
-            raise ValueError("response headers too large")  # httptools reports it as a parser error
+            raise _Refused("response headers too large")  # httptools reports it as a parser error
+        if self.status:
+            return  # a trailer field: the head went on already, and nothing after it joins it
         name = name.lower()
         if name == b"content-length" or (name == b"transfer-encoding" and b"chunked" in value.lower()):
             self.framed = True
@@ -199,10 +250,21 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         if status < 200:
+            if status not in INTERIM_OK:
+                raise _Refused(f"unexpected interim status {status}")  # 101 with no upgrade asked for, too
             self.headers = []  # an interim answer (100 Continue, 103): the final one follows
             self.framed = False
             return
+        if status > 599:
+            raise _Refused(f"status {status} out of range")
         self.status = status
+        uploader = self.uploader
+        if uploader is not None:
+            # The final answer came while the body is still going up (an early 413, say): stop the
+            # upload so the answer goes back now (the upload's handler tells this from other cancels).
+            self.uploader = None
+            self.answered_early = True
+            uploader.cancel()
         self.keep_alive = self.parser.should_keep_alive()
         waiter = self.headers_waiter
         if waiter is not None and not waiter.done():
@@ -212,6 +274,7 @@ class _Connection(asyncio.Protocol):
             self._finish()
 
     def on_body(self, body: bytes) -> None:
+        self.since_body = 0
         if self.complete:
             return
         self.chunks.append(body)
@@ -252,8 +315,10 @@ class H1Transport:
     """A lean HTTP/1.1 transport (see the module docstring).
 
     Parameters:
-        limit_per_backend: connections per backend origin; requests beyond it wait for one.
-        keepalive_s: how long an idle connection is kept.
+        limit_per_backend: connections per backend origin; requests beyond it wait for one, at most
+            ``Timeouts.connect_s``.
+        keepalive_s: how long an idle connection is kept (a sweep closes it soon after, even if no
+            request comes).
         max_response_header_bytes: the longest upstream response header line accepted.
         max_response_headers: the most upstream response headers accepted.
         ssl: the TLS context for ``https://`` backends (default: ``ssl.create_default_context()``).
@@ -279,6 +344,7 @@ class H1Transport:
         self._connections: set[_Connection] = set()
         self._websockets: AiohttpTransport | None = None
         self._closed = False
+        self._sweep: asyncio.TimerHandle | None = None
 
     # --- Transport -----------------------------------------------------------------------------
 
@@ -313,6 +379,9 @@ class H1Transport:
 
     async def aclose(self) -> None:
         self._closed = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         for conn in list(self._connections):
             conn.abort()
         self._connections.clear()
@@ -358,21 +427,30 @@ class H1Transport:
         return None
 
     async def _connect(self, origin: _Origin, timeouts: Timeouts, loop: asyncio.AbstractEventLoop) -> _Connection:
+        # One deadline for getting a connection: the wait for a slot and the connect (as aiohttp's
+        # ``connect``). Without it a request queued behind a backend that holds every slot waits forever.
+        deadline = loop.time() + timeouts.connect_s
         while origin.open >= origin.limit:
             waiter = loop.create_future()
             origin.waiters.append(waiter)
             try:
-                await waiter  # a slot freed; another request may have taken it first, so check again
-            except asyncio.CancelledError:
-                if waiter in origin.waiters:
+                async with asyncio.timeout_at(deadline):
+                    await waiter  # a slot freed; another request may have taken it first, so check again
+            except BaseException as exc:
+                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                    origin.wake_one()  # woken as it gave up: the slot goes to the next in line
+                elif waiter in origin.waiters:
                     origin.waiters.remove(waiter)
+                if isinstance(exc, TimeoutError):
+                    detail = f"no connection slot within {timeouts.connect_s} s (limit_per_backend={origin.limit})"
+                    raise UpstreamTimeout(f"{origin.url}: {detail}", phase="connect") from None
                 raise
             reused = self._pop_idle(origin, loop)
             if reused is not None:
                 return reused
         origin.open += 1
         try:
-            async with asyncio.timeout(timeouts.connect_s):
+            async with asyncio.timeout_at(deadline):
                 _, conn = await loop.create_connection(
                     lambda: _Connection(
                         origin, self._connections, self.max_response_headers, self.max_response_header_bytes
@@ -404,6 +482,27 @@ class H1Transport:
         conn.idle_since = loop.time()
         conn.origin.idle.append(conn)
         conn.origin.wake_one()  # a request waiting for a slot can take this connection
+        if self._sweep is None:
+            self._sweep = loop.call_later(self._sweep_interval(), self._sweep_idle, loop)
+
+    def _sweep_interval(self) -> float:
+        return min(max(self.keepalive_s / 2, SWEEP_MIN_S), SWEEP_MAX_S)
+
+    def _sweep_idle(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Close connections idle past ``keepalive_s``, forget origins with nothing open; again later
+        while idle connections remain (no timer runs when nothing is idle)."""
+        self._sweep = None
+        expired = loop.time() - self.keepalive_s
+        remaining = 0
+        for url, origin in list(self._origins.items()):
+            idle = origin.idle
+            while idle and idle[0].idle_since < expired:  # the stack's bottom is the longest idle
+                idle.pop(0).abort()
+            remaining += len(idle)
+            if origin.open == 0 and not origin.waiters:
+                del self._origins[url]
+        if remaining and not self._closed:
+            self._sweep = loop.call_later(self._sweep_interval(), self._sweep_idle, loop)
 
     # --- one exchange --------------------------------------------------------------------------
 
@@ -452,7 +551,19 @@ class H1Transport:
         try:
             transport.write(head)
             if request.body is not None:
-                await self._upload(conn, request, chunked, timeouts, loop)
+                conn.uploader = asyncio.current_task()
+                try:
+                    await self._upload(conn, request, chunked, timeouts, loop)
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if not conn.answered_early or task is None or task.uncancel() > 0:
+                        raise  # a real cancellation (the client left, shutdown), not the early answer
+                finally:
+                    conn.uploader = None
+                if conn.answered_early:
+                    # The request went up only in part: the backend may still wait for the rest, so
+                    # the connection serves nothing after this response.
+                    conn.keep_alive = False
             if not headers_waiter.done():
                 timer = loop.call_later(timeouts.response_headers_s, conn.time_out, "headers", request)
             await headers_waiter
@@ -489,8 +600,10 @@ class H1Transport:
                 raise UpstreamTimeout(f"{request!r}: the request body stalled", phase="body") from None
             if conn.error is not None:
                 raise conn.error
-            if chunk is None or conn.complete:
-                break  # all sent, or the backend already answered in full (an early 413, say)
+            if chunk is None:
+                break
+            if conn.answered_early:
+                return  # cut short: no last chunk, so the backend cannot take it for the whole body
             if not chunk:
                 continue
             if chunked:
