@@ -379,8 +379,8 @@ def test_reuse_budget_uses_the_number_of_candidates() -> None:
     # m=4, r_probe=3, r_remove=1, drift=6. Over 20 members: (1 - 4/20) * 3 - 1 = 1.4, 7 / 1.4 = 5, capped
     # at 4. Over the 3 candidates: (1 - 4/3) * 3 - 1 < 0, so 1.
     outliers = OutlierSettings(consecutive_failures=1, max_ejected_share=1.0, panic_threshold=0.0)
-    settings = {"pool_size": 4, "probes_per_query": 3.0, "removals_per_query": 1.0, "drift": 6.0, "max_reuse": 4}
-    policy = make_policy(n=20, outliers=outliers, **settings)
+    settings = PrequalSettings(pool_size=4, probes_per_query=3.0, removals_per_query=1.0, drift=6.0, max_reuse=4)
+    policy = PrequalPolicy(settings, rng=random.Random(1), outliers=outliers)
     members = [Member(f"b{i}", draining=6 <= i < 12) for i in range(20)]
     policy.set_members(members, now=0.0)
     for i in range(6):
@@ -392,7 +392,8 @@ def test_reuse_budget_uses_the_number_of_candidates() -> None:
     entry = policy.pool.get("b17")
     assert entry is not None and entry.uses_left == 1
     # Control: the same settings with all 20 eligible give 4 uses.
-    control = make_policy(n=20, **settings)
+    control = PrequalPolicy(settings, rng=random.Random(1))
+    control.set_members([Member(f"b{i}") for i in range(20)], now=0.0)
     control.on_probe("b17", now=0.0, rif=0, latency_s=0.01)
     control_entry = control.pool.get("b17")
     assert control_entry is not None and control_entry.uses_left == 4
