@@ -9,6 +9,7 @@ routes at ``/_prequal`` (register / heartbeat / unregister, backends, health, me
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from starlette.applications import Starlette
@@ -50,4 +51,16 @@ def create_app(gateway: Gateway) -> Any:
     return app
 
 
-app = create_app(Gateway.from_env())
+def demo_environ() -> dict[str, str]:
+    """The environment, with loopback trust for admin writes unless ``PREQUAL_ADMIN_TRUST_LOOPBACK`` says otherwise.
+
+    The library refuses tokenless admin writes by default (``AdminSettings``); this demo keeps the seed's
+    quick start (a local backend registers itself without a token). Set ``PREQUAL_REGISTRATION_TOKEN``,
+    or ``PREQUAL_ADMIN_TRUST_LOOPBACK=0``, before a proxy on this host forwards anything to it.
+    """
+    env = dict(os.environ)
+    env.setdefault("PREQUAL_ADMIN_TRUST_LOOPBACK", "1")
+    return env
+
+
+app = create_app(Gateway.from_env(demo_environ()))

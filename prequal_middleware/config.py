@@ -9,6 +9,7 @@ A wrong value raises ``ConfigurationError`` (a ``ValueError``) whose message nam
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from typing import TYPE_CHECKING
@@ -168,8 +169,19 @@ class RetrySettings:
 class AdminSettings:
     """The admin routes: who may register, what, and how long a lease lasts.
 
+    Admin writes (register, heartbeat, unregister) need the bearer ``token``. Without one they are
+    refused, unless ``trust_loopback`` lets loopback clients write without it: for one host with no
+    proxy in front of the gateway. Loopback trust cannot tell a local client from an outside one that
+    a same-host proxy forwards without saying so, which is why it is not the default (docs/security.md).
+
     Parameters:
-        token: the bearer token admin writes need; with none, only loopback clients may write.
+        token: the bearer token admin writes need (at least 8 characters).
+        trust_loopback: without a token, accept writes from loopback clients, and only those that
+            carry no proxy header (``X-Forwarded-For``, ``Forwarded``, ...), no ``Origin`` (browsers
+            send it; CSRF) and a ``Host`` that is ``localhost``, a loopback address or one of
+            ``allowed_hosts`` (DNS rebinding).
+        allowed_hosts: ``Host`` names admin writes may carry under loopback trust, besides
+            ``localhost`` and loopback addresses.
         allowed_upstreams: hosts registered URLs may point at (names, ``*.suffix``, IP networks such as
             ``10.0.0.0/8``); empty allows any host.
         max_body_bytes: the largest admin request body (413 beyond).
@@ -179,6 +191,8 @@ class AdminSettings:
     """
 
     token: str | None = None
+    trust_loopback: bool = False
+    allowed_hosts: tuple[str, ...] = ()
     allowed_upstreams: tuple[str, ...] = ()
     max_body_bytes: int = 16 * 1024
     default_ttl_s: float = 30.0
@@ -190,7 +204,12 @@ class AdminSettings:
             raise ConfigurationError(
                 "AdminSettings.allowed_upstreams must be a list of hosts or networks, not a string"
             )
+        if isinstance(self.allowed_hosts, str):
+            raise ConfigurationError("AdminSettings.allowed_hosts must be a list of host names, not a string")
         object.__setattr__(self, "allowed_upstreams", tuple(self.allowed_upstreams))
+        object.__setattr__(
+            self, "allowed_hosts", tuple(h.lower() if isinstance(h, str) else h for h in self.allowed_hosts)
+        )
         _check(
             self,
             [
@@ -198,6 +217,12 @@ class AdminSettings:
                     "token",
                     self.token is None or (isinstance(self.token, str) and len(self.token) >= 8),
                     "None or a string of at least 8 characters",
+                ),
+                ("trust_loopback", isinstance(self.trust_loopback, bool), "True or False"),
+                (
+                    "allowed_hosts",
+                    all(isinstance(h, str) and h and _HOST_NAME.fullmatch(h) for h in self.allowed_hosts),
+                    "host names (letters, digits, '-' and '.')",
                 ),
                 (
                     "max_body_bytes",
@@ -253,6 +278,7 @@ class RequestLimits:
 
 
 _NOT_IN_URLS = frozenset('<>"{}|\\^`')
+_HOST_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
 
 
 def validate_upstream_url(url: str, *, field_name: str = "url") -> str:

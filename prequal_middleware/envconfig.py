@@ -172,6 +172,20 @@ def _hook(spec: str, variable: str) -> Callable[..., Any]:
     return hook  # type: ignore[no-any-return]
 
 
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def _flag(value: str, variable: str) -> bool:
+    """A boolean variable: 1/true/yes/on or 0/false/no/off; anything else is an error naming it."""
+    word = value.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise ConfigurationError(f"{variable} must be one of 1, true, yes, on, 0, false, no, off; got {value!r}")
+
+
 def gateway_kwargs_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Everything ``Gateway(**kwargs)`` needs, from the environment (``Gateway.from_env`` uses it)."""
     env = os.environ if environ is None else environ
@@ -181,6 +195,12 @@ def gateway_kwargs_from_env(environ: Mapping[str, str] | None = None) -> dict[st
     token = env.get("PREQUAL_REGISTRATION_TOKEN")
     if token:
         admin["token"] = token
+    trust = env.get("PREQUAL_ADMIN_TRUST_LOOPBACK")
+    if trust:
+        admin["trust_loopback"] = _flag(trust, "PREQUAL_ADMIN_TRUST_LOOPBACK")
+    hosts = env.get("PREQUAL_ADMIN_ALLOWED_HOSTS")
+    if hosts:
+        admin["allowed_hosts"] = tuple(h.strip() for h in hosts.split(",") if h.strip())
     allowed = env.get("PREQUAL_ALLOWED_UPSTREAMS")
     if allowed:
         admin["allowed_upstreams"] = tuple(a.strip() for a in allowed.split(",") if a.strip())
@@ -193,7 +213,13 @@ def gateway_kwargs_from_env(environ: Mapping[str, str] | None = None) -> dict[st
     try:
         kwargs["admin"] = AdminSettings(**admin)
     except ConfigurationError as exc:
-        variable = "PREQUAL_REGISTRATION_TOKEN" if "token" in str(exc) else "PREQUAL_LEASE_TTL_S"
+        variable = (
+            "PREQUAL_REGISTRATION_TOKEN"
+            if "token" in str(exc)
+            else "PREQUAL_ADMIN_ALLOWED_HOSTS"
+            if "allowed_hosts" in str(exc)
+            else "PREQUAL_LEASE_TTL_S"
+        )
         raise ConfigurationError(f"{variable}: {exc}") from None
     from .registration import AllowList
 

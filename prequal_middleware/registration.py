@@ -3,10 +3,10 @@
 Registration is a gateway's most dangerous surface: whoever registers a URL receives traffic, and the
 gateway will call whatever URL it is given. So:
 
-- with a token configured, every admin write needs ``Authorization: Bearer <token>`` (compared in
-  constant time); without one, writes are accepted only from loopback clients, and a request that
-  carries proxy headers (``X-Forwarded-For``, ``Forwarded``, ``X-Real-IP``) is not a loopback client
-  whatever its socket says (a local reverse proxy would otherwise let anyone in);
+- every admin write needs ``Authorization: Bearer <token>`` (compared in constant time) and a JSON
+  body; without a token, writes are refused unless ``AdminSettings.trust_loopback`` accepts them from
+  loopback clients, and then a request that carries proxy headers (``X-Forwarded-For``, ``Forwarded``,
+  ``X-Real-IP``), an ``Origin`` or a ``Host`` naming another machine is refused (``authorize``);
 - URLs must be http or https with a host and an explicit port, no credentials, no query; with an
   allow-list, the host must be listed (a name, a ``*.suffix`` wildcard, or an IP network in CIDR form);
 - every refusal is a ``RegistrationError`` with a status, an error code and the offending field.
@@ -64,19 +64,76 @@ class RegistrationRequest:
 
 
 def authorize(settings: AdminSettings, headers: list[tuple[bytes, bytes]], client: tuple[str, int] | None) -> None:
-    """Raise ``RegistrationError`` (401 / 403) unless this caller may change the registry."""
+    """Raise ``RegistrationError`` (401 / 403 / 415) unless this caller may change the registry.
+
+    A write is a JSON body (``Content-Type: application/json``): a browser cannot send one across
+    origins without a CORS preflight we never answer, so a page cannot forge one (CSRF). With a token,
+    the bearer token is the whole proof. Without one, writes are refused unless loopback trust is on,
+    and then only a loopback client's, carrying no proxy header (a same-host proxy that says so is not
+    a loopback client), no ``Origin`` (a browser's request) and a ``Host`` that names this machine (a
+    DNS-rebound name is a browser's request too).
+    """
     if settings.token is not None:
         expected = b"Bearer " + settings.token.encode("utf-8")
         given = next((v for k, v in headers if k == b"authorization"), b"")
         if not hmac.compare_digest(given, expected):
             raise RegistrationError(401, "unauthorized", "a valid 'Authorization: Bearer <token>' header is required")
+        _require_json(headers)
         return
+    if not settings.trust_loopback:
+        raise RegistrationError(
+            403,
+            "forbidden",
+            "admin writes need a bearer token (AdminSettings.token, PREQUAL_REGISTRATION_TOKEN), or loopback "
+            "trust (AdminSettings.trust_loopback, PREQUAL_ADMIN_TRUST_LOOPBACK=1) for a gateway no proxy fronts",
+        )
     if any(k in _PROXY_HEADERS for k, _ in headers):
         raise RegistrationError(
             403, "forbidden", "registration without a token is accepted only from loopback clients, not through a proxy"
         )
     if client is None or not _is_loopback(client[0]):
         raise RegistrationError(403, "forbidden", "registration without a token is accepted only from loopback clients")
+    host: bytes | None = None
+    for name, value in headers:
+        if name == b"origin":
+            raise RegistrationError(
+                403, "forbidden", "a request with an Origin header (a browser's) cannot write without a token", "origin"
+            )
+        if name == b"host":
+            if host is not None:
+                raise RegistrationError(400, "invalid_header", "more than one Host header", field="host")
+            host = value
+    if host is None or not _names_this_host(host, settings.allowed_hosts):
+        raise RegistrationError(
+            403, "forbidden", "without a token, Host must be localhost, a loopback address or an allowed host", "host"
+        )
+    _require_json(headers)
+
+
+def _require_json(headers: list[tuple[bytes, bytes]]) -> None:
+    values = [v for k, v in headers if k == b"content-type"]
+    media = values[0].split(b";", 1)[0].strip().lower() if len(values) == 1 else b""
+    if media != b"application/json":
+        raise RegistrationError(415, "unsupported_media_type", "Content-Type must be application/json", "content-type")
+
+
+def _names_this_host(value: bytes, allowed: tuple[str, ...]) -> bool:
+    """True when a ``Host`` value (``name[:port]``, ``[v6]:port``) is localhost, a loopback address or allowed."""
+    try:
+        text = value.decode("ascii").strip().lower()
+    except UnicodeDecodeError:
+        return False
+    if text.startswith("["):
+        name, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not (rest[:1] == ":" and rest[1:].isdigit())):
+            return False
+    else:
+        name, colon, port = text.partition(":")
+        if colon and not port.isdigit():
+            return False
+    if name == "localhost" or name in allowed:
+        return True
+    return _is_loopback(name)
 
 
 def _is_loopback(host: str) -> bool:

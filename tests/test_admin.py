@@ -29,7 +29,9 @@ def backends() -> Iterator[list[tuple[ServerThread, BackendState]]]:
 @pytest.fixture
 def one_pool() -> Iterator[tuple[str, Gateway, list[Any]]]:
     registered: list[Any] = []
-    gateway = Gateway(pools=[UpstreamPool("/api")], on_register=registered.append)
+    gateway = Gateway(
+        pools=[UpstreamPool("/api")], on_register=registered.append, admin=AdminSettings(trust_loopback=True)
+    )
     with serve(gateway_app(gateway), proxy_headers=False) as g:
         yield g.url, gateway, registered
 
@@ -106,7 +108,7 @@ def test_unregister_drains(one_pool: tuple[str, Gateway, list[Any]], backends: A
 
 def test_unregister_unknown_and_static(backends: Any) -> None:
     server = backends[0][0]
-    gateway = Gateway(pools=[UpstreamPool("/api", upstreams=[server.url])])
+    gateway = Gateway(pools=[UpstreamPool("/api", upstreams=[server.url])], admin=AdminSettings(trust_loopback=True))
     with serve(gateway_app(gateway)) as g:
         static = httpx.post(g.url + "/_prequal/unregister", json={"url": server.url})
         assert static.status_code == 409 and static.json()["error"] == "static_member"
@@ -168,12 +170,14 @@ def test_malformed_bodies(one_pool: tuple[str, Gateway, list[Any]]) -> None:
     ):
         reply = httpx.post(url + "/_prequal/register", content=content, headers={"content-type": "application/json"})
         assert reply.status_code == 400 and reply.json()["error"] == "invalid_json", content
-    big = httpx.post(url + "/_prequal/register", content=b"{" + b" " * 20_000 + b"}")
+    big = httpx.post(
+        url + "/_prequal/register", content=b"{" + b" " * 20_000 + b"}", headers={"content-type": "application/json"}
+    )
     assert big.status_code == 413 and big.json()["error"] == "body_too_large"
 
 
 def test_pool_is_required_with_several_pools(backends: Any) -> None:
-    gateway = Gateway(pools=[UpstreamPool("/a"), UpstreamPool("/b")])
+    gateway = Gateway(pools=[UpstreamPool("/a"), UpstreamPool("/b")], admin=AdminSettings(trust_loopback=True))
     with serve(gateway_app(gateway)) as g:
         reply = httpx.post(g.url + "/_prequal/register", json={"url": backends[0][0].url})
         assert reply.status_code == 400 and reply.json()["field"] == "pool"
@@ -202,17 +206,21 @@ def test_without_a_token_proxied_requests_are_refused(one_pool: tuple[str, Gatew
 
 
 def test_without_a_token_only_loopback_clients_may_write() -> None:
-    settings = AdminSettings()
-    authorize(settings, [], ("127.0.0.1", 5000))
-    authorize(settings, [], ("::1", 5000))
+    settings = AdminSettings(trust_loopback=True)
+    headers = [(b"host", b"localhost"), (b"content-type", b"application/json")]
+    authorize(settings, headers, ("127.0.0.1", 5000))
+    authorize(settings, headers, ("::1", 5000))
     for client in (("10.0.0.7", 5000), ("192.168.1.2", 1), None):
         with pytest.raises(RegistrationError) as refused:
-            authorize(settings, [], client)
+            authorize(settings, headers, client)
         assert refused.value.status == 403
+    with pytest.raises(RegistrationError) as refused:
+        authorize(AdminSettings(), headers, ("127.0.0.1", 5000))
+    assert refused.value.status == 403, "no token and no loopback trust: no writes"
 
 
 def test_allow_list(backends: Any) -> None:
-    admin = AdminSettings(allowed_upstreams=("10.0.0.0/8", "*.svc.local", "localhost"))
+    admin = AdminSettings(trust_loopback=True, allowed_upstreams=("10.0.0.0/8", "*.svc.local", "localhost"))
     gateway = Gateway(pools=[UpstreamPool("/api")], admin=admin)
     with serve(gateway_app(gateway)) as g:
         refused = httpx.post(g.url + "/_prequal/register", json={"url": backends[0][0].url})
@@ -229,7 +237,10 @@ def test_allow_list(backends: Any) -> None:
 
 
 def test_healthz_and_readyz(backends: Any) -> None:
-    gateway = Gateway(pools=[UpstreamPool("/api"), UpstreamPool("/b", upstreams=[backends[1][0].url])])
+    gateway = Gateway(
+        pools=[UpstreamPool("/api"), UpstreamPool("/b", upstreams=[backends[1][0].url])],
+        admin=AdminSettings(trust_loopback=True),
+    )
     with serve(gateway_app(gateway)) as g:
         assert httpx.get(g.url + "/_prequal/healthz").json() == {"status": "ok"}
         not_ready = httpx.get(g.url + "/_prequal/readyz")
@@ -240,7 +251,10 @@ def test_healthz_and_readyz(backends: Any) -> None:
 
 
 def test_metrics_are_exposed(backends: Any) -> None:
-    gateway = Gateway(pools=[UpstreamPool("/api", upstreams=[backends[0][0].url, backends[1][0].url])])
+    gateway = Gateway(
+        pools=[UpstreamPool("/api", upstreams=[backends[0][0].url, backends[1][0].url])],
+        admin=AdminSettings(trust_loopback=True),
+    )
     with serve(gateway_app(gateway)) as g:
         for _ in range(20):
             httpx.get(g.url + "/api/x")
@@ -278,7 +292,7 @@ def test_status_page_is_served(one_pool: tuple[str, Gateway, list[Any]]) -> None
 
 def test_fastapi_router() -> None:
     fastapi = pytest.importorskip("fastapi")
-    gateway = Gateway(pools=[UpstreamPool("/api")])
+    gateway = Gateway(pools=[UpstreamPool("/api")], admin=AdminSettings(trust_loopback=True))
     app = fastapi.FastAPI()
     app.include_router(gateway.admin_router(), prefix="/_prequal")
     app.add_middleware(PrequalMiddleware, gateway=gateway)

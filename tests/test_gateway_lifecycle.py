@@ -17,7 +17,7 @@ from starlette.routing import Mount, Route
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
-from prequal_middleware import Gateway, HttpxTransport, PrequalMiddleware, UpstreamPool
+from prequal_middleware import AdminSettings, Gateway, HttpxTransport, PrequalMiddleware, UpstreamPool
 from tests.apps import BackendState, make_backend
 from tests.helpers import wait_for
 from tests.servers import ServerThread, serve
@@ -215,7 +215,7 @@ def test_probes_reach_only_live_members() -> None:
     app_a, state_a = make_backend("a")
     app_b, state_b = make_backend("b")
     with serve(app_a) as a, serve(app_b) as b:
-        gateway = Gateway(pools=[UpstreamPool("/api")])
+        gateway = Gateway(pools=[UpstreamPool("/api")], admin=AdminSettings(trust_loopback=True))
         app = Starlette(routes=[Mount("/_prequal", gateway.admin_app())])
         app.add_middleware(PrequalMiddleware, gateway=gateway)
         with serve(app) as g, httpx.Client(base_url=g.url) as client:

@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from prequal_middleware import Gateway, LoadReportingMiddleware, SelfRegistration, UpstreamPool
+from prequal_middleware import AdminSettings, Gateway, LoadReportingMiddleware, SelfRegistration, UpstreamPool
 from tests.helpers import gateway_app, members, wait_for
 from tests.servers import ServerThread, free_port, serve
 
@@ -24,7 +24,7 @@ def backend_app(registration: SelfRegistration) -> Any:
 
 
 def test_registers_heartbeats_reregisters_and_leaves() -> None:
-    gateway = Gateway(pools=[UpstreamPool("/api")])
+    gateway = Gateway(pools=[UpstreamPool("/api")], admin=AdminSettings(trust_loopback=True))
     with serve(gateway_app(gateway)) as g:
         port = free_port()
         registration = SelfRegistration(g.url + "/_prequal", f"http://127.0.0.1:{port}", ttl_s=2.0, interval_s=0.2)
@@ -53,7 +53,7 @@ def test_a_gateway_that_is_down_does_not_block_startup() -> None:
         assert time.monotonic() - started < 3.0, "startup went on without the gateway"
         assert not registration.registered
         assert httpx.get(f"http://127.0.0.1:{backend_port}/x").text == "self-registered", "it serves meanwhile"
-        gateway = Gateway(pools=[UpstreamPool("/api")])
+        gateway = Gateway(pools=[UpstreamPool("/api")], admin=AdminSettings(trust_loopback=True))
         with serve(gateway_app(gateway), port=gateway_port):
             wait_for(lambda: registration.registered, timeout_s=8.0, what="registration once the gateway is up")
             assert list(members(gateway_url)) == [f"http://127.0.0.1:{backend_port}"]

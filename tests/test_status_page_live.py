@@ -8,7 +8,7 @@ import httpx
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
-from prequal_middleware import Gateway, PrequalMiddleware, UpstreamPool
+from prequal_middleware import AdminSettings, Gateway, PrequalMiddleware, UpstreamPool
 from tests.apps import make_backend
 from tests.browser import dump_dom, parse_dom, require_chromium
 from tests.servers import serve
@@ -20,7 +20,8 @@ def test_status_page_shows_the_live_members() -> None:
     app_b, _ = make_backend("b", instrumented=False)
     with serve(app_a) as a, serve(app_b) as b:
         gateway = Gateway(
-            pools=[UpstreamPool("/api", upstreams=[a.url]), UpstreamPool("/legacy", policy="round_robin")]
+            pools=[UpstreamPool("/api", upstreams=[a.url]), UpstreamPool("/legacy", policy="round_robin")],
+            admin=AdminSettings(trust_loopback=True),
         )
         app = Starlette(routes=[Mount("/_prequal", gateway.admin_app())])
         app.add_middleware(PrequalMiddleware, gateway=gateway)

@@ -12,6 +12,7 @@ trusted). With ``--record-attempts`` every upstream attempt is recorded, through
 from __future__ import annotations
 
 import argparse
+import os
 import dataclasses
 import time
 from typing import Any
@@ -28,7 +29,8 @@ from prequal_middleware.transport import UpstreamRequest
 
 
 def create_app(record_attempts: bool) -> Any:
-    kwargs = gateway_kwargs_from_env()
+    # Like example_app's demo gateway: tokenless admin writes from loopback unless the test says otherwise.
+    kwargs = gateway_kwargs_from_env({"PREQUAL_ADMIN_TRUST_LOOPBACK": "1", **os.environ})
     attempts: list[tuple[float, str]] = []
 
     def record(request: UpstreamRequest) -> None:
