@@ -14,6 +14,7 @@ connect failed on every attempt                            502     ``upstream_un
 sent, then the exchange failed before a response           502     ``upstream_error``
 connect, response-header or body-read timeout              504     ``upstream_timeout``
 the gateway not running                                    503     ``gateway_not_running``
+the request's ``Via`` names this gateway (a loop)          508     ``loop_detected``
 =========================================================  ======  =======================
 
 Every gateway-made error has a small JSON body and an ``x-prequal-pool`` header, 503s a
@@ -36,7 +37,7 @@ from typing import Any
 
 from .core import Outcome, Policy
 from .exceptions import UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
-from .headers import downstream_response_headers, rewrite_location, upstream_request_headers
+from .headers import VIA_PSEUDONYM, downstream_response_headers, rewrite_location, upstream_request_headers
 from .metrics import PrequalMetrics, code_class
 from .pool import PoolRuntime
 from .request_target import NOT_ORIGIN_FORM, raw_path, raw_prefix
@@ -176,11 +177,21 @@ class Forwarder:
         scheduler: sends the probes the policies ask for.
         metrics: where requests, attempts and selections are counted.
         clock: monotonic seconds.
+        via_pseudonym: this gateway's name in the ``Via`` header of upstream requests; a request whose
+            ``Via`` already carries it came back through a loop and is refused (508). Default: the
+            process's random ``headers.VIA_PSEUDONYM``.
     """
 
     def __init__(
-        self, transport: Transport, scheduler: ProbeScheduler, metrics: PrequalMetrics, clock: Callable[[], float]
+        self,
+        transport: Transport,
+        scheduler: ProbeScheduler,
+        metrics: PrequalMetrics,
+        clock: Callable[[], float],
+        *,
+        via_pseudonym: bytes = VIA_PSEUDONYM,
     ) -> None:
+        self.via_pseudonym = via_pseudonym
         self._transport = transport
         self._scheduler = scheduler
         self._metrics = metrics
@@ -216,7 +227,14 @@ class Forwarder:
             client_ip=client[0] if client else None,
             scheme=scope.get("scheme", "http"),
             preserve_host=cfg.preserve_host,
+            via=self.via_pseudonym,
+            http_version=scope.get("http_version", "1.1"),
         )
+        if prepared.looped:
+            # Our own Via came back: a gateway registered as its own backend (or two pointing at each
+            # other). Refused here, so the loop costs one extra request, not a fan-out to exhaustion.
+            detail = "the request already passed through this gateway (its Via header names it)"
+            return await self._error(send, 508, "loop_detected", detail, pool)
         if prepared.problem is not None:
             # Close the connection too: with ambiguous framing, whatever follows on it cannot be trusted
             # to be the next request (a smuggling attempt hides one there).

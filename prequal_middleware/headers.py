@@ -5,6 +5,7 @@ Pure functions over raw ASGI header lists (lower-case byte names, duplicates kep
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -30,6 +31,12 @@ HOP_BY_HOP = frozenset(
 # by the server in front of us.
 _REPLACED = frozenset({b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"expect"})
 _SCHEME_OF = {"http": b"http", "https": b"https", "ws": b"http", "wss": b"https"}
+_PROTOCOL_OF = {"1.1": b"1.1", "1.0": b"1.0", "2": b"2", "3": b"3"}
+
+VIA_PSEUDONYM: bytes = b"prequal-" + secrets.token_hex(6).encode("ascii")
+"""This process's name in ``Via`` (RFC 9110 section 7.6.3): random, made when the module is imported
+(a gateway worker's start), so it says nothing about the host. A request whose ``Via`` already names it
+has been through this gateway: a loop (``RequestHeaders.looped``)."""
 
 
 class RequestHeaders(NamedTuple):
@@ -39,6 +46,7 @@ class RequestHeaders(NamedTuple):
     content_length: int | None  # declared body length; None when absent
     chunked: bool  # the client sent Transfer-Encoding (a body of unknown length)
     problem: str | None  # why the request must be refused (400), or None
+    looped: bool = False  # the request's Via names ``via``: it already passed through this gateway
 
 
 def connection_tokens(headers: RawHeaders) -> frozenset[bytes]:
@@ -57,6 +65,8 @@ def upstream_request_headers(
     scheme: str,
     preserve_host: bool,
     keep: frozenset[bytes] = frozenset(),
+    via: bytes | None = None,
+    http_version: str = "1.1",
 ) -> RequestHeaders:
     """The headers to send upstream for a client request.
 
@@ -65,6 +75,9 @@ def upstream_request_headers(
     and ``X-Forwarded-Host`` are set; ``Host`` is kept only with ``preserve_host``. A request with both
     ``Content-Length`` and ``Transfer-Encoding``, or with conflicting ``Content-Length`` values, is
     reported as a problem rather than forwarded ambiguously (request smuggling).
+
+    With ``via`` (a pseudonym, see ``VIA_PSEUDONYM``), ``Via: <http_version> <via>`` is appended to the
+    ``Via`` entries the request came with, and ``looped`` says whether one of them was already ours.
     """
     named = connection_tokens(headers) - keep
     out: RawHeaders = []
@@ -72,6 +85,7 @@ def upstream_request_headers(
     host: bytes | None = None
     lengths: set[bytes] = set()
     chunked = False
+    looped = False
     for name, value in headers:
         if name in _REPLACED:
             if name == b"host":
@@ -83,6 +97,8 @@ def upstream_request_headers(
             lengths.add(value.strip())
         elif name == b"transfer-encoding":
             chunked = True
+        elif name == b"via" and via is not None and via in value:
+            looped = looped or names_in_via(value, via)
         if (name in HOP_BY_HOP and name not in keep) or name in named:
             continue
         out.append((name, value))
@@ -107,7 +123,18 @@ def upstream_request_headers(
     out.append((b"x-forwarded-proto", _SCHEME_OF.get(scheme, b"http")))
     if host is not None:
         out.append((b"x-forwarded-host", host))
-    return RequestHeaders(out, content_length, chunked, problem)
+    if via is not None:
+        out.append((b"via", _PROTOCOL_OF.get(http_version, b"1.1") + b" " + via))
+    return RequestHeaders(out, content_length, chunked, problem, looped)
+
+
+def names_in_via(value: bytes, pseudonym: bytes) -> bool:
+    """Whether an entry of a ``Via`` value (``1.1 name (comment), HTTP/2 other``) was received by ``pseudonym``."""
+    for entry in value.split(b","):
+        parts = entry.split(None, 2)
+        if len(parts) >= 2 and parts[1] == pseudonym:
+            return True
+    return False
 
 
 def downstream_response_headers(headers: RawHeaders, location: Callable[[bytes], bytes] | None = None) -> RawHeaders:

@@ -16,7 +16,7 @@ from typing import Any
 from .core import Outcome
 from .exceptions import UpstreamError, UpstreamTimeout
 from .forwarding import Receive, Scope, Send, send_error, upstream_target
-from .headers import upstream_request_headers
+from .headers import VIA_PSEUDONYM, upstream_request_headers
 from .pool import PoolRuntime
 from .scheduler import ProbeScheduler
 from .transport import UpstreamWebSocket, WebSocketTransport
@@ -44,8 +44,10 @@ async def forward_websocket(
     transport: WebSocketTransport,
     scheduler: ProbeScheduler,
     clock: Callable[[], float],
+    *,
+    via_pseudonym: bytes = VIA_PSEUDONYM,
 ) -> None:
-    """Relay one client WebSocket to a backend of ``pool``."""
+    """Relay one client WebSocket to a backend of ``pool`` (``via_pseudonym``: see ``Forwarder``)."""
     message = await receive()
     if message["type"] != "websocket.connect":
         return
@@ -55,7 +57,13 @@ async def forward_websocket(
         client_ip=client[0] if client else None,
         scheme=scope.get("scheme", "ws"),
         preserve_host=pool.config.preserve_host,
+        via=via_pseudonym,
+        http_version=scope.get("http_version", "1.1"),
     )
+    if prepared.looped:
+        detail = "the request already passed through this gateway (its Via header names it)"
+        await _deny(scope, send, 508, "loop_detected", detail, pool)
+        return
     headers = [(k, v) for k, v in prepared.headers if k not in _HANDSHAKE]
     target = upstream_target(pool, scope)
     if pool.config.rewrite_path is not None:

@@ -174,8 +174,11 @@ def test_nothing_is_invented_upstream(fleet: Fleet) -> None:
     body = reply.split(b"\r\n\r\n", 1)[1]
     import json
 
-    names = {k for k, _ in json.loads(body)["headers"]}
-    assert names == {"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"}, names
+    headers = json.loads(body)["headers"]
+    names = {k for k, _ in headers}
+    assert names == {"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "via"}, names
+    via = next(v for k, v in headers if k == "via")
+    assert via.startswith("1.1 prequal-"), "RFC 9110 section 7.6.3: a pseudonym, nothing about the host"
 
 
 def test_forwarded_headers(client: httpx.Client, fleet: Fleet) -> None:
