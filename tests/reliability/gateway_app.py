@@ -12,8 +12,8 @@ trusted). With ``--record-attempts`` every upstream attempt is recorded, through
 from __future__ import annotations
 
 import argparse
-import os
 import dataclasses
+import os
 import time
 from typing import Any
 
