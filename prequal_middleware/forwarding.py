@@ -333,6 +333,12 @@ class Forwarder:
         try:
             try:
                 response = await self._transport.send(request, pool.config.timeouts)
+                if not 200 <= response.status <= 599:
+                    # Only a final status is relayed: a 101 here (plain requests never ask for an
+                    # upgrade) would open a raw tunnel behind a front proxy's WebSocket recipe, and a
+                    # status above 599 means nothing. A 502 and a failure of the backend, as a
+                    # malformed response.
+                    raise UpstreamProtocolError(f"{backend}: status {response.status} is not a final answer")
             except UpstreamError as exc:
                 latency = self._clock() - started
                 outcome = _outcome_of(exc)
@@ -365,6 +371,10 @@ class Forwarder:
         scope, send, watch = exchange.scope, exchange.send, exchange.watch
         rewrite = _location_rewriter(exchange.pool, request.backend)
         headers = downstream_response_headers(response.headers, rewrite)
+        if response.status == 204 or response.status == 304:
+            # No body, so no framing either: a Content-Length kept from a hostile or broken backend would
+            # make a client wait for bytes that never come, or read the next response as this one's body.
+            headers = [(k, v) for k, v in headers if k != b"content-length" and k != b"transfer-encoding"]
         exchange.status = response.status
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         remaining = _content_length(headers)

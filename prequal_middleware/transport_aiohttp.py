@@ -9,7 +9,13 @@ What a proxy needs that a client library does not do by default:
 - redirects never followed;
 - a connection limit per backend, not one shared limit (requests queued at a slow backend would hold
   the connections the fast ones need);
-- "never sent" told apart from "sent, then failed", so only safe requests are retried.
+- "never sent" told apart from "sent, then failed", so only safe requests are retried;
+- a connection protocol that trusts no byte the backend sends out of turn (``_ProxyResponseHandler``):
+  bytes on an idle connection, or after the final response, close the connection (aiohttp would parse
+  them into a response, queue it, and hand it to the next request on that connection as its answer,
+  ``Set-Cookie`` included); a second response in one segment is dropped with the connection; an
+  interim answer other than 100 and 103 fails the exchange (a 101 is the forwarder's to refuse: the
+  same protocol carries WebSocket handshakes).
 
 Measured on this project's machines: raw ASGI + aiohttp ~132 us of CPU per proxied request, against
 1,000-3,400 us for a stock ``httpx.AsyncClient`` (docs: benchmark-method.md).
@@ -18,10 +24,15 @@ Measured on this project's machines: raw ASGI + aiohttp ~132 us of CPU per proxi
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 from collections.abc import AsyncIterable, AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import aiohttp
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.http_exceptions import BadHttpMessage
+from aiohttp.streams import StreamReader
 from yarl import URL
 
 from .exceptions import UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
@@ -30,9 +41,61 @@ from .transport import RawHeaders, UpstreamRequest, UpstreamResponse, UpstreamWe
 if TYPE_CHECKING:
     from .config import Timeouts
 
+logger = logging.getLogger("prequal_middleware.transport_aiohttp")
+
 # Headers aiohttp would add on its own; a proxy forwards only what the client sent.
 SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
 READ_CHUNK_BYTES = 64 * 1024
+# Interim answers let through: 100 Continue, 103 Early Hints, and 101 (a WebSocket handshake's final
+# answer to aiohttp; the forwarder refuses it on plain HTTP requests, which never ask for an upgrade).
+INTERIM_OK = frozenset({100, 101, 103})
+
+
+class _ProxyResponseHandler(ResponseHandler):
+    """aiohttp's connection protocol, with no byte from the backend taken out of turn.
+
+    An exchange opens when aiohttp sets the response parameters for a request (before it is written)
+    and ends when the final response's body is complete. A byte outside an exchange closes the
+    connection instead of being parsed (and queued for whoever uses the connection next); a second
+    final response inside one is dropped and the connection closed after the first; an interim status
+    other than 100/101/103 fails the exchange.
+    """
+
+    _expecting = False  # an exchange is open: its response may still arrive
+    _final: StreamReader | None = None  # the body of the exchange's final response, once it began
+    _refused = False  # the exchange broke a rule: nothing more is queued
+
+    def set_response_params(self, *args: Any, **kwargs: Any) -> None:
+        self._expecting = True
+        self._final = None
+        self._refused = False
+        super().set_response_params(*args, **kwargs)
+
+    def feed_data(self, data: Any, size: int = 0) -> None:
+        message, payload = data
+        if self._refused or self._final is not None:
+            self.force_close()  # a response after the final one: nobody asked for it
+            return
+        code = message.code
+        if code < 200 and code not in INTERIM_OK:
+            self._refused = True
+            self.set_exception(BadHttpMessage(f"unexpected interim status {code}"))
+            return
+        if code >= 200 or code == 101:
+            self._final = payload
+        super().feed_data(data, size)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._expecting and data and self._payload_parser is None and not self._upgraded:
+            self.force_close()  # bytes nobody asked for: close, never parse them as the next answer
+            transport = self.transport
+            if transport is not None:
+                transport.close()
+            return
+        super().data_received(data)
+        final = self._final
+        if final is not None and final.is_eof():
+            self._expecting = False
 
 
 class AiohttpTransport:
@@ -71,6 +134,12 @@ class AiohttpTransport:
             ssl=self._ssl,  # type: ignore[arg-type]
             ttl_dns_cache=10,
         )
+        # aiohttp has no public hook for the connection protocol; ``_factory`` has named it since 3.0.
+        if isinstance(getattr(connector, "_factory", None), functools.partial):
+            factory = functools.partial(_ProxyResponseHandler, loop=asyncio.get_running_loop())
+            connector._factory = cast("functools.partial[ResponseHandler]", factory)
+        else:  # pragma: no cover - a future aiohttp
+            logger.warning("aiohttp %s: cannot install the strict connection protocol", aiohttp.__version__)
         self._session = aiohttp.ClientSession(
             connector=connector,
             cookie_jar=aiohttp.DummyCookieJar(),
