@@ -188,6 +188,9 @@ class AdminSettings:
         default_ttl_s: a registration's lease when it names none; heartbeats renew it.
         max_ttl_s: the longest lease a registration may ask for.
         max_metadata_bytes: the largest ``metadata`` object, JSON-encoded.
+        ready_while_stale_s: ``/readyz`` stays ready while a shared registry has been unreachable for
+            less than this (the gateway serves its last snapshot meanwhile); staleness shows in
+            ``/backends`` and ``prequal_registry_stale_seconds`` at once.
     """
 
     token: str | None = None
@@ -198,6 +201,7 @@ class AdminSettings:
     default_ttl_s: float = 30.0
     max_ttl_s: float = 3600.0
     max_metadata_bytes: int = 4096
+    ready_while_stale_s: float = 30.0
 
     def __post_init__(self) -> None:
         if isinstance(self.allowed_upstreams, str):
@@ -240,6 +244,13 @@ class AdminSettings:
                     isinstance(self.max_metadata_bytes, int) and self.max_metadata_bytes >= 2,
                     "an integer >= 2",
                 ),
+                (
+                    "ready_while_stale_s",
+                    not isinstance(self.ready_while_stale_s, bool)
+                    and isinstance(self.ready_while_stale_s, (int, float))
+                    and 0 <= self.ready_while_stale_s < math.inf,
+                    "a finite number >= 0",
+                ),
             ],
         )
 
@@ -248,15 +259,31 @@ class AdminSettings:
 class RequestLimits:
     """Limits on client requests, checked before anything goes upstream.
 
+    A slow client must not hold a backend's connection: up to ``buffer_body_bytes`` of every request
+    body is read before a backend is chosen (NGINX's request buffering), so a body that fits, declared
+    or chunked, reaches the backend whole and at once; only what goes beyond is streamed. The whole
+    body must arrive within ``body_timeout_s`` plus one second per ``body_min_rate_bytes_per_s`` bytes
+    received (Apache's ``RequestReadTimeout body=20,MinRate=500``), buffered or streamed; a slower
+    client gets 408 ``body_timeout``, and an upstream attempt it was feeding is cancelled (not counted
+    against the backend).
+
     Parameters:
         max_headers: the most request headers (431 beyond).
         max_header_bytes: the most bytes of header names and values together (431 beyond).
         max_body_bytes: the largest request body, declared or streamed (413 beyond); None: no limit.
+        buffer_body_bytes: read this much of a body before choosing a backend (0: stream at once, for
+            clients that wait for an answer before sending the rest).
+        body_timeout_s: the time a body has to arrive, before its rate allowance.
+        body_min_rate_bytes_per_s: each this many bytes received extends the body's time by a second
+            (None: no rate floor, ``body_timeout_s`` is the whole body's deadline).
     """
 
     max_headers: int = 100
     max_header_bytes: int = 32 * 1024
     max_body_bytes: int | None = None
+    buffer_body_bytes: int = 64 * 1024
+    body_timeout_s: float = 20.0
+    body_min_rate_bytes_per_s: float | None = 500.0
 
     def __post_init__(self) -> None:
         _check(
@@ -272,6 +299,17 @@ class RequestLimits:
                     "max_body_bytes",
                     self.max_body_bytes is None or (isinstance(self.max_body_bytes, int) and self.max_body_bytes >= 0),
                     "None or an integer >= 0",
+                ),
+                (
+                    "buffer_body_bytes",
+                    isinstance(self.buffer_body_bytes, int) and 0 <= self.buffer_body_bytes <= 64 * 1024 * 1024,
+                    "an integer from 0 to 64 MiB",
+                ),
+                ("body_timeout_s", _positive(self.body_timeout_s), "a finite number > 0"),
+                (
+                    "body_min_rate_bytes_per_s",
+                    self.body_min_rate_bytes_per_s is None or _positive(self.body_min_rate_bytes_per_s),
+                    "None or a finite number > 0",
                 ),
             ],
         )
@@ -336,6 +374,9 @@ class UpstreamPool:
         clients_per_pool: independent policy instances, each with its own state, taking requests in
             turn: emulates a fleet of clients in one process, as Prequal assumes many clients.
         websockets: proxy WebSocket upgrades on this prefix (else they go to the wrapped app).
+        max_websockets: WebSockets open through this pool (per gateway process); one more handshake
+            gets 503. An open socket counts only here, not in ``max_in_flight`` or
+            ``max_in_flight_per_backend`` (its handshake does), so sockets cannot starve HTTP.
         retry_after_s: the ``Retry-After`` value of the pool's 503 responses.
         rewrite_path / on_request / on_response: hooks (see ``PathRewriteHook`` and friends).
     """
@@ -358,6 +399,7 @@ class UpstreamPool:
     slow_start_s: float = 0.0
     clients_per_pool: int = 1
     websockets: bool = True
+    max_websockets: int = 1000
     retry_after_s: int = 1
     rewrite_path: PathRewriteHook | None = None
     on_request: RequestHook | None = None
@@ -390,6 +432,11 @@ class UpstreamPool:
                     "an integer >= 1",
                 ),
                 ("retry_after_s", isinstance(self.retry_after_s, int) and self.retry_after_s >= 0, "an integer >= 0"),
+                (
+                    "max_websockets",
+                    isinstance(self.max_websockets, int) and self.max_websockets >= 1,
+                    "an integer >= 1 (websockets=False turns them off)",
+                ),
                 (
                     "slow_start_s",
                     isinstance(self.slow_start_s, (int, float)) and 0 <= self.slow_start_s < math.inf,

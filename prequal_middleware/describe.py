@@ -87,9 +87,15 @@ def readiness_problems(gateway: Gateway) -> list[str]:
         snapshot = pool.clients[0].snapshot(now)
         if not any(b.state == "healthy" for b in snapshot.backends):
             problems.append(f"pool {prefix} has no healthy member")
+    # A shared registry that is briefly unreachable leaves every gateway serving its last snapshot
+    # (fail static); taking them all out of a load balancer at once for it would undo that. Readiness
+    # fails only once the snapshot is older than the bound; staleness shows in /backends and the metric
+    # from the first second.
     stale_since = gateway.registry.snapshot().stale_since
     if stale_since is not None:
-        problems.append(f"the registry has been unreachable for {max(0.0, now - stale_since):.1f} s")
+        stale_for = max(0.0, now - stale_since)
+        if stale_for >= gateway.admin.ready_while_stale_s:
+            problems.append(f"the registry has been unreachable for {stale_for:.1f} s")
     return problems
 
 

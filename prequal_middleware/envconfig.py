@@ -67,6 +67,7 @@ _SCALARS = frozenset(
         "max_in_flight_per_backend",
         "clients_per_pool",
         "websockets",
+        "max_websockets",
         "retry_after_s",
         "slow_start_s",
     }
@@ -204,6 +205,12 @@ def gateway_kwargs_from_env(environ: Mapping[str, str] | None = None) -> dict[st
     allowed = env.get("PREQUAL_ALLOWED_UPSTREAMS")
     if allowed:
         admin["allowed_upstreams"] = tuple(a.strip() for a in allowed.split(",") if a.strip())
+    stale = env.get("PREQUAL_READY_WHILE_STALE_S")
+    if stale:
+        try:
+            admin["ready_while_stale_s"] = float(stale)
+        except ValueError:
+            raise ConfigurationError(f"PREQUAL_READY_WHILE_STALE_S must be a number of seconds, got {stale!r}") from None
     ttl = env.get("PREQUAL_LEASE_TTL_S")
     if ttl:
         try:
@@ -218,6 +225,8 @@ def gateway_kwargs_from_env(environ: Mapping[str, str] | None = None) -> dict[st
             if "token" in str(exc)
             else "PREQUAL_ADMIN_ALLOWED_HOSTS"
             if "allowed_hosts" in str(exc)
+            else "PREQUAL_READY_WHILE_STALE_S"
+            if "ready_while_stale_s" in str(exc)
             else "PREQUAL_LEASE_TTL_S"
         )
         raise ConfigurationError(f"{variable}: {exc}") from None

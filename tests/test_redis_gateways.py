@@ -20,8 +20,8 @@ from tests.servers import serve
 
 
 @contextmanager
-def gateway_process(port: int, redis_url: str) -> Iterator[str]:
-    env = {**os.environ, "PREQUAL_REGISTRY": redis_url, "PREQUAL_POOLS": json.dumps({"/api": []})}
+def gateway_process(port: int, redis_url: str, **extra: str) -> Iterator[str]:
+    env = {**os.environ, "PREQUAL_REGISTRY": redis_url, "PREQUAL_POOLS": json.dumps({"/api": []}), **extra}
     process = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "example_app.gateway:app", "--port", str(port)],
         env=env,
@@ -60,7 +60,8 @@ def test_two_gateways_share_membership_and_survive_redis_outages(redis: RedisSer
     with ExitStack() as stack:
         a = stack.enter_context(serve(app_a))
         b = stack.enter_context(serve(app_b))
-        g1 = stack.enter_context(gateway_process(first, redis.url))
+        # g1 turns not ready after 3 s of registry outage; g2 keeps the default bound (30 s).
+        g1 = stack.enter_context(gateway_process(first, redis.url, PREQUAL_READY_WHILE_STALE_S="3"))
         g2 = stack.enter_context(gateway_process(first + 1, redis.url))
 
         assert httpx.post(g1 + "/_prequal/register", json={"url": a.url}).status_code == 201
@@ -76,6 +77,8 @@ def test_two_gateways_share_membership_and_survive_redis_outages(redis: RedisSer
         seconds_until(lambda: sorted(members(g1)) == sorted(members(g2)) == sorted([a.url, b.url]))
 
         redis.stop()
+        seconds_until(lambda: httpx.get(g1 + "/_prequal/backends").json()["registry"]["stale"] is True, timeout_s=5.0)
+        assert httpx.get(g1 + "/_prequal/readyz").status_code == 200, "a brief outage leaves the gateway ready"
         deadline = time.monotonic() + 2.0
         served = 0
         while time.monotonic() < deadline:
@@ -83,7 +86,9 @@ def test_two_gateways_share_membership_and_survive_redis_outages(redis: RedisSer
                 assert backend_of(gateway) in {"a", "b"}, "traffic goes on from the last snapshot"
                 served += 1
         assert served > 20
-        seconds_until(lambda: httpx.get(g1 + "/_prequal/readyz").status_code == 503, timeout_s=5.0)
+        seconds_until(lambda: httpx.get(g1 + "/_prequal/readyz").status_code == 503, timeout_s=6.0)
+        assert httpx.get(g2 + "/_prequal/readyz").status_code == 200, "g2's bound (30 s) is not reached"
+        assert httpx.get(g2 + "/_prequal/backends").json()["registry"]["stale"] is True, "yet staleness shows"
         described = httpx.get(g1 + "/_prequal/backends").json()
         assert described["registry"]["stale"] is True
         assert "registry has been unreachable" in " ".join(httpx.get(g1 + "/_prequal/readyz").json()["problems"])
