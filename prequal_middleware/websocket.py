@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -47,10 +48,59 @@ async def forward_websocket(
     *,
     via_pseudonym: bytes = VIA_PSEUDONYM,
 ) -> None:
-    """Relay one client WebSocket to a backend of ``pool`` (``via_pseudonym``: see ``Forwarder``)."""
+    """Relay one client WebSocket to a backend of ``pool`` (``via_pseudonym``: see ``Forwarder``).
+
+    Admission first, as for HTTP: the header limits (431), the pool's ``max_in_flight`` (503), then the
+    pool's ``max_websockets`` (503). The handshake counts as a request in flight; the open socket
+    counts only against ``max_websockets``, so long-lived sockets never hold the slots HTTP needs.
+    """
     message = await receive()
     if message["type"] != "websocket.connect":
         return
+    cfg = pool.config
+    limits = cfg.limits
+    raw_headers = scope["headers"]
+    if len(raw_headers) > limits.max_headers:
+        await _deny(scope, send, 431, "headers_too_large", f"more than {limits.max_headers} request headers", pool)
+        return
+    if sum(len(k) + len(v) for k, v in raw_headers) > limits.max_header_bytes:
+        detail = f"request headers larger than {limits.max_header_bytes} bytes"
+        await _deny(scope, send, 431, "headers_too_large", detail, pool)
+        return
+    if pool.full():
+        await _deny(scope, send, 503, "pool_overloaded", "the pool is at its concurrency limit", pool)
+        return
+    open_now = _open_websockets.get(pool, 0)
+    if open_now >= cfg.max_websockets:
+        detail = f"the pool has max_websockets ({cfg.max_websockets}) WebSockets open"
+        await _deny(scope, send, 503, "too_many_websockets", detail, pool)
+        return
+    _open_websockets[pool] = open_now + 1  # taken before the first await: no check-then-act race
+    try:
+        await _forward(pool, scope, receive, send, transport, scheduler, clock, via_pseudonym)
+    finally:
+        _open_websockets[pool] -= 1
+
+
+def open_websockets(pool: PoolRuntime) -> int:
+    """The WebSockets open (or being opened) through ``pool`` in this process."""
+    return _open_websockets.get(pool, 0)
+
+
+# Per pool, weakly: a pool's count goes with its gateway.
+_open_websockets: weakref.WeakKeyDictionary[PoolRuntime, int] = weakref.WeakKeyDictionary()
+
+
+async def _forward(
+    pool: PoolRuntime,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    transport: WebSocketTransport,
+    scheduler: ProbeScheduler,
+    clock: Callable[[], float],
+    via_pseudonym: bytes,
+) -> None:
     client = scope.get("client")
     prepared = upstream_request_headers(
         scope["headers"],
@@ -102,11 +152,16 @@ async def forward_websocket(
             return
         latency = clock() - started
         outcome = Outcome.SUCCESS
+    finally:
+        # The handshake was the request; the open socket is counted by max_websockets alone.
+        pool.release(backend)
+        policy.on_finish(backend, clock(), latency, outcome)
+    try:
         await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol, "headers": []})
         await _relay(receive, send, upstream)
     finally:
-        pool.release(backend)
-        policy.on_finish(backend, clock(), latency, outcome)
+        with contextlib.suppress(Exception):
+            await upstream.close()
 
 
 def handshake_status(exc: BaseException) -> int | None:
@@ -168,11 +223,14 @@ async def _relay(receive: Receive, send: Send, upstream: UpstreamWebSocket) -> N
 
 
 async def _deny(scope: Scope, send: Send, status: int, error: str, detail: str, pool: PoolRuntime) -> None:
+    """Refuse the handshake: our JSON error when the server supports denial responses, else a close
+    before accept (the server answers it with 403): 1013 "try again later" for a 503, 1008 for a 4xx."""
     if "websocket.http.response" in scope.get("extensions", {}):
         wrapped_send = _as_denial(send)
         await send_error(wrapped_send, status, error, detail, pool)
     else:
-        await send({"type": "websocket.close", "code": 1011})
+        code = 1013 if status == 503 else 1008 if 400 <= status < 500 else 1011
+        await send({"type": "websocket.close", "code": code})
 
 
 def _as_denial(send: Send) -> Send:
