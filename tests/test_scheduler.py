@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import random
 import time
@@ -134,6 +135,7 @@ class ProbeServer:
         self.reply = reply
         self.hold: asyncio.Event | None = None  # when set to an unset event, answers wait for it
         self.requests: list[float] = []
+        self.paths: list[str] = []
         self.arrived = asyncio.Event()
         self.open = 0
         self.url = ""
@@ -142,7 +144,8 @@ class ProbeServer:
         self.open += 1
         try:
             while True:
-                await reader.readuntil(b"\r\n\r\n")
+                head = await reader.readuntil(b"\r\n\r\n")
+                self.paths.append(head.split(b" ", 2)[1].decode())
                 self.requests.append(time.monotonic())
                 self.arrived.set()
                 if self.hold is not None:
@@ -217,7 +220,7 @@ async def test_a_failed_probe_is_reported_to_the_policy(failure: str) -> None:
     recorder = RecordingPolicy()
     async with server.serve():
         url = f"http://127.0.0.1:{free_port()}" if failure == "refused" else server.url
-        pool = runtime([url], lambda: recorder, probes=ProbeSettings(timeout_s=0.2))
+        pool = runtime([url], lambda: recorder, probes=ProbeSettings(timeout_s=0.5))
         async with running(pool, clock) as scheduler:
             scheduler.send_probes(pool, recorder, [url])
             assert pool.probes_in_flight == 1
@@ -336,7 +339,9 @@ async def test_probing_goes_on_after_more_failures_than_the_in_flight_cap() -> N
     refused = f"http://127.0.0.1:{free_port()}"
     recorder = RecordingPolicy()
     async with good.serve(), bad.serve():
-        pool = runtime([good.url, bad.url, refused], lambda: recorder, probes=ProbeSettings(max_in_flight=2))
+        pool = runtime(
+            [good.url, bad.url, refused], lambda: recorder, probes=ProbeSettings(max_in_flight=2, timeout_s=WAIT_S)
+        )
         async with running(pool) as scheduler:
             for i in range(1, 6):
                 scheduler.send_probes(pool, recorder, [bad.url, refused])
@@ -353,7 +358,7 @@ async def test_beyond_the_cap_probes_are_skipped_not_queued() -> None:
     server.hold = asyncio.Event()
     recorder = RecordingPolicy()
     async with server.serve():
-        pool = runtime([server.url], lambda: recorder, probes=ProbeSettings(max_in_flight=2))
+        pool = runtime([server.url], lambda: recorder, probes=ProbeSettings(max_in_flight=2, timeout_s=WAIT_S))
         async with running(pool) as scheduler:
             scheduler.send_probes(pool, recorder, [server.url] * 3)
             assert (pool.probes_in_flight, pool.probes_skipped, scheduler.probes_sent) == (2, 1, 2)
@@ -372,7 +377,13 @@ def modes(pool: PoolRuntime, backend: str) -> list[str]:
     return [b.probe_mode for c in pool.clients for b in c.snapshot(now).backends if b.id == backend]
 
 
-async def test_a_local_mode_backend_returns_to_probing_when_it_answers_probes() -> None:
+def probe_count(scheduler: ProbeScheduler, result: str) -> float:
+    value = scheduler._metrics.probes.labels(pool="/p", result=result)._value.get()
+    return float(value)
+
+
+async def test_a_local_mode_backend_returns_to_probing_when_it_answers_probes(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="prequal_middleware.scheduler")
     server = ProbeServer(NOT_FOUND)
     async with server.serve():
         pool = runtime([server.url], clients=2, prequal=PrequalSettings(max_idle_s=60.0))
@@ -395,10 +406,16 @@ async def test_a_local_mode_backend_returns_to_probing_when_it_answers_probes() 
             reprobes = len(server.requests) - 1
             assert 3 <= reprobes <= 10, f"re-probed with backoff: {reprobes} re-probes in about 0.85 s"
             assert modes(pool, server.url) == ["local", "local"], "still local while it answers 404"
+            assert f"backend {server.url} of pool /p answers no probes" in caplog.text
 
             server.reply = GOOD  # the backend gained LoadReportingMiddleware
             await until(lambda: modes(pool, server.url) == ["probe", "probe"], "probe mode again", timeout_s=2.0)
             assert scheduler.local_mode_backoff(pool, server.url) is None
+            assert f"backend {server.url} of pool /p answers probes again" in caplog.text
+            assert scheduler.probes_sent == len(server.requests), "re-probes count as probes sent"
+            assert probe_count(scheduler, "unsupported") == len(server.requests) - 1
+            assert probe_count(scheduler, "ok") == 1
+            assert probe_count(scheduler, "failed") == 0
             settled = len(server.requests)
             await asyncio.sleep(0.5)
             assert len(server.requests) == settled, "no more re-probes once it answers (and the pool is idle)"
@@ -456,6 +473,77 @@ async def test_a_restarted_scheduler_reprobes_backends_left_in_local_mode() -> N
             await until(lambda: modes(pool, server.url) == ["probe"], "probe mode", timeout_s=2.0)
 
 
+async def test_a_local_mode_backend_that_stops_answering_stays_local_and_backs_off() -> None:
+    server = ProbeServer(NOT_FOUND)
+    async with server.serve():
+        url = server.url
+        pool = runtime([url], prequal=PrequalSettings(max_idle_s=60.0))
+        scheduler = ProbeScheduler(
+            [pool],
+            NoTransport(),
+            PrequalMetrics(),
+            time.monotonic,
+            local_reprobe_initial_s=0.05,
+            local_reprobe_max_s=0.2,
+        )
+        await scheduler.start()
+        scheduler.send_probes(pool, pool.clients[0], [url])
+        await until(lambda: modes(pool, url) == ["local"], "local mode")
+    try:
+        # The server is gone: re-probes are refused, which changes nothing but the wait.
+        await until(lambda: probe_count(scheduler, "failed") >= 2, "two refused re-probes")
+        assert scheduler.local_mode_backoff(pool, url) == 0.2
+        assert modes(pool, url) == ["local"]
+        assert scheduler.probe_failures == 0, "re-probe failures are not probe failures of the policies"
+        assert pool.probes_in_flight == 0
+    finally:
+        await scheduler.aclose()
+
+
+async def test_a_reprobe_waits_for_a_free_probe_slot() -> None:
+    busy = ProbeServer()
+    busy.hold = asyncio.Event()
+    local = ProbeServer(NOT_FOUND)
+    async with busy.serve(), local.serve():
+        pool = runtime(
+            [busy.url, local.url],
+            probes=ProbeSettings(max_in_flight=1, timeout_s=WAIT_S),
+            prequal=PrequalSettings(max_idle_s=60.0),
+        )
+        async with running(pool, local_reprobe_initial_s=0.3, local_reprobe_max_s=0.3) as scheduler:
+            scheduler.send_probes(pool, pool.clients[0], [local.url])
+            await until(lambda: modes(pool, local.url) == ["local"], "local mode")
+            scheduler.send_probes(pool, pool.clients[0], [busy.url])  # takes the only slot, and holds it
+            assert pool.probes_in_flight == 1
+            local.reply = GOOD
+            await asyncio.sleep(0.7)  # two re-probes were due meanwhile
+            assert len(local.requests) == 1, "no re-probe while the pool's probe slots are taken"
+            assert modes(pool, local.url) == ["local"]
+            busy.hold.set()
+            await until(lambda: modes(pool, local.url) == ["probe"], "the deferred re-probe", timeout_s=2.0)
+            assert len(local.requests) == 2
+
+
+async def test_probe_settings_shape_the_probe_client() -> None:
+    server = ProbeServer()
+    server.hold = asyncio.Event()
+    recorder = RecordingPolicy()
+    async with server.serve():
+        url = server.url + "/base"
+        probes = ProbeSettings(path="/custom/probe", timeout_s=0.3, max_in_flight=6)
+        pool = runtime([url], lambda: recorder, probes=probes)
+        async with running(pool) as scheduler:
+            started = time.monotonic()
+            scheduler.send_probes(pool, recorder, [url])
+            await until(lambda: len(recorder.failures) == 1, "the probe to time out")
+            assert 0.3 <= time.monotonic() - started < 2.0, "the pool's probe timeout"
+            server.hold.set()
+            scheduler.send_probes(pool, recorder, [url] * 6)
+            await until(lambda: len(recorder.probes) == 6, "six answers")
+            assert server.open == 6, "as many idle connections kept per backend as probes may be in flight"
+            assert server.paths[0] == "/base/custom/probe"
+
+
 def test_reprobe_settings_are_validated() -> None:
     pool = runtime([])
     for initial, cap in [(0.0, 1.0), (-1.0, 1.0), (2.0, 1.0), (math.inf, math.inf)]:
@@ -473,7 +561,7 @@ def test_reprobe_settings_are_validated() -> None:
 # --- bug b: the probe connections of a member that left are closed ------------------------------------
 
 
-async def test_the_probe_connections_of_a_member_that_left_are_closed() -> None:
+async def test_the_probe_connections_of_a_member_that_left_are_closed(caplog: pytest.LogCaptureFixture) -> None:
     leaving, staying = ProbeServer(), ProbeServer()
     recorder = RecordingPolicy()
     async with leaving.serve(), staying.serve():
@@ -485,6 +573,7 @@ async def test_the_probe_connections_of_a_member_that_left_are_closed() -> None:
             pool.set_members([Member(staying.url)], time.monotonic())
             await until(lambda: leaving.open == 0, "the departed member's probe connections to close", 2.0)
             assert staying.open == 1, "the other member's connection stays"
+            assert "listener" not in caplog.text, "the scheduler's members listener ran without error"
 
 
 async def test_a_member_removed_through_the_registry_loses_its_probe_connections() -> None:
