@@ -64,17 +64,87 @@ class RequestBodyTooLarge(Exception):
     """The client's streamed body went past ``RequestLimits.max_body_bytes``."""
 
 
+class RequestBodyTimeout(Exception):
+    """The client's body did not arrive in time (``RequestLimits.body_timeout_s`` and ``body_min_rate_bytes_per_s``)."""
+
+
 class _ClientBody:
-    """The client's request body as an async iterator over ASGI ``http.request`` messages (read once)."""
+    """The client's request body as an async iterator over ASGI ``http.request`` messages.
 
-    __slots__ = ("_receive", "started", "done", "_on_done", "_limit")
+    ``buffer(n)`` reads up to ``n`` bytes ahead (before a backend is chosen); iterating yields those
+    chunks (the same objects, no copy), then streams the rest. A body read whole by ``buffer`` can be
+    iterated again (a retry); a streamed one only once. Every read is bounded by the body's deadline:
+    ``timeout_s`` after the start plus a second per ``min_rate`` bytes received.
+    """
 
-    def __init__(self, receive: Receive, on_done: Callable[[], None], limit: int | None) -> None:
+    __slots__ = (
+        "_receive",
+        "started",
+        "done",
+        "_on_done",
+        "_remaining",
+        "_chunks",
+        "_received",
+        "_deadline",
+        "_timeout_s",
+        "_min_rate",
+        "waiting",
+    )
+
+    def __init__(
+        self,
+        receive: Receive,
+        on_done: Callable[[], None],
+        limit: int | None,
+        timeout_s: float,
+        min_rate: float | None,
+    ) -> None:
         self._receive = receive
-        self.started = False
+        self.started = False  # part of a streamed body was handed out: it cannot be replayed
         self.done = False
         self._on_done = on_done
-        self._limit = limit
+        self._remaining = limit
+        self._chunks: list[bytes] = []
+        self._received = 0
+        self._timeout_s = timeout_s
+        self._min_rate = min_rate
+        self._deadline = 0.0  # set on the first read
+        self.waiting = False  # awaiting the client: a timeout now is the client's, not the backend's
+
+    async def buffer(self, up_to: int) -> None:
+        """Read ahead until the body is done or ``up_to`` bytes are in."""
+        buffered = 0
+        while not self.done and buffered < up_to:
+            chunk = await self._next()
+            if chunk:
+                self._chunks.append(chunk)
+                buffered += len(chunk)
+
+    async def _next(self) -> bytes:
+        if not self._deadline:
+            self._deadline = asyncio.get_running_loop().time() + self._timeout_s
+        deadline = self._deadline
+        if self._min_rate is not None:
+            deadline += self._received / self._min_rate
+        self.waiting = True
+        try:
+            async with asyncio.timeout_at(deadline):
+                message = await self._receive()
+        except TimeoutError:
+            raise RequestBodyTimeout() from None
+        self.waiting = False
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected()
+        chunk: bytes = message.get("body", b"")
+        self._received += len(chunk)
+        if self._remaining is not None:
+            self._remaining -= len(chunk)
+            if self._remaining < 0:
+                raise RequestBodyTooLarge()
+        if not message.get("more_body", False):
+            self.done = True
+            self._on_done()
+        return chunk
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._iterate()
@@ -82,25 +152,15 @@ class _ClientBody:
     async def _iterate(self) -> AsyncIterator[bytes]:
         if self.started:
             raise RuntimeError("the request body can be read only once")
+        for chunk in self._chunks:
+            yield chunk
+        if self.done:
+            return  # read whole before the attempt: replayable
         self.started = True
-        remaining = self._limit
-        while True:
-            message = await self._receive()
-            if message["type"] == "http.disconnect":
-                raise ClientDisconnected()
-            chunk = message.get("body", b"")
-            if remaining is not None:
-                remaining -= len(chunk)
-                if remaining < 0:
-                    raise RequestBodyTooLarge()
-            more = message.get("more_body", False)
-            if not more:
-                self.done = True
-                self._on_done()
+        while not self.done:
+            chunk = await self._next()
             if chunk:
                 yield chunk
-            if not more:
-                return
 
 
 class _DisconnectWatch:
@@ -246,11 +306,18 @@ class Forwarder:
             target = cfg.rewrite_path(target)
         watch = _DisconnectWatch(receive, asyncio.current_task())
         has_body = prepared.chunked or prepared.content_length
-        body = _ClientBody(receive, watch.arm, limits.max_body_bytes) if has_body else None
-        if body is None:
+        body: _ClientBody | None = None
+        if has_body:
+            body = _ClientBody(
+                receive, watch.arm, limits.max_body_bytes, limits.body_timeout_s, limits.body_min_rate_bytes_per_s
+            )
+        else:
             watch.arm()
         exchange = _Exchange(pool, scope, send, prepared.headers, prepared.content_length, target, body, watch)
         try:
+            if body is not None and limits.buffer_body_bytes:
+                # Before a backend is chosen: a slow client holds no upstream connection while it dribbles.
+                await body.buffer(limits.buffer_body_bytes)
             await self._attempts(exchange)
         except asyncio.CancelledError:
             task = asyncio.current_task()
@@ -262,6 +329,13 @@ class Forwarder:
             if exchange.status == 0:
                 detail = _too_large(limits.max_body_bytes)
                 exchange.status = await self._error(send, 413, "body_too_large", detail, pool)
+        except RequestBodyTimeout:
+            if exchange.status == 0:
+                rate = limits.body_min_rate_bytes_per_s
+                detail = f"the request body arrived too slowly (limits.body_timeout_s={limits.body_timeout_s:g}" + (
+                    f" plus 1 s per limits.body_min_rate_bytes_per_s={rate:g} bytes)" if rate is not None else ")"
+                )
+                exchange.status = await self._error(send, 408, "body_timeout", detail, pool, close=True)
         finally:
             watch.stop()
         return exchange.status
@@ -341,6 +415,11 @@ class Forwarder:
                     raise UpstreamProtocolError(f"{backend}: status {response.status} is not a final answer")
             except UpstreamError as exc:
                 latency = self._clock() - started
+                body = exchange.body
+                if body is not None and body.waiting and not body.done:
+                    # The transport's idle timer fired while the client was the one not sending: the
+                    # client's timeout (408), not the backend's failure (the outcome stays CANCELLED).
+                    raise RequestBodyTimeout() from None
                 outcome = _outcome_of(exc)
                 raise
             latency = self._clock() - started

@@ -18,6 +18,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
 from prequal_middleware import AdminSettings, Gateway, HttpxTransport, PrequalMiddleware, UpstreamPool
+from prequal_middleware.websocket import open_websockets
 from tests.apps import BackendState, make_backend
 from tests.helpers import wait_for
 from tests.servers import ServerThread, serve
@@ -128,8 +129,10 @@ def test_websocket_client_close_reaches_the_backend(
     with ws_connect(url.replace("http", "ws") + "/api/ws") as ws:
         ws.send("ping")
         assert ws.recv(timeout=5) == "a:ping"
-        assert gateway.pools["/api"].in_flight == 1, "an open WebSocket counts as in flight"
-    wait_for(lambda: gateway.pools["/api"].in_flight == 0, what="the relay to end")
+        # An open socket counts against max_websockets, not as a request in flight (it would hold an HTTP slot).
+        assert gateway.pools["/api"].in_flight == 0
+        assert open_websockets(gateway.pools["/api"]) == 1, "an open WebSocket counts against max_websockets"
+    wait_for(lambda: open_websockets(gateway.pools["/api"]) == 0, what="the relay to end")
 
 
 def test_websockets_off_go_to_the_host_app(backend: tuple[ServerThread, BackendState]) -> None:

@@ -163,10 +163,10 @@ class Dribbler:
             sock = socket.create_connection(("127.0.0.1", self.port), timeout=30)
         except OSError:
             return
-        sock.setblocking(False)
         data = b""
         try:
             sock.sendall(self.head + self._prefix)
+            sock.setblocking(False)
             sent = len(self._prefix)
             while not self._stop.is_set():
                 if sent < self.total:
