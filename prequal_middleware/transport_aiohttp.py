@@ -203,6 +203,8 @@ class AiohttpTransport:
             if body is not None and body.failed is not None:
                 raise body.failed from None  # the client side of the upload broke, not the backend
             raise _upstream_error(exc, repr(request)) from None
+        if body is not None:
+            body.answered = response.status >= 400 or response.headers.get("connection", "").lower() == "close"
         connection = response.connection
         if connection is not None and connection.protocol is not None:
             # From here on sock_read is the body's idle timeout: aiohttp re-arms it on every read.
@@ -250,9 +252,17 @@ def _upstream_error(exc: BaseException, what: str) -> UpstreamError:
 
 
 class _BodyStream:
-    """The client's request body, as aiohttp pulls it; re-arms the upload deadline per chunk."""
+    """The client's request body, as aiohttp pulls it; re-arms the upload deadline per chunk.
 
-    __slots__ = ("_chunks", "_deadline", "_idle_s", "_loop", "failed")
+    aiohttp returns the response as soon as its head arrives and keeps sending the body meanwhile.
+    After an error answer (4xx/5xx, or one that closes the connection: an early 413) the upload stops
+    (RFC 9112 9.3): no more of the client's body is read or sent, and aiohttp closes the connection when
+    the response ends (its writer is cancelled then), so a cut-short body is never taken for complete.
+    After an early 2xx/3xx (a backend streaming while it reads) the upload goes on, bounded by the
+    response's life.
+    """
+
+    __slots__ = ("_chunks", "_deadline", "_idle_s", "_loop", "failed", "answered")
 
     def __init__(
         self, chunks: AsyncIterable[bytes], deadline: asyncio.Timeout, idle_s: float, loop: asyncio.AbstractEventLoop
@@ -262,6 +272,7 @@ class _BodyStream:
         self._idle_s = idle_s
         self._loop = loop
         self.failed: BaseException | None = None
+        self.answered: bool | None = None  # None: no answer yet; True: stop the upload; False: go on
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._iterate()
@@ -270,12 +281,17 @@ class _BodyStream:
         deadline = self._deadline
         try:
             async for chunk in self._chunks:
-                deadline.reschedule(self._loop.time() + self._idle_s)
+                answered = self.answered
+                if answered is None:
+                    deadline.reschedule(self._loop.time() + self._idle_s)
+                elif answered:
+                    await self._loop.create_future()  # never done: the writer is cancelled with the response
                 yield chunk
         except BaseException as exc:
             self.failed = exc
             raise
-        deadline.reschedule(None)  # all sent: aiohttp's sock_read now times the response headers
+        if self.answered is None:
+            deadline.reschedule(None)  # all sent: aiohttp's sock_read now times the response headers
 
 
 async def _read_body(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:

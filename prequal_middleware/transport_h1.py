@@ -29,8 +29,9 @@ What a hostile or broken backend sends is bounded and never outlives its exchang
 - A byte after the end of the response (a second response in the same segment, a late one on the
   idle connection, a body on a 204/304) closes the connection: it is never parsed as the answer to the
   next request.
-- A final answer that arrives while the request body is still being sent (an early 413) is returned
-  at once; the upload stops and the connection is closed after the response.
+- An error answer (4xx/5xx, or one that closes the connection) that arrives while the request body is
+  still being sent (an early 413) is returned at once; the upload stops, its last chunk unsent, and
+  the connection is closed after the response.
 - A request waits for a connection slot (``limit_per_backend``) no longer than ``Timeouts.connect_s``
   (an ``UpstreamTimeout`` in the ``connect`` phase: nothing was sent); a periodic sweep closes
   connections idle longer than ``keepalive_s`` and forgets origins with nothing open.
@@ -258,14 +259,16 @@ class _Connection(asyncio.Protocol):
         if status > 599:
             raise _Refused(f"status {status} out of range")
         self.status = status
+        self.keep_alive = self.parser.should_keep_alive()
         uploader = self.uploader
-        if uploader is not None:
-            # The final answer came while the body is still going up (an early 413, say): stop the
-            # upload so the answer goes back now (the upload's handler tells this from other cancels).
+        if uploader is not None and (status >= 400 or not self.keep_alive):
+            # A refusal while the body is still going up (an early 413, say): stop the upload so the
+            # answer goes back now (RFC 9112 9.3; the upload's handler tells this from other cancels).
+            # An early 2xx/3xx on a kept connection may be a backend streaming while it reads: the
+            # upload goes on.
             self.uploader = None
             self.answered_early = True
             uploader.cancel()
-        self.keep_alive = self.parser.should_keep_alive()
         waiter = self.headers_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -558,12 +561,11 @@ class H1Transport:
                     task = asyncio.current_task()
                     if not conn.answered_early or task is None or task.uncancel() > 0:
                         raise  # a real cancellation (the client left, shutdown), not the early answer
-                finally:
-                    conn.uploader = None
-                if conn.answered_early:
                     # The request went up only in part: the backend may still wait for the rest, so
                     # the connection serves nothing after this response.
                     conn.keep_alive = False
+                finally:
+                    conn.uploader = None
             if not headers_waiter.done():
                 timer = loop.call_later(timeouts.response_headers_s, conn.time_out, "headers", request)
             await headers_waiter
@@ -602,8 +604,11 @@ class H1Transport:
                 raise conn.error
             if chunk is None:
                 break
-            if conn.answered_early:
-                return  # cut short: no last chunk, so the backend cannot take it for the whole body
+            if conn.complete:
+                # The whole answer came already: stop. Cut short, so no last chunk (the backend must not
+                # take it for the whole body) and no reuse (it may still wait for the rest).
+                conn.keep_alive = False
+                return
             if not chunk:
                 continue
             if chunked:

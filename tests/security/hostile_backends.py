@@ -11,8 +11,8 @@
   one whose trailer section holds ``Content-Length: 5`` (llhttp refuses that one outright);
 - ``/no-body/<n>``: a ``204``/``304`` that carries ``Content-Length: 10`` and 10 bytes; ``/no-body-chunked/<n>``:
   the same with a chunked body;
-- ``/early-413``: a ``413`` as soon as the head arrived, while the body is still being uploaded (the body
-  is read and dropped after);
+- ``/early-413``: a ``413`` 0.3 s after the head arrived, while the body is still being uploaded (the
+  body is read and dropped after);
 - ``/hold``: the answer only after ``hold_s``;
 - anything else: ``200`` with ``ok <target>`` as body.
 
@@ -68,6 +68,7 @@ class Hostile(RawServer):
         path = target.split(b"?", 1)[0]
         self.targets.append(target)
         if path == b"/early-413":
+            await asyncio.sleep(0.3)  # the gateway has sent what it had and waits for more of the client's body
             writer.write(response(413, b"too large", [(b"connection", b"close")]))
             await writer.drain()
             self.early_answered_at.append(asyncio.get_running_loop().time())
