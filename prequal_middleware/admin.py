@@ -22,6 +22,7 @@ the field or the reason, and nothing is half-applied.
 from __future__ import annotations
 
 import logging
+import math
 from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
@@ -29,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from .registration import RegistrationError, authorize, parse_body, validate
+from .registration import RegistrationError, WriteRate, authorize, parse_body, validate
 from .registry import RegistryUnavailable
 from .status_page import status_page
 
@@ -61,13 +62,30 @@ def admin_routes(gateway: Gateway) -> list[BaseRoute]:
     """The admin routes of ``gateway``, for a ``Mount`` or an app of their own."""
     settings = gateway.admin
     allow = gateway.allow_list
+    rate = WriteRate(settings.max_writes_per_s)
 
     async def write(request: Request, kind: str) -> Response:
         try:
             authorize(settings, request.scope["headers"], request.scope.get("client"))
+            wait_s = rate.take(gateway.clock())
+            if wait_s > 0:
+                raise RegistrationError(
+                    429,
+                    "too_many_writes",
+                    f"more than {settings.max_writes_per_s:g} admin writes per second; retry later",
+                    retry_after_s=wait_s,
+                )
             body = parse_body(await _read_limited(request, settings.max_body_bytes))
             req = validate(body, kind=kind, pools=list(gateway.pools), settings=settings, allow=allow)
             if kind == "register":
+                members = gateway.pools[req.pool].members
+                if req.url not in members and len(members) >= settings.max_members_per_pool:
+                    raise RegistrationError(
+                        409,
+                        "pool_full",
+                        f"the pool {req.pool} has {settings.max_members_per_pool} members, the most it may have",
+                        field="pool",
+                    )
                 record = await gateway.register(req)
                 return _json(gateway.record_json(record), 201)
             if kind == "heartbeat":
@@ -82,7 +100,8 @@ def admin_routes(gateway: Gateway) -> list[BaseRoute]:
             return _json({"pool": req.pool, "url": req.url, "unregistered": True, "draining": True})
         except RegistrationError as exc:
             gateway.metrics.child(gateway.metrics.registry_events, "rejected").inc()
-            return _json(exc.body(), exc.status)
+            retry = {"retry-after": str(math.ceil(exc.retry_after_s))} if exc.retry_after_s is not None else None
+            return _json(exc.body(), exc.status, retry)
         except RegistryUnavailable:
             logger.warning("registry unavailable for %s", kind)
             return _json(

@@ -8,6 +8,7 @@ A wrong value raises ``ConfigurationError`` (a ``ValueError``) whose message nam
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -188,6 +189,9 @@ class AdminSettings:
         default_ttl_s: a registration's lease when it names none; heartbeats renew it.
         max_ttl_s: the longest lease a registration may ask for.
         max_metadata_bytes: the largest ``metadata`` object, JSON-encoded.
+        max_members_per_pool: registrations beyond this many members in a pool are refused (409).
+        max_writes_per_s: admin writes accepted per second on average, in bursts of up to twice as
+            many (429 with ``Retry-After`` beyond), so a registration storm cannot churn the pools.
         ready_while_stale_s: ``/readyz`` stays ready while a shared registry has been unreachable for
             less than this (the gateway serves its last snapshot meanwhile); staleness shows in
             ``/backends`` and ``prequal_registry_stale_seconds`` at once.
@@ -201,6 +205,8 @@ class AdminSettings:
     default_ttl_s: float = 30.0
     max_ttl_s: float = 3600.0
     max_metadata_bytes: int = 4096
+    max_members_per_pool: int = 1000
+    max_writes_per_s: float = 50.0
     ready_while_stale_s: float = 30.0
 
     def __post_init__(self) -> None:
@@ -244,6 +250,12 @@ class AdminSettings:
                     isinstance(self.max_metadata_bytes, int) and self.max_metadata_bytes >= 2,
                     "an integer >= 2",
                 ),
+                (
+                    "max_members_per_pool",
+                    isinstance(self.max_members_per_pool, int) and self.max_members_per_pool >= 1,
+                    "an integer >= 1",
+                ),
+                ("max_writes_per_s", _positive(self.max_writes_per_s), "a finite number > 0"),
                 (
                     "ready_while_stale_s",
                     not isinstance(self.ready_while_stale_s, bool)
@@ -320,30 +332,68 @@ _HOST_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
 
 
 def validate_upstream_url(url: str, *, field_name: str = "url") -> str:
-    """Check an upstream URL and return it normalised (no trailing slash).
+    """Check an upstream URL and return its one canonical spelling.
 
-    http or https, a host, no userinfo, no query or fragment; an optional base path is kept.
+    http or https, a host, no userinfo, no query or fragment (not even an empty ``?`` or ``#``); an
+    optional base path is kept, without a trailing slash and without ``.``/``..`` segments. The
+    canonical form has a lower-case scheme and host name, an IPv4 address as four decimal numbers (the
+    ``2130706433``, ``0x7f.1`` and ``127.1`` spellings the C resolver also accepts are refused), an IPv6
+    address in its compressed form (an IPv4-mapped one is refused: use the IPv4 address), and the
+    port as a plain number: two spellings of one backend are one member.
     """
     if not isinstance(url, str) or not url:
         raise ConfigurationError(f"{field_name} must be a non-empty string, got {url!r}")
     if any(ch <= " " or ch >= "\x7f" or ch in _NOT_IN_URLS for ch in url):
         raise ConfigurationError(f"{field_name} must be a plain ASCII URL without spaces or quotes, got {url!r}")
+    if "?" in url or "#" in url:
+        raise ConfigurationError(f"{field_name} must not have a query or fragment, got {url!r}")
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
         raise ConfigurationError(f"{field_name} is not a valid URL ({exc}): {url!r}") from None
-    if parts.scheme not in ("http", "https"):
+    if parts.scheme not in ("http", "https") or not url[: len(parts.scheme) + 3].lower().endswith("://"):
         raise ConfigurationError(f"{field_name} must be an http or https URL, got {url!r}")
     if not parts.hostname:
         raise ConfigurationError(f"{field_name} must name a host, got {url!r}")
-    if parts.username is not None or parts.password is not None:
+    if "@" in parts.netloc:
         raise ConfigurationError(f"{field_name} must not contain credentials (user:password@), got {url!r}")
-    if parts.query or parts.fragment:
-        raise ConfigurationError(f"{field_name} must not have a query or fragment, got {url!r}")
     if port == 0:
         raise ConfigurationError(f"{field_name} must not use port 0, got {url!r}")
-    return url.rstrip("/")
+    host = _canonical_host(parts.hostname, parts.netloc, url, field_name)
+    path = parts.path.rstrip("/")
+    if path and any(segment in (".", "..") for segment in path.split("/")):
+        raise ConfigurationError(f"{field_name} must not have '.' or '..' segments in its path, got {url!r}")
+    if "%" in path:
+        raise ConfigurationError(f"{field_name} must not percent-encode its path, got {url!r}")
+    return f"{parts.scheme}://{host}{'' if port is None else f':{port}'}{path}"
+
+
+def _canonical_host(hostname: str, netloc: str, url: str, field_name: str) -> str:
+    """The host as it goes into a canonical URL (``[v6]`` in brackets), or ``ConfigurationError``."""
+    if netloc.rpartition("@")[2].startswith("["):
+        if "%" in hostname:
+            raise ConfigurationError(f"{field_name} must not name an IPv6 zone, got {url!r}")
+        try:
+            address = ipaddress.IPv6Address(hostname)
+        except ValueError:
+            raise ConfigurationError(f"{field_name} has an invalid IPv6 address, got {url!r}") from None
+        if address.ipv4_mapped is not None:
+            raise ConfigurationError(f"{field_name} must write an IPv4-mapped address as IPv4, got {url!r}")
+        return f"[{address.compressed}]"
+    name = hostname.lower().removesuffix(".")
+    if not _HOST_NAME.fullmatch(name) or ".." in name:
+        raise ConfigurationError(f"{field_name} must have a host name of letters, digits, '-' and '.', got {url!r}")
+    last = name.rpartition(".")[2]
+    if last.isdigit() or last.startswith("0x"):
+        # No top-level domain is numeric: this is an IPv4 address, and only one spelling of it is accepted.
+        try:
+            return str(ipaddress.IPv4Address(name))
+        except ValueError:
+            raise ConfigurationError(
+                f"{field_name} must write an IPv4 address as four decimal numbers, got {url!r}"
+            ) from None
+    return name
 
 
 @dataclass(frozen=True)

@@ -35,12 +35,15 @@ MAX_WEIGHT = 1000.0
 class RegistrationError(Exception):
     """A refused admin request: ``status`` (4xx), ``error`` (a code), ``field`` (or None) and ``detail``."""
 
-    def __init__(self, status: int, error: str, detail: str, field: str | None = None) -> None:
+    def __init__(
+        self, status: int, error: str, detail: str, field: str | None = None, *, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(detail)
         self.status = status
         self.error = error
         self.detail = detail
         self.field = field
+        self.retry_after_s = retry_after_s
 
     def body(self) -> dict[str, Any]:
         out: dict[str, Any] = {"error": self.error, "detail": self.detail}
@@ -58,6 +61,31 @@ class RegistrationRequest:
     weight: float = 1.0
     metadata: dict[str, Any] | None = None
     ttl_s: float | None = None
+
+
+# --- how often -----------------------------------------------------------------------------------
+
+
+class WriteRate:
+    """A token bucket for admin writes: ``rate`` per second on average, bursts of ``2 * rate``. Sans-IO."""
+
+    __slots__ = ("_rate", "_burst", "_tokens", "_at")
+
+    def __init__(self, rate: float) -> None:
+        self._rate = rate
+        self._burst = max(1.0, 2.0 * rate)
+        self._tokens = self._burst
+        self._at: float | None = None
+
+    def take(self, now: float) -> float:
+        """Spend one write; return 0.0 when allowed, else the seconds until one will be."""
+        if self._at is not None:
+            self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
+        self._at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return 0.0
+        return (1.0 - self._tokens) / self._rate
 
 
 # --- who ----------------------------------------------------------------------------------------
@@ -172,6 +200,14 @@ class AllowList:
     def __bool__(self) -> bool:
         return bool(self.networks or self.names or self.suffixes)
 
+    def names_network_of(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address, within: str) -> bool:
+        """True when a listed network holds ``address`` and lies inside the network ``within`` itself."""
+        special = ipaddress.ip_network(within)
+        return any(
+            n.version == address.version and address in n and n.subnet_of(special)  # type: ignore[arg-type]
+            for n in self.networks
+        )
+
     def allows(self, host: str) -> bool:
         host = host.lower().strip("[]")
         try:
@@ -249,7 +285,38 @@ def _url(value: object, allow: AllowList) -> str:
     host = parts.hostname or ""
     if allow and not allow.allows(host):
         raise RegistrationError(403, "forbidden_upstream", f"the host {host!r} is not in the allow-list", field="url")
+    _refuse_special_address(host, allow)
     return url
+
+
+# Addresses a registration may not name unless the allow-list lists a network inside the range itself:
+# link-local (cloud metadata services live at 169.254.169.254), unspecified (0.0.0.0 and :: reach this
+# host's every interface), multicast and broadcast.
+_SPECIAL_RANGES = (
+    ("169.254.0.0/16", "a link-local address"),
+    ("fe80::/10", "a link-local address"),
+    ("0.0.0.0/8", "an unspecified address"),
+    ("::/128", "an unspecified address"),
+    ("224.0.0.0/4", "a multicast address"),
+    ("ff00::/8", "a multicast address"),
+    ("255.255.255.255/32", "the broadcast address"),
+)
+
+
+def _refuse_special_address(host: str, allow: AllowList) -> None:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return  # a name: the allow-list is where names are restricted
+    for network, what in _SPECIAL_RANGES:
+        special = ipaddress.ip_network(network)
+        if address.version == special.version and address in special and not allow.names_network_of(address, network):
+            raise RegistrationError(
+                403,
+                "forbidden_upstream",
+                f"the host {host!r} is {what}; list {network} (or a network inside it) in allowed_upstreams to allow it",
+                field="url",
+            )
 
 
 def _pool(value: object, pools: list[str]) -> str:
