@@ -210,7 +210,8 @@ def gateway_kwargs_from_env(environ: Mapping[str, str] | None = None) -> dict[st
         try:
             admin["ready_while_stale_s"] = float(stale)
         except ValueError:
-            raise ConfigurationError(f"PREQUAL_READY_WHILE_STALE_S must be a number of seconds, got {stale!r}") from None
+            message = f"PREQUAL_READY_WHILE_STALE_S must be a number of seconds, got {stale!r}"
+            raise ConfigurationError(message) from None
     ttl = env.get("PREQUAL_LEASE_TTL_S")
     if ttl:
         try:

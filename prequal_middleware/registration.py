@@ -314,7 +314,8 @@ def _refuse_special_address(host: str, allow: AllowList) -> None:
             raise RegistrationError(
                 403,
                 "forbidden_upstream",
-                f"the host {host!r} is {what}; list {network} (or a network inside it) in allowed_upstreams to allow it",
+                f"the host {host!r} is {what}; allow it by listing {network} (or a network inside it) "
+                "in allowed_upstreams",
                 field="url",
             )
 
