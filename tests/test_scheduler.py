@@ -273,6 +273,8 @@ async def test_an_idle_pool_is_probed_at_about_its_idle_limit() -> None:
             window_s = 1.2
             await asyncio.sleep(window_s)
             count = len(server.requests) - first
+            snapshot = gateway.pools["/api"].clients[0].snapshot(time.monotonic())
+            assert snapshot.backends[0].rif == 7, "the idle probes' answers reached the policy"
         # One backend, one client: one probe per idle round, and a round at most every max_idle_s.
         assert 2 <= count <= window_s / max_idle_s + 1, server.requests
         gaps = [b - a for a, b in zip(server.requests, server.requests[1:], strict=False)]
@@ -297,6 +299,7 @@ async def test_in_flight_counts_a_probe_until_its_answer() -> None:
             await until(lambda: len(recorder.probes) == 2, "both answers")
             assert pool.probes_in_flight == 0
             assert scheduler.probes_sent == 2
+            assert probe_count(scheduler, "ok") == 2
 
 
 @pytest.mark.parametrize("stage", ["connecting", "awaiting-answer"])
@@ -314,6 +317,7 @@ async def test_closing_the_scheduler_frees_the_probes_in_flight(stage: str) -> N
         assert pool.probes_in_flight == 3
         await scheduler.aclose()
         assert pool.probes_in_flight == 0, "every probe in flight was ended by aclose()"
+        assert pool._listeners == [], "a closed scheduler no longer listens to the pool"
         assert recorder.failures == [], "a closing scheduler reports nothing to the policies"
 
 
@@ -360,8 +364,11 @@ async def test_beyond_the_cap_probes_are_skipped_not_queued() -> None:
     async with server.serve():
         pool = runtime([server.url], lambda: recorder, probes=ProbeSettings(max_in_flight=2, timeout_s=WAIT_S))
         async with running(pool) as scheduler:
-            scheduler.send_probes(pool, recorder, [server.url] * 3)
-            assert (pool.probes_in_flight, pool.probes_skipped, scheduler.probes_sent) == (2, 1, 2)
+            scheduler.send_probes(pool, recorder, [server.url] * 4)
+            assert (pool.probes_in_flight, pool.probes_skipped, scheduler.probes_sent) == (2, 2, 2)
+            scheduler.send_probes(pool, recorder, [server.url])
+            assert (pool.probes_in_flight, pool.probes_skipped, scheduler.probes_sent) == (2, 3, 2)
+            assert probe_count(scheduler, "skipped") == 3
             server.hold.set()
             await until(lambda: len(recorder.probes) == 2, "the two probes sent")
             await asyncio.sleep(0.05)
@@ -429,14 +436,17 @@ async def test_a_local_mode_backend_announced_again_is_reprobed_at_once() -> Non
         membership = Membership({"/p": pool}, MemoryRegistry(), PrequalMetrics(), time.monotonic)
         request = RegistrationRequest(pool="/p", url=server.url)
         await membership.register(request)
-        async with running(pool, local_reprobe_initial_s=30.0, local_reprobe_max_s=30.0) as scheduler:
+        async with running(pool, local_reprobe_initial_s=10.0, local_reprobe_max_s=30.0) as scheduler:
             scheduler.send_probes(pool, pool.clients[0], [server.url])
             await until(lambda: modes(pool, server.url) == ["local"], "local mode")
+            await membership.register(request)  # registered again, still without LoadReportingMiddleware
+            await until(lambda: len(server.requests) == 2, "a prompt re-probe", timeout_s=0.5)
+            await until(lambda: scheduler.local_mode_backoff(pool, server.url) == 20.0, "the backoff to double")
             server.reply = GOOD
             await asyncio.sleep(0.2)
-            assert modes(pool, server.url) == ["local"], "the next re-probe is 30 s away"
+            assert modes(pool, server.url) == ["local"], "the next re-probe is 20 s away"
             await membership.register(request)  # the backend registers again (e.g. it restarted)
-            await until(lambda: modes(pool, server.url) == ["probe"], "probe mode", timeout_s=2.0)
+            await until(lambda: modes(pool, server.url) == ["probe"], "probe mode", timeout_s=0.5)
 
 
 async def test_a_local_mode_backend_that_leaves_and_rejoins_is_probed_again() -> None:
@@ -542,6 +552,32 @@ async def test_probe_settings_shape_the_probe_client() -> None:
             await until(lambda: len(recorder.probes) == 6, "six answers")
             assert server.open == 6, "as many idle connections kept per backend as probes may be in flight"
             assert server.paths[0] == "/base/custom/probe"
+
+
+async def test_several_unsupported_answers_start_one_backoff() -> None:
+    server = ProbeServer(NOT_FOUND)
+    async with server.serve():
+        pool = runtime([server.url], prequal=PrequalSettings(max_idle_s=60.0))
+        async with running(pool, local_reprobe_initial_s=0.3, local_reprobe_max_s=10.0) as scheduler:
+            scheduler.send_probes(pool, pool.clients[0], [server.url] * 3)
+            await until(lambda: len(server.requests) == 3 and pool.probes_in_flight == 0, "three 404 answers")
+            await asyncio.sleep(0.45)  # one re-probe due (at 0.3 s), the next at 0.9 s
+            assert len(server.requests) == 4, "one re-probe schedule per backend, not one per answer"
+            assert scheduler.local_mode_backoff(pool, server.url) == 0.6
+
+
+async def test_a_member_that_left_mid_probe_is_not_put_in_local_mode() -> None:
+    server = ProbeServer(NOT_FOUND)
+    server.hold = asyncio.Event()
+    async with server.serve():
+        pool = runtime([server.url], prequal=PrequalSettings(max_idle_s=60.0))
+        async with running(pool) as scheduler:
+            scheduler.send_probes(pool, pool.clients[0], [server.url])
+            await asyncio.wait_for(server.arrived.wait(), WAIT_S)
+            pool.set_members([], time.monotonic())
+            server.hold.set()
+            await until(lambda: pool.probes_in_flight == 0, "the 404")
+            assert scheduler.local_mode_backoff(pool, server.url) is None
 
 
 def test_reprobe_settings_are_validated() -> None:
