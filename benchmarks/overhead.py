@@ -88,6 +88,7 @@ class Target:
     description: str
     command: Callable[[LaunchContext], list[str]]
     proxies: bool = True
+    cwd: Path | None = None  # run from this tree instead of ours (``--baseline-rev``)
 
 
 def python_target(app: str) -> Callable[[LaunchContext], list[str]]:
@@ -183,6 +184,31 @@ TARGETS: list[Target] = [
 TARGETS_BY_NAME = {t.name: t for t in TARGETS}
 
 
+def baseline_targets(names: Sequence[str], rev: str, tree: Path) -> list[Target]:
+    """``<gateway target>@<rev>``: the same gateway target, run from a checkout of ``rev`` in ``tree``."""
+    return [
+        Target(
+            f"{name}@{rev}", f"{TARGETS_BY_NAME[name].description}, at revision {rev}", python_target(name), cwd=tree
+        )
+        for name in names
+        if name.startswith("gateway_")
+    ]
+
+
+@contextlib.contextmanager
+def baseline_tree(rev: str) -> Iterator[Path]:
+    """A detached git worktree of ``rev``, removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="prequal-baseline-") as tmp:
+        tree = Path(tmp) / "tree"
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", str(tree), rev], cwd=REPO, check=True, capture_output=True
+        )
+        try:
+            yield tree
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, check=False)
+
+
 # --- processes -----------------------------------------------------------------------------------------
 
 
@@ -195,13 +221,14 @@ def free_port() -> int:
 class Process:
     """A child process we started, output to a log file; stopped by its PID (terminate, then kill)."""
 
-    def __init__(self, name: str, argv: list[str], cpu: int, log_dir: Path) -> None:
+    def __init__(self, name: str, argv: list[str], cpu: int, log_dir: Path, cwd: Path | None = None) -> None:
         self.name = name
-        self.log_path = log_dir / f"{name}-{time.monotonic_ns()}.log"
+        self.log_path = log_dir / f"{name.replace('@', '-at-')}-{time.monotonic_ns()}.log"
         self._log: TextIO = self.log_path.open("w")
-        # taskset execs the command: the PID is the target's own.
+        # taskset execs the command: the PID is the target's own. The working directory comes first on
+        # sys.path, so a baseline tree's target imports that tree's prequal_middleware.
         self.popen = subprocess.Popen(
-            ["taskset", "-c", str(cpu), *argv], cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT
+            ["taskset", "-c", str(cpu), *argv], cwd=cwd or REPO, stdout=self._log, stderr=subprocess.STDOUT
         )
         self.pid = self.popen.pid
 
@@ -256,8 +283,10 @@ def wait_ready(process: Process, url: str) -> None:
 
 
 @contextlib.contextmanager
-def started(name: str, argv: list[str], cpu: int, log_dir: Path, ready_url: str) -> Iterator[Process]:
-    process = Process(name, argv, cpu, log_dir)
+def started(
+    name: str, argv: list[str], cpu: int, log_dir: Path, ready_url: str, cwd: Path | None = None
+) -> Iterator[Process]:
+    process = Process(name, argv, cpu, log_dir, cwd)
     try:
         wait_ready(process, ready_url)
         yield process
@@ -420,7 +449,7 @@ def measure(target: Target, connections: int, round_no: int, settings: Settings,
     if settings.profile_dir is not None:
         profile = settings.profile_dir / f"{target.name}-c{connections}-r{round_no}.pstats"
     ctx = LaunchContext(port, list(settings.upstreams) if target.proxies else [], log_dir, profile)
-    with started(target.name, target.command(ctx), settings.proxy_cpu, log_dir, url) as process:
+    with started(target.name, target.command(ctx), settings.proxy_cpu, log_dir, url, target.cwd) as process:
         if settings.warmup_s > 0:
             run_wrk(url, connections, settings.warmup_s, settings.load_cpu)
         before_counts = upstream_counters(settings.upstreams)
@@ -612,6 +641,30 @@ def summarize(samples: list[Sample], settings: Settings) -> list[dict[str, Any]]
     return results
 
 
+def against_baseline_rev(samples: list[Sample], settings: Settings) -> list[dict[str, Any]]:
+    """Per gateway target and connections: median over rounds of (current / ``@rev``), same round."""
+    out: list[dict[str, Any]] = []
+    for name in settings.targets:
+        current, at, rev = name.partition("@")
+        if not at:
+            continue
+        for connections in settings.connections:
+            theirs = {s.round: s for s in samples if s.target == name and s.connections == connections}
+            ours = [s for s in samples if s.target == current and s.connections == connections]
+            pairs = [(s, theirs[s.round]) for s in ours if s.round in theirs]
+            out.append(
+                {
+                    "target": current,
+                    "rev": rev,
+                    "connections": connections,
+                    "rps_ratio": _median([_ratio(s.rps, b.rps) for s, b in pairs]),
+                    "cpu_ratio": _median([_ratio(s.cpu_us_per_req, b.cpu_us_per_req) for s, b in pairs]),
+                    "rounds": len(pairs),
+                }
+            )
+    return out
+
+
 def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
     return "-" if value is None else format(value, spec) + suffix
 
@@ -703,6 +756,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
     parser.add_argument(
         "--profile", type=Path, metavar="DIR", help="run each target under cProfile, stats into DIR (slower!)"
     )
+    parser.add_argument(
+        "--baseline-rev",
+        metavar="REV",
+        help="also run every gateway target from a git worktree of REV, interleaved, and report current/REV",
+    )
     args = parser.parse_args(argv)
 
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
@@ -759,9 +817,18 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     started_at = time.time()
-    with tempfile.TemporaryDirectory(prefix="prequal-overhead-") as tmp:
+    with contextlib.ExitStack() as stack:
+        if args.baseline_rev:
+            tree = stack.enter_context(baseline_tree(args.baseline_rev))
+            extra = baseline_targets(settings.targets, args.baseline_rev, tree)
+            TARGETS_BY_NAME.update({t.name: t for t in extra})
+            for target in extra:  # right after its current counterpart, so the order rotation interleaves them
+                at = settings.targets.index(target.name.partition("@")[0])
+                settings.targets.insert(at + 1, target.name)
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="prequal-overhead-"))
         samples = run(settings, Path(tmp))
     results = summarize(samples, settings)
+    versus = against_baseline_rev(samples, settings)
     config = {
         "quick": args.quick,
         "rounds": settings.rounds,
@@ -788,10 +855,22 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(),
         "revision": library_revision(),
         "note": args.note,
+        "baseline_rev": args.baseline_rev,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"config": config, "results": results}, indent=2) + "\n")
+    out = {"config": config, "results": results}
+    if versus:
+        out["versus_baseline_rev"] = versus
+    args.json.write_text(json.dumps(out, indent=2) + "\n")
     print(table(results))
+    if versus:
+        print("\n| target | conns | req/s current / baseline rev | CPU µs/req current / baseline rev |")
+        print("|---|---|---|---|")
+        for v in versus:
+            print(
+                f"| {v['target']} vs @{v['rev']} | {v['connections']} | {_fmt(v['rps_ratio'], '.3f')} "
+                f"| {_fmt(v['cpu_ratio'], '.3f')} |"
+            )
     flagged = [f"{r['target']} c={r['connections']}" for r in results if r["flagged"]]
     if flagged:
         print(f"\nflagged (non-2xx or socket errors): {', '.join(flagged)}")

@@ -46,3 +46,24 @@ def test_quick_run_writes_the_results(tmp_path: Path) -> None:
         assert result["rounds"] == 1 and len(result["samples"]) == 1
     assert results["direct"]["probes_per_req"] is None  # no upstream behind it
     assert results["gateway_prequal"]["probes_per_req"] > 0  # Prequal probes the upstreams
+
+
+def test_baseline_rev_runs_the_same_target_from_another_revision(tmp_path: Path) -> None:
+    out = tmp_path / "overhead.json"
+    command = [sys.executable, "-m", "benchmarks.overhead", "--quick", "--duration", "1", "--warmup", "0"]
+    command += ["--targets", "gateway_round_robin", "--baseline-rev", "HEAD", "--json", str(out)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    data = json.loads(out.read_text())
+    assert [r["target"] for r in data["results"]] == ["gateway_round_robin", "gateway_round_robin@HEAD"]
+    (versus,) = data["versus_baseline_rev"]
+    assert (versus["target"], versus["rev"], versus["connections"], versus["rounds"]) == (
+        "gateway_round_robin",
+        "HEAD",
+        16,
+        1,
+    )
+    assert versus["rps_ratio"] > 0 and versus["cpu_ratio"] > 0
+    assert "| gateway_round_robin vs @HEAD | 16 |" in done.stdout
+    worktrees = subprocess.run(["git", "worktree", "list"], cwd=REPO, capture_output=True, text=True, check=True)
+    assert "prequal-baseline-" not in worktrees.stdout, "the baseline worktree is removed"
