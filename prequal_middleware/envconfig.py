@@ -237,6 +237,9 @@ def gateway_kwargs_from_env(environ: Mapping[str, str] | None = None) -> dict[st
         AllowList(kwargs["admin"].allowed_upstreams)
     except ConfigurationError as exc:
         raise ConfigurationError(f"PREQUAL_ALLOWED_UPSTREAMS: {exc}") from None
+    via = env.get("PREQUAL_VIA_PSEUDONYM")
+    if via:
+        kwargs["via_pseudonym"] = via.strip()
     transport = env.get("PREQUAL_TRANSPORT", "aiohttp").strip()
     if transport == "h1":
         from .transport_h1 import H1Transport

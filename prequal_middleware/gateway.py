@@ -17,6 +17,8 @@ from __future__ import annotations
 import enum
 import logging
 import random
+import re
+import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
@@ -41,6 +43,9 @@ from .transport import Transport
 from .transport_aiohttp import AiohttpTransport
 from .websocket import forward_websocket
 
+# An HTTP token (RFC 9110 section 5.6.2), at most 64 characters: what a Via pseudonym may be.
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
+
 logger = logging.getLogger("prequal_middleware.gateway")
 
 
@@ -64,6 +69,9 @@ class Gateway:
         on_register / on_unregister: hooks called with the record after a change went through.
         clock: monotonic seconds; override for tests.
         rng: seeds every policy's random source; pass a seeded one for reproducible runs.
+        via_pseudonym: this gateway's name in the ``Via`` header of upstream requests (an HTTP token);
+            a request that already carries it came back through a loop and gets 508. Default: random,
+            one per gateway. Give the workers of one gateway the same name to catch a loop in one hop.
     """
 
     def __init__(
@@ -78,7 +86,14 @@ class Gateway:
         on_unregister: RegistryHook | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        via_pseudonym: str | None = None,
     ) -> None:
+        if via_pseudonym is None:
+            # One per gateway (not per process), so two gateways chained in one process are not a loop.
+            via_pseudonym = "prequal-" + secrets.token_hex(6)
+        elif not isinstance(via_pseudonym, str) or not _TOKEN.fullmatch(via_pseudonym):
+            raise ConfigurationError(f"Gateway.via_pseudonym must be an HTTP token (RFC 9110), got {via_pseudonym!r}")
+        self.via_pseudonym = via_pseudonym.encode("ascii")
         seen: set[str] = set()
         for pool in pools:
             if not isinstance(pool, UpstreamPool):
@@ -135,7 +150,7 @@ class Gateway:
         scheduler = ProbeScheduler(list(self.pools.values()), transport, self.metrics, self.clock)
         await scheduler.start(self.membership)
         self._scheduler = scheduler
-        self._forwarder = Forwarder(transport, scheduler, self.metrics, self.clock)
+        self._forwarder = Forwarder(transport, scheduler, self.metrics, self.clock, via_pseudonym=self.via_pseudonym)
         self.state = GatewayState.RUNNING
         logger.info("gateway started: %s", ", ".join(self.pools) or "no pools")
 
@@ -191,7 +206,16 @@ class Gateway:
             await receive()
             await send({"type": "websocket.close", "code": 1011})
             return
-        await forward_websocket(pool, scope, receive, send, transport, scheduler, self.clock)  # type: ignore[arg-type]
+        await forward_websocket(
+            pool,
+            scope,
+            receive,
+            send,
+            transport,  # type: ignore[arg-type]
+            scheduler,
+            self.clock,
+            via_pseudonym=self.via_pseudonym,
+        )
 
     # --- registration (the admin routes call these) ----------------------------------------------
 

@@ -70,3 +70,36 @@ def test_a_websocket_through_a_loop_is_refused_at_once(gateways: Gateways, http:
     elapsed = time.monotonic() - started
     assert status in (502, 508), status  # the inner handshake refused (508); the outer one fails with it
     assert elapsed < 2.0, f"answered after {elapsed:.1f} s: the handshake went round the loop"
+
+
+def test_two_gateways_in_one_process_are_not_a_loop() -> None:
+    """Gateway A forwards to gateway B, both in one process: each has its own pseudonym, so B serves it."""
+    import httpx
+
+    from prequal_middleware import Gateway, HealthSettings, UpstreamPool
+    from prequal_middleware.exceptions import ConfigurationError
+    from tests.apps import make_backend
+    from tests.helpers import gateway_app
+    from tests.servers import serve
+
+    off = HealthSettings(path=None)
+    app, _ = make_backend("end")
+    with serve(app) as end:
+        inner = Gateway(pools=[UpstreamPool("/api", upstreams=[end.url], health=off, strip_prefix=False)])
+        with serve(gateway_app(inner)) as b:
+            outer = Gateway(
+                pools=[UpstreamPool("/api", upstreams=[b.url], health=off, strip_prefix=False)],
+                via_pseudonym="edge-1",
+            )
+            with serve(gateway_app(outer)) as a:
+                reply = httpx.get(a.url + "/api/echo", timeout=5)
+                assert reply.status_code == 200, reply.text
+                via = ", ".join(v for k, v in reply.json()["headers"] if k == "via")
+                assert via.startswith("1.1 edge-1, 1.1 prequal-"), via
+                looped = httpx.get(b.url + "/api/echo", headers={"via": "1.1 edge-1"}, timeout=5)
+                assert looped.status_code == 200, "another gateway's name is not this one's"
+                refused = httpx.get(a.url + "/api/echo", headers={"via": "1.0 edge-1"}, timeout=5)
+                assert refused.status_code == 508 and refused.json()["error"] == "loop_detected"
+    for bad in ("", "edge 1", "edge,1", "x" * 65, "é"):
+        with pytest.raises(ConfigurationError, match="via_pseudonym"):
+            Gateway(via_pseudonym=bad)
