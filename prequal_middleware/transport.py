@@ -109,7 +109,13 @@ class UpstreamWebSocket(Protocol):
 
 
 class Transport(Protocol):
-    """Sends upstream requests. Implementations raise only ``UpstreamError`` subclasses."""
+    """Sends upstream requests. Implementations raise only ``UpstreamError`` subclasses.
+
+    Every byte a backend sends belongs to one exchange: a transport never hands a response, or header
+    fields, that arrived outside the exchange they answer (on an idle connection, after the response's
+    end, in its trailers) to a request; it closes that connection instead. The forwarder relays only
+    final statuses from 200 to 599.
+    """
 
     async def send(self, request: UpstreamRequest, timeouts: Timeouts) -> UpstreamResponse:
         """Send ``request``; return once the status and headers arrived (the body streams after)."""

@@ -7,6 +7,13 @@ followed and bodies are not decompressed.
 
     transport = HttpxTransport(httpx.AsyncClient(http2=True, verify="/etc/ca.pem"))
     gateway = Gateway(pools=[...], transport=transport)
+
+Against hostile HTTP/1.1 backends it is the weakest of the three: httpcore drops a connection that
+turns readable while idle (a late stray response), and the forwarder refuses a 101 or a status above
+599, but a second response sent in the same segment as the first stays in h11's buffer and is served
+to the next request on that connection (reaching it takes httpcore's private attributes,
+encode/httpcore#872); interim answers other than 100/103 are skipped rather than refused, and an
+early error answer arrives only once the whole request body was sent. Use it with backends you trust.
 """
 
 from __future__ import annotations
