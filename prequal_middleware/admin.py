@@ -8,7 +8,7 @@
 | ``POST /register`` | ``{"url", "pool"?, "weight"?, "metadata"?, "ttl_s"?}`` -> 201 with the record and its lease |
 | ``POST /heartbeat`` | ``{"url", "pool"?, "ttl_s"?}`` -> 200; 404 for an unknown backend (register again) |
 | ``POST /unregister`` | ``{"url", "pool"?}`` -> 200; the backend drains: no new requests, in-flight ones finish |
-| ``GET /backends`` | pools, members and their state, probe mode, RIF, latency, in-flight, lease |
+| ``GET /backends`` | pools, members counted by state, a page of members (``?pool=&offset=&limit=``, 100) |
 | ``GET /healthz`` | 200 while the gateway runs |
 | ``GET /readyz`` | 200 when every pool has a healthy member and the registry is fresh, else 503 with reasons |
 | ``GET /metrics`` | Prometheus exposition |
@@ -30,6 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from .describe import DEFAULT_MEMBER_LIMIT, MAX_MEMBER_LIMIT
 from .registration import RegistrationError, WriteRate, authorize, parse_body, validate
 from .registry import RegistryUnavailable
 from .status_page import status_page
@@ -56,6 +57,14 @@ async def _read_limited(request: Request, limit: int) -> bytes:
             raise RegistrationError(413, "body_too_large", f"the body must be at most {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _query_int(raw: str | None, name: str, default: int, low: int, high: int) -> int:
+    if raw is None:
+        return default
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 10 or not low <= int(raw) <= high:
+        raise RegistrationError(400, "invalid_field", f"{name} must be an integer in [{low}, {high}]", field=name)
+    return int(raw)
 
 
 def admin_routes(gateway: Gateway) -> list[BaseRoute]:
@@ -120,7 +129,16 @@ def admin_routes(gateway: Gateway) -> list[BaseRoute]:
         return await write(request, "unregister")
 
     async def backends(request: Request) -> Response:
-        return _json(gateway.describe())
+        query = request.query_params
+        try:
+            pool = query.get("pool")
+            if pool is not None and pool not in gateway.pools:
+                raise RegistrationError(400, "invalid_field", f"pool must be one of {', '.join(gateway.pools)}", "pool")
+            offset = _query_int(query.get("offset"), "offset", 0, 0, 10**9)
+            limit = _query_int(query.get("limit"), "limit", DEFAULT_MEMBER_LIMIT, 1, MAX_MEMBER_LIMIT)
+        except RegistrationError as exc:
+            return _json(exc.body(), exc.status)
+        return _json(gateway.describe(pool=pool, offset=offset, limit=limit))
 
     async def healthz(request: Request) -> Response:
         if not gateway.running:

@@ -14,57 +14,28 @@ from .core import PolicySnapshot
 
 if TYPE_CHECKING:
     from .gateway import Gateway
+    from .pool import PoolRuntime
 
 
-def describe(gateway: Gateway) -> dict[str, Any]:
+# Members listed per pool unless the caller asks for another page: with thousands of members the full
+# list would cost the status page's once-a-second refresh more than everything else; the counts by state
+# always cover every member.
+DEFAULT_MEMBER_LIMIT = 100
+MAX_MEMBER_LIMIT = 1000
+
+
+def describe(
+    gateway: Gateway, *, pool: str | None = None, offset: int = 0, limit: int = DEFAULT_MEMBER_LIMIT
+) -> dict[str, Any]:
+    """The gateway's state: every pool (or only ``pool``), each with its members ``offset`` to ``offset + limit``."""
     now = gateway.clock()
     snapshot = gateway.registry.snapshot()
     stale_for = None if snapshot.stale_since is None else round(max(0.0, now - snapshot.stale_since), 3)
     pools = []
-    for prefix, pool in gateway.pools.items():
-        clients: list[PolicySnapshot] = [c.snapshot(now) for c in pool.clients]
-        first = clients[0]
-        selections: dict[str, int] = {}
-        for c in clients:
-            for reason, count in c.selections.items():
-                selections[reason] = selections.get(reason, 0) + count
-        pooled = [c.pool_size for c in clients if c.pool_size is not None]
-        members = []
-        for b in first.backends:
-            record = gateway.membership.record_of(prefix, b.id)
-            members.append(
-                {
-                    "url": b.id,
-                    "state": b.state,
-                    "probe_mode": b.probe_mode,
-                    "weight": b.weight,
-                    "rif": b.rif,
-                    "latency_ms": None if b.latency_s is None else round(b.latency_s * 1000, 3),
-                    "in_flight": pool.backend_in_flight.get(b.id, 0),
-                    "lease_expires_in_s": _round(gateway.membership.lease_remaining_s(prefix, b.id)),
-                    "ejected_for_s": None if b.ejected_until is None else round(b.ejected_until - now, 3),
-                    "consecutive_failures": b.consecutive_failures,
-                    "failure_rate": round(b.failure_rate, 4),
-                    "source": "registered" if record is not None else "static",
-                    "metadata": dict(record.metadata) if record is not None else {},
-                }
-            )
-        pools.append(
-            {
-                "prefix": prefix,
-                "policy": first.policy,
-                "in_flight": pool.in_flight,
-                "clients": len(clients),
-                "pool_size": sum(pooled) if pooled else None,
-                "pool_capacity": None if first.pool_capacity is None else first.pool_capacity * len(clients),
-                "rif_threshold": first.rif_threshold,
-                "panic": any(c.panic for c in clients),
-                "selections": selections,
-                "probes_in_flight": pool.probes_in_flight,
-                "probes_skipped": pool.probes_skipped,
-                "members": members,
-            }
-        )
+    for prefix, runtime in gateway.pools.items():
+        if pool is not None and prefix != pool:
+            continue
+        pools.append(_describe_pool(gateway, prefix, runtime, now, offset, limit))
     return {
         "state": gateway.state.value,
         "registry": {
@@ -74,6 +45,59 @@ def describe(gateway: Gateway) -> dict[str, Any]:
             "stale_for_s": stale_for,
         },
         "pools": pools,
+    }
+
+
+def _describe_pool(
+    gateway: Gateway, prefix: str, pool: PoolRuntime, now: float, offset: int, limit: int
+) -> dict[str, Any]:
+    """One pool's state; its members from ``offset``, at most ``limit`` of them; counts cover them all."""
+    clients: list[PolicySnapshot] = [c.snapshot(now) for c in pool.clients]
+    first = clients[0]
+    selections: dict[str, int] = {}
+    for c in clients:
+        for reason, count in c.selections.items():
+            selections[reason] = selections.get(reason, 0) + count
+    pooled = [c.pool_size for c in clients if c.pool_size is not None]
+    members = []
+    states: dict[str, int] = dict.fromkeys(("healthy", "unhealthy", "ejected", "draining"), 0)
+    for b in first.backends:
+        states[b.state] = states.get(b.state, 0) + 1
+    for b in first.backends[offset : offset + limit]:
+        record = gateway.membership.record_of(prefix, b.id)
+        members.append(
+            {
+                "url": b.id,
+                "state": b.state,
+                "probe_mode": b.probe_mode,
+                "weight": b.weight,
+                "rif": b.rif,
+                "latency_ms": None if b.latency_s is None else round(b.latency_s * 1000, 3),
+                "in_flight": pool.backend_in_flight.get(b.id, 0),
+                "lease_expires_in_s": _round(gateway.membership.lease_remaining_s(prefix, b.id)),
+                "ejected_for_s": None if b.ejected_until is None else round(b.ejected_until - now, 3),
+                "consecutive_failures": b.consecutive_failures,
+                "failure_rate": round(b.failure_rate, 4),
+                "source": "registered" if record is not None else "static",
+                "metadata": dict(record.metadata) if record is not None else {},
+            }
+        )
+    return {
+        "prefix": prefix,
+        "policy": first.policy,
+        "in_flight": pool.in_flight,
+        "clients": len(clients),
+        "pool_size": sum(pooled) if pooled else None,
+        "pool_capacity": None if first.pool_capacity is None else first.pool_capacity * len(clients),
+        "rif_threshold": first.rif_threshold,
+        "panic": any(c.panic for c in clients),
+        "selections": selections,
+        "probes_in_flight": pool.probes_in_flight,
+        "probes_skipped": pool.probes_skipped,
+        "member_count": len(first.backends),
+        "member_states": states,
+        "members_offset": offset,
+        "members": members,
     }
 
 

@@ -29,7 +29,7 @@ from starlette.applications import Starlette
 from .admin import admin_app, admin_router
 from .config import AdminSettings, UpstreamPool
 from .core import Member, PolicySnapshot
-from .describe import describe, readiness_problems
+from .describe import DEFAULT_MEMBER_LIMIT, describe, readiness_problems
 from .exceptions import ConfigurationError
 from .forwarding import Forwarder, Receive, Scope, Send, send_error
 from .membership import Membership, RegistryHook
@@ -249,9 +249,11 @@ class Gateway:
             "ttl_s": None if record.lease_expires_at is None else round(record.lease_expires_at - time.time(), 3),
         }
 
-    def describe(self) -> dict[str, Any]:
-        """The JSON of ``GET /backends`` and the status page."""
-        return describe(self)
+    def describe(
+        self, *, pool: str | None = None, offset: int = 0, limit: int = DEFAULT_MEMBER_LIMIT
+    ) -> dict[str, Any]:
+        """The JSON of ``GET /backends`` and the status page: every pool (or ``pool``), a page of members each."""
+        return describe(self, pool=pool, offset=offset, limit=limit)
 
     def readiness_problems(self) -> list[str]:
         """Why the gateway is not ready (empty when it is)."""

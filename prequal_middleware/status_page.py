@@ -28,6 +28,9 @@ The JSON contract (``GET {mount}/backends``)::
           "rif_threshold": 3.0,                # hot/cold RIF boundary (Prequal only, else null)
           "panic": false,                      # panic mode: choosing over every member
           "selections": {"cold": 10, "hot": 2, "fallback": 1, "panic": 0, "policy": 0},
+          "member_count": 1,                   # every member of the pool
+          "member_states": {"healthy": 1, "unhealthy": 0, "ejected": 0, "draining": 0},
+          "members_offset": 0,                 # the page: members[offset : offset + limit] (limit 100)
           "members": [
             {
               "url": "http://127.0.0.1:8001",  # backend id
@@ -310,6 +313,18 @@ _SCRIPT = r"""
     ]);
   }
 
+  function renderShown(pool) {
+    // GET /backends lists a page of members; say so when the pool has more than the page holds.
+    const shown = Array.isArray(pool.members) ? pool.members.length : 0;
+    const total = isNum(pool.member_count) ? pool.member_count : shown;
+    if (total <= shown) return "";
+    const first = isNum(pool.members_offset) ? pool.members_offset : 0;
+    return el("p", { class: "shown", "data-field": "members-shown" }, [
+      "Members " + String(first + 1) + "\u2013" + String(first + shown) + " of " + String(total) +
+        " (GET backends?pool=&offset=&limit= for the others)",
+    ]);
+  }
+
   function renderPool(p) {
     const pool = p && typeof p === "object" ? p : {};
     const panic = pool.panic === true;
@@ -338,6 +353,7 @@ _SCRIPT = r"""
       el("h3", {}, ["Selections"]),
       renderSelections(pool.selections),
       el("h3", {}, ["Members"]),
+      renderShown(pool),
       renderMembers(pool.members),
     ]);
   }
