@@ -21,6 +21,19 @@ catch-all route) raise ``ProbeUnsupported``: the backend has no ``LoadReportingM
 failure (connect, timeout, malformed answer, other status, invalid header value) raises ``ProbeFailed``.
 Both are ``ProbeError``.
 
+A probe answer is untrusted input (a backend may be compromised or hostile), so it is bounded and
+validated here, the one place where a backend's load report enters the gateway:
+
+- each of ``x-prequal-rif`` and ``x-prequal-latency-us`` is a plain decimal integer of ASCII digits,
+  at most ``MAX_LOAD_DIGITS`` of them (no sign, no space, ``_`` or other digit inside; spaces and tabs
+  around it are the field's own whitespace), at most ``MAX_RIF`` (a million requests in flight) and
+  ``MAX_LATENCY_US`` (ten minutes) respectively, and present at most once;
+- the head (status line and fields, interim answers included) is at most ``MAX_HEAD_BYTES`` and the
+  body, read and dropped, at most ``MAX_BODY_BYTES``; an answer running past either fails at once and
+  its connection is closed, without buffering it; so does a byte after the answer;
+- anything else (an exception in the parser's callbacks included) is a ``ProbeFailed``: the policy
+  hears of a failed probe and no value reaches its pool.
+
 ``https://`` backends are probed over TLS with ``ssl.create_default_context()`` (certificates verified);
 a base path in the URL (``http://h:1/svc``) prefixes the probe path. One client belongs to one event loop.
 """
@@ -43,6 +56,19 @@ DEFAULT_MAX_IDLE_PER_BACKEND = 4
 UNSUPPORTED_STATUSES = frozenset({404, 405})
 RIF_HEADER = b"x-prequal-rif"
 LATENCY_HEADER = b"x-prequal-latency-us"
+# Bounds on what a backend's answer may be (see the module docstring). LoadReportingMiddleware answers
+# with a head of about 120 bytes and no body; an answer far beyond that is not a load report. 8 KiB is
+# the largest head common servers send by default, and what the probe path buffers at worst per
+# connection (plus one read of at most 256 KiB, asyncio's buffer, before the check runs).
+MAX_HEAD_BYTES = 8 * 1024
+MAX_BODY_BYTES = 4 * 1024
+# A million requests in flight is beyond any single backend; ten minutes is beyond any probe timeout and
+# any latency worth balancing on. Both fit a float exactly, so no later arithmetic can overflow.
+MAX_RIF = 1_000_000
+MAX_LATENCY_US = 600_000_000
+# Enough for either bound with a few leading zeros; int() never sees a longer string.
+MAX_LOAD_DIGITS = 12
+_OWS = b" \t"
 
 logger = logging.getLogger("prequal_middleware.probe_client")
 
@@ -57,6 +83,24 @@ class ProbeUnsupported(ProbeError):
 
 class ProbeFailed(ProbeError):
     """Connect error, timeout, malformed answer, unexpected status or an invalid load header."""
+
+
+class _Refused(Exception):
+    """Raised from a parser callback to stop parsing an answer that broke a bound; ``reason`` says which."""
+
+
+def parse_load_value(value: bytes, limit: int) -> int | None:
+    """A load header's value as an int in ``[0, limit]``, or None unless it is a plain decimal integer.
+
+    Python's ``int()`` alone accepts ``+5``, `` 5 ``, ``5_0`` and thousands of digits, so the value is
+    checked byte by byte first: ASCII digits only (``bytes.isdigit`` knows no other), at most
+    ``MAX_LOAD_DIGITS`` of them, after stripping the field's optional whitespace (spaces and tabs).
+    """
+    value = value.strip(_OWS)
+    if not 0 < len(value) <= MAX_LOAD_DIGITS or not value.isdigit():
+        return None
+    number = int(value)
+    return number if number <= limit else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +146,13 @@ class _ProbeConnection(asyncio.Protocol):
         "reusable",
         "rif",
         "latency_us",
+        "duplicate",
+        "head_done",
+        "head_bytes",
+        "head_read",
+        "body_bytes",
+        "refusal",
+        "complete",
     )
 
     def __init__(self, backend: _Backend, open_connections: set[_ProbeConnection]) -> None:
@@ -117,6 +168,13 @@ class _ProbeConnection(asyncio.Protocol):
         self.reusable = False
         self.rif: bytes | None = None
         self.latency_us: bytes | None = None
+        self.duplicate = False  # a load header came twice
+        self.head_done = False  # the final answer's head is complete
+        self.head_bytes = 0  # the head's size as the parser saw it (interim answers included)
+        self.head_read = 0  # bytes read while the head was incomplete
+        self.body_bytes = 0
+        self.refusal: str | None = None  # why a callback stopped the parser
+        self.complete = False  # the answer is complete: reported once the read that completed it is parsed
 
     def begin(self, probe: _Probe) -> None:
         """Send ``probe``'s request; its answer (or the failure) is reported to it."""
@@ -125,6 +183,10 @@ class _ProbeConnection(asyncio.Protocol):
         self.status = 0
         self.framed = self.reusable = False
         self.rif = self.latency_us = None
+        self.duplicate = self.head_done = False
+        self.head_bytes = self.head_read = self.body_bytes = 0
+        self.refusal = None
+        self.complete = False
         assert self.transport is not None
         self.transport.write(self.backend.request)
 
@@ -150,41 +212,87 @@ class _ProbeConnection(asyncio.Protocol):
             self.abort()  # bytes nobody asked for: the stream can no longer be trusted
             return
         self.received = True
+        head_pending = not self.head_done
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
-            self._fail(f"malformed response ({exc!r})")
+            reason = self.refusal
+            if reason is None:
+                # An exception of ours inside a callback is a bug, not the backend's answer: say which.
+                cause = exc.__context__
+                reason = f"malformed response ({exc!r})" if cause is None else f"invalid answer ({cause!r})"
+            self._fail(reason)
+            return
+        except Exception as exc:  # never let an answer's bytes raise out of the event loop's callback
+            self._fail(f"invalid answer ({exc!r})")
+            return
+        if self.complete:
+            # Reported only now: a byte after the answer in the same read has failed it above.
+            self._answered()
+        elif head_pending and not self.head_done and not self.closed:
+            # Bytes of a head still incomplete: bounded here, before the parser buffers a field without end.
+            self.head_read += len(data)
+            if self.head_read > MAX_HEAD_BYTES:
+                self._fail(f"response head larger than {MAX_HEAD_BYTES} bytes")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail("connection closed before a full response")
 
     # httptools callbacks
 
+    def _refuse(self, reason: str) -> None:
+        self.refusal = reason
+        raise _Refused(reason)
+
+    def on_message_begin(self) -> None:
+        if self.complete:
+            # A second answer in the same read, after the one we asked for: the stream is out of step.
+            self._refuse("bytes after the response")
+
+    def on_status(self, status: bytes) -> None:
+        self._count_head(len(status) + 15)  # "HTTP/1.1 200 " and CRLF
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value) + 4)  # ": " and CRLF
         name = name.lower()
         if name == RIF_HEADER:
+            self.duplicate |= self.rif is not None
             self.rif = value
         elif name == LATENCY_HEADER:
+            self.duplicate |= self.latency_us is not None
             self.latency_us = value
         elif name == b"content-length" or (name == b"transfer-encoding" and b"chunked" in value.lower()):
             self.framed = True
+
+    def _count_head(self, size: int) -> None:
+        # Exact, whatever the reads: a head past the bound fails even when it arrived in one read.
+        self.head_bytes += size
+        if self.head_bytes > MAX_HEAD_BYTES:
+            self._refuse(f"response head larger than {MAX_HEAD_BYTES} bytes")
+
+    def on_body(self, body: bytes) -> None:
+        self.body_bytes += len(body)
+        if self.body_bytes > MAX_BODY_BYTES:
+            self._refuse(f"response body larger than {MAX_BODY_BYTES} bytes")
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
         if status < 200:
             return  # an interim answer; the final one follows
+        self.head_done = True
         self.status = status
         self.reusable = self.framed and self._parser.should_keep_alive()
         if not self.framed:
             # The body runs to EOF: take the headers now and close the connection after use.
-            self._answered()
+            self.complete = True
 
     def on_message_complete(self) -> None:
         if self.status == 0:
             self.framed = False  # end of an interim answer
             self.rif = self.latency_us = None
+            self.duplicate = False
             return
-        self._answered()
+        self.complete = True
 
     def _answered(self) -> None:
         probe = self.probe
@@ -240,6 +348,10 @@ class _Probe:
         except ProbeError as exc:
             conn.abort()
             self._end(None, exc)
+            return
+        except Exception as exc:  # a bug in reading must fail this probe, not the parser's caller
+            conn.abort()
+            self._end(None, ProbeFailed(f"{self._backend.url}: invalid answer ({exc!r})"))
             return
         self._client._release(conn)
         self._end(result, None)
@@ -469,11 +581,15 @@ class ProbeClient:
             # A 200 with no load report: a catch-all route answered, not LoadReportingMiddleware. The
             # backend is fine; counting this as a failure would eject a healthy backend.
             raise ProbeUnsupported(f"{url}: 200 without {RIF_HEADER.decode()} on the probe path")
-        try:
-            rif = int(conn.rif)
-            latency_us = int(conn.latency_us) if conn.latency_us is not None else 0
-        except ValueError:
-            rif = latency_us = -1
-        if rif < 0 or latency_us < 0:
-            raise ProbeFailed(f"{url}: invalid load headers {conn.rif!r}, {conn.latency_us!r}")
+        if conn.duplicate:
+            raise ProbeFailed(f"{url}: invalid load headers (a load header given twice)")
+        rif = parse_load_value(conn.rif, MAX_RIF)
+        latency_us = 0 if conn.latency_us is None else parse_load_value(conn.latency_us, MAX_LATENCY_US)
+        if rif is None or latency_us is None:
+            # Quoted at most 40 bytes of each: the log line stays small whatever the backend sent.
+            shown = [v if v is None else v[:40] for v in (conn.rif, conn.latency_us)]
+            raise ProbeFailed(
+                f"{url}: invalid load headers {shown[0]!r}, {shown[1]!r} (decimal integers up to "
+                f"{MAX_RIF} and {MAX_LATENCY_US} expected)"
+            )
         return ProbeResult(rif, latency_us / 1e6)
