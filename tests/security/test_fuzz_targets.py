@@ -85,9 +85,8 @@ def test_fuzzed_targets_stay_in_their_pool(setup: Setup, http: str, transport: s
     @settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
     @given(target=targets())
     def case(target: bytes) -> None:
-        if target.startswith(b"@127.0.0.1:") or target.startswith(b"http://127.0.0.1:"):
-            head, _, tail = target.partition(b":")
-            target = head + b":" + str(setup.elsewhere.port).encode() + b"/" + tail.lstrip(b":")
+        if target.startswith((b"@127.0.0.1:", b"http://127.0.0.1:")):  # name the elsewhere server's port
+            target = target.replace(b"127.0.0.1:", b"127.0.0.1:%d/" % setup.elsewhere.port, 1)
         before = len(setup.backend.requests)
         payload = b"GET " + target + b" HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
         responses, _ = exchange(proc.port, payload, idle_s=0.3, total_s=5.0)
