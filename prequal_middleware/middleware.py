@@ -44,7 +44,7 @@ class PrequalMiddleware:
         if kind == "http" or kind == "websocket":
             raw = raw_path(scope)
             try:
-                check_target(raw, scope["path"])
+                check_target(raw, scope["path"], scope.get("query_string", b""))
             except TargetRefused as refused:
                 await self._refuse(kind, scope, receive, send, refused)
                 return

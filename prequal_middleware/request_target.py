@@ -3,7 +3,8 @@
 The gateway is the front door, so it decides this once, for every protocol the server speaks
 (httptools, h11, WebSocket), before anything is routed:
 
-- **Origin-form only.** A target must be a path that starts with ``/`` (RFC 9112, section 3.2.1).
+- **Origin-form only.** A target must be a path that starts with ``/`` (RFC 9112, section 3.2.1), with
+  no ``#`` anywhere.
   ``*``, authority-form (``host:443``), ``@host:port/...`` and any other shape are refused with 400:
   joined to a backend's URL they would name another host (``http://10.0.0.5:8000`` + ``@evil/``
   is a request to ``evil``). uvicorn's httptools protocol already reduces an absolute-form target
@@ -42,7 +43,7 @@ class TargetRefused(ValueError):
 
 
 NOT_ORIGIN_FORM = TargetRefused(
-    "invalid_request_target", "the request target must be a path starting with '/' (origin-form)"
+    "invalid_request_target", "the request target must be a path starting with '/' (origin-form), without '#'"
 )
 DOT_SEGMENT = TargetRefused("invalid_path", "the path must not contain '.' or '..' segments, in any spelling")
 
@@ -62,9 +63,14 @@ def raw_path(scope: Mapping[str, Any]) -> bytes:
     return quote(path, safe=SAFE_PATH_CHARS).encode("ascii")
 
 
-def check_target(raw: bytes, path: str) -> None:
-    """Raise ``TargetRefused`` unless ``raw`` is origin-form and ``path`` (decoded) has no dot segment."""
-    if raw[:1] != b"/":
+def check_target(raw: bytes, path: str, query: bytes = b"") -> None:
+    """Raise ``TargetRefused`` unless ``raw`` is origin-form and ``path`` (decoded) has no dot segment.
+
+    A ``#`` is refused too: a fragment is never part of a request target (RFC 9112 section 3.2), h11
+    passes it through, and one transport would send it while another cut the path there (``/api/.#``
+    would reach a backend as the dot segment ``/.``).
+    """
+    if raw[:1] != b"/" or b"#" in raw or b"#" in query:
         raise NOT_ORIGIN_FORM
     if "." in path and has_dot_segment(path):
         raise DOT_SEGMENT
