@@ -103,20 +103,28 @@ class Membership:
         now = self.clock()
         stale = 0.0 if snapshot.stale_since is None else max(0.0, now - snapshot.stale_since)
         self.metrics.registry_stale.set(stale)
+        first_error: Exception | None = None
         for prefix, pool in self.pools.items():
-            records = snapshot.records.get(prefix, {})
-            self.records[prefix] = records
-            members: dict[str, Member] = {url: Member(url) for url in pool.config.upstreams}
-            for url, record in records.items():
-                members[url] = Member(url, weight=record.weight)
-            for url, old in pool.members.items():
-                if url not in members and pool.backend_in_flight.get(url, 0) > 0:
-                    members[url] = Member(url, weight=old.weight, draining=True)
-            if members != pool.members:
-                for url in pool.members:
-                    if url not in members:
-                        self.metrics.forget_backend(prefix, url)
-                pool.set_members(members.values(), now)
+            try:
+                self._apply_pool(prefix, pool, snapshot.records.get(prefix, {}), now)
+            except Exception as exc:  # one pool's bad record or policy bug must not hold back the others
+                first_error = first_error or exc
+        if first_error is not None:
+            raise first_error  # the caller (the registry loop, an admin write) reports it
+
+    def _apply_pool(self, prefix: str, pool: PoolRuntime, records: Mapping[str, BackendRecord], now: float) -> None:
+        self.records[prefix] = records
+        members: dict[str, Member] = {url: Member(url) for url in pool.config.upstreams}
+        for url, record in records.items():
+            members[url] = Member(url, weight=record.weight)
+        for url, old in pool.members.items():
+            if url not in members and pool.backend_in_flight.get(url, 0) > 0:
+                members[url] = Member(url, weight=old.weight, draining=True)
+        if members != pool.members:
+            for url in pool.members:
+                if url not in members:
+                    self.metrics.forget_backend(prefix, url)
+            pool.set_members(members.values(), now)
 
     def lease_remaining_s(self, prefix: str, url: str) -> float | None:
         record = self.records.get(prefix, {}).get(url)

@@ -15,6 +15,7 @@ all workers' files in that mode.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +29,10 @@ DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 # Probes are loopback or in-datacenter round trips.
 PROBE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 _CODE_CLASSES = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
+# A background loop's error is logged once per distinct error per this many seconds; the rest are counted.
+LOOP_ERROR_LOG_INTERVAL_S = 60.0
+# Distinct errors remembered for that; beyond it the oldest are forgotten (their next one is logged again).
+LOOP_ERROR_KINDS = 256
 
 
 def code_class(status: int) -> str:
@@ -136,6 +141,12 @@ class PrequalMetrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.loop_errors = Counter(
+            "prequal_loop_errors",
+            "Iterations of a background loop that raised and were skipped, by loop",
+            ["loop"],
+            registry=r,
+        )
         self._cache: dict[tuple[Any, ...], Any] = {}
 
     def child(self, metric: Any, *labels: str) -> Any:
@@ -166,3 +177,52 @@ class PrequalMetrics:
 
 
 MetricsFactory = Callable[[], PrequalMetrics]
+
+
+class LoopErrorLog:
+    """What a background loop does with an iteration that raised: count it, log it rarely, go on.
+
+    Each distinct error (loop, exception type, message) is logged with its traceback at most once per
+    ``interval_s``; the next time it is logged says how many were not. Every one is counted in
+    ``prequal_loop_errors_total{loop}``. A loop that fails on every iteration (a poisoned value that
+    stays) therefore writes one log line a minute, not one per second or per probe.
+
+    Parameters:
+        metrics: where errors are counted.
+        clock: monotonic seconds.
+        logger: where errors are logged.
+        interval_s: how long an error stays quiet after it was logged.
+    """
+
+    def __init__(
+        self,
+        metrics: PrequalMetrics,
+        clock: Callable[[], float],
+        logger: logging.Logger,
+        interval_s: float = LOOP_ERROR_LOG_INTERVAL_S,
+    ) -> None:
+        self._metrics = metrics
+        self._clock = clock
+        self._logger = logger
+        self._interval_s = interval_s
+        self._seen: dict[tuple[str, str, str], list[float]] = {}  # -> [logged at, not logged since]
+
+    def failed(self, loop: str, exc: BaseException) -> None:
+        """Record that an iteration of ``loop`` raised ``exc`` (call from its ``except`` block)."""
+        try:
+            self._metrics.child(self._metrics.loop_errors, loop).inc()
+        except Exception:  # the error log must not fail the loop it protects
+            pass
+        key = (loop, type(exc).__qualname__, str(exc)[:200])
+        now = self._clock()
+        seen = self._seen.get(key)
+        if seen is not None and now - seen[0] < self._interval_s:
+            seen[1] += 1
+            return
+        quiet = 0 if seen is None else int(seen[1])
+        self._seen.pop(key, None)
+        if len(self._seen) >= LOOP_ERROR_KINDS:
+            del self._seen[next(iter(self._seen))]  # insertion order: the one logged longest ago
+        self._seen[key] = [now, 0]
+        more = f" ({quiet} more like it since it was last logged)" if quiet else ""
+        self._logger.error("%s loop: an iteration failed and was skipped%s", loop, more, exc_info=exc)

@@ -19,6 +19,12 @@
 
 On ``aclose()`` every task is cancelled and awaited and the probe connections are closed. The probe
 clients it owns run one short task per connection they open (to connect); ``aclose()`` cancels those too.
+
+No loop dies of one bad iteration: every loop, timer and probe callback here catches what an iteration
+raises (a policy or metrics bug, a poisoned value, a registry or transport error), skips that pool or
+iteration, and goes on; ``LoopErrorLog`` counts it (``prequal_loop_errors_total{loop}``) and logs each
+distinct error once a minute. A loop that raised waits its usual interval (at least ``LOOP_ERROR_PAUSE_S``)
+before the next try, so a persistent error never turns it into a busy loop.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from .config import Timeouts
 from .core import Policy
 from .exceptions import UpstreamError
 from .membership import Membership
-from .metrics import PrequalMetrics
+from .metrics import LoopErrorLog, PrequalMetrics
 from .pool import PoolRuntime
 from .probe_client import ProbeClient, ProbeError, ProbeResult, ProbeUnsupported
 from .transport import Transport, UpstreamRequest
@@ -55,6 +61,8 @@ REGISTRY_REFRESH_S = 1.0
 # signal for 30 s at most.
 LOCAL_REPROBE_INITIAL_S = 1.0
 LOCAL_REPROBE_MAX_S = 30.0
+# The least a loop waits after an iteration that raised (the registry loop is woken by events, not a timer).
+LOOP_ERROR_PAUSE_S = 1.0
 
 
 class _LocalMode:
@@ -107,6 +115,7 @@ class ProbeScheduler:
         self._probe_clients: dict[int, ProbeClient] = {}
         self._health_streaks: dict[tuple[str, str], int] = {}  # (pool, backend) -> +ok / -failed in a row
         self._running = False
+        self.errors = LoopErrorLog(metrics, clock, logger)
         self.probes_sent = 0
         self.probe_failures = 0
 
@@ -123,7 +132,10 @@ class ProbeScheduler:
                 path=probes.path, timeout_s=probes.timeout_s, max_idle_per_backend=probes.max_in_flight
             )
             pool.add_listener(self._members_changed)
-            self._adopt_local_mode(pool)
+            try:
+                self._adopt_local_mode(pool)
+            except Exception as exc:  # a policy's bug must not stop the gateway from starting
+                self.errors.failed("start", exc)
         idle = [c for pool in self._pools for c in pool.clients]
         if idle:
             self._spawn(self._idle_loop())
@@ -189,6 +201,20 @@ class ProbeScheduler:
         pool.probes_in_flight -= 1
         if not self._running:
             return  # closing: the client fails what is in flight
+        try:
+            self._probe_outcome(pool, policy, backend, started, result, error)
+        except Exception as exc:  # the probe client would log each one: a flood under a persistent bug
+            self.errors.failed("probe_result", exc)
+
+    def _probe_outcome(
+        self,
+        pool: PoolRuntime,
+        policy: Policy,
+        backend: str,
+        started: float,
+        result: ProbeResult | None,
+        error: ProbeError | None,
+    ) -> None:
         metrics = self._metrics
         now = self._clock()
         if result is not None:
@@ -238,13 +264,25 @@ class ProbeScheduler:
         if state is None or not self._running:
             return
         state.timer = None
+        try:
+            self._send_reprobe(pool, backend, state)
+        except Exception as exc:  # a timer that raises is never rearmed: the backend would stay local
+            self.errors.failed("reprobe", exc)
+            if state.probing:
+                state.probing = False
+                pool.probes_in_flight -= 1
+            if state.timer is None and self._local.get((id(pool), backend)) is state:
+                self._schedule_reprobe(pool, backend, state, max(state.delay, LOOP_ERROR_PAUSE_S))
+
+    def _send_reprobe(self, pool: PoolRuntime, backend: str, state: _LocalMode) -> None:
         if pool.probes_in_flight >= pool.config.probes.max_in_flight:
             self._schedule_reprobe(pool, backend, state, state.delay)  # busy: try again later, same wait
             return
+        client = self._probe_clients[id(pool)]
         state.probing = True
         pool.probes_in_flight += 1
         self.probes_sent += 1
-        self._probe_clients[id(pool)].send(backend, partial(self._reprobe_done, pool, backend))
+        client.send(backend, partial(self._reprobe_done, pool, backend))
 
     def _reprobe_done(
         self, pool: PoolRuntime, backend: str, result: ProbeResult | None, error: ProbeError | None
@@ -252,6 +290,18 @@ class ProbeScheduler:
         pool.probes_in_flight -= 1
         if not self._running:
             return
+        try:
+            self._reprobe_outcome(pool, backend, result, error)
+        except Exception as exc:
+            self.errors.failed("reprobe", exc)
+            state = self._local.get((id(pool), backend))
+            if state is not None and state.timer is None:  # keep re-probing
+                state.probing = False
+                self._schedule_reprobe(pool, backend, state, max(state.delay, LOOP_ERROR_PAUSE_S))
+
+    def _reprobe_outcome(
+        self, pool: PoolRuntime, backend: str, result: ProbeResult | None, error: ProbeError | None
+    ) -> None:
         key = (id(pool), backend)
         state = self._local.get(key)
         if state is None:
@@ -296,9 +346,12 @@ class ProbeScheduler:
             now = self._clock()
             for pool in self._pools:
                 for policy in pool.clients:
-                    targets = policy.idle_probes(now)
-                    if targets:
-                        self.send_probes(pool, policy, targets)
+                    try:
+                        targets = policy.idle_probes(now)
+                        if targets:
+                            self.send_probes(pool, policy, targets)
+                    except Exception as exc:  # one client's bug skips it this round, not every pool forever
+                        self.errors.failed("idle_probes", exc)
 
     # --- health checks -------------------------------------------------------------------------
 
@@ -309,14 +362,23 @@ class ProbeScheduler:
         )
         path = settings.path or "/"
         while True:
-            members = list(pool.members)
-            for key in [k for k in self._health_streaks if k[0] == pool.prefix and k[1] not in pool.members]:
-                del self._health_streaks[key]  # forget members that left
-            if members:
-                results = await asyncio.gather(*(self._check(b, path, timeouts) for b in members))
-                for backend, ok in zip(members, results, strict=True):
+            try:
+                await self._health_round(pool, path, timeouts)
+            except Exception as exc:
+                self.errors.failed("health", exc)
+            await asyncio.sleep(max(settings.interval_s, 0.0))
+
+    async def _health_round(self, pool: PoolRuntime, path: str, timeouts: Timeouts) -> None:
+        members = list(pool.members)
+        for key in [k for k in self._health_streaks if k[0] == pool.prefix and k[1] not in pool.members]:
+            del self._health_streaks[key]  # forget members that left
+        if members:
+            results = await asyncio.gather(*(self._check(b, path, timeouts) for b in members))
+            for backend, ok in zip(members, results, strict=True):
+                try:
                     self._record_health(pool, backend, ok)
-            await asyncio.sleep(settings.interval_s)
+                except Exception as exc:  # the other members' verdicts still count
+                    self.errors.failed("health", exc)
 
     async def _check(self, backend: str, path: str, timeouts: Timeouts) -> bool:
         request = UpstreamRequest("GET", backend, path, [])
@@ -329,6 +391,9 @@ class ProbeScheduler:
                 finally:
                     await response.aclose()
         except (UpstreamError, TimeoutError):
+            return False
+        except Exception as exc:  # whatever a backend's answer made the transport raise: a failed check
+            self.errors.failed("health", exc)
             return False
         # 404: the backend has no health endpoint but answers HTTP, which is all we can ask of it.
         return 200 <= response.status < 400 or response.status == 404
@@ -354,40 +419,48 @@ class ProbeScheduler:
         # Woken by changes (Redis pub/sub, local writes) and at least every REGISTRY_REFRESH_S, which
         # also expires leases and removes drained members.
         while True:
-            await membership.registry.wait_for_change(REGISTRY_REFRESH_S)
             try:
+                await membership.registry.wait_for_change(REGISTRY_REFRESH_S)
                 await membership.refresh()
-            except Exception:  # a registry must not raise from sync, but one bug must not stop the loop
-                logger.exception("registry refresh failed")
+            except Exception as exc:  # a registry must not raise, but one bug must not stop syncs and expiry
+                self.errors.failed("registry", exc)
+                await asyncio.sleep(LOOP_ERROR_PAUSE_S)  # wait_for_change may fail at once: no busy loop
 
     # --- pool state as gauges --------------------------------------------------------------------
 
     async def _gauge_loop(self) -> None:
         while True:
             self.update_gauges()
-            await asyncio.sleep(GAUGE_INTERVAL_S)
+            await asyncio.sleep(GAUGE_INTERVAL_S)  # update_gauges never raises
 
     def update_gauges(self) -> None:
         """Members by state, probe-pool occupancy and ejections, from every pool's policies."""
-        metrics, now = self._metrics, self._clock()
+        now = self._clock()
         for pool in self._pools:
-            counts = dict.fromkeys(("healthy", "unhealthy", "ejected", "draining"), 0)
-            pooled = 0
-            ejections = 0
-            for i, policy in enumerate(pool.clients):
-                snapshot = policy.snapshot(now)
-                pooled += snapshot.pool_size or 0
-                if i == 0:  # every client has the same members; health is per client, the first speaks
-                    for backend in snapshot.backends:
-                        counts[backend.state] += 1
-                outliers = getattr(policy, "outliers", None)
-                ejections += getattr(outliers, "ejections_total", 0)
-            for state, count in counts.items():
-                metrics.child(metrics.backends, pool.prefix, state).set(count)
-            metrics.child(metrics.probe_pool_size, pool.prefix).set(pooled)
-            # Sampled here rather than counted per request: two gauge updates fewer on the request path.
-            metrics.child(metrics.in_flight, pool.prefix).set(pool.in_flight)
-            new = ejections - self._ejections_seen.get(id(pool), 0)
-            if new > 0:
-                metrics.child(metrics.ejections, pool.prefix).inc(new)
-            self._ejections_seen[id(pool)] = ejections
+            try:
+                self._pool_gauges(pool, now)
+            except Exception as exc:  # this pool's gauges wait for the next round; the others update now
+                self.errors.failed("gauges", exc)
+
+    def _pool_gauges(self, pool: PoolRuntime, now: float) -> None:
+        metrics = self._metrics
+        counts = dict.fromkeys(("healthy", "unhealthy", "ejected", "draining"), 0)
+        pooled = 0
+        ejections = 0
+        for i, policy in enumerate(pool.clients):
+            snapshot = policy.snapshot(now)
+            pooled += snapshot.pool_size or 0
+            if i == 0:  # every client has the same members; health is per client, the first speaks
+                for backend in snapshot.backends:
+                    counts[backend.state] += 1
+            outliers = getattr(policy, "outliers", None)
+            ejections += getattr(outliers, "ejections_total", 0)
+        for state, count in counts.items():
+            metrics.child(metrics.backends, pool.prefix, state).set(count)
+        metrics.child(metrics.probe_pool_size, pool.prefix).set(pooled)
+        # Sampled here rather than counted per request: two gauge updates fewer on the request path.
+        metrics.child(metrics.in_flight, pool.prefix).set(pool.in_flight)
+        new = ejections - self._ejections_seen.get(id(pool), 0)
+        if new > 0:
+            metrics.child(metrics.ejections, pool.prefix).inc(new)
+        self._ejections_seen[id(pool)] = ejections
