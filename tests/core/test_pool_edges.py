@@ -88,16 +88,17 @@ def test_a_hot_probe_between_cold_ones_does_not_end_the_search() -> None:
 
 def test_use_of_an_entry_that_left_the_pool_is_harmless() -> None:
     pool = make_pool(q_rif=1.0)
-    uses = pool.add("a", 0, 0.010, now=0.0, n_available=100).uses_left
-    pool.add("b", 0, 0.020, now=0.0, n_available=100)
+    pool.add("a", 0, 0.010, now=0.0, n_available=4)  # m >= n: used once
+    pool.add("b", 0, 0.020, now=0.0, n_available=4)
     picked = pool.pick(0.0)
     assert picked is not None
     entry, reason = picked
     assert (entry.backend, reason) == ("a", "cold")
-    assert (entry.rif, entry.uses_left) == (0, uses), "pick charges nothing"
+    assert (entry.rif, entry.uses_left) == (0, 1), "pick charges nothing"
     assert pool.discard("a") is True
     assert pool.discard("a") is False
-    pool.use(entry)  # it failed a query in between, say: nothing to remove any more
+    pool.use(entry)  # it failed a query in between, say: its last use finds nothing to remove
+    assert (entry.rif, entry.uses_left) == (1, 0)
     assert [e.backend for e in pool] == ["b"]
 
 
