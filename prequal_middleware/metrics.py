@@ -141,6 +141,20 @@ class PrequalMetrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.probe_backends = Gauge(
+            "prequal_probe_backends",
+            "Backends the pool's probe client keeps state for (departed members are dropped)",
+            ["pool"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.probe_connections = Gauge(
+            "prequal_probe_connections",
+            "Probe connections open, idle or busy",
+            ["pool"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.loop_errors = Counter(
             "prequal_loop_errors",
             "Iterations of a background loop that raised and were skipped, by loop",

@@ -423,6 +423,16 @@ class ProbeClient:
         """True after ``aclose()``."""
         return self._closed
 
+    @property
+    def backends_known(self) -> int:
+        """Backends with state here (address, request bytes, idle connections); ``forget`` drops one."""
+        return len(self._backends)
+
+    @property
+    def open_connections(self) -> int:
+        """Probe connections open now, idle or busy."""
+        return len(self._open)
+
     async def probe(self, backend_url: str) -> ProbeResult:
         """Ask ``backend_url`` (``http://host:port[/base]``) for its load; raises a ``ProbeError``."""
         future: asyncio.Future[ProbeResult] = asyncio.get_running_loop().create_future()

@@ -460,6 +460,10 @@ class ProbeScheduler:
         metrics.child(metrics.probe_pool_size, pool.prefix).set(pooled)
         # Sampled here rather than counted per request: two gauge updates fewer on the request path.
         metrics.child(metrics.in_flight, pool.prefix).set(pool.in_flight)
+        client = self._probe_clients.get(id(pool))
+        if client is not None:  # what churn could leak: state and connections for departed members
+            metrics.child(metrics.probe_backends, pool.prefix).set(client.backends_known)
+            metrics.child(metrics.probe_connections, pool.prefix).set(client.open_connections)
         new = ejections - self._ejections_seen.get(id(pool), 0)
         if new > 0:
             metrics.child(metrics.ejections, pool.prefix).inc(new)
