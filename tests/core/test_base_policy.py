@@ -193,3 +193,16 @@ def test_backend_snapshot_fields() -> None:
     assert snap["b1"].state == "ejected" and snap["b1"].ejected_until == 6.0
     assert snap["b1"].failure_rate == pytest.approx(0.75) and snap["b1"].consecutive_failures == 0
     assert (snap["b2"].consecutive_failures, snap["b2"].failure_rate) == (0, 0.0)
+
+
+def test_a_backend_back_from_ejection_warms_up_from_its_return() -> None:
+    # Ejected at 0.0 for 1 s, with a 0.5 s slow start: at 1.2 it is 40% through its ramp, so a draw of
+    # 0.5 turns it down and a draw of 0.3 keeps it.
+    outliers = OutlierSettings(consecutive_failures=1, base_ejection_s=1.0, panic_threshold=0.0)
+    for draw, slowed in ((0.5, True), (0.3, False)):
+        policy = first_policy(3, rng=FixedRandom(draw), slow_start_s=0.5, outliers=outliers)
+        policy.candidates(0.0)
+        policy.on_finish("b0", now=0.0, latency_s=0.01, outcome=Outcome.FAILURE)
+        assert policy.outliers.ejected_until("b0", 0.0) == 1.0
+        selection = policy.select(now=1.2)
+        assert selection is not None and (selection.backend != "b0") is slowed, draw
