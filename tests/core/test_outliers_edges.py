@@ -75,3 +75,10 @@ def test_averse_means_strictly_above_the_bound() -> None:
     assert d.failure_rate("b0", 0.0) == 0.5 and not d.is_averse("b0", 0.0)
     d.record_failure("b0", 0.0, 10)
     assert d.is_averse("b0", 0.0)
+
+
+def test_a_single_member_that_is_down_is_still_routed_to_in_panic() -> None:
+    d = make_detector()
+    assert d.in_panic(healthy=0, members=1) is True
+    assert d.in_panic(healthy=1, members=1) is False
+    assert d.in_panic(healthy=0, members=0) is False
