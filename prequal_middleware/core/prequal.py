@@ -16,6 +16,12 @@ and those whose last probe went unanswered, while any other candidate is left.
 A missed probe purges that backend's probe but does not count toward ejection (see
 ``BasePolicy.on_probe_failure``).
 
+Cross-check (``PrequalSettings.cross_check``, on by default): a probe report is untrusted input. One
+that is out of range is ignored. Otherwise the RIF used is at least this client's own requests in
+flight to the backend (fewer is impossible), and a latency far below what this client measures
+itself for the backend is raised to ``measured / cross_check_ratio``. A backend that answers "idle and
+instant" while serving slowly took ~90% of the requests of a pool of three before (issue 12, item 8).
+
 Weights: Prequal balances on measured load, so member weights do not bias its choices.
 """
 
@@ -27,7 +33,7 @@ from collections.abc import Container, Sequence
 
 from .outliers import OutlierSettings
 from .policy import BasePolicy, _Backend
-from .probe_pool import PrequalSettings, ProbePool
+from .probe_pool import PrequalSettings, ProbePool, valid_report
 from .types import BackendId, PolicySnapshot, Selection, SelectionReason
 
 
@@ -55,7 +61,11 @@ class PrequalPolicy(BasePolicy):
         self.settings = settings or PrequalSettings()
         self.pool = ProbePool(self.settings, self.rng)
         self._last_activity = -math.inf  # last query or idle probe round
-        self._last_probe: dict[BackendId, tuple[int, float]] = {}  # latest reported (rif, latency)
+        self._last_probe: dict[BackendId, tuple[int, float]] = {}  # latest (rif, latency) used, cross-checked
+        # How often the cross-check changed a report (diagnostics: the simulator reports them).
+        self.rif_corrections = 0
+        self.latency_corrections = 0
+        self.reports_ignored = 0  # out of range
 
     # --- selection -----------------------------------------------------------------------------
 
@@ -139,9 +149,41 @@ class PrequalPolicy(BasePolicy):
         b = self._backends.get(backend)
         if b is None:
             return
+        if not valid_report(rif, latency_s):
+            self.reports_ignored += 1  # neither pooled nor an answer: the backend keeps its probe-failure count
+            return
+        rif, latency_s = int(rif), float(latency_s)
+        if self.settings.cross_check:
+            rif, latency_s = self._cross_check(b, rif, latency_s)
         self._last_probe[backend] = (rif, latency_s)
         b.probe_failures = 0
         self._pool_result(b, rif, latency_s, now)
+
+    def _cross_check(self, b: _Backend, rif: int, latency_s: float) -> tuple[int, float]:
+        """The (RIF, latency) to use for a report, given what this client knows of the backend itself.
+
+        RIF: at least this client's own requests in flight there. A request sent but not yet arrived,
+        or answered but not yet received, makes an honest report lower by that much; the floor then
+        counts it a little early or late, which is what the +1 compensation does anyway.
+
+        Latency: the backend's report is the median at its current RIF; what this client measures
+        (``latency_s``, an EWMA of its successful requests) adds the network and the gateway's own
+        queueing, so honest reports sit somewhat below it. A report below ``measured / ratio`` and more
+        than ``slack`` below it is raised to ``measured / ratio``: the least this client's own
+        measurement allows. Raised, not replaced: an honest idle backend reports 0 (no fresh sample)
+        and should stay attractive, and a recovered one should not be held to an old, slower EWMA.
+        """
+        s = self.settings
+        if rif < b.in_flight:
+            rif = b.in_flight
+            self.rif_corrections += 1
+        measured = b.latency_s
+        if measured is not None:
+            floor = measured / s.cross_check_ratio
+            if latency_s < floor and measured - latency_s > s.cross_check_slack_s:
+                latency_s = floor
+                self.latency_corrections += 1
+        return rif, latency_s
 
     def _pool_result(self, b: _Backend, rif: int, latency_s: float, now: float) -> None:
         # Only candidates count (the list is current: every change to it marks it stale and this reads

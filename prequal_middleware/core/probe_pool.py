@@ -26,6 +26,11 @@ from typing import Literal
 
 from .types import BackendId, SelectionReason
 
+# The largest RIF and the latency range a probe report may carry; anything else is ignored (not pooled,
+# not in the RIF history): an unbounded int made ``float()`` overflow in the threshold and failed every
+# selection. The probe client applies the same bound to what it parses.
+MAX_REPORTED_RIF = 1_000_000
+
 # The low end of the paper's good range [0.6, 0.9]. The paper's default, 2 ** -0.25 ~= 0.84 (section 4),
 # lost to 0.6 in our simulator and testbed at high load (CHANGELOG, "Decided"; docs/benchmarks.md).
 DEFAULT_Q_RIF = 0.6
@@ -58,6 +63,19 @@ class PrequalSettings:
             the traffic and hold ~0 requests per backend, so their tie-break is the paper's random
             choice; a gateway that sees most of the traffic knows the backends' load exactly and
             should use it (measured in docs/benchmarks.md).
+        cross_check: check each probe report against what this client knows itself (issue 12, item 8;
+            ``PrequalPolicy.on_probe``). A reported RIF below this client's own requests in flight to
+            the backend is impossible: the RIF used is the larger of the two. A reported latency below
+            ``1 / cross_check_ratio`` of the latency this client measures for the backend (its EWMA of
+            successful requests) and more than ``cross_check_slack_s`` below it is a lie or a stale
+            estimate: the latency used is raised to ``measured / cross_check_ratio``. A backend that
+            reports "idle and instant" while serving slowly then cannot capture the pool. ``False``
+            pools reports as they come (the old behaviour).
+        cross_check_ratio: K above; > 1. The gateway's measurement adds the network and its own
+            queueing to the backend's time, so honest reports sit somewhat below it; 2 leaves them alone
+            (docs/simulator.md measures how often it fires on honest fleets).
+        cross_check_slack_s: the absolute part of the latency rule: differences up to this are never
+            suspect (the gateway's own overhead, and backends too fast for the ratio to mean anything).
     """
 
     pool_size: int = 16
@@ -72,6 +90,9 @@ class PrequalSettings:
     max_idle_s: float = 0.5
     fallback_below: int = 2
     fallback: Literal["least_in_flight", "random"] = "least_in_flight"
+    cross_check: bool = True
+    cross_check_ratio: float = 2.0
+    cross_check_slack_s: float = 0.005
 
     @classmethod
     def paper(cls) -> PrequalSettings:
@@ -114,8 +135,24 @@ class PrequalSettings:
             ("max_idle_s", 0 < self.max_idle_s < math.inf, "a finite number > 0"),
             ("fallback_below", self.fallback_below >= 1, "an integer >= 1"),
             ("fallback", self.fallback in ("least_in_flight", "random"), "'least_in_flight' or 'random'"),
+            ("cross_check", isinstance(self.cross_check, bool), "True or False"),
+            ("cross_check_ratio", 1.0 < self.cross_check_ratio < math.inf, "a finite number > 1"),
+            ("cross_check_slack_s", 0 <= self.cross_check_slack_s < math.inf, "a finite number >= 0"),
         )
         _check(self, checks)
+
+
+def valid_report(rif: object, latency_s: object) -> bool:
+    """Whether a probe report may be used: RIF an int in [0, ``MAX_REPORTED_RIF``], latency finite and >= 0.
+
+    Checked where reports enter the core (``PrequalPolicy.on_probe``, ``ProbePool.add``,
+    ``RifHistory.add``), whatever their source: a bad one is ignored, never raised on.
+    """
+    if isinstance(rif, bool) or not isinstance(rif, int) or not 0 <= rif <= MAX_REPORTED_RIF:
+        return False
+    if isinstance(latency_s, bool) or not isinstance(latency_s, (int, float)):
+        return False
+    return math.isfinite(latency_s) and latency_s >= 0.0
 
 
 def _check(settings: object, checks: tuple[tuple[str, bool, str], ...]) -> None:
@@ -191,7 +228,10 @@ class RifHistory:
         return len(self._samples)
 
     def add(self, rif: int, now: float) -> None:
-        self._samples.append((now, rif))
+        """Record one probe RIF; one that is not an int in [0, ``MAX_REPORTED_RIF``] is ignored."""
+        if not valid_report(rif, 0.0):
+            return
+        self._samples.append((now, int(rif)))
         self._dirty = True
 
     def threshold(self, q: float, now: float) -> float:
@@ -264,8 +304,14 @@ class ProbePool:
 
     # --- inflow --------------------------------------------------------------------------------
 
-    def add(self, backend: BackendId, rif: int, latency_s: float, now: float, n_available: int) -> ProbeEntry:
-        """Pool a probe result received at ``now``; replaces the backend's older entry, evicts the oldest beyond m."""
+    def add(self, backend: BackendId, rif: int, latency_s: float, now: float, n_available: int) -> ProbeEntry | None:
+        """Pool a probe result received at ``now``; replaces the backend's older entry, evicts the oldest beyond m.
+
+        A report out of range (``valid_report``) is ignored: ``None``, and nothing changes.
+        """
+        if not valid_report(rif, latency_s):
+            return None
+        rif, latency_s = int(rif), float(latency_s)
         s = self.settings
         self.history.add(rif, now)
         self._entries.pop(backend, None)
