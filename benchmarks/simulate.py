@@ -6,6 +6,7 @@ table to stdout, and ``--json PATH`` writes ``{"config": {...}, "results": [...]
 
     python -m benchmarks.simulate --load 0.7,0.9,1.2 --json benchmarks/results/sim.json
     python -m benchmarks.simulate --quick
+    python -m benchmarks.simulate --policies prequal,prequal_nocheck,round_robin --liars 5 --load 0.7,0.9
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from prequal_middleware.core import POLICY_CLASSES, PrequalSettings
-from prequal_middleware.core.simulator import RunResult, SimConfig, fleet_for, simulate
+from prequal_middleware.core import PrequalSettings
+from prequal_middleware.core.simulator import SIM_POLICIES, RunResult, SimConfig, fleet_for, simulate
 
 DEFAULT_POLICIES = "prequal,round_robin,random,least_request,peak_ewma"
 # --quick: a small fleet and a short run. The pool is 8 there, not 16: with m=16 of n=20 replicas Eq. 1
@@ -40,9 +41,9 @@ def _floats(text: str) -> list[float]:
 
 def _policies(text: str) -> list[str]:
     names = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [n for n in names if n not in POLICY_CLASSES]
+    unknown = [n for n in names if n not in SIM_POLICIES]
     if not names or unknown:
-        raise argparse.ArgumentTypeError(f"policies must be among {', '.join(sorted(POLICY_CLASSES))}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"policies must be among {', '.join(sorted(SIM_POLICIES))}, got {text!r}")
     return names
 
 
@@ -70,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-reuse", type=int, default=pq.max_reuse, help=f"Prequal max_reuse [{pq.max_reuse}]")
     fallbacks = ("least_in_flight", "random")
     p.add_argument("--fallback", choices=fallbacks, default=pq.fallback, help=f"Prequal fallback [{pq.fallback}]")
+    p.add_argument(
+        "--liars", type=int, default=defaults.liars, help=f"replicas that report RIF 0 / latency 0 [{defaults.liars}]"
+    )
+    p.add_argument("--liar-slowdown", type=float, default=defaults.liar_slowdown, help=f"[{defaults.liar_slowdown:g}]")
     p.add_argument("--quick", action="store_true", help="a small fleet and a short run (a few seconds)")
     p.add_argument("--json", metavar="PATH", help="also write the config and results as JSON")
     return p
@@ -100,6 +105,8 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         deadline_s=args.deadline_s,
         slots=args.slots,
         work_mu_s=args.work_mu_s,
+        liars=args.liars,
+        liar_slowdown=args.liar_slowdown,
         prequal=prequal,
     )
 
@@ -108,12 +115,20 @@ def _ms(value: float, deadline_ms: float) -> str:
     return "TO" if value >= deadline_ms else f"{value:.0f}"
 
 
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
 def format_table(results: Sequence[RunResult], config: SimConfig) -> str:
     deadline_ms = 1000.0 * config.deadline_s
     header = (
         f"{'policy':<14} {'load':>5} {'requests':>9} {'errors':>7} {'p50_ms':>7} {'p90_ms':>7} {'p99_ms':>7} "
         f"{'p999_ms':>8} {'probes/q':>8} {'fallback':>8} {'pool':>5} {'rif_p99':>7} {'share_x_n':>11} {'corr':>5}"
     )
+    liars = config.liars > 0
+    if liars:
+        header += f" {'liar_share':>10}"
+    header += f" {'rif_fix':>7} {'lat_fix':>7}"
     lines = [header, "-" * len(header)]
     for r in results:
         n = len(r.replica_share)
@@ -124,6 +139,8 @@ def format_table(results: Sequence[RunResult], config: SimConfig) -> str:
             f"{_ms(r.p90_ms, deadline_ms):>7} {_ms(r.p99_ms, deadline_ms):>7} {_ms(r.p999_ms, deadline_ms):>8} "
             f"{r.probes_per_query:>8.2f} {100 * r.fallback_rate:>7.1f}% {pool:>5} {r.rif_p99:>7.0f} {share:>11} "
             f"{r.share_speed_corr:>5.2f}"
+            + (f" {100 * r.liar_share:>9.1f}%" if liars else "")
+            + f" {_rate(r.rif_correction_rate):>7} {_rate(r.latency_correction_rate):>7}"
         )
     return "\n".join(lines)
 

@@ -17,9 +17,13 @@ happen to encounter in the wild":
   ``[burst_min_s, burst_max_s]`` (the 1 s bursts of the paper's Fig. 3).
 - Query work is Normal(``work_mu_s``, sigma=``work_mu_s``) truncated at 0 by *redrawing* negative draws
   (a true truncated normal), so its mean is ``work_mu_s * (1 + phi(1) / Phi(1)) ~= 1.288 * work_mu_s``.
-- Capacity (load 1.0) is ``sum_i slots * a_i / mean_work``: what the fleet guarantees with every
-  antagonist busy. Above 1.0 the fleet is overloaded against its allocation but can still cope if the
-  balancer routes around the replicas whose antagonist is busy.
+- Liars (``liars``, default 0; issue 12, item 8): the first ``liars`` replicas answer every probe with
+  RIF 0 and latency 0 whatever their load, and serve ``liar_slowdown`` times slower than their draw
+  (both speeds divided). Their draws are the same as an honest fleet's, so the honest replicas of a
+  lying fleet are exactly those of the honest fleet with the same seed.
+- Capacity (load 1.0) is ``sum_i slots * a_i / mean_work`` (a liar's ``a_i`` after the slowdown): what
+  the fleet guarantees with every antagonist busy. Above 1.0 the fleet is overloaded against its
+  allocation but can still cope if the balancer routes around the replicas whose antagonist is busy.
 
 Standard library only, like the rest of ``prequal_middleware.core``.
 """
@@ -54,6 +58,8 @@ class SimConfig:
         idle_tick_s: how often each client asks its policy for idle probes.
         sample_interval_s: how often replica RIF and pool occupancy are sampled (diagnostics only).
         slots, work_mu_s, allocation_*, headroom_*, antagonist_*, burst_*: the fleet model (module docstring).
+        liars: how many replicas lie in their probe answers (module docstring); the first ones.
+        liar_slowdown: how much slower a liar serves than its drawn speeds.
         prequal: the settings of every ``prequal`` client.
     """
 
@@ -79,6 +85,8 @@ class SimConfig:
     burst_rate_hz: float = 0.05
     burst_min_s: float = 0.5
     burst_max_s: float = 1.5
+    liars: int = 0
+    liar_slowdown: float = 3.0
     prequal: PrequalSettings = field(default_factory=PrequalSettings)
 
     def __post_init__(self) -> None:
@@ -91,6 +99,8 @@ class SimConfig:
             ("network_delay_s", 0 <= self.network_delay_s < self.deadline_s),
             ("idle_tick_s", 0 < self.idle_tick_s < math.inf),
             ("sample_interval_s", 0 < self.sample_interval_s < math.inf),
+            ("liars", 0 <= self.liars <= self.replicas),
+            ("liar_slowdown", 1.0 <= self.liar_slowdown < math.inf),
             *replica_model_checks(self),
         )
         for name, ok in checks:
@@ -117,6 +127,7 @@ class ReplicaSpec:
     allocation: float  # speed per slot while the antagonist is busy
     fast_speed: float  # speed per slot while the antagonist is idle
     busy: tuple[tuple[float, float], ...]  # antagonist busy intervals (may overlap), clipped to [0, horizon]
+    liar: bool = False  # answers every probe with RIF 0 and latency 0
 
     def speed_changes(self) -> list[tuple[float, int]]:
         """``(time, +1 / -1)`` steps of the antagonist's busy count, in time order."""
@@ -166,7 +177,10 @@ def build_fleet(config: SimConfig, rng: random.Random) -> Fleet:
             burst_rate_hz=config.burst_rate_hz,
             burst_s=(config.burst_min_s, config.burst_max_s),
         )
-        specs.append(ReplicaSpec(i, f"replica-{i:03d}", allocation, allocation * headroom, tuple(busy)))
+        liar = i < config.liars
+        if liar:
+            allocation /= config.liar_slowdown
+        specs.append(ReplicaSpec(i, f"replica-{i:03d}", allocation, allocation * headroom, tuple(busy), liar))
     capacity = sum(config.slots * s.allocation for s in specs) / config.mean_work_s
     return Fleet(tuple(specs), capacity)
 

@@ -11,7 +11,8 @@ is counted in by ``tracker.start`` and served by a free slot or queued (FIFO); i
 ``work / speed`` with the speed at service start. At completion ``tracker.finish`` and, after the
 network delay, ``policy.on_finish(..., Outcome.SUCCESS)`` with the end-to-end latency. A probe is
 answered from ``tracker.report(now)`` when it reaches the replica (probes are never counted in RIF)
-and lands in ``policy.on_probe`` one network delay later. Every ``idle_tick_s`` each client sends the
+and lands in ``policy.on_probe`` one network delay later (a liar answers RIF 0 and latency 0 whatever
+its state: ``SimConfig.liars``). Every ``idle_tick_s`` each client sends the
 probes ``policy.idle_probes(now)`` asks for.
 
 Deadline: ``deadline_s`` after sending, a query not yet answered is an error; the client calls
@@ -23,6 +24,9 @@ discarded.
 Measurement: queries *sent* before ``warmup_fraction * seconds`` are not measured. Arrivals stop at
 ``seconds`` and the run continues until every query has ended, so nothing is censored. Percentiles are
 nearest-rank over every measured request, an error counting as ``deadline_s`` (the paper's "TO").
+
+Policies: any name of ``POLICY_CLASSES``, and ``prequal_nocheck``: Prequal with
+``PrequalSettings.cross_check`` off (reports pooled as they come), to compare with it in one run.
 
 Randomness: one ``random.Random(seed)`` derives separate streams for arrivals, client choice, work,
 the fleet, timer phases and each client's policy, so every policy of a run sees the same arrivals,
@@ -37,16 +41,20 @@ import math
 import random
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from .load_tracker import LoadTracker, RequestTicket
-from .policies import create_policy
+from .policies import POLICY_CLASSES, create_policy
+from .policy import BasePolicy
 from .prequal import PrequalPolicy
 from .sim_fleet import Fleet, SimConfig, build_fleet, draw_work
 from .types import Member, Outcome
 
-__all__ = ["Fleet", "RunResult", "SimConfig", "fleet_for", "percentile", "simulate"]
+__all__ = ["SIM_POLICIES", "Fleet", "RunResult", "SimConfig", "fleet_for", "percentile", "simulate"]
+
+# The simulator's policy names: the built-in ones, and Prequal without the probe cross-check.
+SIM_POLICIES: tuple[str, ...] = (*POLICY_CLASSES, "prequal_nocheck")
 
 # Event kinds; an event is the tuple (time, sequence number, kind, a, b).
 _ARRIVAL, _AT_REPLICA, _COMPLETE, _RESPONSE, _DEADLINE, _PROBE, _PROBE_REPLY, _IDLE, _SPEED, _SAMPLE = range(10)
@@ -69,9 +77,10 @@ class _Query:
 
 
 class _Replica:
-    __slots__ = ("tracker", "free", "queue", "busy", "speed", "allocation", "fast_speed")
+    __slots__ = ("tracker", "free", "queue", "busy", "speed", "allocation", "fast_speed", "liar")
 
-    def __init__(self, allocation: float, fast_speed: float, slots: int) -> None:
+    def __init__(self, allocation: float, fast_speed: float, slots: int, liar: bool = False) -> None:
+        self.liar = liar
         self.tracker = LoadTracker()
         self.free = slots
         self.queue: deque[_Query] = deque()
@@ -107,6 +116,11 @@ class RunResult:
     replica_share: tuple[float, ...]  # share of measured requests routed to each replica
     share_speed_corr: float  # Pearson correlation of replica_share with each replica's mean speed
     events: int
+    liar_share: float = 0.0  # share of measured requests routed to lying replicas
+    # Prequal only, per probe answer received after the warm-up: how often the cross-check raised the
+    # reported RIF to the client's own in flight, and the reported latency to measured / ratio.
+    rif_correction_rate: float | None = None
+    latency_correction_rate: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -141,12 +155,15 @@ def simulate(config: SimConfig, policy: str, load: float) -> RunResult:
     rate = load * fleet.capacity_qps
     ids = [spec.id for spec in fleet.replicas]
     index_of = {backend: i for i, backend in enumerate(ids)}
-    replicas = [_Replica(spec.allocation, spec.fast_speed, config.slots) for spec in fleet.replicas]
+    replicas = [_Replica(spec.allocation, spec.fast_speed, config.slots, spec.liar) for spec in fleet.replicas]
     members = [Member(backend) for backend in ids]
-    policies = [create_policy(policy, rng=random.Random(s), prequal=config.prequal) for s in policy_seeds]
+    policies = [_policy(policy, config, random.Random(s)) for s in policy_seeds]
     for p in policies:
         p.set_members(members, 0.0)
-    prequal_pools = [p.pool for p in policies if isinstance(p, PrequalPolicy)]
+    prequals = [p for p in policies if isinstance(p, PrequalPolicy)]
+    prequal_pools = [p.pool for p in prequals]
+    corrections_at_warm: tuple[int, int] | None = None
+    answers = 0  # probe answers received after the warm-up
 
     end = config.seconds
     warm = config.warmup_fraction * end
@@ -190,8 +207,10 @@ def simulate(config: SimConfig, policy: str, load: float) -> RunResult:
         events += 1
         if kind == _PROBE_REPLY:
             policies[a].on_probe(ids[b[0]], t, b[1], b[2])
+            if t >= warm:
+                answers += 1
         elif kind == _PROBE:
-            rif, latency = replicas[b].tracker.report(t)
+            rif, latency = (0, 0.0) if replicas[b].liar else replicas[b].tracker.report(t)
             push(heap, (t + delay, next(seq), _PROBE_REPLY, a, (b, rif, latency)))
         elif kind == _ARRIVAL:
             if t >= end:
@@ -279,6 +298,8 @@ def simulate(config: SimConfig, policy: str, load: float) -> RunResult:
         elif kind == _SAMPLE:
             if t >= end:
                 continue
+            if corrections_at_warm is None:
+                corrections_at_warm = _corrections(prequals)
             rif_samples.extend(replica.tracker.rif for replica in replicas)
             horizon = t - max_age
             for pool in prequal_pools:
@@ -292,6 +313,11 @@ def simulate(config: SimConfig, policy: str, load: float) -> RunResult:
     total_routed = sum(routed)
     share = tuple(n / total_routed if total_routed else 0.0 for n in routed)
     speeds = [spec.mean_speed(warm, end) for spec in fleet.replicas]
+    rif_rate = latency_rate = None
+    if prequals and answers:
+        rif_now, latency_now = _corrections(prequals)
+        rif_then, latency_then = corrections_at_warm or (0, 0)
+        rif_rate, latency_rate = (rif_now - rif_then) / answers, (latency_now - latency_then) / answers
     return RunResult(
         policy=policy,
         load=load,
@@ -315,7 +341,20 @@ def simulate(config: SimConfig, policy: str, load: float) -> RunResult:
         replica_share=share,
         share_speed_corr=_correlation(list(share), speeds),
         events=events,
+        liar_share=sum(n for n, spec in zip(share, fleet.replicas, strict=True) if spec.liar),
+        rif_correction_rate=rif_rate,
+        latency_correction_rate=latency_rate,
     )
+
+
+def _policy(name: str, config: SimConfig, rng: random.Random) -> BasePolicy:
+    if name == "prequal_nocheck":
+        return PrequalPolicy(replace(config.prequal, cross_check=False), rng=rng)
+    return create_policy(name, rng=rng, prequal=config.prequal)
+
+
+def _corrections(prequals: Sequence[PrequalPolicy]) -> tuple[int, int]:
+    return sum(p.rif_corrections for p in prequals), sum(p.latency_corrections for p in prequals)
 
 
 def _correlation(xs: list[float], ys: list[float]) -> float:
