@@ -152,7 +152,11 @@ def valid_report(rif: object, latency_s: object) -> bool:
         return False
     if isinstance(latency_s, bool) or not isinstance(latency_s, (int, float)):
         return False
-    return math.isfinite(latency_s) and latency_s >= 0.0
+    try:
+        latency = float(latency_s)
+    except OverflowError:  # an int too large for a float
+        return False
+    return math.isfinite(latency) and latency >= 0.0
 
 
 def _check(settings: object, checks: tuple[tuple[str, bool, str], ...]) -> None:
