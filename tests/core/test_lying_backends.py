@@ -5,7 +5,7 @@ three. ``PrequalSettings.cross_check`` (on by default): the RIF used is at least
 requests in flight to the backend; a latency below ``measured / cross_check_ratio`` and more than
 ``cross_check_slack_s`` below the client's own EWMA is raised to ``measured / cross_check_ratio``.
 Reports out of range are ignored wherever they enter the core. The bug planted to check that each
-test goes red is listed in docs/testing.md.
+test goes red is listed in docs/security.md ("Lying backends").
 """
 
 from __future__ import annotations
