@@ -115,8 +115,12 @@ class Membership:
     def _apply_pool(self, prefix: str, pool: PoolRuntime, records: Mapping[str, BackendRecord], now: float) -> None:
         self.records[prefix] = records
         members: dict[str, Member] = {url: Member(url) for url in pool.config.upstreams}
+        # A registered member earns traffic with its first passing health check, where there are checks;
+        # the operator's static members are trusted from the start.
+        checked = pool.config.health.path is not None
         for url, record in records.items():
-            members[url] = Member(url, weight=record.weight)
+            static = url in members
+            members[url] = Member(url, weight=record.weight, awaits_health_check=checked and not static)
         for url, old in pool.members.items():
             if url not in members and pool.backend_in_flight.get(url, 0) > 0:
                 members[url] = Member(url, weight=old.weight, draining=True)

@@ -50,6 +50,9 @@ logger = logging.getLogger("prequal_middleware.scheduler")
 
 # How often the idle timer asks policies for idle probes, as a share of the smallest max_idle_s.
 IDLE_TICK_SHARE = 0.5
+# A newly registered member is checked at once, then again after this long, doubling up to the
+# pool's interval while it fails: a backend that registers during its own startup is not listening yet.
+PROVE_FIRST_RETRY_S = 0.05
 # How often pool state is copied into gauges.
 GAUGE_INTERVAL_S = 1.0
 # The longest a gateway goes without re-reading the registry.
@@ -114,6 +117,7 @@ class ProbeScheduler:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._probe_clients: dict[int, ProbeClient] = {}
         self._health_streaks: dict[tuple[str, str], int] = {}  # (pool, backend) -> +ok / -failed in a row
+        self._confirmed: set[tuple[str, str]] = set()  # (pool, backend) seen passing a health check
         self._running = False
         self.errors = LoopErrorLog(metrics, clock, logger)
         self.probes_sent = 0
@@ -327,11 +331,18 @@ class ProbeScheduler:
     def _members_changed(self, pool: PoolRuntime, joined: Sequence[str], left: Sequence[str]) -> None:
         client = self._probe_clients.get(id(pool))
         for backend in left:
+            self._confirmed.discard((pool.prefix, backend))  # one that comes back proves itself again
             if client is not None:
                 client.forget(backend)  # closes its idle probe connections; busy ones close after use
             state = self._local.pop((id(pool), backend), None)
             if state is not None and state.timer is not None:
                 state.timer.cancel()
+        if joined and pool.config.health.path is not None and self._running:
+            # A registered member gets no traffic until a health check passes (``awaits_health_check``):
+            # check each newcomer now, and again soon while it fails, rather than at the next round, up
+            # to ``interval_s`` away (a backend that registers during its own startup is not listening yet).
+            for backend in joined:
+                self._spawn(self._prove(pool, backend))
         for backend in joined:
             state = self._local.get((id(pool), backend))
             if state is not None:  # announced again while in local mode: look now, back off from the start
@@ -369,16 +380,48 @@ class ProbeScheduler:
             await asyncio.sleep(max(settings.interval_s, 0.0))
 
     async def _health_round(self, pool: PoolRuntime, path: str, timeouts: Timeouts) -> None:
-        members = list(pool.members)
         for key in [k for k in self._health_streaks if k[0] == pool.prefix and k[1] not in pool.members]:
             del self._health_streaks[key]  # forget members that left
-        if members:
-            results = await asyncio.gather(*(self._check(b, path, timeouts) for b in members))
-            for backend, ok in zip(members, results, strict=True):
-                try:
-                    self._record_health(pool, backend, ok)
-                except Exception as exc:  # the other members' verdicts still count
-                    self.errors.failed("health", exc)
+            self._confirmed.discard(key)
+        await self._check_members(pool, list(pool.members), path, timeouts)
+
+    async def _prove(self, pool: PoolRuntime, backend: str) -> None:
+        """Check a newcomer until it passes once, at growing intervals up to the pool's ``interval_s``.
+
+        Failures here are counted but do not make a streak: a backend still starting is not failing.
+        """
+        settings = pool.config.health
+        key = (pool.prefix, backend)
+        t = settings.timeout_s
+        timeouts = Timeouts(connect_s=t, response_headers_s=t, read_idle_s=t)
+        delay = PROVE_FIRST_RETRY_S
+        try:
+            while self._running and backend in pool.members and key not in self._confirmed:
+                ok = await self._check(backend, settings.path or "/", timeouts)
+                if backend not in pool.members:
+                    return
+                if ok:
+                    self._record_health(pool, backend, True)
+                    return
+                self._metrics.child(self._metrics.health_checks, pool.prefix, "failed").inc()
+                if delay > settings.interval_s:
+                    return  # the regular rounds take over
+                await asyncio.sleep(delay)
+                delay *= 2
+        except Exception as exc:
+            self.errors.failed("health", exc)
+
+    async def _check_members(self, pool: PoolRuntime, members: list[str], path: str, timeouts: Timeouts) -> None:
+        if not members:
+            return
+        results = await asyncio.gather(*(self._check(b, path, timeouts) for b in members))
+        for backend, ok in zip(members, results, strict=True):
+            if backend not in pool.members:
+                continue  # left while it was being checked
+            try:
+                self._record_health(pool, backend, ok)
+            except Exception as exc:  # the other members' verdicts still count
+                self.errors.failed("health", exc)
 
     async def _check(self, backend: str, path: str, timeouts: Timeouts) -> bool:
         request = UpstreamRequest("GET", backend, path, [])
@@ -406,7 +449,13 @@ class ProbeScheduler:
         streak = (max(streak, 0) + 1) if ok else (min(streak, 0) - 1)
         self._health_streaks[key] = streak
         now = self._clock()
-        if streak == settings.rise or streak == -settings.fall:
+        if ok and key not in self._confirmed:
+            # The first pass of a member this scheduler has never seen healthy proves it (a member that
+            # awaits its first check gets traffic from now on); later recoveries need ``rise`` passes.
+            self._confirmed.add(key)
+            for policy in pool.clients:
+                policy.set_health(backend, True, now)
+        elif streak == settings.rise or streak == -settings.fall:
             healthy = streak > 0
             for policy in pool.clients:
                 policy.set_health(backend, healthy, now)

@@ -31,6 +31,8 @@ def test_registers_heartbeats_reregisters_and_leaves() -> None:
         backend = ServerThread(backend_app(registration), port=port).start()
         try:
             assert list(members(g.url)) == [f"http://127.0.0.1:{port}"], "registered during startup"
+            # It gets traffic once its first health check passes (checked at once, then soon again).
+            wait_for(lambda: members(g.url)[f"http://127.0.0.1:{port}"]["state"] == "healthy", what="first check")
             assert httpx.get(g.url + "/api/x").text == "self-registered"
             wait_for(lambda: registration.heartbeats >= 3, what="heartbeats")
             # The gateway forgets it (as after a restart): the next heartbeat gets 404 and it registers again.

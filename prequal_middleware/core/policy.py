@@ -82,13 +82,27 @@ class Policy(Protocol):
 
 
 class _Backend:
-    __slots__ = ("id", "weight", "draining", "healthy", "in_flight", "probe_mode", "latency_s", "probe_failures")
+    __slots__ = (
+        "id",
+        "weight",
+        "draining",
+        "healthy",
+        "proven",
+        "in_flight",
+        "probe_mode",
+        "latency_s",
+        "probe_failures",
+    )
 
     def __init__(self, member: Member) -> None:
         self.id = member.id
         self.weight = member.weight
         self.draining = member.draining
-        self.healthy = True
+        # A member that awaits its first passing health check is unhealthy and "unproven": not even
+        # panic mode routes to it (200 registered black holes beside one healthy backend must not turn
+        # panic on and take 99.5% of the traffic).
+        self.proven = not member.awaits_health_check
+        self.healthy = self.proven
         self.in_flight = 0
         self.probe_mode: ProbeMode = "probe"
         self.latency_s: float | None = None  # EWMA of successful request latencies seen here
@@ -155,7 +169,12 @@ class BasePolicy:
 
     def set_health(self, backend: BackendId, healthy: bool, now: float) -> None:
         b = self._backends.get(backend)
-        if b is not None and b.healthy != healthy:
+        if b is None:
+            return
+        if healthy and not b.proven:
+            b.proven = True
+            self._stale = True
+        if b.healthy != healthy:
             b.healthy = healthy
             self._stale = True
 
@@ -169,9 +188,10 @@ class BasePolicy:
         return list(self._backends)
 
     def candidates(self, now: float) -> Sequence[BackendId]:
-        """The members a request may go to now: the healthy ones, or all active ones in panic."""
+        """The members a request may go to now: the healthy ones, or in panic every active one that
+        ever passed a health check (or never had to)."""
         if self._stale or now >= self._valid_until:
-            active = [b.id for b in self._backends.values() if not b.draining]
+            active = [b.id for b in self._backends.values() if not b.draining and b.proven]
             healthy = [
                 b.id
                 for b in self._backends.values()

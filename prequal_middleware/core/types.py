@@ -62,11 +62,15 @@ class Member:
         id: the backend's URL, unique in its pool.
         weight: relative share for the policies that have a notion of weight (> 0).
         draining: no new requests; requests in flight finish.
+        awaits_health_check: a member that must pass an active health check before it gets any
+            traffic (one that joined by registration while the pool runs health checks): until then it
+            is neither a candidate nor a choice in panic mode (Envoy's ``ignore_new_hosts_until_first_hc``).
     """
 
     id: BackendId
     weight: float = 1.0
     draining: bool = False
+    awaits_health_check: bool = False
 
     def __post_init__(self) -> None:
         if not self.id:
