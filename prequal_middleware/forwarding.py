@@ -492,7 +492,9 @@ def upstream_target(pool: PoolRuntime, scope: Scope) -> str:
     The middleware routed the request on its raw path (``request_target``), so the prefix is
     stripped byte for byte and the rest goes upstream exactly as it came.
     """
-    raw = raw_path(scope)
+    raw = scope.get("raw_path")
+    if type(raw) is not bytes:
+        raw = raw_path(scope)
     if pool.config.strip_prefix and pool.prefix != "/":
         prefix = raw_prefix(pool.prefix)
         if raw.startswith(prefix):

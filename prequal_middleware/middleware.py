@@ -42,12 +42,17 @@ class PrequalMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http" or kind == "websocket":
-            raw = raw_path(scope)
-            try:
-                check_target(raw, scope["path"], scope.get("query_string", b""))
-            except TargetRefused as refused:
-                await self._refuse(kind, scope, receive, send, refused)
-                return
+            raw = scope.get("raw_path")
+            if type(raw) is not bytes:
+                raw = raw_path(scope)
+            query = scope.get("query_string", b"")
+            # The common target takes the few C-level tests here; anything else gets check_target's verdict.
+            if raw[:1] != b"/" or b"#" in raw or b"#" in query or "." in scope["path"]:
+                try:
+                    check_target(raw, scope["path"], query)
+                except TargetRefused as refused:
+                    await self._refuse(kind, scope, receive, send, refused)
+                    return
             pool = self.gateway.match(raw)
             if pool is not None:
                 if kind == "http":

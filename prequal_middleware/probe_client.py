@@ -96,9 +96,10 @@ def parse_load_value(value: bytes, limit: int) -> int | None:
     checked byte by byte first: ASCII digits only (``bytes.isdigit`` knows no other), at most
     ``MAX_LOAD_DIGITS`` of them, after stripping the field's optional whitespace (spaces and tabs).
     """
-    value = value.strip(_OWS)
-    if not 0 < len(value) <= MAX_LOAD_DIGITS or not value.isdigit():
-        return None
+    if not (len(value) <= MAX_LOAD_DIGITS and value.isdigit()):  # the plain case needs no strip
+        value = value.strip(_OWS)
+        if not (0 < len(value) <= MAX_LOAD_DIGITS and value.isdigit()):
+            return None
     number = int(value)
     return number if number <= limit else None
 
@@ -250,10 +251,18 @@ class _ProbeConnection(asyncio.Protocol):
             self._refuse("bytes after the response")
 
     def on_status(self, status: bytes) -> None:
-        self._count_head(len(status) + 15)  # "HTTP/1.1 200 " and CRLF
+        # Every status line counts towards the head, interim answers' too (a hundred 100 Continue in
+        # one read are a head without end).
+        self.head_bytes += len(status) + 15  # "HTTP/1.1 200 " and CRLF
+        if self.head_bytes > MAX_HEAD_BYTES:
+            self._refuse(f"response head larger than {MAX_HEAD_BYTES} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._count_head(len(name) + len(value) + 4)  # ": " and CRLF
+        # Exact, whatever the reads: a head past the bound fails even when it arrived in one read (the
+        # status line is bounded by the reads: data_received counts a head still pending).
+        self.head_bytes += len(name) + len(value) + 4  # ": " and CRLF
+        if self.head_bytes > MAX_HEAD_BYTES:
+            self._refuse(f"response head larger than {MAX_HEAD_BYTES} bytes")
         name = name.lower()
         if name == RIF_HEADER:
             self.duplicate |= self.rif is not None
@@ -263,12 +272,6 @@ class _ProbeConnection(asyncio.Protocol):
             self.latency_us = value
         elif name == b"content-length" or (name == b"transfer-encoding" and b"chunked" in value.lower()):
             self.framed = True
-
-    def _count_head(self, size: int) -> None:
-        # Exact, whatever the reads: a head past the bound fails even when it arrived in one read.
-        self.head_bytes += size
-        if self.head_bytes > MAX_HEAD_BYTES:
-            self._refuse(f"response head larger than {MAX_HEAD_BYTES} bytes")
 
     def on_body(self, body: bytes) -> None:
         self.body_bytes += len(body)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 from collections import deque
 from collections.abc import Collection, Container, Iterator
 from dataclasses import dataclass
@@ -142,12 +143,17 @@ class PrequalSettings:
         _check(self, checks)
 
 
+_FLOAT_MAX = sys.float_info.max
+
+
 def valid_report(rif: object, latency_s: object) -> bool:
     """Whether a probe report may be used: RIF an int in [0, ``MAX_REPORTED_RIF``], latency finite and >= 0.
 
     Checked where reports enter the core (``PrequalPolicy.on_probe``, ``ProbePool.add``,
     ``RifHistory.add``), whatever their source: a bad one is ignored, never raised on.
     """
+    if type(rif) is int and type(latency_s) is float:  # the common case, in a few comparisons
+        return 0 <= rif <= MAX_REPORTED_RIF and 0.0 <= latency_s <= _FLOAT_MAX  # NaN fails every comparison
     if isinstance(rif, bool) or not isinstance(rif, int) or not 0 <= rif <= MAX_REPORTED_RIF:
         return False
     if isinstance(latency_s, bool) or not isinstance(latency_s, (int, float)):
