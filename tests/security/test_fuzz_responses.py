@@ -15,7 +15,6 @@ connection or a new one, with a clean ``200 next``. Through one transport, for e
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Iterator
 
 import pytest
@@ -26,7 +25,7 @@ from prequal_middleware.exceptions import UpstreamError
 from prequal_middleware.transport import Transport, UpstreamRequest
 from prequal_middleware.transport_aiohttp import AiohttpTransport
 from prequal_middleware.transport_h1 import H1Transport
-from tests.reliability.rawservers import LoopThread, read_request
+from tests.reliability.rawservers import LoopThread, RawRequest, RawServer
 
 TIMEOUTS = Timeouts(connect_s=2.0, response_headers_s=2.0, read_idle_s=0.5)
 EVIL = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nSet-Cookie: stolen=1\r\n\r\nEVIL!"
@@ -91,46 +90,22 @@ def responses(draw: st.DrawFn) -> bytes:
     return head + body + tail
 
 
-class Fuzzed:
+class Fuzzed(RawServer):
     """The first request after ``arm``: ``payload``; every later one, on any connection: ``NEXT``."""
 
     def __init__(self, loop: LoopThread) -> None:
-        self.loop = loop
+        super().__init__(loop)
         self.payload = b""
         self.served = False
-        self.port = 0
-        self._server: asyncio.Server | None = None
-
-    def start(self) -> Fuzzed:
-        async def go() -> int:
-            self._server = await asyncio.start_server(self._connection, "127.0.0.1", 0)
-            return int(self._server.sockets[0].getsockname()[1])
-
-        self.port = self.loop.call(go())
-        return self
-
-    def stop(self) -> None:
-        async def close() -> None:
-            if self._server is not None:
-                self._server.close()
-
-        with contextlib.suppress(Exception):
-            self.loop.call(close())
 
     def arm(self, payload: bytes) -> None:
         self.payload = payload
         self.served = False
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while (await read_request(reader)) is not None:
-                writer.write(NEXT if self.served else self.payload)
-                self.served = True
-                await writer.drain()
-        except Exception:
-            pass
-        finally:
-            writer.close()
+    async def handle(self, request: RawRequest, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        writer.write(NEXT if self.served else self.payload)
+        self.served = True
+        return True
 
 
 @pytest.fixture(scope="module")
