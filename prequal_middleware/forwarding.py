@@ -35,6 +35,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from .config import RequestLimits
 from .core import Outcome, Policy
 from .exceptions import UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
 from .headers import VIA_PSEUDONYM, downstream_response_headers, rewrite_location, upstream_request_headers
@@ -275,12 +276,9 @@ class Forwarder:
             return await self._error(send, 503, "pool_overloaded", "the pool is at its concurrency limit", pool)
         limits = cfg.limits
         raw_headers = scope["headers"]
-        if len(raw_headers) > limits.max_headers:
-            detail = f"more than {limits.max_headers} request headers"
-            return await self._error(send, 431, "headers_too_large", detail, pool)
-        if sum(len(k) + len(v) for k, v in raw_headers) > limits.max_header_bytes:
-            detail = f"request headers larger than {limits.max_header_bytes} bytes"
-            return await self._error(send, 431, "headers_too_large", detail, pool)
+        too_large = header_limit_problem(limits, raw_headers)
+        if too_large is not None:
+            return await self._error(send, 431, "headers_too_large", too_large, pool)
         client = scope.get("client")
         prepared = upstream_request_headers(
             raw_headers,
@@ -480,6 +478,15 @@ class Forwarder:
             raise UpstreamProtocolError(f"upstream {request.backend} closed {remaining} bytes short")
         watch.stop()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def header_limit_problem(limits: RequestLimits, headers: list[tuple[bytes, bytes]]) -> str | None:
+    """Why the request's headers break ``limits`` (a 431, HTTP and WebSocket alike), or None."""
+    if len(headers) > limits.max_headers:
+        return f"more than {limits.max_headers} request headers"
+    if sum(len(k) + len(v) for k, v in headers) > limits.max_header_bytes:
+        return f"request headers larger than {limits.max_header_bytes} bytes"
+    return None
 
 
 def _too_large(limit: int | None) -> str:

@@ -47,9 +47,10 @@ class PrequalMiddleware:
                 raw = raw_path(scope)
             query = scope.get("query_string", b"")
             # The common target takes the few C-level tests here; anything else gets check_target's verdict.
-            if raw[:1] != b"/" or b"#" in raw or b"#" in query or "." in scope["path"]:
+            path: str = scope["path"]
+            if raw[:1] != b"/" or b"#" in raw or b"#" in query or "/." in path or "\\." in path:
                 try:
-                    check_target(raw, scope["path"], query)
+                    check_target(raw, path, query)
                 except TargetRefused as refused:
                     await self._refuse(kind, scope, receive, send, refused)
                     return

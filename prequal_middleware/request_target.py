@@ -72,7 +72,8 @@ def check_target(raw: bytes, path: str, query: bytes = b"") -> None:
     """
     if raw[:1] != b"/" or b"#" in raw or b"#" in query:
         raise NOT_ORIGIN_FORM
-    if "." in path and has_dot_segment(path):
+    # Every path starts with "/", so a dot segment needs "/." or "\\." (a file name's dot needs neither).
+    if ("/." in path or "\\." in path) and has_dot_segment(path):
         raise DOT_SEGMENT
 
 

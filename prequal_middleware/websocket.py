@@ -16,7 +16,7 @@ from typing import Any
 
 from .core import Outcome
 from .exceptions import UpstreamError, UpstreamTimeout
-from .forwarding import Receive, Scope, Send, send_error, upstream_target
+from .forwarding import Receive, Scope, Send, header_limit_problem, send_error, upstream_target
 from .headers import VIA_PSEUDONYM, upstream_request_headers
 from .pool import PoolRuntime
 from .scheduler import ProbeScheduler
@@ -59,13 +59,9 @@ async def forward_websocket(
         return
     cfg = pool.config
     limits = cfg.limits
-    raw_headers = scope["headers"]
-    if len(raw_headers) > limits.max_headers:
-        await _deny(scope, send, 431, "headers_too_large", f"more than {limits.max_headers} request headers", pool)
-        return
-    if sum(len(k) + len(v) for k, v in raw_headers) > limits.max_header_bytes:
-        detail = f"request headers larger than {limits.max_header_bytes} bytes"
-        await _deny(scope, send, 431, "headers_too_large", detail, pool)
+    too_large = header_limit_problem(limits, scope["headers"])
+    if too_large is not None:
+        await _deny(scope, send, 431, "headers_too_large", too_large, pool)
         return
     if pool.full():
         await _deny(scope, send, 503, "pool_overloaded", "the pool is at its concurrency limit", pool)

@@ -20,13 +20,11 @@ from urllib.parse import unquote_to_bytes
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from tests.reliability.procs import HttpProc, gateway_proc
+from tests.reliability.procs import HttpProc
 from tests.reliability.rawclient import exchange
 from tests.reliability.rawservers import LoopThread, Recorder
-from tests.reliability.support import pools_env
+from tests.security.hostile_clients import COMBINATIONS, gateway_procs
 
-SERVERS = ("httptools", "h11")
-TRANSPORTS = ("aiohttp", "h1")
 PIECES = ["/", "/", "/", ".", "..", "%2e", "%2E", "%2f", "%2F", "%5c", "\\", "@", ":", "?", "#", "*", "%", "%61", "a"]
 PIECES += ["api", "/api", "x", "127.0.0.1", "%25", ";", "=", "&", "~", "%00", "%40", "//"]
 
@@ -44,22 +42,10 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     loop = LoopThread().start()
     backend, elsewhere = Recorder(loop).start(), Recorder(loop).start()
     pool = {"upstreams": [backend.url], "health": {"path": None}}
-    gateways = {
-        (http, transport): gateway_proc(
-            f"fuzz-{http}-{transport}", log_dir, pools_env({"/api": pool}, PREQUAL_TRANSPORT=transport), http=http
-        )
-        for http in SERVERS
-        for transport in TRANSPORTS
-    }
     try:
-        for proc in gateways.values():
-            proc.start()
-        for proc in gateways.values():
-            proc.wait_http(proc.url + "/_prequal/healthz")
-        yield Setup(backend, elsewhere, gateways)
+        with gateway_procs("fuzz", log_dir, {"/api": pool}) as gateways:
+            yield Setup(backend, elsewhere, gateways)
     finally:
-        for proc in gateways.values():
-            proc.stop()
         backend.stop()
         elsewhere.stop()
         loop.stop()
@@ -77,7 +63,7 @@ def targets(draw: st.DrawFn) -> bytes:
     return (start + rest).encode("ascii")
 
 
-@pytest.mark.parametrize(("http", "transport"), [(h, t) for h in SERVERS for t in TRANSPORTS])
+@pytest.mark.parametrize(("http", "transport"), COMBINATIONS)
 def test_fuzzed_targets_stay_in_their_pool(setup: Setup, http: str, transport: str) -> None:
     proc = setup.gateways[(http, transport)]
     outcomes: dict[int, int] = {}

@@ -13,18 +13,17 @@ Every combination of uvicorn's HTTP parsers (httptools, h11) and the gateway's u
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 
-from tests.reliability.procs import HttpProc, gateway_proc
+from tests.reliability.procs import HttpProc
 from tests.reliability.rawclient import RawResponse, exchange
 from tests.reliability.rawservers import LoopThread, Recorder
-from tests.reliability.support import pools_env
+from tests.security.hostile_clients import COMBINATIONS, gateway_procs
 
-SERVERS = ("httptools", "h11")
-TRANSPORTS = ("aiohttp", "h1")
 WS_HEADERS = (
     b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
@@ -45,25 +44,12 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     loop = LoopThread().start()
     backend, elsewhere = Recorder(loop).start(), Recorder(loop).start()
     pool = {"upstreams": [backend.url], "health": {"path": None}, "websockets": True}
-    procs: list[HttpProc] = []
-    catch_all: dict[tuple[str, str], HttpProc] = {}
-    api: dict[tuple[str, str], HttpProc] = {}
-    for http in SERVERS:
-        for transport in TRANSPORTS:
-            for prefix, into in (("/", catch_all), ("/api", api)):
-                env = pools_env({prefix: pool}, PREQUAL_TRANSPORT=transport)
-                proc = gateway_proc(f"gw-{http}-{transport}-{prefix.strip('/') or 'root'}", log_dir, env, http=http)
-                into[(http, transport)] = proc
-                procs.append(proc)
     try:
-        for proc in procs:
-            proc.start()
-        for proc in procs:
-            proc.wait_http(proc.url + "/_prequal/healthz")
-        yield Setup(backend, elsewhere, catch_all, api)
+        with contextlib.ExitStack() as stack:
+            catch_all = stack.enter_context(gateway_procs("gw-root", log_dir, {"/": pool}))
+            api = stack.enter_context(gateway_procs("gw-api", log_dir, {"/api": pool}))
+            yield Setup(backend, elsewhere, catch_all, api)
     finally:
-        for proc in procs:
-            proc.stop()
         backend.stop()
         elsewhere.stop()
         loop.stop()
@@ -73,9 +59,6 @@ def send(proc: HttpProc, target: bytes, headers: bytes = b"") -> list[RawRespons
     payload = b"GET " + target + b" HTTP/1.1\r\nHost: gw\r\n" + headers + b"Connection: close\r\n\r\n"
     responses, _ = exchange(proc.port, payload)
     return [r for r in responses if r.status >= 200]
-
-
-COMBINATIONS = [(h, t) for h in SERVERS for t in TRANSPORTS]
 
 
 def hostile_targets(elsewhere_port: int) -> list[bytes]:
