@@ -41,7 +41,7 @@ from .exceptions import UpstreamConnectError, UpstreamError, UpstreamProtocolErr
 from .headers import VIA_PSEUDONYM, downstream_response_headers, rewrite_location, upstream_request_headers
 from .metrics import PrequalMetrics, code_class
 from .pool import PoolRuntime
-from .request_target import NOT_ORIGIN_FORM, raw_path, raw_prefix
+from .request_target import NOT_ORIGIN_FORM, raw_path
 from .scheduler import ProbeScheduler
 from .transport import Transport, UpstreamRequest, UpstreamResponse
 
@@ -503,7 +503,7 @@ def upstream_target(pool: PoolRuntime, scope: Scope) -> str:
     if type(raw) is not bytes:
         raw = raw_path(scope)
     if pool.config.strip_prefix and pool.prefix != "/":
-        prefix = raw_prefix(pool.prefix)
+        prefix = pool.prefix_bytes
         if raw.startswith(prefix):
             raw = raw[len(prefix) :] or b"/"
     if raw[:1] != b"/":  # the middleware refuses these; joined to a backend URL they would name another host
@@ -521,7 +521,7 @@ def _location_rewriter(pool: PoolRuntime, backend: str) -> Callable[[bytes], byt
     """
 
     def rewrite(value: bytes) -> bytes:
-        prefix = raw_prefix(pool.prefix) if pool.config.strip_prefix and pool.prefix != "/" else b""
+        prefix = pool.prefix_bytes if pool.config.strip_prefix and pool.prefix != "/" else b""
         return rewrite_location(value, backend.encode("latin-1"), prefix)
 
     return rewrite

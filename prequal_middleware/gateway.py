@@ -37,7 +37,7 @@ from .metrics import PrequalMetrics
 from .pool import PoolRuntime
 from .registration import AllowList, RegistrationRequest
 from .registry import BackendRecord, MemoryRegistry, Registry
-from .request_target import raw_prefix, under_prefix
+from .request_target import under_prefix
 from .scheduler import ProbeScheduler
 from .transport import Transport
 from .transport_aiohttp import AiohttpTransport
@@ -105,7 +105,7 @@ class Gateway:
         self.pools: dict[str, PoolRuntime] = {p.prefix: PoolRuntime(p, rng) for p in pools}
         # Longest prefix first, so the first match wins; matched against the raw path, byte for byte.
         self._by_length = sorted(
-            ((raw_prefix(p.prefix), p) for p in self.pools.values()), key=lambda item: len(item[0]), reverse=True
+            ((p.prefix_bytes, p) for p in self.pools.values()), key=lambda item: len(item[0]), reverse=True
         )
         self.clock = clock
         self._transport = transport

@@ -15,6 +15,7 @@ from .config import UpstreamPool
 from .core import Member, Policy, create_policy
 from .core.retry_budget import RetryBudget
 from .exceptions import ConfigurationError
+from .request_target import raw_prefix
 
 logger = logging.getLogger("prequal_middleware.pool")
 
@@ -34,7 +35,7 @@ class PoolRuntime:
     def __init__(self, config: UpstreamPool, rng: random.Random) -> None:
         self.config = config
         self.prefix = config.prefix
-        self.prefix_bytes = config.prefix.encode("utf-8")
+        self.prefix_bytes = raw_prefix(config.prefix)  # as clients send it: what routing matches and strips
         self.clients: list[Policy] = [self._new_policy(rng) for _ in range(config.clients_per_pool)]
         self._next_client = 0
         self.members: dict[str, Member] = {}

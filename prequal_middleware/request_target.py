@@ -24,7 +24,6 @@ The gateway is the front door, so it decides this once, for every protocol the s
 from __future__ import annotations
 
 from collections.abc import Mapping
-from functools import lru_cache
 from typing import Any
 from urllib.parse import quote
 
@@ -48,7 +47,6 @@ NOT_ORIGIN_FORM = TargetRefused(
 DOT_SEGMENT = TargetRefused("invalid_path", "the path must not contain '.' or '..' segments, in any spelling")
 
 
-@lru_cache(maxsize=1024)
 def raw_prefix(prefix: str) -> bytes:
     """A pool prefix as a client sends it on the wire (``/api`` -> ``b"/api"``)."""
     return quote(prefix, safe=SAFE_PATH_CHARS).encode("ascii")
