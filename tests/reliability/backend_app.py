@@ -181,10 +181,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--register", help="a gateway's admin URL to register with (SelfRegistration)")
     parser.add_argument("--ttl", type=float, default=30.0)
     parser.add_argument("--interval", type=float, default=None, help="heartbeat interval (default ttl / 3)")
+    parser.add_argument("--drain", type=float, default=1.0, help="SelfRegistration's pre-stop drain on SIGTERM")
     args = parser.parse_args(argv)
     url = f"http://127.0.0.1:{args.port}"
     registration = (
-        SelfRegistration(args.register, url, ttl_s=args.ttl, interval_s=args.interval) if args.register else None
+        SelfRegistration(args.register, url, ttl_s=args.ttl, interval_s=args.interval, drain_s=args.drain)
+        if args.register
+        else None
     )
     uvicorn.run(
         create_app(args.name, registration),
