@@ -43,7 +43,7 @@ from .metrics import PrequalMetrics, code_class
 from .pool import PoolRuntime
 from .request_target import NOT_ORIGIN_FORM, raw_path
 from .scheduler import ProbeScheduler
-from .transport import Transport, UpstreamRequest, UpstreamResponse
+from .transport import Transport, UpstreamRequest, UpstreamResponse, sendable_target
 
 logger = logging.getLogger("prequal_middleware.forwarding")
 
@@ -375,6 +375,12 @@ class Forwarder:
             )
             if cfg.on_request is not None:
                 request = await _apply_hook(cfg.on_request, request)
+            if not sendable_target(request.target):
+                # Only a path rewrite or a request hook can get here (the middleware admitted the
+                # client's target): the gateway's own bug, not a backend's failure, and never sent.
+                detail = "the gateway's path rewrite produced an invalid request target"
+                exchange.status = await self._error(exchange.send, 500, "invalid_upstream_target", detail, pool)
+                return
             try:
                 await self._attempt(exchange, policy, request, now)
                 return

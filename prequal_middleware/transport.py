@@ -8,17 +8,85 @@ these same types. Three transports ship: ``AiohttpTransport`` (the default, conf
 
 A transport raises only ``UpstreamError`` subclasses, and says whether the request may have reached
 the backend (``UpstreamError.sent``); the forwarder alone turns them into status codes.
+
+Every transport builds the URL it sends to from parsed parts, never by joining strings: the backend's
+scheme, host, port and base path (``upstream_origin``, parsed once per backend) and the request's path
+and query (``split_target``). Whatever a target holds, it cannot change the host a request goes to.
 """
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
+from urllib.parse import urlsplit
+
+from .exceptions import UpstreamConnectError
 
 if TYPE_CHECKING:
     from .config import Timeouts
 
 RawHeaders = list[tuple[bytes, bytes]]
+
+
+# Never in a request line: controls, space (they end or split it) and "#" (a fragment is not sent).
+_NOT_IN_TARGET = re.compile(r"[\x00-\x20\x7f#]")
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamOrigin:
+    """A backend URL's parts: where requests go (``scheme``, ``host``, ``port``) and the ``base_path`` they start with.
+
+    ``host`` is a name or an IP literal without brackets; ``base_path`` is percent-encoded with no
+    trailing ``/`` (``""`` for none); ``authority`` is the ``Host`` header's value.
+    """
+
+    scheme: str
+    host: str
+    port: int
+    base_path: str
+    authority: str
+
+    @property
+    def websocket_scheme(self) -> str:
+        return "wss" if self.scheme == "https" else "ws"
+
+
+@functools.lru_cache(maxsize=4096)
+def upstream_origin(backend: str) -> UpstreamOrigin:
+    """Parse a member's URL once (``http://10.0.0.5:8000/base``); ``UpstreamConnectError`` if it is not one."""
+    try:
+        split = urlsplit(backend)
+        port = split.port
+    except ValueError as exc:
+        raise UpstreamConnectError(f"{backend!r}: {exc}") from None
+    if split.scheme not in ("http", "https") or not split.hostname or split.username is not None:
+        raise UpstreamConnectError(f"{backend!r}: not an http:// or https:// URL with a host")
+    if split.query or split.fragment:
+        raise UpstreamConnectError(f"{backend!r}: a backend URL has no query or fragment")
+    default = 443 if split.scheme == "https" else 80
+    return UpstreamOrigin(
+        scheme=split.scheme,
+        host=split.hostname,
+        port=port if port is not None else default,
+        base_path=split.path.rstrip("/"),
+        authority=split.netloc,
+    )
+
+
+def sendable_target(target: str) -> bool:
+    """Whether ``target`` can go on a request line: origin-form, no controls, spaces or ``#``."""
+    return target[:1] == "/" and _NOT_IN_TARGET.search(target) is None
+
+
+def split_target(target: str) -> tuple[str, str]:
+    """A request target's path and query (``/a?b=1`` -> ``("/a", "b=1")``); ``ValueError`` unless sendable."""
+    if not sendable_target(target):
+        raise ValueError(f"not an origin-form request target: {target!r}")
+    path, _, query = target.partition("?")
+    return path, query
 
 
 class UpstreamRequest:
@@ -51,12 +119,8 @@ class UpstreamRequest:
         self.body = body
         self.content_length = content_length
 
-    @property
-    def url(self) -> str:
-        return self.backend + self.target
-
     def __repr__(self) -> str:
-        return f"UpstreamRequest({self.method} {self.url})"
+        return f"UpstreamRequest({self.method} {self.backend} {self.target})"
 
 
 class UpstreamResponse:
@@ -128,9 +192,9 @@ class WebSocketTransport(Transport, Protocol):
     """A transport that can also open WebSockets upstream."""
 
     async def connect_websocket(
-        self, url: str, headers: RawHeaders, subprotocols: list[str], timeouts: Timeouts
+        self, backend: str, target: str, headers: RawHeaders, subprotocols: list[str], timeouts: Timeouts
     ) -> UpstreamWebSocket:
-        """Open a WebSocket to ``url`` (``ws://`` or ``wss://``)."""
+        """Open a WebSocket to ``target`` on ``backend`` (``ws://`` for ``http://``, ``wss://`` for ``https://``)."""
 
 
 PathRewriteHook = Callable[[str], str]

@@ -36,7 +36,7 @@ from aiohttp.streams import StreamReader
 from yarl import URL
 
 from .exceptions import UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
-from .transport import RawHeaders, UpstreamRequest, UpstreamResponse, UpstreamWebSocket
+from .transport import RawHeaders, UpstreamRequest, UpstreamResponse, UpstreamWebSocket, split_target, upstream_origin
 
 if TYPE_CHECKING:
     from .config import Timeouts
@@ -161,6 +161,7 @@ class AiohttpTransport:
     async def send(self, request: UpstreamRequest, timeouts: Timeouts) -> UpstreamResponse:
         session = self._session or self._open()
         loop = asyncio.get_running_loop()
+        url = _url(request.backend, request.target, websocket=False)
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers]
         # aiohttp starts sock_read once the request is fully written and re-arms it on every read:
         # exactly the response-headers timeout. The upload's idle timeout is ours (the deadline).
@@ -179,7 +180,7 @@ class AiohttpTransport:
             if deadline is None:
                 response = await session.request(
                     request.method,
-                    URL(request.url, encoded=True),
+                    url,
                     headers=headers,
                     allow_redirects=False,
                     timeout=limits,
@@ -189,7 +190,7 @@ class AiohttpTransport:
                     deadline.reschedule(loop.time() + timeouts.connect_s + timeouts.read_idle_s)
                     response = await session.request(
                         request.method,
-                        URL(request.url, encoded=True),
+                        url,
                         headers=headers,
                         data=body,
                         allow_redirects=False,
@@ -219,13 +220,14 @@ class AiohttpTransport:
         return UpstreamResponse(response.status, list(response.raw_headers), _read_body(response), close)
 
     async def connect_websocket(
-        self, url: str, headers: RawHeaders, subprotocols: list[str], timeouts: Timeouts
+        self, backend: str, target: str, headers: RawHeaders, subprotocols: list[str], timeouts: Timeouts
     ) -> UpstreamWebSocket:
         session = self._session or self._open()
+        url = _url(backend, target, websocket=True)
         try:
             async with asyncio.timeout(timeouts.connect_s + timeouts.response_headers_s):
                 ws = await session.ws_connect(
-                    URL(url, encoded=True),
+                    url,
                     headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers],
                     protocols=subprotocols,
                     autoclose=False,
@@ -238,6 +240,23 @@ class AiohttpTransport:
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             raise _upstream_error(exc, f"websocket {url}") from None
         return _AiohttpWebSocket(ws)
+
+
+def _url(backend: str, target: str, *, websocket: bool) -> URL:
+    """The URL from parsed parts: the backend's scheme, host, port and base path, the target's path and query."""
+    origin = upstream_origin(backend)
+    try:
+        path, query = split_target(target)
+        return URL.build(
+            scheme=origin.websocket_scheme if websocket else origin.scheme,
+            host=origin.host,
+            port=origin.port,
+            path=origin.base_path + path,
+            query_string=query,
+            encoded=True,
+        )
+    except ValueError as exc:
+        raise UpstreamConnectError(f"{backend} {target!r}: {exc}") from None
 
 
 def _upstream_error(exc: BaseException, what: str) -> UpstreamError:

@@ -44,12 +44,11 @@ import ssl as ssl_module
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, cast
-from urllib.parse import urlsplit
 
 import httptools
 
 from .exceptions import TimeoutPhase, UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
-from .transport import RawHeaders, UpstreamRequest, UpstreamResponse, UpstreamWebSocket
+from .transport import RawHeaders, UpstreamRequest, UpstreamResponse, UpstreamWebSocket, upstream_origin
 from .transport_aiohttp import AiohttpTransport
 
 if TYPE_CHECKING:
@@ -82,15 +81,13 @@ class _Origin:
     __slots__ = ("url", "host", "port", "ssl", "host_header", "base", "idle", "open", "waiters", "limit")
 
     def __init__(self, url: str, limit: int, tls: ssl_module.SSLContext | None) -> None:
-        split = urlsplit(url)
-        if split.scheme not in ("http", "https") or not split.hostname:
-            raise UpstreamConnectError(f"{url!r}: not an http:// or https:// URL with a host")
+        parts = upstream_origin(url)
         self.url = url
-        self.host = split.hostname
-        self.port = split.port or (443 if split.scheme == "https" else 80)
-        self.ssl = tls if split.scheme == "https" else None
-        self.host_header = split.netloc.rpartition("@")[2].encode("ascii")
-        self.base = split.path.rstrip("/").encode("ascii")
+        self.host = parts.host
+        self.port = parts.port
+        self.ssl = tls if parts.scheme == "https" else None
+        self.host_header = parts.authority.encode("ascii")
+        self.base = parts.base_path.encode("ascii")
         self.idle: list[_Connection] = []  # LIFO: the warmest connection first
         self.open = 0  # connections open or being opened
         self.waiters: deque[asyncio.Future[None]] = deque()  # requests waiting for a connection slot
@@ -374,11 +371,11 @@ class H1Transport:
         return await self._exchange(conn, request, head, chunked, head_only, timeouts, loop)
 
     async def connect_websocket(
-        self, url: str, headers: RawHeaders, subprotocols: list[str], timeouts: Timeouts
+        self, backend: str, target: str, headers: RawHeaders, subprotocols: list[str], timeouts: Timeouts
     ) -> UpstreamWebSocket:
         if self._websockets is None:
             self._websockets = AiohttpTransport(ssl=self._ssl if self._ssl is not None else True)
-        return await self._websockets.connect_websocket(url, headers, subprotocols, timeouts)
+        return await self._websockets.connect_websocket(backend, target, headers, subprotocols, timeouts)
 
     async def aclose(self) -> None:
         self._closed = True

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import httpx
 
 from .exceptions import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
-from .transport import UpstreamRequest, UpstreamResponse
+from .transport import UpstreamRequest, UpstreamResponse, sendable_target, upstream_origin
 
 if TYPE_CHECKING:
     from .config import Timeouts
@@ -66,7 +66,7 @@ class HttpxTransport:
         )
         built = httpx.Request(
             request.method,
-            httpx.URL(request.url),
+            _url(request.backend, request.target),
             headers=headers,
             content=_stream(request.body) if request.body is not None else None,
             extensions={"timeout": limits.as_dict()},
@@ -85,6 +85,15 @@ class HttpxTransport:
         except (httpx.HTTPError, OSError) as exc:
             raise UpstreamProtocolError(f"{request!r}: {type(exc).__name__}: {exc}") from None
         return UpstreamResponse(response.status_code, list(response.headers.raw), _body(response), response.aclose)
+
+
+def _url(backend: str, target: str) -> httpx.URL:
+    """The URL from parsed parts: the backend's scheme, host, port and base path, the target's path and query."""
+    origin = upstream_origin(backend)
+    if not sendable_target(target):
+        raise UpstreamConnectError(f"{backend} {target!r}: not an origin-form request target")
+    raw = (origin.base_path + target).encode("latin-1")
+    return httpx.URL(scheme=origin.scheme, host=origin.host, port=origin.port, raw_path=raw)
 
 
 async def _stream(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:

@@ -20,7 +20,7 @@ from .forwarding import Receive, Scope, Send, header_limit_problem, send_error, 
 from .headers import VIA_PSEUDONYM, upstream_request_headers
 from .pool import PoolRuntime
 from .scheduler import ProbeScheduler
-from .transport import UpstreamWebSocket, WebSocketTransport
+from .transport import UpstreamWebSocket, WebSocketTransport, sendable_target
 
 # The handshake headers the upstream client makes itself (RFC 6455 section 4.1).
 _HANDSHAKE = frozenset(
@@ -114,6 +114,10 @@ async def _forward(
     target = upstream_target(pool, scope)
     if pool.config.rewrite_path is not None:
         target = pool.config.rewrite_path(target)
+        if not sendable_target(target):
+            detail = "the gateway's path rewrite produced an invalid request target"
+            await _deny(scope, send, 500, "invalid_upstream_target", detail, pool)
+            return
     policy = pool.next_client()
     now = clock()
     selection = policy.select(now, pool.at_limit) if pool.at_limit else policy.select(now)
@@ -123,7 +127,6 @@ async def _forward(
     if selection.probes:
         scheduler.send_probes(pool, policy, selection.probes)
     backend = selection.backend
-    url = "ws" + backend[4:] + target if backend.startswith("http") else backend + target
     pool.acquire(backend)
     policy.on_start(backend, now)
     outcome = Outcome.CANCELLED
@@ -132,7 +135,7 @@ async def _forward(
     try:
         try:
             upstream = await transport.connect_websocket(
-                url, headers, list(scope.get("subprotocols", [])), pool.config.timeouts
+                backend, target, headers, list(scope.get("subprotocols", [])), pool.config.timeouts
             )
         except UpstreamError as exc:
             latency = clock() - started
