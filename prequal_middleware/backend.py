@@ -15,6 +15,13 @@ A probe answer (``GET`` or ``HEAD`` on ``probe_path``; the query string is ignor
 app; other methods on the probe path go to the app like any request. ``probe_path`` is relative to the
 app's ``root_path`` (a ``Mount``, or ``uvicorn --root-path``).
 
+Every counted response also carries the report (the same two headers, a *piggybacked* report), so a
+gateway learns this backend's load from the answers it gets anyway and sends fewer probes; the gateway
+strips them from what its client sees. Here the RIF counts the requests in flight besides the one being
+answered (what the next request finds once this one is done) and the latency is the estimate at that
+RIF. ``report_on_responses=False`` turns this off (a backend whose clients must not see its load, when
+no gateway is in front).
+
 A request counts from arrival until the app hands its final ``http.response.body`` (``more_body``
 false) to the server, so a streamed response counts until its last chunk and background tasks that
 run after the response do not count. A client disconnect, a cancellation or an
@@ -41,9 +48,10 @@ from collections.abc import Awaitable, Callable, Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .core.load_report import DEFAULT_PROBE_PATH, encode_report
 from .core.load_tracker import LoadTracker
 
-DEFAULT_PROBE_PATH = "/_prequal/probe"
+__all__ = ["DEFAULT_EXCLUDED_PATHS", "DEFAULT_PROBE_PATH", "LoadReportingMiddleware"]
 PROBE_METHODS = frozenset({"GET", "HEAD"})
 # Not load: health checks (the gateway's default HealthSettings.path is /healthz) and the gateway's
 # admin routes at their documented mount (admin.admin_routes under /_prequal).
@@ -79,6 +87,7 @@ class LoadReportingMiddleware:
             is ``DEFAULT_EXCLUDED_PATHS`` plus ``probe_path``; a collection given replaces it, so
             ``()`` counts every request again. Public as ``self.excluded_paths``, a frozenset.
         tracker: the ``LoadTracker`` to feed; a new one by default. Public as ``self.tracker``.
+        report_on_responses: add the load report to every counted response (piggybacked reports).
         clock: monotonic seconds; injectable for tests.
     """
 
@@ -89,6 +98,7 @@ class LoadReportingMiddleware:
         probe_path: str = DEFAULT_PROBE_PATH,
         excluded_paths: Iterable[str] | None = None,
         tracker: LoadTracker | None = None,
+        report_on_responses: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if isinstance(excluded_paths, str):
@@ -99,6 +109,7 @@ class LoadReportingMiddleware:
             DEFAULT_EXCLUDED_PATHS | {probe_path} if excluded_paths is None else frozenset(excluded_paths)
         )
         self.tracker = LoadTracker() if tracker is None else tracker
+        self.report_on_responses = report_on_responses
         self.clock = clock
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -120,6 +131,7 @@ class LoadReportingMiddleware:
 
         tracker = self.tracker
         clock = self.clock
+        report = self.report_on_responses
         ticket = tracker.start(clock())
         status = 500  # a response that never started is an error
 
@@ -129,6 +141,10 @@ class LoadReportingMiddleware:
             kind = message["type"]
             if kind == "http.response.start":
                 status = message["status"]
+                if report:
+                    rif, latency_s = tracker.report(clock(), exclude=1)
+                    headers = [*message.get("headers", ()), *encode_report(rif, latency_s)]
+                    message = {**message, "headers": headers}
             elif (kind == "http.response.body" and not message.get("more_body", False)) or (
                 kind == "http.response.pathsend"
             ):
@@ -147,11 +163,6 @@ class LoadReportingMiddleware:
         rif, latency_s = self.tracker.report(self.clock())
         # repr of a finite float is valid JSON; no json module round trip on the probe path.
         body = f'{{"rif": {rif}, "latency_s": {latency_s!r}}}'.encode()
-        headers = [
-            *_PROBE_STATIC_HEADERS,
-            (b"content-length", str(len(body)).encode()),
-            (b"x-prequal-rif", str(rif).encode()),
-            (b"x-prequal-latency-us", str(round(latency_s * 1e6)).encode()),
-        ]
+        headers = [*_PROBE_STATIC_HEADERS, (b"content-length", str(len(body)).encode()), *encode_report(rif, latency_s)]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": b"" if head else body})

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from .core import OutlierSettings, Policy, PrequalSettings
+from .core.load_report import DEFAULT_PROBE_PATH
 from .exceptions import ConfigurationError
 
 if TYPE_CHECKING:
@@ -80,7 +81,7 @@ class ProbeSettings:
             probe is stale on arrival).
     """
 
-    path: str = "/_prequal/probe"
+    path: str = DEFAULT_PROBE_PATH
     timeout_s: float = 0.05
     max_in_flight: int = 64
 

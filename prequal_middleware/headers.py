@@ -9,6 +9,8 @@ import secrets
 from collections.abc import Callable
 from typing import NamedTuple
 
+from .core.load_report import REPORT_HEADERS
+
 RawHeaders = list[tuple[bytes, bytes]]
 
 # RFC 9110 section 7.6.1, plus the non-standard Proxy-Connection: these describe one connection and
@@ -137,13 +139,17 @@ def names_in_via(value: bytes, pseudonym: bytes) -> bool:
     return False
 
 
+# Hop-by-hop, and the backend's load report: it is for the gateway (``core.load_report``), not the client.
+_NOT_DOWNSTREAM = HOP_BY_HOP | REPORT_HEADERS
+
+
 def downstream_response_headers(headers: RawHeaders, location: Callable[[bytes], bytes] | None = None) -> RawHeaders:
-    """The upstream response's headers minus hop-by-hop ones, ``Location`` passed through ``location``."""
+    """The upstream response's headers minus hop-by-hop ones and the load report, ``Location`` through ``location``."""
     named = connection_tokens(headers)
     out: RawHeaders = []
     for name, value in headers:
         name = name.lower()
-        if name in HOP_BY_HOP or name in named:
+        if name in _NOT_DOWNSTREAM or name in named:
             continue
         if name == b"location" and location is not None:
             value = location(value)

@@ -24,10 +24,9 @@ Both are ``ProbeError``.
 A probe answer is untrusted input (a backend may be compromised or hostile), so it is bounded and
 validated here, the one place where a backend's load report enters the gateway:
 
-- each of ``x-prequal-rif`` and ``x-prequal-latency-us`` is a plain decimal integer of ASCII digits,
-  at most ``MAX_LOAD_DIGITS`` of them (no sign, no space, ``_`` or other digit inside; spaces and tabs
-  around it are the field's own whitespace), at most ``MAX_RIF`` (a million requests in flight) and
-  ``MAX_LATENCY_US`` (ten minutes) respectively, and present at most once;
+- each of ``x-prequal-rif`` and ``x-prequal-latency-us`` is read by ``core.load_report`` (the wire
+  format's one home): a plain decimal integer of at most ``MAX_LOAD_DIGITS`` ASCII digits, at most
+  ``MAX_RIF`` (a million requests in flight) and ``MAX_LATENCY_US`` (ten minutes), present at most once;
 - the head (status line and fields, interim answers included) is at most ``MAX_HEAD_BYTES`` and the
   body, read and dropped, at most ``MAX_BODY_BYTES``; an answer running past either fails at once and
   its connection is closed, without buffering it; so does a byte after the answer;
@@ -50,25 +49,24 @@ from urllib.parse import urlsplit
 
 import httptools
 
-DEFAULT_PROBE_PATH = "/_prequal/probe"
+from .core.load_report import (
+    DEFAULT_PROBE_PATH,
+    LATENCY_HEADER,
+    MAX_LATENCY_US,
+    MAX_RIF,
+    RIF_HEADER,
+    parse_load_value,
+)
+
 DEFAULT_TIMEOUT_S = 0.05
 DEFAULT_MAX_IDLE_PER_BACKEND = 4
 UNSUPPORTED_STATUSES = frozenset({404, 405})
-RIF_HEADER = b"x-prequal-rif"
-LATENCY_HEADER = b"x-prequal-latency-us"
 # Bounds on what a backend's answer may be (see the module docstring). LoadReportingMiddleware answers
 # with a head of about 120 bytes and no body; an answer far beyond that is not a load report. 8 KiB is
 # the largest head common servers send by default, and what the probe path buffers at worst per
 # connection (plus one read of at most 256 KiB, asyncio's buffer, before the check runs).
 MAX_HEAD_BYTES = 8 * 1024
 MAX_BODY_BYTES = 4 * 1024
-# A million requests in flight is beyond any single backend; ten minutes is beyond any probe timeout and
-# any latency worth balancing on. Both fit a float exactly, so no later arithmetic can overflow.
-MAX_RIF = 1_000_000
-MAX_LATENCY_US = 600_000_000
-# Enough for either bound with a few leading zeros; int() never sees a longer string.
-MAX_LOAD_DIGITS = 12
-_OWS = b" \t"
 
 logger = logging.getLogger("prequal_middleware.probe_client")
 
@@ -87,21 +85,6 @@ class ProbeFailed(ProbeError):
 
 class _Refused(Exception):
     """Raised from a parser callback to stop parsing an answer that broke a bound; ``reason`` says which."""
-
-
-def parse_load_value(value: bytes, limit: int) -> int | None:
-    """A load header's value as an int in ``[0, limit]``, or None unless it is a plain decimal integer.
-
-    Python's ``int()`` alone accepts ``+5``, `` 5 ``, ``5_0`` and thousands of digits, so the value is
-    checked byte by byte first: ASCII digits only (``bytes.isdigit`` knows no other), at most
-    ``MAX_LOAD_DIGITS`` of them, after stripping the field's optional whitespace (spaces and tabs).
-    """
-    if not (len(value) <= MAX_LOAD_DIGITS and value.isdigit()):  # the plain case needs no strip
-        value = value.strip(_OWS)
-        if not (0 < len(value) <= MAX_LOAD_DIGITS and value.isdigit()):
-            return None
-    number = int(value)
-    return number if number <= limit else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -492,3 +492,34 @@ async def _never_receive() -> Message:
 
 async def _discard(message: Message) -> None:
     pass
+
+
+async def test_every_counted_response_carries_the_report_of_the_others_in_flight(
+    http: httpx.AsyncClient, gate: Gate
+) -> None:
+    assert (await http.get("/sleep", params={"s": 0.05})).status_code == 200
+    alone = await http.get("/sleep", params={"s": 0.05})
+    assert alone.headers["x-prequal-rif"] == "0", "the request answered is not counted in its own report"
+    assert 50_000 <= int(alone.headers["x-prequal-latency-us"]) < 300_000, "the estimate at RIF 0"
+    held = [asyncio.create_task(http.get("/hold")) for _ in range(3)]
+    await until(lambda: gate.entered == 3, "3 requests in the handler")
+    counted = await http.get("/sleep", params={"s": 0})
+    assert counted.headers["x-prequal-rif"] == "3"
+    assert counted.headers.get_list("x-prequal-rif") == ["3"]
+    gate.open()
+    await asyncio.gather(*held)
+    beside = await http.get("/healthz")  # excluded from load: no report
+    assert "x-prequal-rif" not in beside.headers
+    errored = await http.get("/sleep", params={"s": 0, "status": 503})
+    assert errored.headers["x-prequal-rif"] == "0", "errors carry the report too"
+
+
+async def test_reports_on_responses_can_be_turned_off(gate: Gate) -> None:
+    middleware, _ = build(gate, report_on_responses=False)
+    with serve(middleware) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=WAIT_S) as client:
+            response = await client.get("/sleep", params={"s": 0})
+            assert response.status_code == 200
+            assert "x-prequal-rif" not in response.headers
+            assert "x-prequal-latency-us" not in response.headers
+            assert (await client.get(PROBE)).headers["x-prequal-rif"] == "0", "probes are still answered"

@@ -360,3 +360,11 @@ def test_oversized_upstream_response_headers_are_a_502(client: httpx.Client) -> 
     # aiohttp's default limit on one response header line is 8190 bytes.
     response = client.get("/api/huge-header")
     assert response.status_code == 502 and response.json()["error"] == "upstream_error"
+
+
+def test_the_backends_load_report_is_the_gateways_not_the_clients(fleet: Fleet, client: httpx.Client) -> None:
+    direct = httpx.get(fleet.a.url + "/echo")
+    assert "x-prequal-rif" in direct.headers, "the backend piggybacks its report on every response"
+    via = client.get("/api/echo")
+    assert via.status_code == 200
+    assert "x-prequal-rif" not in via.headers and "x-prequal-latency-us" not in via.headers

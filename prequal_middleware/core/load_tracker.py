@@ -106,11 +106,11 @@ class LoadTracker:
             return rif
         return min(exact + rif.bit_length() - exact.bit_length(), len(self._buckets) - 1)
 
-    def estimate(self, now: float) -> float:
-        """Median latency (seconds) of fresh samples at or near the current RIF; 0.0 with none."""
+    def estimate(self, now: float, rif: int | None = None) -> float:
+        """Median latency (seconds) of fresh samples at or near ``rif`` (default: the current RIF); 0.0 with none."""
         s = self.settings
         horizon = now - s.window_s
-        center = self._bucket_of(self._rif)
+        center = self._bucket_of(self._rif if rif is None else max(0, rif))
         samples: list[float] = []
         self._collect(center, horizon, samples)
         for distance in range(1, s.max_widen + 1):
@@ -130,6 +130,13 @@ class LoadTracker:
             if bucket:
                 into.extend(latency for finished_at, latency in bucket if finished_at >= horizon)
 
-    def report(self, now: float) -> tuple[int, float]:
-        """What a probe answers: (requests in flight, latency estimate in seconds)."""
-        return self._rif, self.estimate(now)
+    def report(self, now: float, exclude: int = 0) -> tuple[int, float]:
+        """What a probe answers: (requests in flight, latency estimate in seconds).
+
+        ``exclude`` requests are left out of the RIF (a report on a response leaves out the request it
+        answers: 1), and the estimate is the one at the RIF reported.
+        """
+        if not exclude:
+            return self._rif, self.estimate(now)
+        rif = max(0, self._rif - exclude)
+        return rif, self.estimate(now, rif)

@@ -1,0 +1,75 @@
+"""The load report's wire format, in one place: what a backend sends and how the gateway reads it.
+
+A backend reports its load in two headers, ``x-prequal-rif`` (requests in flight, an integer) and
+``x-prequal-latency-us`` (its latency estimate in microseconds, an integer): the names prequal-rs and
+envoy-prequal use. They answer a probe (``GET`` or ``HEAD`` on ``DEFAULT_PROBE_PATH``) and ride on every
+response ``LoadReportingMiddleware`` serves (a piggybacked report).
+
+A report is untrusted input (a backend may be compromised or hostile), so it is bounded here, the one
+place it is parsed: each value is a plain decimal integer of ASCII digits, at most ``MAX_LOAD_DIGITS``
+of them (no sign, no ``_``, no other digit; spaces and tabs around it are the field's own whitespace),
+at most ``MAX_RIF`` and ``MAX_LATENCY_US`` respectively, and each header present at most once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+DEFAULT_PROBE_PATH = "/_prequal/probe"
+RIF_HEADER = b"x-prequal-rif"
+LATENCY_HEADER = b"x-prequal-latency-us"
+REPORT_HEADERS = frozenset({RIF_HEADER, LATENCY_HEADER})
+# A million requests in flight is beyond any single backend; ten minutes is beyond any probe timeout and
+# any latency worth balancing on. Both fit a float exactly, so no later arithmetic can overflow.
+MAX_RIF = 1_000_000
+MAX_LATENCY_US = 600_000_000
+# Enough for either bound with a few leading zeros; int() never sees a longer string.
+MAX_LOAD_DIGITS = 12
+_OWS = b" \t"
+
+
+def parse_load_value(value: bytes, limit: int) -> int | None:
+    """A load header's value as an int in ``[0, limit]``, or None unless it is a plain decimal integer.
+
+    Python's ``int()`` alone accepts ``+5``, `` 5 ``, ``5_0`` and thousands of digits, so the value is
+    checked byte by byte first: ASCII digits only (``bytes.isdigit`` knows no other), at most
+    ``MAX_LOAD_DIGITS`` of them, after stripping the field's optional whitespace (spaces and tabs).
+    """
+    if not (len(value) <= MAX_LOAD_DIGITS and value.isdigit()):  # the plain case needs no strip
+        value = value.strip(_OWS)
+        if not (0 < len(value) <= MAX_LOAD_DIGITS and value.isdigit()):
+            return None
+    number = int(value)
+    return number if number <= limit else None
+
+
+def encode_report(rif: int, latency_s: float) -> list[tuple[bytes, bytes]]:
+    """The two report headers for ``rif`` requests in flight and a latency estimate of ``latency_s``."""
+    return [(RIF_HEADER, str(rif).encode()), (LATENCY_HEADER, str(round(latency_s * 1e6)).encode())]
+
+
+def read_report(headers: Iterable[tuple[bytes, bytes]]) -> tuple[int, float] | None:
+    """A piggybacked report from a response's raw headers (names lower-case): ``(rif, latency_s)``.
+
+    ``None`` when there is none, or when it is not a valid report (a header twice, a value out of
+    bounds, a latency without a RIF): a bad report is no report, never a failure of the response.
+    A missing latency reads as 0, as on a probe answer.
+    """
+    rif_value: bytes | None = None
+    latency_value: bytes | None = None
+    for name, value in headers:
+        if name == RIF_HEADER:
+            if rif_value is not None:
+                return None
+            rif_value = value
+        elif name == LATENCY_HEADER:
+            if latency_value is not None:
+                return None
+            latency_value = value
+    if rif_value is None:
+        return None
+    rif = parse_load_value(rif_value, MAX_RIF)
+    latency_us = 0 if latency_value is None else parse_load_value(latency_value, MAX_LATENCY_US)
+    if rif is None or latency_us is None:
+        return None
+    return rif, latency_us / 1e6

@@ -1,0 +1,49 @@
+"""The load report's wire format (``core.load_report``): what a backend writes is what the gateway reads."""
+
+from __future__ import annotations
+
+import pytest
+
+from prequal_middleware.core.load_report import (
+    LATENCY_HEADER,
+    MAX_LATENCY_US,
+    MAX_RIF,
+    RIF_HEADER,
+    encode_report,
+    read_report,
+)
+
+
+@pytest.mark.parametrize(("rif", "latency_s"), [(0, 0.0), (3, 0.012345), (MAX_RIF, MAX_LATENCY_US / 1e6)])
+def test_a_report_reads_back_as_written(rif: int, latency_s: float) -> None:
+    assert read_report([(b"content-type", b"text/plain"), *encode_report(rif, latency_s)]) == (rif, latency_s)
+
+
+def test_a_missing_latency_reads_as_zero_and_a_missing_rif_as_no_report() -> None:
+    assert read_report([(RIF_HEADER, b"4")]) == (4, 0.0)
+    assert read_report([(LATENCY_HEADER, b"10")]) is None
+    assert read_report([]) is None
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(RIF_HEADER, b"1"), (RIF_HEADER, b"1")],
+        [(RIF_HEADER, b"1"), (LATENCY_HEADER, b"5"), (LATENCY_HEADER, b"5")],
+        [(RIF_HEADER, b"-1")],
+        [(RIF_HEADER, b"+1")],
+        [(RIF_HEADER, b"1_0")],
+        [(RIF_HEADER, str(MAX_RIF + 1).encode())],
+        [(RIF_HEADER, b"1"), (LATENCY_HEADER, str(MAX_LATENCY_US + 1).encode())],
+        [(RIF_HEADER, b"1" * 13)],
+        [(RIF_HEADER, "١".encode())],
+        [(RIF_HEADER, b"")],
+        [(RIF_HEADER, b"1"), (LATENCY_HEADER, b"1.5")],
+    ],
+)
+def test_a_bad_report_is_no_report(headers: list[tuple[bytes, bytes]]) -> None:
+    assert read_report(headers) is None
+
+
+def test_field_whitespace_is_allowed() -> None:
+    assert read_report([(RIF_HEADER, b" 2\t"), (LATENCY_HEADER, b"\t7 ")]) == (2, 7e-06)
