@@ -151,6 +151,62 @@ def test_prequal_variants_run_the_gateway_with_their_own_q_rif(tmp_path: Path) -
             parser.parse_args(["--contenders", bad])
 
 
+def test_nocheck_variants_run_the_gateway_without_the_cross_check(tmp_path: Path) -> None:
+    from benchmarks.testbed.cli import build_parser
+    from benchmarks.testbed.contenders import contender, gateway_app, gateway_counters, plan
+
+    plain = contender("prequal")
+    nocheck = contender("prequal_nocheck")
+    assert (plain.kind, plain.method, plain.q_rif, plain.fallback, plain.cross_check) == (
+        "gateway",
+        "prequal",
+        None,
+        None,
+        True,
+    )
+    assert (nocheck.kind, nocheck.method, nocheck.q_rif, nocheck.fallback, nocheck.cross_check) == (
+        "gateway",
+        "prequal",
+        None,
+        None,
+        False,
+    )
+    both = contender("prequal_q0.84_random_nocheck")
+    assert (both.q_rif, both.fallback, both.cross_check) == (0.84, "random", False)
+    assert contender("prequal_q0.6_nocheck").cross_check is False
+    assert (contender("prequal_q0.6_nocheck").q_rif, contender("prequal_q0.6_nocheck").fallback) == (0.6, None)
+    assert contender("prequal_q0.84_random").cross_check is True  # the older names keep their meaning
+
+    argv = plan(nocheck, 2, [9001, 9002], [8001, 8002], tmp_path, seed=1).commands
+    assert [a.count("--no-cross-check") for a in argv] == [1, 1]
+    assert [a[a.index("--policy") + 1] for a in argv] == ["prequal", "prequal"]
+    assert "--q-rif" not in argv[0] and "--fallback" not in argv[0]
+    with_q = plan(nocheck, 1, [9001], [8001], tmp_path, seed=1, q_rif=0.9).commands[0]
+    assert with_q[with_q.index("--q-rif") + 1] == "0.9"  # the run's Q_RIF still applies
+    assert "--no-cross-check" not in plan(plain, 1, [9001], [8001], tmp_path, seed=1).commands[0]
+    both_argv = plan(both, 1, [9001], [8001], tmp_path, seed=1).commands[0]
+    assert both_argv[both_argv.index("--q-rif") + 1] == "0.84"
+    assert both_argv[both_argv.index("--fallback") + 1] == "random"
+    assert "--no-cross-check" in both_argv
+
+    off = gateway_app(["http://127.0.0.1:9"], "prequal", 1, cross_check=False)
+    off_settings = off.gateway.pools["/work"].config.prequal
+    assert (off_settings.cross_check, off_settings.q_rif, off_settings.fallback) == (False, 0.6, "least_in_flight")
+    assert off.gateway.pools["/work"].clients[0].settings.cross_check is False
+    on = gateway_app(["http://127.0.0.1:9"], "prequal", 1)
+    assert on.gateway.pools["/work"].config.prequal.cross_check is True
+    assert gateway_counters(on.gateway)["cross_check"] == {"rif": 0.0, "latency": 0.0}
+
+    parser = build_parser()
+    names = parser.parse_args(["--contenders", "prequal,prequal_nocheck,round_robin"]).contenders
+    assert names == ["prequal", "prequal_nocheck", "round_robin"]
+    for bad in ("prequal_nocheck_random", "prequal_random", "prequal_no_check", "prequal_q2_nocheck", "nocheck"):
+        with pytest.raises(ValueError, match="unknown contender"):
+            contender(bad)
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--contenders", bad])
+
+
 def test_fleet_speed_ranges_come_from_the_command_line() -> None:
     from benchmarks.testbed.cli import build_parser, options_from_args
 

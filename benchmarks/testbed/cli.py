@@ -16,7 +16,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from .contenders import ALL_CONTENDERS, SETTINGS, contender, find_binary
+from .contenders import ALL_CONTENDERS, SETTINGS, VARIANT_GRAMMAR, contender, find_binary
 from .fleet import FleetConfig
 from .metrics import aggregate, cdf_points
 from .procs import TASKSET, Supervisor
@@ -49,7 +49,7 @@ def _contender_names(text: str) -> list[str]:
             contender(name)
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"expected names among {', '.join(ALL_CONTENDERS)} or prequal_q<Q_RIF in [0, 1]>[_random], got {name!r}"
+                f"expected names among {', '.join(ALL_CONTENDERS)} or {VARIANT_GRAMMAR}, got {name!r}"
             ) from None
     if not names:
         raise argparse.ArgumentTypeError("expected at least one contender")
@@ -87,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--contenders",
         type=_contender_names,
-        help=f"[all: {','.join(ALL_CONTENDERS)}]; prequal_q<Q_RIF>[_random]: Prequal with that Q_RIF "
-        "(and the random fallback)",
+        help=f"[all: {','.join(ALL_CONTENDERS)}]; prequal_q<Q_RIF>[_random][_nocheck]: Prequal with that Q_RIF "
+        "(and the random fallback, and cross_check off); prequal_nocheck: Prequal with cross_check off",
     )
     p.add_argument("--settings", type=_names(SETTINGS), help="single,fleet [both; --quick: single]")
     p.add_argument("--loads", type=_floats, help=f"fractions of fleet capacity [{','.join(map(str, DEFAULT_LOADS))}]")
@@ -267,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"p50={fmt(result['p50_ms'])} p99={fmt(result['p99_ms'])} p99.9={fmt(result['p999_ms'])} ms "
                     f"cpu={fmt(result['cpu_pct'])}% (max process {fmt(result['max_process_cpu_pct'])}%) "
                     f"probes/req={fmt(result['probes_per_req'], 2)} shares x n={share_range(result['shares'])}"
-                    + (f" fallback={fmt(result['fallback_pct'], 1)}%" if name == "prequal" else "")
+                    + (f" fallback={fmt(result['fallback_pct'], 1)}%" if contender(name).method == "prequal" else "")
                     + f" others on CPUs {options.balancer_cpu}/{options.load_cpu}="
                     + f"{fmt(result['balancer_cpu_interference_pct'])}/{fmt(result['load_cpu_interference_pct'])}%"
                     + f"{'' if result['valid'] else ' INVALID'} [{time.monotonic() - t:.1f} s]"

@@ -4,6 +4,8 @@
   (404 for anything outside the pool) with ``PrequalMiddleware`` and one ``UpstreamPool("/work")`` over
   the replicas, every other setting at its default, under uvicorn (uvloop, httptools, no access log). The
   process is ``python -m benchmarks.testbed.contenders gateway --port P --policy NAME --upstreams ...``.
+  Prequal variants (``contender``): ``prequal_q<Q_RIF>[_random][_nocheck]`` and ``prequal_nocheck``, the
+  same gateway with another Q_RIF, the paper's random fallback, or ``PrequalSettings.cross_check`` off.
   ``fleet``: 4 such processes, each on its own port with its own state; the load generator spreads the
   requests over them. (``clients_per_pool=4`` in one process would give 4 independent policy states
   too, but one event loop and one connection pool carrying the whole load: processes are what
@@ -51,6 +53,7 @@ class Contender:
     method: str  # the gateway policy, or the nginx / haproxy balancing method
     q_rif: float | None = None  # a Prequal variant's Q_RIF (``prequal_q0.6``); None: the run's setting
     fallback: str | None = None  # a Prequal variant's fallback (``prequal_q0.84_random``); None: the default
+    cross_check: bool = True  # False: a Prequal variant that pools probe reports unchecked (``prequal_nocheck``)
 
     @property
     def binary(self) -> str | None:
@@ -69,20 +72,29 @@ CONTENDERS: dict[str, Contender] = {
 }
 
 
-def contender(name: str) -> Contender:
-    """The contender called ``name``: one of ``ALL_CONTENDERS`` or a Prequal variant ``prequal_q<Q_RIF>[_random]``.
+VARIANT_GRAMMAR = "prequal_q<Q_RIF in [0, 1]>[_random][_nocheck], prequal_nocheck"
 
-    A variant runs our gateway's Prequal with that Q_RIF (and with ``_random``, the paper's random
-    fallback), so settings can be compared side by side, interleaved in one run (``--contenders
-    prequal,prequal_q0.84_random``). Raises ``ValueError`` otherwise.
+
+def contender(name: str) -> Contender:
+    """The contender called ``name``: one of ``ALL_CONTENDERS`` or a Prequal variant (``VARIANT_GRAMMAR``).
+
+    ``prequal_q<Q_RIF>`` runs our gateway's Prequal with that Q_RIF; ``_random`` adds the paper's random
+    fallback; ``_nocheck`` (alone: ``prequal_nocheck``, the defaults otherwise) turns
+    ``PrequalSettings.cross_check`` off, so reports are pooled as the backends send them. Settings can
+    then be compared side by side, interleaved in one run (``--contenders prequal,prequal_q0.84_random``,
+    ``--contenders prequal,prequal_nocheck``). Raises ``ValueError`` otherwise.
     """
     if name in CONTENDERS:
         return CONTENDERS[name]
-    match = re.fullmatch(r"prequal_q(\d+(?:\.\d+)?)(_random)?", name)
-    if match is None or not 0.0 <= float(match.group(1)) <= 1.0:
+    match = re.fullmatch(r"prequal(?:_q(\d+(?:\.\d+)?)(_random)?)?(_nocheck)?", name)
+    if match is None or (match.group(1) is None and match.group(3) is None):
+        raise ValueError(f"unknown contender {name!r}")
+    q_rif = None if match.group(1) is None else float(match.group(1))
+    if q_rif is not None and not 0.0 <= q_rif <= 1.0:
         raise ValueError(f"unknown contender {name!r}")
     fallback = "random" if match.group(2) else None
-    return Contender(name, "gateway", "prequal", q_rif=float(match.group(1)), fallback=fallback)
+    cross_check = match.group(3) is None
+    return Contender(name, "gateway", "prequal", q_rif=q_rif, fallback=fallback, cross_check=cross_check)
 
 
 def find_binary(name: str) -> str | None:
@@ -117,7 +129,7 @@ def plan(
     """How to start ``instances`` independent instances of ``contender``; ``ports``: free ports, one per instance.
 
     ``q_rif`` overrides Prequal's ``Q_RIF`` in our gateway (the library's default otherwise); a variant's
-    own ``Q_RIF`` wins over it.
+    own ``Q_RIF`` wins over it. A ``_nocheck`` variant's gateway gets ``--no-cross-check``.
     """
     if contender.kind == "gateway":
         variant_q_rif = q_rif if contender.q_rif is None else contender.q_rif
@@ -141,6 +153,7 @@ def plan(
                     str(workdir / f"gateway-{k}.json"),
                     *([] if variant_q_rif is None else ["--q-rif", repr(variant_q_rif)]),
                     *([] if contender.fallback is None else ["--fallback", contender.fallback]),
+                    *([] if contender.cross_check else ["--no-cross-check"]),
                 ]
             )
         return LaunchPlan(commands, list(ports[:instances]))
@@ -235,11 +248,13 @@ def gateway_app(
     stats_path: str | None = None,
     q_rif: float | None = None,
     fallback: str | None = None,
+    cross_check: bool = True,
 ) -> Any:
     """A bare ASGI app behind ``PrequalMiddleware`` with one pool at ``/work`` over ``upstreams``.
 
+    ``q_rif``, ``fallback``: Prequal's, when not None; ``cross_check=False``: probe reports unchecked.
     At shutdown the gateway's counters (probes by result, selections by reason, upstream attempts by
-    outcome, retries) are written to ``stats_path`` as JSON.
+    outcome, retries, Prequal's cross-check corrections) are written to ``stats_path`` as JSON.
     """
     from prequal_middleware import Gateway, PrequalMiddleware, PrequalSettings, UpstreamPool
 
@@ -248,6 +263,8 @@ def gateway_app(
         overrides["q_rif"] = q_rif
     if fallback is not None:
         overrides["fallback"] = fallback
+    if not cross_check:
+        overrides["cross_check"] = False
     prequal = PrequalSettings(**overrides)
     pool = UpstreamPool(POOL_PREFIX, upstreams=list(upstreams), policy=policy, strip_prefix=False, prequal=prequal)
     gateway = Gateway(pools=[pool], rng=random.Random(seed))
@@ -272,7 +289,11 @@ def gateway_app(
 
 
 def gateway_counters(gateway: Any) -> dict[str, dict[str, float]]:
-    """The gateway's Prometheus counters of interest, summed over pools and backends, by their enum label."""
+    """The gateway's Prometheus counters of interest, summed over pools and backends, by their enum label.
+
+    Plus ``cross_check``: the reports Prequal's cross-check raised (``rif``, ``latency``), summed over
+    the pools' Prequal clients (zeros when it is off).
+    """
     wanted = {
         "prequal_probes_total": "result",
         "prequal_selections_total": "reason",
@@ -289,6 +310,12 @@ def gateway_counters(gateway: Any) -> dict[str, dict[str, float]]:
                 bucket = out.setdefault(sample.name.removeprefix("prequal_").removesuffix("_total"), {})
                 key = sample.labels.get(label, "")
                 bucket[key] = bucket.get(key, 0.0) + sample.value
+    checks = [c for pool in gateway.pools.values() for c in pool.clients if hasattr(c, "rif_corrections")]
+    if checks:
+        out["cross_check"] = {
+            "rif": float(sum(c.rif_corrections for c in checks)),
+            "latency": float(sum(c.latency_corrections for c in checks)),
+        }
     return out
 
 
@@ -301,11 +328,14 @@ def gateway_main(argv: Sequence[str]) -> int:
     parser.add_argument("--stats", help="write the gateway's counters here (JSON) at shutdown")
     parser.add_argument("--q-rif", type=float, help="Prequal's Q_RIF [the library's default]")
     parser.add_argument("--fallback", choices=("least_in_flight", "random"), help="[the library's default]")
+    parser.add_argument("--no-cross-check", action="store_true", help="PrequalSettings(cross_check=False)")
     args = parser.parse_args(argv)
     import uvicorn
 
     upstreams = [u for u in args.upstreams.split(",") if u]
-    app = gateway_app(upstreams, args.policy, args.seed, args.stats, args.q_rif, args.fallback)
+    app = gateway_app(
+        upstreams, args.policy, args.seed, args.stats, args.q_rif, args.fallback, cross_check=not args.no_cross_check
+    )
     uvicorn.run(
         app,
         host="127.0.0.1",

@@ -33,7 +33,7 @@ VARIANT_COLORS = ("tab:pink", "tab:orange", "black", "darkred")
 
 
 def _style(policy: str) -> tuple[str, str, str]:
-    if policy.startswith("prequal_q"):  # a Prequal Q_RIF variant: a red-ish colour of its own, dashed
+    if policy.startswith("prequal_"):  # a Prequal variant (Q_RIF, fallback, no check): a colour of its own, dashed
         return VARIANT_COLORS[sum(map(ord, policy)) % len(VARIANT_COLORS)], "o", "--"
     return STYLES.get(policy, ("black", "o", "-"))
 
