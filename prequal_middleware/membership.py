@@ -6,12 +6,18 @@ behalf of the admin routes and applies its local snapshot to the pools, never a 
 per proxied request. A member that leaves while requests to it are in flight stays as *draining*
 (no new requests) until they finish. Health, ejection and probe state stay local to each gateway: a
 heartbeat renews a lease and nothing else, so it never lifts an ejection.
+
+Cost: with a local registry (the memory one) a write is applied as its delta, one member upserted or
+removed, in O(1) whatever the pool's size; the full apply, O(n), runs at start, for changes this class
+did not make (lease expiry), and every ``FULL_APPLY_S`` as a safety net. A shared registry (Redis) is
+re-read and applied in full after each write, as other gateways may have written meanwhile.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -21,8 +27,12 @@ from .metrics import PrequalMetrics
 from .pool import PoolRuntime
 from .registration import RegistrationRequest
 from .registry import BackendRecord, Registry
+from .registry.base import LocalRegistry
 
 logger = logging.getLogger("prequal_middleware.membership")
+
+# The longest the pools go without a full apply while every change came through as a delta.
+FULL_APPLY_S = 5.0
 
 RegistryHook = Callable[[BackendRecord], None | Awaitable[None]]
 """Called after a backend registered or unregistered (``on_register`` / ``on_unregister``)."""
@@ -56,34 +66,60 @@ class Membership:
         self.wall = wall
         self.on_register = on_register
         self.on_unregister = on_unregister
-        self.records: dict[str, Mapping[str, BackendRecord]] = {}
+        # Per pool, the records the pools reflect: replaced at each full apply, updated per delta.
+        self.records: dict[str, dict[str, BackendRecord]] = {}
+        self._local = registry if isinstance(registry, LocalRegistry) else None
+        # The local registry's version the pools reflect; None: unknown, the next refresh applies in full.
+        self._applied: int | None = None
+        self._last_full = -math.inf
+        self._draining: dict[str, set[str]] = {}  # per pool, the members kept while requests finish
+        self._static: dict[str, frozenset[str]] = {}
 
     # --- writes (the admin routes) ---------------------------------------------------------------
 
     async def register(self, req: RegistrationRequest) -> BackendRecord:
+        """Store a registration and add (or update) its member; returns the record as stored."""
         record = BackendRecord(pool=req.pool, url=req.url, weight=req.weight, metadata=req.metadata or {})
         pool = self.pools.get(req.pool)
+        before = await self._sweep()
         present = pool is not None and req.url in pool.members
         stored = await self.registry.register(record, req.ttl_s)
         self._count("register")
-        await self.refresh()
+        if self._in_step(before):
+            self._delta(stored.pool, stored.url, stored)
+        else:
+            await self.refresh()
         if pool is not None and present:
             pool.announce([stored.url])  # registered again while present: revisit what we learnt of it
         await _call(self.on_register, stored)
         return stored
 
     async def heartbeat(self, req: RegistrationRequest) -> BackendRecord | None:
+        """Renew a lease; ``None`` for a backend the registry does not know."""
+        before = self._version()
         renewed = await self.registry.heartbeat(req.pool, req.url, req.ttl_s)
         if renewed is not None:
             self._count("heartbeat")
+            if self._in_step(before):  # a renewal changes no member, only the lease we report
+                records = self.records.get(renewed.pool)
+                if records is not None and renewed.url in records:
+                    records[renewed.url] = renewed
+                self._applied = self._version()
         return renewed
 
     async def unregister(self, req: RegistrationRequest) -> bool:
+        """Remove a registration: its member leaves, or drains while requests to it are in flight."""
+        before = await self._sweep()
         record = self.records.get(req.pool, {}).get(req.url)
         existed = await self.registry.unregister(req.pool, req.url)
+        # In step, the delta applies whether or not a record existed: removing nothing changes nothing.
+        in_step = self._in_step(before)
+        if in_step:
+            self._delta(req.pool, req.url, None)
         if existed:
             self._count("unregister")
-            await self.refresh()
+            if not in_step:
+                await self.refresh()
             if record is not None:
                 await _call(self.on_unregister, record)
         return existed
@@ -94,11 +130,23 @@ class Membership:
     # --- reads ---------------------------------------------------------------------------------
 
     async def refresh(self) -> None:
-        """Sync the registry's local snapshot and apply it (also finishes drains)."""
+        """Sync the registry's local snapshot and apply it (also finishes drains).
+
+        The registry loop calls this after every change: when the pools already reflect the local
+        registry's version (the change was one of our own writes, applied as a delta) only finished
+        drains are removed, until ``FULL_APPLY_S`` after the last full apply.
+        """
         await self.registry.sync()
+        now = self.clock()
+        if self._in_step(self._version()) and now - self._last_full < FULL_APPLY_S:
+            self._finish_drains(now)
+            return
         self.apply()
 
     def apply(self) -> None:
+        """Make every pool's members its static upstreams plus the snapshot's records (and the draining
+        members while requests to them are in flight): O(n) in the members."""
+        version = self._version()  # before the snapshot, so a change made meanwhile is never marked applied
         snapshot = self.registry.snapshot()
         now = self.clock()
         stale = 0.0 if snapshot.stale_since is None else max(0.0, now - snapshot.stale_since)
@@ -109,26 +157,106 @@ class Membership:
                 self._apply_pool(prefix, pool, snapshot.records.get(prefix, {}), now)
             except Exception as exc:  # one pool's bad record or policy bug must not hold back the others
                 first_error = first_error or exc
+        self._applied = version if first_error is None else None
+        self._last_full = now
         if first_error is not None:
             raise first_error  # the caller (the registry loop, an admin write) reports it
 
     def _apply_pool(self, prefix: str, pool: PoolRuntime, records: Mapping[str, BackendRecord], now: float) -> None:
-        self.records[prefix] = records
+        self.records[prefix] = dict(records)
         members: dict[str, Member] = {url: Member(url) for url in pool.config.upstreams}
-        # A registered member earns traffic with its first passing health check, where there are checks;
-        # the operator's static members are trusted from the start.
-        checked = pool.config.health.path is not None
         for url, record in records.items():
-            static = url in members
-            members[url] = Member(url, weight=record.weight, awaits_health_check=checked and not static)
+            members[url] = self._registered(prefix, pool, record)
         for url, old in pool.members.items():
             if url not in members and pool.backend_in_flight.get(url, 0) > 0:
                 members[url] = Member(url, weight=old.weight, draining=True)
+        self._draining[prefix] = {url for url, member in members.items() if member.draining}
         if members != pool.members:
             for url in pool.members:
                 if url not in members:
                     self.metrics.forget_backend(prefix, url)
             pool.set_members(members.values(), now)
+
+    # --- deltas: one write applied in O(1) -------------------------------------------------------
+
+    async def _sweep(self) -> int | None:
+        """Before a write to a local registry: drop the leases that ran out, as the full path's sync
+        did (O(1) unless one did; then the write finds the pools behind and applies in full), and
+        return the version the write starts from."""
+        if self._local is None:
+            return None
+        await self.registry.sync()
+        return self._local.current_version()
+
+    def _version(self) -> int | None:
+        return None if self._local is None else self._local.current_version()
+
+    def _in_step(self, before: int | None) -> bool:
+        """Whether the pools reflected the local registry just before a write of ours (or now, for
+        ``before`` read now), so that applying that write alone brings them level again."""
+        after = self._version()
+        return before is not None and after is not None and before == self._applied and after - before <= 1
+
+    def _delta(self, prefix: str, url: str, record: BackendRecord | None) -> None:
+        """Apply one write: ``record`` registered (upsert) or, for ``None``, ``url`` unregistered."""
+        try:
+            pool = self.pools.get(prefix)
+            now = self.clock()
+            if pool is not None:
+                records = self.records.setdefault(prefix, {})
+                if record is not None:
+                    records[url] = record
+                    self._upsert(prefix, pool, self._registered(prefix, pool, record), now)
+                else:
+                    records.pop(url, None)
+                    self._remove(prefix, pool, url, now)
+            self._finish_drains(now)  # as a full apply would
+        except Exception:
+            self._applied = None  # the registry loop's next refresh applies in full
+            raise
+        self._applied = self._version()
+
+    def _registered(self, prefix: str, pool: PoolRuntime, record: BackendRecord) -> Member:
+        # A registered member earns traffic with its first passing health check, where there are checks;
+        # the operator's static members are trusted from the start.
+        checked = pool.config.health.path is not None
+        static = record.url in self._static_of(prefix, pool)
+        return Member(record.url, weight=record.weight, awaits_health_check=checked and not static)
+
+    def _upsert(self, prefix: str, pool: PoolRuntime, member: Member, now: float) -> None:
+        self._draining.get(prefix, set()).discard(member.id)
+        if pool.members.get(member.id) != member:  # a re-registration that changes nothing leaves the policies be
+            pool.upsert_member(member, now)
+
+    def _remove(self, prefix: str, pool: PoolRuntime, url: str, now: float) -> None:
+        old = pool.members.get(url)
+        if old is None:
+            return
+        if url in self._static_of(prefix, pool):
+            self._upsert(prefix, pool, Member(url), now)  # the operator's member stays, as configured
+        elif pool.backend_in_flight.get(url, 0) > 0:
+            self._upsert(prefix, pool, Member(url, weight=old.weight, draining=True), now)
+            self._draining.setdefault(prefix, set()).add(url)
+        else:
+            self.metrics.forget_backend(prefix, url)
+            pool.remove_member(url, now)
+
+    def _finish_drains(self, now: float) -> None:
+        """Remove the draining members whose last request finished: O(draining members)."""
+        for prefix, urls in self._draining.items():
+            pool = self.pools[prefix]
+            for url in [u for u in urls if not pool.backend_in_flight.get(u, 0)]:
+                urls.discard(url)
+                member = pool.members.get(url)
+                if member is not None and member.draining:
+                    self.metrics.forget_backend(prefix, url)
+                    pool.remove_member(url, now)
+
+    def _static_of(self, prefix: str, pool: PoolRuntime) -> frozenset[str]:
+        static = self._static.get(prefix)
+        if static is None:
+            static = self._static[prefix] = frozenset(pool.config.upstreams)
+        return static
 
     def lease_remaining_s(self, prefix: str, url: str) -> float | None:
         record = self.records.get(prefix, {}).get(url)

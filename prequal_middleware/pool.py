@@ -74,17 +74,40 @@ class PoolRuntime:
         return clients[self._next_client]
 
     def set_members(self, members: Iterable[Member], now: float) -> None:
+        """Replace the members (O(n): a full re-read of the registry); listeners hear who joined and left."""
         old = self.members
-        self.members = {m.id: m for m in members}
-        listed = list(self.members.values())
+        new = {m.id: m for m in members}
+        listed = list(new.values())
         for client in self.clients:
             client.set_members(listed, now)
+        # Last: should a policy raise, the members still differ and the next full apply tries again.
+        self.members = new
         for gone in [b for b in self.backend_in_flight if b not in self.members and not self.backend_in_flight[b]]:
             del self.backend_in_flight[gone]
         joined = [b for b in self.members if b not in old]
         left = [b for b in old if b not in self.members]
         if joined or left:
             self._notify(joined, left)
+
+    def upsert_member(self, member: Member, now: float) -> None:
+        """Add one member or update a present one, in O(1) (one registration); listeners hear of a newcomer."""
+        joined = member.id not in self.members
+        for client in self.clients:
+            client.upsert_member(member, now)
+        self.members[member.id] = member  # last, as in set_members
+        if joined:
+            self._notify([member.id], [])
+
+    def remove_member(self, backend: str, now: float) -> None:
+        """Remove one member, in O(1) (one unregistration); listeners hear that it left. Nothing if absent."""
+        if backend not in self.members:
+            return
+        for client in self.clients:
+            client.remove_member(backend, now)
+        del self.members[backend]  # last, as in set_members
+        if not self.backend_in_flight.get(backend, 1):  # its count stays while requests to it are in flight
+            del self.backend_in_flight[backend]
+        self._notify([], [backend])
 
     def announce(self, backends: Iterable[str]) -> None:
         """Members registered again while present (a restart, a re-announcement): listeners hear of them

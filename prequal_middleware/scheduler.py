@@ -466,7 +466,8 @@ class ProbeScheduler:
 
     async def _registry_loop(self, membership: Membership) -> None:
         # Woken by changes (Redis pub/sub, local writes) and at least every REGISTRY_REFRESH_S, which
-        # also expires leases and removes drained members.
+        # also expires leases and removes drained members. A local write of our own is already applied
+        # (a delta): then refresh only syncs and finishes drains, it does not re-apply every member.
         while True:
             try:
                 await membership.registry.wait_for_change(REGISTRY_REFRESH_S)

@@ -53,6 +53,12 @@ class Policy(Protocol):
     def set_members(self, members: Iterable[Member], now: float) -> None:
         """Replace the member set. Members that left are forgotten; their requests in flight may still finish."""
 
+    def upsert_member(self, member: Member, now: float) -> None:
+        """Add one member, or update a present one's weight and draining; O(1), as one registration is."""
+
+    def remove_member(self, backend: BackendId, now: float) -> None:
+        """Forget one member (nothing if absent), as ``set_members`` forgets one that left; O(1)."""
+
     def set_health(self, backend: BackendId, healthy: bool, now: float) -> None:
         """Active health checking's verdict on a member."""
 
@@ -145,27 +151,57 @@ class BasePolicy:
         self._stale = True
         self._valid_until = math.inf  # the next ejection expiry changes the candidates
         self._uniform_weights = True
+        # How many members have each weight: keeps ``_uniform_weights`` right per member change without a scan.
+        self._weights: dict[float, int] = {}
         self.selections: dict[str, int] = dict.fromkeys(SELECTION_REASONS, 0)
         self.probes_requested = 0
 
     # --- membership and health -----------------------------------------------------------------
 
     def set_members(self, members: Iterable[Member], now: float) -> None:
+        """Replace the member set: O(n), for a full re-read of the registry; single changes use the O(1)
+        :meth:`upsert_member` and :meth:`remove_member`."""
         incoming = {m.id: m for m in members}
         for gone in [b for b in self._backends if b not in incoming]:
-            del self._backends[gone]
-            self.outliers.remove(gone)
-            self._forget(gone)
+            self.remove_member(gone, now)
         for member in incoming.values():
-            backend = self._backends.get(member.id)
-            if backend is None:
-                self._backends[member.id] = _Backend(member)
-                self.outliers.add(member.id)
-            else:
-                backend.weight = member.weight
-                backend.draining = member.draining
-        self._uniform_weights = len({b.weight for b in self._backends.values()}) <= 1
+            self.upsert_member(member, now)
         self._stale = True
+
+    def upsert_member(self, member: Member, now: float) -> None:
+        """Add one member, or update a present one's weight and draining (its health and history stay).
+
+        O(1): the candidates are rebuilt lazily at the next ``select`` (once per change, O(n) then).
+        """
+        backend = self._backends.get(member.id)
+        if backend is None:
+            self._backends[member.id] = _Backend(member)
+            self.outliers.add(member.id)
+        else:
+            self._count_weight(backend.weight, -1)
+            backend.weight = member.weight
+            backend.draining = member.draining
+        self._count_weight(member.weight, 1)
+        self._stale = True
+
+    def remove_member(self, backend: BackendId, now: float) -> None:
+        """Forget one member and its state (nothing if absent); O(1) like :meth:`upsert_member`."""
+        gone = self._backends.pop(backend, None)
+        if gone is None:
+            return
+        self._count_weight(gone.weight, -1)
+        self.outliers.remove(backend)
+        self._forget(backend)
+        self._stale = True
+
+    def _count_weight(self, weight: float, delta: int) -> None:
+        weights = self._weights
+        count = weights.get(weight, 0) + delta
+        if count > 0:
+            weights[weight] = count
+        else:
+            del weights[weight]
+        self._uniform_weights = len(weights) <= 1
 
     def set_health(self, backend: BackendId, healthy: bool, now: float) -> None:
         b = self._backends.get(backend)

@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 Records = Mapping[str, Mapping[str, "BackendRecord"]]
 
@@ -145,6 +145,21 @@ class Registry(Protocol):
 
     async def wait_for_change(self, timeout_s: float) -> None:
         """Return when membership may have changed (any writer, any process), or after ``timeout_s``."""
+
+
+@runtime_checkable
+class LocalRegistry(Protocol):
+    """A registry held by this process alone (``MemoryRegistry``): no other writer, never stale.
+
+    Its writes show in ``snapshot()`` as soon as they return and complete without yielding to the event
+    loop, so :meth:`current_version` read just before and just after one write differs by that write
+    alone. ``Membership`` then applies each write it makes as a delta, and skips the full apply of a
+    version it has already reflected.
+    """
+
+    def current_version(self) -> int:
+        """What ``snapshot().version`` would be now, without building a snapshot (O(1))."""
+        ...
 
 
 def lease_expiry(now: float, ttl_s: float | None) -> float | None:

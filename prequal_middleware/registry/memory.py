@@ -6,14 +6,19 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
+from types import MappingProxyType
 
-from .base import BackendRecord, Records, RegistrySnapshot, freeze, lease_expiry, normalise_metadata, same_entry
+from .base import BackendRecord, Records, RegistrySnapshot, lease_expiry, normalise_metadata, same_entry
 
 
 class MemoryRegistry:
     """Registry kept in this process; writes show in :meth:`snapshot` at once, leases expire at :meth:`sync`.
+
+    A write costs O(1): snapshots are built lazily, when asked for, and then re-copy only the pools
+    written since the previous one (a :class:`~.base.LocalRegistry`: ``Membership`` applies each write
+    as a delta instead of reading a snapshot).
 
     Parameters:
         wall: wall-clock epoch seconds, for leases.
@@ -38,6 +43,10 @@ class MemoryRegistry:
         self._next_expiry = math.inf
         self._synced_at = monotonic()
         self._frozen: Records | None = None  # None: rebuild on the next snapshot()
+        # Each pool's read-only copy as of the last snapshot(), and the pools written since: a snapshot
+        # after a write copies the pool that changed, not every record of every pool.
+        self._frozen_pools: dict[str, Mapping[str, BackendRecord]] = {}
+        self._dirty: set[str] = set()
         self._snapshot: RegistrySnapshot | None = None
         # Replaced on every change, so each waiter holds the event of the generation it waits on.
         self._changed = asyncio.Event()
@@ -65,7 +74,7 @@ class MemoryRegistry:
             registered_at=now if old is None else old.registered_at,
         )
         members[record.url] = stored
-        self._written(lease, changed=old is None or not same_entry(old, stored))
+        self._written(record.pool, lease, changed=old is None or not same_entry(old, stored))
         return stored
 
     async def heartbeat(self, pool: str, url: str, ttl_s: float | None) -> BackendRecord | None:
@@ -77,7 +86,7 @@ class MemoryRegistry:
             return None
         renewed = replace(old, lease_expires_at=lease)
         self._pools[pool][url] = renewed
-        self._written(lease, changed=(old.lease_expires_at is None) != (lease is None))
+        self._written(pool, lease, changed=(old.lease_expires_at is None) != (lease is None))
         return renewed
 
     async def unregister(self, pool: str, url: str) -> bool:
@@ -88,17 +97,29 @@ class MemoryRegistry:
             return False
         if not members:
             del self._pools[pool]
-        self._written(None, changed=True)
+        self._written(pool, None, changed=True)
         return not old.expired(self._wall())
 
     def snapshot(self) -> RegistrySnapshot:
         """The current records (see :meth:`Registry.snapshot`)."""
         if self._frozen is None:
-            self._frozen = freeze(self._pools)
+            for pool in self._dirty:
+                members = self._pools.get(pool)
+                if members:
+                    self._frozen_pools[pool] = MappingProxyType(dict(members))
+                else:
+                    self._frozen_pools.pop(pool, None)  # a snapshot lists no empty pools
+            self._dirty.clear()
+            frozen = self._frozen_pools
+            self._frozen = MappingProxyType({pool: frozen[pool] for pool in self._pools if pool in frozen})
             self._snapshot = None
         if self._snapshot is None:
             self._snapshot = RegistrySnapshot(self._frozen, self._version, None, self._synced_at)
         return self._snapshot
+
+    def current_version(self) -> int:
+        """The version the next :meth:`snapshot` carries, in O(1) (see :class:`~.base.LocalRegistry`)."""
+        return self._version
 
     async def sync(self) -> bool:
         """Drop expired leases; ``True`` if membership changed since the previous sync."""
@@ -120,9 +141,10 @@ class MemoryRegistry:
             async with asyncio.timeout(timeout_s):
                 await changed.wait()
 
-    def _written(self, lease: float | None, *, changed: bool) -> None:
+    def _written(self, pool: str, lease: float | None, *, changed: bool) -> None:
         if lease is not None:
             self._next_expiry = min(self._next_expiry, lease)
+        self._dirty.add(pool)
         self._frozen = None
         if changed:
             self._version += 1
@@ -135,7 +157,7 @@ class MemoryRegistry:
             for url, record in list(members.items()):
                 if record.expired(now):
                     del members[url]
-                    self._written(None, changed=True)
+                    self._written(pool, None, changed=True)
                 elif record.lease_expires_at is not None:
                     next_expiry = min(next_expiry, record.lease_expires_at)
             if not members:
