@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--q-rif", type=float, default=pq.q_rif, help=f"Prequal Q_RIF [{pq.q_rif:g}]")
     p.add_argument("--probes-per-query", type=float, default=pq.probes_per_query, help=f"[{pq.probes_per_query:g}]")
     p.add_argument(
+        "--report-max-age-s",
+        type=float,
+        default=pq.report_max_age_s,
+        help=f"fresh piggybacked reports answer probes; 0: every probe sent [{pq.report_max_age_s:g}]",
+    )
+    p.add_argument(
         "--removals-per-query", type=float, default=pq.removals_per_query, help=f"[{pq.removals_per_query:g}]"
     )
     p.add_argument("--pool-size", type=int, default=pq.pool_size, help=f"Prequal m [{pq.pool_size}]")
@@ -96,6 +102,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         probes_per_query=args.probes_per_query,
         removals_per_query=args.removals_per_query,
         fallback=args.fallback,
+        report_max_age_s=args.report_max_age_s,
     )
     return SimConfig(
         replicas=pick("replicas", base.replicas),

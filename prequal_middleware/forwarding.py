@@ -37,6 +37,7 @@ from typing import Any
 
 from .config import RequestLimits
 from .core import Outcome, Policy
+from .core.load_report import read_report
 from .exceptions import UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
 from .headers import VIA_PSEUDONYM, downstream_response_headers, rewrite_location, upstream_request_headers
 from .metrics import PrequalMetrics, code_class
@@ -429,6 +430,12 @@ class Forwarder:
             latency = self._clock() - started
             outcome = Outcome.from_status(response.status)
             self._metrics.child(self._metrics.upstream_latency, pool.prefix).observe(latency)
+            if policy.reads_reports:
+                # The backend's piggybacked load report: it answers a later probe of this backend
+                # (core.prequal), and never reaches the client (downstream_response_headers).
+                report = read_report(response.headers)
+                if report is not None:
+                    policy.on_report(backend, started + latency, report[0], report[1])
             if pool.config.on_response is not None:
                 response = await _apply_hook(pool.config.on_response, response)
             try:

@@ -36,7 +36,7 @@ from aiohttp.streams import StreamReader
 from yarl import URL
 
 from .exceptions import UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
-from .transport import RawHeaders, UpstreamRequest, UpstreamResponse, UpstreamWebSocket, split_target, upstream_origin
+from .transport import RawHeaders, UpstreamRequest, UpstreamResponse, UpstreamWebSocket, upstream_origin
 
 if TYPE_CHECKING:
     from .config import Timeouts
@@ -245,8 +245,10 @@ class AiohttpTransport:
 def _url(backend: str, target: str, *, websocket: bool) -> URL:
     """The URL from parsed parts: the backend's scheme, host, port and base path, the target's path and query."""
     origin = upstream_origin(backend)
+    # The forwarder checked the target (sendable_target); a path that does not start with "/" (one
+    # handed to the transport directly) cannot name another host either: URL.build refuses it.
+    path, _, query = target.partition("?")
     try:
-        path, query = split_target(target)
         return URL.build(
             scheme=origin.websocket_scheme if websocket else origin.scheme,
             host=origin.host,

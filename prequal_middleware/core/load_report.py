@@ -19,6 +19,7 @@ DEFAULT_PROBE_PATH = "/_prequal/probe"
 RIF_HEADER = b"x-prequal-rif"
 LATENCY_HEADER = b"x-prequal-latency-us"
 REPORT_HEADERS = frozenset({RIF_HEADER, LATENCY_HEADER})
+_RIF_SIZE, _LATENCY_SIZE = len(RIF_HEADER), len(LATENCY_HEADER)
 # A million requests in flight is beyond any single backend; ten minutes is beyond any probe timeout and
 # any latency worth balancing on. Both fit a float exactly, so no later arithmetic can overflow.
 MAX_RIF = 1_000_000
@@ -49,7 +50,7 @@ def encode_report(rif: int, latency_s: float) -> list[tuple[bytes, bytes]]:
 
 
 def read_report(headers: Iterable[tuple[bytes, bytes]]) -> tuple[int, float] | None:
-    """A piggybacked report from a response's raw headers (names lower-case): ``(rif, latency_s)``.
+    """A piggybacked report from a response's raw headers (names in any case): ``(rif, latency_s)``.
 
     ``None`` when there is none, or when it is not a valid report (a header twice, a value out of
     bounds, a latency without a RIF): a bad report is no report, never a failure of the response.
@@ -58,11 +59,13 @@ def read_report(headers: Iterable[tuple[bytes, bytes]]) -> tuple[int, float] | N
     rif_value: bytes | None = None
     latency_value: bytes | None = None
     for name, value in headers:
-        if name == RIF_HEADER:
+        # Names may come in any case (aiohttp keeps the backend's); the length test spares the rest a lower().
+        size = len(name)
+        if size == _RIF_SIZE and name.lower() == RIF_HEADER:
             if rif_value is not None:
                 return None
             rif_value = value
-        elif name == LATENCY_HEADER:
+        elif size == _LATENCY_SIZE and name.lower() == LATENCY_HEADER:
             if latency_value is not None:
                 return None
             latency_value = value

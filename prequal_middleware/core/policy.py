@@ -80,6 +80,13 @@ class Policy(Protocol):
     def on_probe_failure(self, backend: BackendId, now: float) -> None:
         """A probe failed or timed out."""
 
+    @property
+    def reads_reports(self) -> bool:
+        """Whether ``on_report`` uses piggybacked reports (else the gateway does not parse them)."""
+
+    def on_report(self, backend: BackendId, now: float, rif: int, latency_s: float) -> None:
+        """A load report piggybacked on a response of ours, received at ``now`` (the request it answers left out)."""
+
     def idle_probes(self, now: float) -> Sequence[BackendId]:
         """Probes to send now even though no query asked for them (keeps an idle pool warm)."""
 
@@ -284,7 +291,7 @@ class BasePolicy:
         if not candidates:
             return None
         selection = self._choose(candidates, now, exclude)
-        if not self._chooses_with_slow_start:
+        if self._warming and not self._chooses_with_slow_start:  # no call at all while nothing warms up
             backend = self._slow_start(selection.backend, candidates, now)
             if backend != selection.backend:
                 selection = Selection(backend, selection.reason, selection.probes)
@@ -319,6 +326,11 @@ class BasePolicy:
             self._on_success(b, now, latency_s)
 
     # --- probes (no-ops unless the policy probes) -------------------------------------------------
+
+    reads_reports: bool = False  # whether on_report uses them (set per instance by policies that do)
+
+    def on_report(self, backend: BackendId, now: float, rif: int, latency_s: float) -> None:
+        return None
 
     def on_probe(self, backend: BackendId, now: float, rif: int, latency_s: float) -> None:
         return None

@@ -22,6 +22,27 @@ flight to the backend (fewer is impossible), and a latency far below what this c
 itself for the backend is raised to ``measured / cross_check_ratio``. A backend that answers "idle and
 instant" while serving slowly took ~90% of the requests of a pool of three before (issue 12, item 8).
 
+Piggybacked reports (``on_report``): a backend behind ``LoadReportingMiddleware`` reports its load on
+every response. Those reports come only from backends this client chose, so they are not a random
+sample and never enter the pool or the RIF history by themselves. They answer probes instead: the
+sampler still draws ``r_probe`` distinct, uniformly random candidates per query, exactly as before,
+and each draw still brings one entry into the pool. Where its value comes from changes: a drawn
+backend whose latest report (piggybacked, or a probe answer) is at most
+``PrequalSettings.report_max_age_s`` old is pooled from that report on the spot (as received now,
+which keeps the pool in receipt order), its RIF raised by the requests this client sent there since
+(what the pool's +1 compensation would have counted); only a backend with no fresh report is probed on
+the network, and not while a probe of ours to it is still in flight (its answer is coming and will be
+pooled). So which backends enter the pool, and how often, is the paper's uniform sample; a value is at
+most ``report_max_age_s`` old where a probe's is a round trip old.
+
+Why every draw still pools: skipping the draws of a backend whose report was already pooled would
+cap the inflow of a backend that is rarely chosen (no piggybacked reports) at one entry per
+``report_max_age_s`` while chosen backends enter at every draw, a pool biased toward the backends
+already chosen (measured: a backend lying in its probe answers then kept ~7% of the traffic without
+the cross-check, where the unbiased pool gave it ~90%: the bias hid the lie, and would hide an honest
+backend's recovery as well). With reports, the network carries at most about one probe per backend
+per ``report_max_age_s`` per client, whatever the request rate.
+
 Weights: Prequal balances on measured load, so member weights do not bias its choices.
 """
 
@@ -35,6 +56,24 @@ from .outliers import OutlierSettings
 from .policy import BasePolicy, _Backend
 from .probe_pool import PrequalSettings, ProbePool, valid_report
 from .types import BackendId, PolicySnapshot, Selection, SelectionReason
+
+# A probe we sent and heard nothing of for this long is no longer "in flight" for the sampler: a probe
+# skipped by the scheduler's cap, or lost, never calls back. Far above any probe timeout (50 ms default).
+PROBE_PENDING_S = 0.5
+
+
+class _Report:
+    """A backend's latest load report, cross-checked: when it arrived, whether it was pooled yet, and how
+    many requests this client sent there since (the RIF it stands for now is ``rif + sent_since``)."""
+
+    __slots__ = ("at", "rif", "latency_s", "used", "sent_since")
+
+    def __init__(self, at: float, rif: int, latency_s: float, used: bool) -> None:
+        self.at = at
+        self.rif = rif
+        self.latency_s = latency_s
+        self.used = used
+        self.sent_since = 0
 
 
 class PrequalPolicy(BasePolicy):
@@ -60,8 +99,14 @@ class PrequalPolicy(BasePolicy):
         super().__init__(rng=rng, outliers=outliers, slow_start_s=slow_start_s)
         self.settings = settings or PrequalSettings()
         self.pool = ProbePool(self.settings, self.rng)
+        self.reads_reports = self.settings.report_max_age_s > 0
         self._last_activity = -math.inf  # last query or idle probe round
         self._last_probe: dict[BackendId, tuple[int, float]] = {}  # latest (rif, latency) used, cross-checked
+        self._reports: dict[BackendId, _Report] = {}  # latest report per backend (probe or piggybacked)
+        self._probing: dict[BackendId, float] = {}  # probes of ours in flight: when each was asked for
+        self.probes_from_reports = 0  # draws answered by a fresh piggybacked report, its first use
+        self.probes_reused = 0  # draws answered again by a fresh report (or probe answer) already pooled
+        self.probes_pending = 0  # probes not sent because one to that backend was still in flight
         # How often the cross-check changed a report (diagnostics: the simulator reports them).
         self.rif_corrections = 0
         self.latency_corrections = 0
@@ -124,14 +169,38 @@ class PrequalPolicy(BasePolicy):
         candidates = self.candidates(now)
         targets = self.rng.sample(candidates, min(count, len(candidates)))
         backends = self._backends
+        reports, probing = self._reports, self._probing
+        max_age = self.settings.report_max_age_s
         remote: list[BackendId] = []
         for target in targets:
             b = backends[target]
             if b.probe_mode == "local":
                 self._pool_result(b, b.in_flight, b.latency_s or 0.0, now)
-            else:
-                remote.append(target)
+                continue
+            report = reports.get(target)
+            if report is not None and max_age > 0 and now - report.at <= max_age:
+                if report.used:
+                    self.probes_reused += 1
+                else:
+                    report.used = True
+                    self.probes_from_reports += 1
+                # What the backend said, plus what this client has sent it since (the +1 compensation
+                # the pool applies per use, for the requests sent after the report).
+                self._pool_result(b, report.rif + report.sent_since, report.latency_s, now)
+                continue
+            sent = probing.get(target)
+            if sent is not None and now - sent < PROBE_PENDING_S:
+                self.probes_pending += 1  # its answer is on the way and will be pooled
+                continue
+            probing[target] = now
+            remote.append(target)
         return tuple(remote)
+
+    def on_start(self, backend: BackendId, now: float) -> None:
+        super().on_start(backend, now)
+        report = self._reports.get(backend)
+        if report is not None:
+            report.sent_since += 1
 
     # --- inflow --------------------------------------------------------------------------------
 
@@ -146,6 +215,7 @@ class PrequalPolicy(BasePolicy):
         neither: its load is not part of the choice, and a fast-failing ejected backend's RIF of 0
         would drag the threshold down.
         """
+        self._probing.pop(backend, None)
         b = self._backends.get(backend)
         if b is None:
             return
@@ -154,12 +224,32 @@ class PrequalPolicy(BasePolicy):
             return
         rif, latency_s = int(rif), float(latency_s)
         if self.settings.cross_check:
-            rif, latency_s = self._cross_check(b, rif, latency_s)
+            rif, latency_s = self._cross_check(b, rif, latency_s, b.in_flight)
         self._last_probe[backend] = (rif, latency_s)
+        self._reports[backend] = _Report(now, rif, latency_s, used=True)  # pooled below: it answers nothing more
         b.probe_failures = 0
         self._pool_result(b, rif, latency_s, now)
 
-    def _cross_check(self, b: _Backend, rif: int, latency_s: float) -> tuple[int, float]:
+    def on_report(self, backend: BackendId, now: float, rif: int, latency_s: float) -> None:
+        """A report piggybacked on a response of ours, received at ``now`` (see the module docstring).
+
+        The backend left out the request it answered, which this client still counts in flight until
+        its body ends: the cross-check's floor is our count less that one. The report is kept to
+        answer the next probe the sampler asks of this backend; it is not pooled here.
+        """
+        b = self._backends.get(backend)
+        if b is None:
+            return
+        if not valid_report(rif, latency_s):
+            self.reports_ignored += 1
+            return
+        rif, latency_s = int(rif), float(latency_s)
+        if self.settings.cross_check:
+            rif, latency_s = self._cross_check(b, rif, latency_s, b.in_flight - 1)
+        self._last_probe[backend] = (rif, latency_s)
+        self._reports[backend] = _Report(now, rif, latency_s, used=False)
+
+    def _cross_check(self, b: _Backend, rif: int, latency_s: float, own_in_flight: int) -> tuple[int, float]:
         """The (RIF, latency) to use for a report, given what this client knows of the backend itself.
 
         RIF: at least this client's own requests in flight there. A request sent but not yet arrived,
@@ -174,8 +264,8 @@ class PrequalPolicy(BasePolicy):
         and should stay attractive, and a recovered one should not be held to an old, slower EWMA.
         """
         s = self.settings
-        if rif < b.in_flight:
-            rif = b.in_flight
+        if rif < own_in_flight:
+            rif = own_in_flight
             self.rif_corrections += 1
         measured = b.latency_s
         if measured is not None:
@@ -197,10 +287,13 @@ class PrequalPolicy(BasePolicy):
         self.pool.add(b.id, rif, latency_s, now, len(self._candidates))
 
     def on_probe_failure(self, backend: BackendId, now: float) -> None:
+        self._probing.pop(backend, None)
+        self._reports.pop(backend, None)
         self.pool.discard(backend)  # its last answer is no longer to be trusted
         super().on_probe_failure(backend, now)
 
     def _on_failure(self, b: _Backend, now: float) -> None:
+        self._reports.pop(b.id, None)
         self.pool.discard(b.id)  # a fast-failing backend looks idle: forget what it said
 
     def _candidates_changed(self, candidates: frozenset[BackendId], now: float) -> None:
@@ -209,6 +302,8 @@ class PrequalPolicy(BasePolicy):
     def _forget(self, backend: BackendId) -> None:
         self.pool.discard(backend)
         self._last_probe.pop(backend, None)
+        self._reports.pop(backend, None)
+        self._probing.pop(backend, None)
 
     # --- snapshot ------------------------------------------------------------------------------
 

@@ -77,6 +77,9 @@ class PrequalSettings:
             (docs/simulator.md measures how often it fires on honest fleets).
         cross_check_slack_s: the absolute part of the latency rule: differences up to this are never
             suspect (the gateway's own overhead, and backends too fast for the ratio to mean anything).
+        report_max_age_s: how fresh a backend's latest report (piggybacked on a response, or a probe
+            answer) must be to answer a probe the sampler draws instead of a probe on the network
+            (``core.prequal``: every draw still pools one entry). 0 sends every probe, the paper's rule.
     """
 
     pool_size: int = 16
@@ -94,6 +97,7 @@ class PrequalSettings:
     cross_check: bool = True
     cross_check_ratio: float = 2.0
     cross_check_slack_s: float = 0.005
+    report_max_age_s: float = 0.05
 
     @classmethod
     def paper(cls) -> PrequalSettings:
@@ -105,7 +109,8 @@ class PrequalSettings:
 
         Reuse cap: the paper has none. The preset keeps the default ``max_reuse=2``: with the paper's
         numbers Eq. 1 gives 2 / ((1 - 16/n) * 3 - 1), 1.316 at the testbed's n = 100, under the cap, so
-        the cap changes nothing there. It binds only for 25 <= n <= 47 (25 uses at n = 25), where an
+        the cap changes nothing there. Every probe goes on the network (``report_max_age_s=0``): the paper
+        has no piggybacked reports. It binds only for 25 <= n <= 47 (25 uses at n = 25), where an
         unbounded budget herds traffic onto the best probe (docs/simulator.md). For n <= 24 the
         denominator is <= 0 and Eq. 1 has no value; each probe is then used once (``reuse_budget``).
         Pass ``dataclasses.replace(PrequalSettings.paper(), max_reuse=...)`` to lift the cap.
@@ -120,6 +125,7 @@ class PrequalSettings:
             max_reuse=2,
             fallback_below=2,
             fallback="random",
+            report_max_age_s=0.0,
         )
 
     def __post_init__(self) -> None:
@@ -139,6 +145,7 @@ class PrequalSettings:
             ("cross_check", isinstance(self.cross_check, bool), "True or False"),
             ("cross_check_ratio", 1.0 < self.cross_check_ratio < math.inf, "a finite number > 1"),
             ("cross_check_slack_s", 0 <= self.cross_check_slack_s < math.inf, "a finite number >= 0"),
+            ("report_max_age_s", 0 <= self.report_max_age_s < math.inf, "a finite number >= 0"),
         )
         _check(self, checks)
 

@@ -25,8 +25,13 @@ Measurement: queries *sent* before ``warmup_fraction * seconds`` are not measure
 ``seconds`` and the run continues until every query has ended, so nothing is censored. Percentiles are
 nearest-rank over every measured request, an error counting as ``deadline_s`` (the paper's "TO").
 
-Policies: any name of ``POLICY_CLASSES``, and ``prequal_nocheck``: Prequal with
-``PrequalSettings.cross_check`` off (reports pooled as they come), to compare with it in one run.
+Piggybacked reports: every response carries the replica's report as of its completion (the RIF of
+the others in flight, as ``LoadReportingMiddleware`` sends it; a liar's is 0 / 0), handed to
+``policy.on_report`` on arrival, before ``on_finish``.
+
+Policies: any name of ``POLICY_CLASSES``; ``prequal_nocheck``: Prequal with
+``PrequalSettings.cross_check`` off (reports pooled as they come); ``prequal_probeall``: Prequal with
+``report_max_age_s=0`` (every probe on the network, piggybacked reports unused: the paper's rule).
 
 Randomness: one ``random.Random(seed)`` derives separate streams for arrivals, client choice, work,
 the fleet, timer phases and each client's policy, so every policy of a run sees the same arrivals,
@@ -53,8 +58,9 @@ from .types import Member, Outcome
 
 __all__ = ["SIM_POLICIES", "Fleet", "RunResult", "SimConfig", "fleet_for", "percentile", "simulate"]
 
-# The simulator's policy names: the built-in ones, and Prequal without the probe cross-check.
-SIM_POLICIES: tuple[str, ...] = (*POLICY_CLASSES, "prequal_nocheck")
+# The simulator's policy names: the built-in ones, Prequal without the probe cross-check, and Prequal
+# that probes every target it draws (no piggybacked reports).
+SIM_POLICIES: tuple[str, ...] = (*POLICY_CLASSES, "prequal_nocheck", "prequal_probeall")
 
 # Event kinds; an event is the tuple (time, sequence number, kind, a, b).
 _ARRIVAL, _AT_REPLICA, _COMPLETE, _RESPONSE, _DEADLINE, _PROBE, _PROBE_REPLY, _IDLE, _SPEED, _SAMPLE = range(10)
@@ -254,7 +260,8 @@ def simulate(config: SimConfig, policy: str, load: float) -> RunResult:
         elif kind == _COMPLETE:
             b.tracker.finish(a.ticket, t, a.outcome == _PENDING)
             if a.outcome == _PENDING:
-                push(heap, (t + delay, next(seq), _RESPONSE, a, None))
+                report = (0, 0.0) if b.liar else b.tracker.report(t)
+                push(heap, (t + delay, next(seq), _RESPONSE, a, report))
             queue = b.queue
             while queue:
                 nxt = queue.popleft()
@@ -270,7 +277,9 @@ def simulate(config: SimConfig, policy: str, load: float) -> RunResult:
             a.outcome = _OK
             pending -= 1
             latency = t - a.sent
-            policies[a.client].on_finish(ids[a.replica], t, latency, success)
+            backend_id = ids[a.replica]
+            policies[a.client].on_report(backend_id, t, b[0], b[1])
+            policies[a.client].on_finish(backend_id, t, latency, success)
             if a.measured:
                 latencies.append(latency)
         elif kind == _DEADLINE:
@@ -350,6 +359,8 @@ def simulate(config: SimConfig, policy: str, load: float) -> RunResult:
 def _policy(name: str, config: SimConfig, rng: random.Random) -> BasePolicy:
     if name == "prequal_nocheck":
         return PrequalPolicy(replace(config.prequal, cross_check=False), rng=rng)
+    if name == "prequal_probeall":
+        return PrequalPolicy(replace(config.prequal, report_max_age_s=0.0), rng=rng)
     return create_policy(name, rng=rng, prequal=config.prequal)
 
 

@@ -47,3 +47,8 @@ def test_a_bad_report_is_no_report(headers: list[tuple[bytes, bytes]]) -> None:
 
 def test_field_whitespace_is_allowed() -> None:
     assert read_report([(RIF_HEADER, b" 2\t"), (LATENCY_HEADER, b"\t7 ")]) == (2, 7e-06)
+
+
+def test_header_names_in_any_case_are_read() -> None:
+    assert read_report([(b"X-Prequal-Rif", b"2"), (b"X-PREQUAL-LATENCY-US", b"9")]) == (2, 9e-06)
+    assert read_report([(b"x-prequal-rif", b"2"), (b"X-Prequal-Rif", b"2")]) is None, "twice, in two spellings"

@@ -123,7 +123,8 @@ def test_percentile_is_nearest_rank() -> None:
 
 
 def test_prequal_beats_load_blind_policies_under_heterogeneous_load() -> None:
-    results = {policy: simulate(SMALL, policy, 0.9) for policy in ("prequal", "round_robin", "random")}
+    policies = ("prequal", "prequal_probeall", "round_robin", "random")
+    results = {policy: simulate(SMALL, policy, 0.9) for policy in policies}
     prequal = results["prequal"]
     assert prequal.errors == 0
     assert prequal.p99_ms < 0.8 * results["round_robin"].p99_ms, {p: r.p99_ms for p, r in results.items()}
@@ -131,7 +132,9 @@ def test_prequal_beats_load_blind_policies_under_heterogeneous_load() -> None:
     # It routes by capacity: faster replicas get more queries; round robin spreads evenly.
     assert prequal.share_speed_corr > 0.5
     assert abs(results["round_robin"].share_speed_corr) < 0.5
-    assert prequal.probes_per_query == pytest.approx(3.0, abs=0.05)
+    # Every draw probed without piggybacked reports; with them, the fresh reports answer some draws.
+    assert results["prequal_probeall"].probes_per_query == pytest.approx(3.0, abs=0.05)
+    assert 0.0 < prequal.probes_per_query < results["prequal_probeall"].probes_per_query
     assert prequal.mean_pool_size is not None and prequal.mean_pool_size > 4
     assert results["round_robin"].probes_per_query == 0.0 and results["round_robin"].mean_pool_size is None
 
@@ -180,7 +183,17 @@ def test_cli_quick_writes_the_json_schema(tmp_path: Path, capsys: pytest.Capture
 
 def test_cli_overrides_prequal_settings(tmp_path: Path) -> None:
     path = tmp_path / "sim.json"
-    args = ["--quick", "--policies", "prequal", "--seconds", "3", "--probes-per-query", "1.5"]
+    args = [
+        "--quick",
+        "--policies",
+        "prequal",
+        "--seconds",
+        "3",
+        "--probes-per-query",
+        "1.5",
+        "--report-max-age-s",
+        "0",
+    ]
     args += ["--q-rif", "0.5", "--fallback", "random", "--removals-per-query", "0.5", "--deadline-s", "2"]
     args += ["--json", str(path)]
     assert main(args) == 0
@@ -189,6 +202,7 @@ def test_cli_overrides_prequal_settings(tmp_path: Path) -> None:
     assert document["config"]["prequal"]["fallback"] == "random"
     assert document["config"]["prequal"]["removals_per_query"] == 0.5
     assert document["config"]["deadline_s"] == 2.0
+    assert document["config"]["prequal"]["report_max_age_s"] == 0.0
     assert document["results"][0]["probes_per_query"] == pytest.approx(1.5, abs=0.05)
 
 

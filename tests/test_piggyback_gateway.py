@@ -1,0 +1,84 @@
+"""Piggybacked load reports through a real gateway: backends report on every response, probes fall.
+
+Two backends behind ``LoadReportingMiddleware`` on uvicorn, a Prequal pool in front, on both default
+and H1 transports. Under steady concurrent load the reports on the responses answer most of the probes
+the sampler draws, so far fewer probes go on the network than the sampler draws; the client never sees
+the report headers. With ``report_max_age_s=0`` (the paper's rule) every draw is a probe (or one in
+flight already).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from prequal_middleware import Gateway, HealthSettings, UpstreamPool
+from prequal_middleware.backend import LoadReportingMiddleware
+from prequal_middleware.core import PrequalPolicy, PrequalSettings
+from prequal_middleware.transport_h1 import H1Transport
+from tests.helpers import gateway_app
+from tests.servers import serve
+
+REQUESTS = 300
+CONCURRENCY = 8
+
+
+def backend(name: str) -> Any:
+    async def work(request: Request) -> Response:
+        await asyncio.sleep(0.002)
+        return PlainTextResponse(name)
+
+    return LoadReportingMiddleware(Starlette(routes=[Route("/{path:path}", work)]))
+
+
+async def load(url: str) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=url, timeout=10.0) as http:
+        queue = list(range(REQUESTS))
+        out: list[httpx.Response] = []
+
+        async def worker() -> None:
+            while queue:
+                queue.pop()
+                out.append(await http.get("/api/x"))
+
+        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+        return out
+
+
+def run(transport: str, settings: PrequalSettings) -> tuple[list[httpx.Response], PrequalPolicy, int]:
+    with serve(backend("a")) as a, serve(backend("b")) as b:
+        pool = UpstreamPool("/api", upstreams=[a.url, b.url], prequal=settings, health=HealthSettings(path=None))
+        gateway = Gateway(pools=[pool], transport=H1Transport() if transport == "h1" else None)
+        with serve(gateway_app(gateway)) as gw:
+            responses = asyncio.run(load(gw.url))
+            policy = gateway.pools["/api"].clients[0]
+            assert isinstance(policy, PrequalPolicy)
+            assert gateway._scheduler is not None
+            return responses, policy, gateway._scheduler.probes_sent
+
+
+@pytest.mark.parametrize("transport", ["default", "h1"])
+def test_reports_on_responses_answer_most_probes(transport: str) -> None:
+    responses, policy, sent = run(transport, PrequalSettings())
+    assert [r.status_code for r in responses] == [200] * REQUESTS
+    assert all("x-prequal-rif" not in r.headers for r in responses)
+    drawn = policy.probes_requested + policy.probes_from_reports + policy.probes_reused + policy.probes_pending
+    # One piggybacked report per response, each pooled at its first draw: about one draw in two here.
+    assert policy.probes_from_reports > 0.25 * drawn, (policy.probes_from_reports, drawn)
+    assert policy.probes_from_reports + policy.probes_reused > 0.7 * drawn, (policy.probes_reused, drawn)
+    assert sent < 0.2 * drawn, (sent, drawn)
+
+
+def test_without_reports_every_draw_is_a_probe() -> None:
+    responses, policy, sent = run("default", PrequalSettings(report_max_age_s=0.0))
+    assert [r.status_code for r in responses] == [200] * REQUESTS
+    assert policy.probes_from_reports == 0 and policy.probes_reused == 0
+    # Every draw is a probe on the network, or one already on its way to that backend.
+    assert sent == policy.probes_requested > 0.5 * (policy.probes_requested + policy.probes_pending)
