@@ -97,7 +97,7 @@ class PrequalSettings:
     cross_check: bool = True
     cross_check_ratio: float = 2.0
     cross_check_slack_s: float = 0.005
-    report_max_age_s: float = 0.05
+    report_max_age_s: float = 0.02
 
     @classmethod
     def paper(cls) -> PrequalSettings:
