@@ -11,9 +11,7 @@ and lines run, members built, full re-reads) at 10 and 1000 members instead of t
 from __future__ import annotations
 
 import asyncio
-import gc
 import random
-import sys
 from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from types import MappingProxyType
@@ -39,6 +37,7 @@ from prequal_middleware.registry import (
 )
 from prequal_middleware.registry.base import LocalRegistry
 from prequal_middleware.transport import UpstreamRequest, UpstreamResponse
+from tests.python_work import python_work
 
 T = TypeVar("T")
 POOL = "/api"
@@ -499,22 +498,7 @@ class Counts:
     def measure(self, action: Callable[[], object]) -> Counter[str]:
         """The counts of one action; ``calls`` and ``lines`` are what Python ran (a loop over n shows)."""
         self.counts.clear()
-        traced: Counter[str] = Counter()
-
-        def tracer(frame: Any, event: str, arg: Any) -> Any:
-            if event in ("call", "line"):
-                traced[event + "s"] += 1
-            return tracer
-
-        gc.collect()
-        gc.disable()  # a collection's finalizers would run (and count) inside the action
-        previous = sys.gettrace()
-        sys.settrace(tracer)
-        try:
-            action()
-        finally:
-            sys.settrace(previous)
-            gc.enable()
+        traced = python_work(action)
         return self.counts + traced
 
 

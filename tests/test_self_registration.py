@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ from starlette.routing import Route
 
 from prequal_middleware import AdminSettings, Gateway, LoadReportingMiddleware, SelfRegistration, UpstreamPool
 from tests.helpers import gateway_app, members, wait_for
-from tests.reliability.procs import backend_proc
+from tests.reliability.procs import HttpProc, backend_proc
 from tests.servers import ServerThread, free_port, serve
 
 
@@ -66,43 +68,42 @@ def test_a_gateway_that_is_down_does_not_block_startup() -> None:
         backend.stop()
 
 
-def test_sigterm_unregisters_first_and_serves_through_the_drain(tmp_path: Path) -> None:
-    """uvicorn closes its listener and idle connections before the lifespan shutdown; the drain comes first."""
+@contextlib.contextmanager
+def self_registered(tmp_path: Path, name: str, drain_s: float) -> Iterator[tuple[str, HttpProc]]:
+    """A gateway in-process and a backend process registered with it (healthy), stopped by PID at the end."""
     gateway = Gateway(pools=[UpstreamPool("/api")], admin=AdminSettings(trust_loopback=True))
     with serve(gateway_app(gateway)) as g:
-        backend = backend_proc("drained", tmp_path, register=g.url + "/_prequal", extra_args=["--drain", "1.5"])
+        backend = backend_proc(name, tmp_path, register=g.url + "/_prequal", extra_args=["--drain", str(drain_s)])
         backend.start()
         try:
             backend.wait_http(backend.url + "/healthz")
             wait_for(lambda: backend.url in members(g.url), what="registration")
-            backend.signal(signal.SIGTERM)
-            signalled = time.monotonic()
-            wait_for(lambda: backend.url not in members(g.url), timeout_s=1.0, what="unregistration on SIGTERM")
-            # Unregistered, and still accepting and answering: nothing the gateway sent meanwhile is cut.
-            assert httpx.get(backend.url + "/healthz", timeout=1.0).status_code == 200
-            assert time.monotonic() - signalled < 1.5
-            assert backend.popen is not None
-            # uvicorn re-raises the signal it handled once it has shut down: death by SIGTERM, after the drain.
-            assert backend.popen.wait(timeout=10) in (0, -signal.SIGTERM)
-            assert time.monotonic() - signalled >= 1.5, "the server stopped only after the drain"
+            yield g.url, backend
         finally:
             backend.stop()
+
+
+def test_sigterm_unregisters_first_and_serves_through_the_drain(tmp_path: Path) -> None:
+    """uvicorn closes its listener and idle connections before the lifespan shutdown; the drain comes first."""
+    with self_registered(tmp_path, "drained", drain_s=1.5) as (gateway_url, backend):
+        backend.signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        wait_for(lambda: backend.url not in members(gateway_url), timeout_s=1.0, what="unregistration on SIGTERM")
+        # Unregistered, and still accepting and answering: nothing the gateway sent meanwhile is cut.
+        assert httpx.get(backend.url + "/healthz", timeout=1.0).status_code == 200
+        assert time.monotonic() - signalled < 1.5
+        assert backend.popen is not None
+        # uvicorn re-raises the signal it handled once it has shut down: death by SIGTERM, after the drain.
+        assert backend.popen.wait(timeout=10) in (0, -signal.SIGTERM)
+        assert time.monotonic() - signalled >= 1.5, "the server stopped only after the drain"
 
 
 def test_a_second_sigterm_skips_the_drain(tmp_path: Path) -> None:
-    gateway = Gateway(pools=[UpstreamPool("/api")], admin=AdminSettings(trust_loopback=True))
-    with serve(gateway_app(gateway)) as g:
-        backend = backend_proc("hurried", tmp_path, register=g.url + "/_prequal", extra_args=["--drain", "30"])
-        backend.start()
-        try:
-            backend.wait_http(backend.url + "/healthz")
-            wait_for(lambda: backend.url in members(g.url), what="registration")
-            backend.signal(signal.SIGTERM)
-            wait_for(lambda: backend.url not in members(g.url), timeout_s=1.0, what="unregistration on SIGTERM")
-            signalled = time.monotonic()
-            backend.signal(signal.SIGTERM)
-            assert backend.popen is not None
-            backend.popen.wait(timeout=10)
-            assert time.monotonic() - signalled < 5.0, "the second SIGTERM did not wait out the 30 s drain"
-        finally:
-            backend.stop()
+    with self_registered(tmp_path, "hurried", drain_s=30) as (gateway_url, backend):
+        backend.signal(signal.SIGTERM)
+        wait_for(lambda: backend.url not in members(gateway_url), timeout_s=1.0, what="unregistration on SIGTERM")
+        signalled = time.monotonic()
+        backend.signal(signal.SIGTERM)
+        assert backend.popen is not None
+        backend.popen.wait(timeout=10)
+        assert time.monotonic() - signalled < 5.0, "the second SIGTERM did not wait out the 30 s drain"

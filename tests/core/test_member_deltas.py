@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import gc
 import random
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +10,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from prequal_middleware.core import POLICY_CLASSES, BasePolicy, Member, create_policy
+from tests.python_work import python_work
 
 URLS = [f"http://b{i}:80" for i in range(5)]
 WEIGHTS = (1.0, 2.0, 0.5)
@@ -125,26 +124,8 @@ def test_upsert_keeps_what_the_policy_learnt_and_remove_forgets_it() -> None:
 
 def traced(action: Callable[[], object]) -> tuple[int, int]:
     """(function calls, lines) Python ran for ``action``: a loop over the members shows in the lines."""
-    calls = lines = 0
-
-    def tracer(frame: Any, event: str, arg: Any) -> Any:
-        nonlocal calls, lines
-        if event == "call":
-            calls += 1
-        elif event == "line":
-            lines += 1
-        return tracer
-
-    gc.collect()
-    gc.disable()  # a collection's finalizers would run (and count) inside the action
-    previous = sys.gettrace()
-    sys.settrace(tracer)
-    try:
-        action()
-    finally:
-        sys.settrace(previous)
-        gc.enable()
-    return calls, lines
+    work = python_work(action)
+    return work["calls"], work["lines"]
 
 
 @pytest.mark.parametrize("name", sorted(POLICY_CLASSES))
