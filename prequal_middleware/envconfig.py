@@ -17,8 +17,9 @@
 - ``PREQUAL_ALLOWED_UPSTREAMS``: comma-separated hosts, ``*.suffix`` wildcards or networks
   (``10.0.0.0/8``) registered URLs may point at.
 - ``PREQUAL_LEASE_TTL_S``: the lease of a registration that names none (default 30).
-- ``PREQUAL_TRANSPORT``: ``aiohttp`` (default, ``AiohttpTransport``) or ``h1`` (``H1Transport``, the
-  lean HTTP/1.1 transport).
+- ``PREQUAL_TRANSPORT``: ``h1`` (default, ``H1Transport``, our HTTP/1.1 client) or ``aiohttp``
+  (``AiohttpTransport``). ``HttpxTransport`` is not offered here: it wraps an ``httpx.AsyncClient`` you
+  build yourself, so pass it to ``Gateway(transport=...)`` in code.
 - Hooks, each ``module:function``: ``PREQUAL_REGISTER_HOOK``, ``PREQUAL_UNREGISTER_HOOK`` (called with
   the registry record), ``PREQUAL_PATH_REWRITE_HOOK``, ``PREQUAL_REQUEST_HOOK``, ``PREQUAL_RESPONSE_HOOK``
   (every pool's, unless a pool sets its own).
@@ -240,13 +241,17 @@ def gateway_kwargs_from_env(environ: Mapping[str, str] | None = None) -> dict[st
     via = env.get("PREQUAL_VIA_PSEUDONYM")
     if via:
         kwargs["via_pseudonym"] = via.strip()
-    transport = env.get("PREQUAL_TRANSPORT", "aiohttp").strip()
+    transport = env.get("PREQUAL_TRANSPORT", "").strip()
     if transport == "h1":
         from .transport_h1 import H1Transport
 
         kwargs["transport"] = H1Transport()
-    elif transport not in ("", "aiohttp"):
-        raise ConfigurationError(f"PREQUAL_TRANSPORT must be 'aiohttp' or 'h1', got {transport!r}")
+    elif transport == "aiohttp":
+        from .transport_aiohttp import AiohttpTransport
+
+        kwargs["transport"] = AiohttpTransport()
+    elif transport:
+        raise ConfigurationError(f"PREQUAL_TRANSPORT must be 'h1' or 'aiohttp', got {transport!r}")
     for variable, setting in (("PREQUAL_REGISTER_HOOK", "on_register"), ("PREQUAL_UNREGISTER_HOOK", "on_unregister")):
         if env.get(variable):
             kwargs[setting] = _hook(env[variable], variable)

@@ -40,7 +40,7 @@ from .registry import BackendRecord, MemoryRegistry, Registry
 from .request_target import under_prefix
 from .scheduler import ProbeScheduler
 from .transport import Transport
-from .transport_aiohttp import AiohttpTransport
+from .transport_h1 import H1Transport
 from .websocket import forward_websocket
 
 # An HTTP token (RFC 9110 section 5.6.2), at most 64 characters: what a Via pseudonym may be.
@@ -60,8 +60,10 @@ class Gateway:
 
     Parameters:
         pools: the pools, each with a distinct prefix.
-        transport: the upstream transport; by default an ``AiohttpTransport``. The gateway closes it
-            on shutdown (an ``HttpxTransport`` closes your httpx client only with ``close_client=True``).
+        transport: the upstream transport; by default an ``H1Transport`` (our HTTP/1.1 client; upstream
+            WebSockets through the ``AiohttpTransport`` it owns). ``AiohttpTransport()`` and
+            ``HttpxTransport(client)`` are opt-in behind the same seam. The gateway closes it on shutdown
+            (an ``HttpxTransport`` closes your httpx client only with ``close_client=True``).
         metrics: the Prometheus metrics; by default on a fresh ``CollectorRegistry`` of the gateway's own.
         registry: where registered backends live: a ``MemoryRegistry`` by default, a ``RedisRegistry``
             to share membership between gateways. The gateway starts and closes it.
@@ -144,7 +146,7 @@ class Gateway:
             return
         transport = self._transport
         if transport is None:
-            transport = self._transport = AiohttpTransport()
+            transport = self._transport = H1Transport()
         await self.registry.start()
         await self.membership.refresh()
         scheduler = ProbeScheduler(list(self.pools.values()), transport, self.metrics, self.clock)

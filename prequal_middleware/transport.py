@@ -2,9 +2,10 @@
 
 The forwarder hands an ``UpstreamRequest`` (method, target, raw headers, body stream) to a
 ``Transport`` and gets back an ``UpstreamResponse`` (status, raw headers, raw byte stream). Hooks see
-these same types. Three transports ship: ``AiohttpTransport`` (the default, configured for proxying),
-``H1Transport`` (a lean HTTP/1.1 client on asyncio protocols, about half the CPU per request) and
-``HttpxTransport`` (wraps an ``httpx.AsyncClient`` you pass: HTTP/2, mTLS, custom auth).
+these same types. Three transports ship: ``H1Transport`` (the default: our lean HTTP/1.1 client on
+asyncio protocols, about half the CPU per request of aiohttp; upstream WebSockets through an
+``AiohttpTransport`` it owns), ``AiohttpTransport`` (opt-in, aiohttp configured for proxying) and
+``HttpxTransport`` (opt-in, wraps an ``httpx.AsyncClient`` you pass: HTTP/2, mTLS, custom auth).
 
 A transport raises only ``UpstreamError`` subclasses, and says whether the request may have reached
 the backend (``UpstreamError.sent``); the forwarder alone turns them into status codes.

@@ -1,13 +1,15 @@
 """``H1Transport``: a lean HTTP/1.1 upstream transport on ``asyncio`` protocols and ``httptools``.
 
-The opt-in alternative to ``AiohttpTransport`` for plain HTTP/1.1 backends, built the way
-``ProbeClient`` is: one ``asyncio.Protocol`` per keep-alive connection, uvicorn's own parser, the request
-head written as one byte string, the body streamed with the transport's flow control both ways. It
+The gateway's default upstream transport (``AiohttpTransport`` and ``HttpxTransport`` stay opt-in
+behind the same seam), built the way ``ProbeClient`` is: one ``asyncio.Protocol`` per keep-alive
+connection, uvicorn's own parser, the request head written as one byte string, the body streamed with
+the transport's flow control both ways. It
 does what a proxy needs and nothing else: no cookies, no decompression, no redirects, no invented
 headers (only ``Host`` when the request has none, and ``Transfer-Encoding: chunked`` for a body of
 unknown length), the target sent byte-exact.
 
-    gateway = Gateway(pools=[...], transport=H1Transport())
+    gateway = Gateway(pools=[...])                             # H1Transport() with its defaults
+    gateway = Gateway(pools=[...], transport=H1Transport(limit_per_backend=64))
 
 - Connections: a LIFO stack of idle keep-alive connections per backend origin, at most
   ``limit_per_backend`` open per origin (more requests wait), idle ones kept ``keepalive_s``.
@@ -17,7 +19,12 @@ unknown length), the target sent byte-exact.
   timeout was never sent; anything after the first request byte was. A reused idle connection that the
   backend had closed is retried once on a fresh one for an idempotent request without a body.
 - ``https://`` backends use TLS (``ssl.create_default_context()`` unless you pass a context).
-- WebSockets go through an ``AiohttpTransport`` this transport owns (opened on first use).
+- WebSockets go through an ``AiohttpTransport`` this transport owns (opened on first use, with this
+  transport's TLS context, closed with it). Deliberately not on this engine: a WebSocket is a second
+  protocol after the ``101`` (the upgrade handshake with its key check and subprotocol choice, then
+  masked frames, fragmentation, control frames, close codes, per-message limits), which would need a
+  frame codec of our own to write and harden; aiohttp's client is proven, and a WebSocket is one
+  long-lived connection, so the per-request CPU this engine saves on plain requests does not apply.
 
 What a hostile or broken backend sends is bounded and never outlives its exchange:
 

@@ -1,7 +1,8 @@
 """Suite-wide switches.
 
-``PREQUAL_TEST_TRANSPORT=h1`` runs every gateway the tests build without a transport of their own on
-``H1Transport`` instead of the default ``AiohttpTransport``, so that one behaviour suite covers both.
+``PREQUAL_TEST_TRANSPORT=aiohttp`` runs every gateway the tests build without a transport of their own on
+``AiohttpTransport`` instead of the default ``H1Transport``, so that one behaviour suite covers both
+(``tests/test_transport_aiohttp_suites.py`` does that for the data-plane suites).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import pytest
 
 def pytest_configure(config: pytest.Config) -> None:
     # Patched for the whole session (module-scoped servers start before any function fixture).
-    if os.environ.get("PREQUAL_TEST_TRANSPORT") == "h1":
+    if os.environ.get("PREQUAL_TEST_TRANSPORT") == "aiohttp":
         from prequal_middleware import gateway
-        from prequal_middleware.transport_h1 import H1Transport
+        from prequal_middleware.transport_aiohttp import AiohttpTransport
 
-        gateway.AiohttpTransport = H1Transport  # type: ignore[misc]
+        gateway.H1Transport = AiohttpTransport  # type: ignore[misc]

@@ -86,7 +86,7 @@ def test_redis_registry_from_a_url() -> None:
         ({"PREQUAL_REGISTRATION_TOKEN": "short"}, r"PREQUAL_REGISTRATION_TOKEN"),
         ({"PREQUAL_ALLOWED_UPSTREAMS": "10.0.0.0/8, bad host"}, r"PREQUAL_ALLOWED_UPSTREAMS"),
         ({"PREQUAL_LEASE_TTL_S": "soon"}, r"PREQUAL_LEASE_TTL_S must be a number"),
-        ({"PREQUAL_TRANSPORT": "httpx"}, r"PREQUAL_TRANSPORT must be 'aiohttp' or 'h1'"),
+        ({"PREQUAL_TRANSPORT": "httpx"}, r"PREQUAL_TRANSPORT must be 'h1' or 'aiohttp', got 'httpx'"),
         ({"PREQUAL_REQUEST_HOOK": "tests.test_envconfig:nothing_here"}, r"PREQUAL_REQUEST_HOOK: module"),
     ],
 )
@@ -96,7 +96,10 @@ def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None
 
 
 def test_transport_is_chosen_by_name() -> None:
+    from prequal_middleware.transport_aiohttp import AiohttpTransport
     from prequal_middleware.transport_h1 import H1Transport
 
     assert isinstance(Gateway.from_env({"PREQUAL_TRANSPORT": "h1"})._transport, H1Transport)
-    assert Gateway.from_env({})._transport is None  # the default AiohttpTransport, opened at startup
+    assert isinstance(Gateway.from_env({"PREQUAL_TRANSPORT": "aiohttp"})._transport, AiohttpTransport)
+    assert Gateway.from_env({})._transport is None  # the gateway's default, opened at startup
+    assert Gateway.from_env({"PREQUAL_TRANSPORT": " "})._transport is None

@@ -30,8 +30,8 @@ class CloseFails:
 
     def __init__(self, error: Exception) -> None:
         # The suite's switch (tests/conftest.py) picks the transport underneath.
-        h1 = os.environ.get("PREQUAL_TEST_TRANSPORT") == "h1"
-        self.inner: Transport = H1Transport() if h1 else AiohttpTransport()
+        aiohttp = os.environ.get("PREQUAL_TEST_TRANSPORT") == "aiohttp"
+        self.inner: Transport = AiohttpTransport() if aiohttp else H1Transport()
         self.error = error
         self.closes = 0
 

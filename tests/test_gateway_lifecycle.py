@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -18,6 +19,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
 from prequal_middleware import AdminSettings, Gateway, HttpxTransport, PrequalMiddleware, UpstreamPool
+from prequal_middleware.transport_aiohttp import AiohttpTransport
+from prequal_middleware.transport_h1 import H1Transport
 from prequal_middleware.websocket import open_websockets
 from tests.apps import BackendState, make_backend
 from tests.helpers import wait_for
@@ -157,8 +160,26 @@ def test_lifespan_starts_and_stops_the_gateway(backend: tuple[ServerThread, Back
         assert scheduler is not None and scheduler._tasks, "idle probing and health checks run"
     assert not gateway.running
     assert not scheduler._tasks, "no task left behind"
-    transport = gateway._transport
-    assert transport is not None and getattr(transport, "_session", None) is None, "connections closed"
+    assert connections_closed(gateway._transport)
+
+
+def test_the_default_transport_is_h1(backend: tuple[ServerThread, BackendState]) -> None:
+    server, _ = backend
+    gateway = Gateway(pools=[UpstreamPool("/api", upstreams=[server.url])])
+    with serve(host_app(gateway)) as g:
+        assert httpx.get(g.url + "/api/x").json()["backend"] == "a"
+        # The suite's switch (tests/conftest.py) may put aiohttp underneath.
+        switched = os.environ.get("PREQUAL_TEST_TRANSPORT") == "aiohttp"
+        assert type(gateway._transport) is (AiohttpTransport if switched else H1Transport)
+
+
+def connections_closed(transport: object) -> bool:
+    """Whether the gateway's default transport (H1, or aiohttp under the suite's switch) holds nothing open."""
+    if isinstance(transport, H1Transport):
+        return transport._closed and not transport._connections and transport._websockets is None
+    if isinstance(transport, AiohttpTransport):
+        return transport._session is None
+    raise AssertionError(f"not a default transport: {transport!r}")
 
 
 @pytest.mark.parametrize("unsupported", ["raises", "returns"])

@@ -1,6 +1,6 @@
 """Piggybacked load reports through a real gateway: backends report on every response, probes fall.
 
-Two backends behind ``LoadReportingMiddleware`` on uvicorn, a Prequal pool in front, on both default
+Two backends behind ``LoadReportingMiddleware`` on uvicorn, a Prequal pool in front, on both the aiohttp
 and H1 transports. Under steady concurrent load the reports on the responses answer most of the probes
 the sampler draws, so far fewer probes go on the network than the sampler draws; the client never sees
 the report headers. With ``report_max_age_s=0`` (the paper's rule) every draw is a probe (or one in
@@ -10,6 +10,7 @@ flight already).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -22,6 +23,8 @@ from starlette.routing import Route
 from prequal_middleware import Gateway, HealthSettings, UpstreamPool
 from prequal_middleware.backend import LoadReportingMiddleware
 from prequal_middleware.core import PrequalPolicy, PrequalSettings
+from prequal_middleware.transport import Transport
+from prequal_middleware.transport_aiohttp import AiohttpTransport
 from prequal_middleware.transport_h1 import H1Transport
 from tests.helpers import gateway_app
 from tests.servers import serve
@@ -52,10 +55,18 @@ async def load(url: str) -> list[httpx.Response]:
         return out
 
 
+# "default": the gateway's own choice (H1Transport, or what PREQUAL_TEST_TRANSPORT switches it to).
+TRANSPORTS: dict[str, Callable[[], Transport | None]] = {
+    "default": lambda: None,
+    "aiohttp": AiohttpTransport,
+    "h1": H1Transport,
+}
+
+
 def run(transport: str, settings: PrequalSettings) -> tuple[list[httpx.Response], PrequalPolicy, int]:
     with serve(backend("a")) as a, serve(backend("b")) as b:
         pool = UpstreamPool("/api", upstreams=[a.url, b.url], prequal=settings, health=HealthSettings(path=None))
-        gateway = Gateway(pools=[pool], transport=H1Transport() if transport == "h1" else None)
+        gateway = Gateway(pools=[pool], transport=TRANSPORTS[transport]())
         with serve(gateway_app(gateway)) as gw:
             responses = asyncio.run(load(gw.url))
             policy = gateway.pools["/api"].clients[0]
@@ -64,7 +75,7 @@ def run(transport: str, settings: PrequalSettings) -> tuple[list[httpx.Response]
             return responses, policy, gateway._scheduler.probes_sent
 
 
-@pytest.mark.parametrize("transport", ["default", "h1"])
+@pytest.mark.parametrize("transport", ["aiohttp", "h1"])
 def test_reports_on_responses_answer_most_probes(transport: str) -> None:
     responses, policy, sent = run(transport, PrequalSettings())
     assert [r.status_code for r in responses] == [200] * REQUESTS

@@ -1,8 +1,8 @@
 """``H1Transport`` against real uvicorn backends on loopback: keep-alive, limits, timeouts, errors.
 
-The gateway's own behaviour suites run on it too: ``test_gateway_suites_pass_on_h1`` runs the data-plane
-tests with ``PREQUAL_TEST_TRANSPORT=h1`` (see ``tests/conftest.py``); the reliability suite can be run
-the same way with ``PREQUAL_TEST_TRANSPORT=h1 PREQUAL_TRANSPORT=h1 pytest tests/reliability``.
+It is the gateway's default transport, so the gateway's behaviour suites (data plane, reliability,
+security, TLS) run on it; ``tests/test_transport_aiohttp_suites.py`` runs the data-plane suites on the
+opt-in ``AiohttpTransport`` as well (``PREQUAL_TEST_TRANSPORT=aiohttp``, see ``tests/conftest.py``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import os
 import shutil
 import ssl
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -275,19 +274,3 @@ async def test_https_backends_are_verified(tmp_path: Path) -> None:
         await trusting.aclose()
         await default.aclose()
         server.stop()
-
-
-def test_gateway_suites_pass_on_h1() -> None:
-    env = {**os.environ, "PREQUAL_TEST_TRANSPORT": "h1"}
-    suites = ["tests/test_gateway_http.py", "tests/test_gateway_lifecycle.py", "tests/test_quickstart.py"]
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *suites],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    assert " passed" in done.stdout and "failed" not in done.stdout

@@ -140,8 +140,8 @@ class RaisingTransport:
     """The gateway's transport, except that health checks raise a plain exception ``raises`` times."""
 
     def __init__(self, raises: int) -> None:
-        h1 = os.environ.get("PREQUAL_TEST_TRANSPORT") == "h1"
-        self.inner: Transport = H1Transport() if h1 else AiohttpTransport()
+        aiohttp = os.environ.get("PREQUAL_TEST_TRANSPORT") == "aiohttp"
+        self.inner: Transport = AiohttpTransport() if aiohttp else H1Transport()
         self.raises = raises
 
     async def send(self, request: UpstreamRequest, timeouts: Timeouts) -> UpstreamResponse:
