@@ -45,7 +45,10 @@ def test_quick_run_writes_the_results(tmp_path: Path) -> None:
         assert result["errors"] == 0 and not result["flagged"], result
         assert result["rounds"] == 1 and len(result["samples"]) == 1
     assert results["direct"]["probes_per_req"] is None  # no upstream behind it
-    assert results["gateway_prequal"]["probes_per_req"] > 0  # Prequal probes the upstreams
+    # Counted at the upstreams; the reports on the responses answer almost every draw under steady load
+    # (piggybacked reports, docs/benchmarks.md: 2.00 probes per request before, 0.00 after).
+    probes_per_req = results["gateway_prequal"]["probes_per_req"]
+    assert isinstance(probes_per_req, float) and 0 <= probes_per_req < 0.1, probes_per_req
 
 
 def test_baseline_rev_runs_the_same_target_from_another_revision(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ from prequal_middleware import (
 )
 from prequal_middleware.backend import LoadReportingMiddleware
 from prequal_middleware.config import Timeouts
-from prequal_middleware.core import PolicySnapshot, PrequalPolicy
+from prequal_middleware.core import PolicySnapshot, PrequalPolicy, PrequalSettings
 from prequal_middleware.transport import Transport, UpstreamRequest, UpstreamResponse
 from prequal_middleware.transport_aiohttp import AiohttpTransport
 from prequal_middleware.transport_h1 import H1Transport
@@ -48,8 +48,8 @@ class FlakyPolicy(PrequalPolicy):
     """Prequal, except that the methods named in ``fail_once`` raise on their next call, and those in
     ``fail_always`` on every call."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, settings: PrequalSettings | None = None) -> None:
+        super().__init__(settings)
         self.fail_once: set[str] = set()
         self.fail_always: set[str] = set()
 
@@ -69,8 +69,10 @@ class FlakyPolicy(PrequalPolicy):
         return super().idle_probes(now)
 
     def on_probe(self, backend: str, now: float, rif: int, latency_s: float) -> None:
-        self._fault("on_probe")
+        # Raises after Prequal took the answer: a policy that raised before would keep the backend's
+        # probe "on the way" for PROBE_PENDING_S, and Prequal sends no second probe meanwhile.
         super().on_probe(backend, now, rif, latency_s)
+        self._fault("on_probe")
 
 
 def backend_app() -> Any:
@@ -206,7 +208,8 @@ def test_a_persistent_error_is_logged_once_not_per_probe(caplog: pytest.LogCaptu
     policies: list[FlakyPolicy] = []
 
     def flaky() -> FlakyPolicy:
-        policies.append(FlakyPolicy())
+        # Every draw a probe on the network (no piggybacked reports): the 60 requests make many probes.
+        policies.append(FlakyPolicy(PrequalSettings(report_max_age_s=0.0)))
         policies[-1].fail_always.add("on_probe")
         return policies[-1]
 
