@@ -12,8 +12,10 @@ each target runs alone on the proxy CPU, in a fresh process per measurement:
 - ``direct``: wrk straight at a backend process (the same app as the upstreams) started in the target's
   slot, for scale: what uvicorn costs answering by itself.
 - ``aiohttp_raw``: a minimal pure-ASGI proxy over one aiohttp session, "the Python ceiling".
-- ``gateway_round_robin`` / ``gateway_prequal``: ``Gateway`` + ``PrequalMiddleware``, one pool at ``/``;
-  ``gateway_round_robin_h1`` / ``gateway_prequal_h1``: the same on ``H1Transport``.
+- ``gateway_round_robin`` / ``gateway_prequal``: ``Gateway`` + ``PrequalMiddleware``, one pool at ``/``, on
+  the default transport (``H1Transport``); ``gateway_round_robin_aiohttp`` / ``gateway_prequal_aiohttp``:
+  the same on ``AiohttpTransport()``; ``gateway_round_robin_h1`` / ``gateway_prequal_h1``: on an explicit
+  ``H1Transport()`` (the default's twin, so not in the default set of targets).
 
 Per measurement: start the target, wait until it answers, warm up (``wrk`` for ``--warmup`` s), then
 ``wrk -t1 -cN -dDs --latency --timeout 5s``; the target's CPU is read from ``/proc/<pid>/stat`` just before
@@ -89,6 +91,7 @@ class Target:
     command: Callable[[LaunchContext], list[str]]
     proxies: bool = True
     cwd: Path | None = None  # run from this tree instead of ours (``--baseline-rev``)
+    default: bool = True  # in the targets run when ``--targets`` is not given
 
 
 def python_target(app: str) -> Callable[[LaunchContext], list[str]]:
@@ -156,23 +159,35 @@ TARGETS: list[Target] = [
     Target("aiohttp_raw", "pure-ASGI proxy, one aiohttp session (the Python ceiling)", python_target("aiohttp_raw")),
     Target(
         "gateway_round_robin",
-        "Gateway + PrequalMiddleware, UpstreamPool('/', policy='round_robin')",
+        "Gateway + PrequalMiddleware, UpstreamPool('/', policy='round_robin'), default transport (H1Transport)",
         python_target("gateway_round_robin"),
     ),
     Target(
         "gateway_prequal",
-        "Gateway + PrequalMiddleware, UpstreamPool('/', policy='prequal')",
+        "Gateway + PrequalMiddleware, UpstreamPool('/', policy='prequal'), default transport (H1Transport)",
         python_target("gateway_prequal"),
     ),
     Target(
+        "gateway_round_robin_aiohttp",
+        "Gateway + PrequalMiddleware, policy='round_robin', transport=AiohttpTransport()",
+        python_target("gateway_round_robin_aiohttp"),
+    ),
+    Target(
+        "gateway_prequal_aiohttp",
+        "Gateway + PrequalMiddleware, policy='prequal', transport=AiohttpTransport()",
+        python_target("gateway_prequal_aiohttp"),
+    ),
+    Target(
         "gateway_round_robin_h1",
-        "the same with transport=H1Transport() (the lean HTTP/1.1 transport)",
+        "Gateway + PrequalMiddleware, policy='round_robin', transport=H1Transport() (explicit)",
         python_target("gateway_round_robin_h1"),
+        default=False,
     ),
     Target(
         "gateway_prequal_h1",
-        "Gateway + PrequalMiddleware, policy='prequal', transport=H1Transport()",
+        "Gateway + PrequalMiddleware, policy='prequal', transport=H1Transport() (explicit)",
         python_target("gateway_prequal_h1"),
+        default=False,
     ),
     Target(
         "fastapi_proxy_lib",
@@ -738,8 +753,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
     parser.add_argument("--connections", help="comma-separated wrk connection counts [16,64; quick 16]")
     parser.add_argument(
         "--targets",
-        default=",".join(t for t in TARGETS_BY_NAME if installed(t)),
-        help=f"comma-separated, of: {', '.join(TARGETS_BY_NAME)} [those installed]",
+        default=",".join(t.name for t in TARGETS if t.default and installed(t.name)),
+        help=f"comma-separated, of: {', '.join(TARGETS_BY_NAME)} [those installed, but the _h1 twins of the default]",
     )
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="write the results here [%(default)s]")
     parser.add_argument("--load-cpu", type=int, help="CPU for wrk and the upstreams [first allowed CPU]")

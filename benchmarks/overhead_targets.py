@@ -17,8 +17,11 @@ proxy-header trust) on ``127.0.0.1``:
 ``send`` messages.
 
 ``gateway_*``: a Starlette app with ``PrequalMiddleware`` added as a user would, one ``UpstreamPool("/")``
-with the given policy (health checks on, every setting at its default). When it stops it prints
-``BENCH_STATS {"probes_sent": .., "probe_failures": .., "probes_skipped": ..}`` (whole process life) to stderr.
+with the given policy (health checks on, every setting at its default). ``gateway_round_robin`` and
+``gateway_prequal`` use the gateway's default transport (``H1Transport`` since it became the default);
+the ``_aiohttp`` and ``_h1`` suffixes name ``AiohttpTransport()`` and ``H1Transport()`` explicitly. When
+it stops it prints ``BENCH_STATS {"probes_sent": .., "probe_failures": .., "probes_skipped": ..}``
+(whole process life) to stderr.
 
 ``--profile PATH`` runs the server under ``cProfile`` and writes the stats to PATH when it stops
 (SIGTERM stops uvicorn gracefully); read them with ``python -m pstats PATH``.
@@ -45,6 +48,7 @@ from yarl import URL
 from prequal_middleware import Gateway, PrequalMiddleware, UpstreamPool
 from prequal_middleware.backend import DEFAULT_PROBE_PATH, LoadReportingMiddleware
 from prequal_middleware.transport import Transport
+from prequal_middleware.transport_aiohttp import AiohttpTransport
 from prequal_middleware.transport_h1 import H1Transport
 
 Scope = MutableMapping[str, Any]
@@ -253,11 +257,19 @@ def gateway_app(upstreams: list[str], policy: str, transport: Transport | None =
 
 
 def gateway_round_robin_app(upstreams: list[str]) -> ASGIApp:
-    return gateway_app(upstreams, "round_robin")
+    return gateway_app(upstreams, "round_robin")  # the default transport (H1Transport)
 
 
 def gateway_prequal_app(upstreams: list[str]) -> ASGIApp:
     return gateway_app(upstreams, "prequal")
+
+
+def gateway_round_robin_aiohttp_app(upstreams: list[str]) -> ASGIApp:
+    return gateway_app(upstreams, "round_robin", AiohttpTransport())
+
+
+def gateway_prequal_aiohttp_app(upstreams: list[str]) -> ASGIApp:
+    return gateway_app(upstreams, "prequal", AiohttpTransport())
 
 
 def gateway_round_robin_h1_app(upstreams: list[str]) -> ASGIApp:
@@ -289,6 +301,8 @@ APPS: dict[str, Callable[[list[str]], ASGIApp]] = {
     "aiohttp_raw": aiohttp_raw_app,
     "gateway_round_robin": gateway_round_robin_app,
     "gateway_prequal": gateway_prequal_app,
+    "gateway_round_robin_aiohttp": gateway_round_robin_aiohttp_app,
+    "gateway_prequal_aiohttp": gateway_prequal_aiohttp_app,
     "gateway_round_robin_h1": gateway_round_robin_h1_app,
     "gateway_prequal_h1": gateway_prequal_h1_app,
     "fastapi_proxy_lib": fastapi_proxy_lib_app,

@@ -1,4 +1,7 @@
-"""``AiohttpTransport``: the default upstream transport, an ``aiohttp`` session configured for proxying.
+"""``AiohttpTransport``: the opt-in upstream transport, an ``aiohttp`` session configured for proxying.
+
+``Gateway(transport=AiohttpTransport())`` or ``PREQUAL_TRANSPORT=aiohttp`` (the default is ``H1Transport``,
+which runs upstream WebSockets on one of these).
 
 What a proxy needs that a client library does not do by default:
 
