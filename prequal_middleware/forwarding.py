@@ -36,14 +36,13 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from .config import RequestLimits
-from .core import Outcome, Policy
+from .core import Outcome
 from .core.load_report import read_report
 from .exceptions import UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
 from .headers import VIA_PSEUDONYM, downstream_response_headers, rewrite_location, upstream_request_headers
 from .metrics import PrequalMetrics, code_class
-from .pool import PoolRuntime
+from .pool import Attempt, PoolRuntime
 from .request_target import NOT_ORIGIN_FORM, raw_path
-from .scheduler import ProbeScheduler
 from .transport import Transport, UpstreamRequest, UpstreamResponse, sendable_target
 
 logger = logging.getLogger("prequal_middleware.forwarding")
@@ -236,7 +235,6 @@ class Forwarder:
 
     Parameters:
         transport: sends upstream requests.
-        scheduler: sends the probes the policies ask for.
         metrics: where requests, attempts and selections are counted.
         clock: monotonic seconds.
         via_pseudonym: this gateway's name in the ``Via`` header of upstream requests; a request whose
@@ -247,7 +245,6 @@ class Forwarder:
     def __init__(
         self,
         transport: Transport,
-        scheduler: ProbeScheduler,
         metrics: PrequalMetrics,
         clock: Callable[[], float],
         *,
@@ -255,7 +252,6 @@ class Forwarder:
     ) -> None:
         self.via_pseudonym = via_pseudonym
         self._transport = transport
-        self._scheduler = scheduler
         self._metrics = metrics
         self._clock = clock
 
@@ -357,8 +353,7 @@ class Forwarder:
         exclude: set[str] = set()
         failed: UpstreamError | None = None  # the last attempt's error, when retrying
         for attempt in range(cfg.retry.attempts):
-            blocked = exclude | pool.at_limit if exclude else pool.at_limit
-            selection = policy.select(now, blocked) if blocked else policy.select(now)
+            selection = pool.select(now, exclude, policy)  # its probes go to the pool's sink
             if selection is None:
                 if failed is not None:  # every other backend was tried: the real cause, not a 503
                     status, error, detail = _UPSTREAM_ERRORS[_error_kind(failed)]
@@ -369,8 +364,6 @@ class Forwarder:
                 )
                 return
             metrics.child(metrics.selections, pool.prefix, selection.reason).inc()
-            if selection.probes:
-                self._scheduler.send_probes(pool, policy, selection.probes)
             request = UpstreamRequest(
                 method, selection.backend, exchange.target, exchange.headers, exchange.body, exchange.content_length
             )
@@ -383,7 +376,8 @@ class Forwarder:
                 exchange.status = await self._error(exchange.send, 500, "invalid_upstream_target", detail, pool)
                 return
             try:
-                await self._attempt(exchange, policy, request, now)
+                with pool.attempt(request.backend, policy, now) as handle:
+                    await self._attempt(exchange, handle, request)
                 return
             except UpstreamError as exc:
                 now = self._clock()
@@ -399,12 +393,11 @@ class Forwarder:
                 exchange.status = await self._error(exchange.send, status, error, detail, pool)
                 return
 
-    async def _attempt(self, exchange: _Exchange, policy: Policy, request: UpstreamRequest, now: float) -> None:
-        """One upstream attempt; raises ``UpstreamError`` only before any response byte went out."""
+    async def _attempt(self, exchange: _Exchange, handle: Attempt, request: UpstreamRequest) -> None:
+        """One upstream attempt, counted in flight by ``handle``; raises ``UpstreamError`` only before
+        any response byte went out."""
         pool = exchange.pool
         backend = request.backend
-        pool.acquire(backend)
-        policy.on_start(backend, now)
         started = self._clock()
         outcome = Outcome.CANCELLED
         latency = 0.0
@@ -430,12 +423,12 @@ class Forwarder:
             latency = self._clock() - started
             outcome = Outcome.from_status(response.status)
             self._metrics.child(self._metrics.upstream_latency, pool.prefix).observe(latency)
-            if policy.reads_reports:
+            if handle.reads_reports:
                 # The backend's piggybacked load report: it answers a later probe of this backend
                 # (core.prequal), and never reaches the client (downstream_response_headers).
                 report = read_report(response.headers)
                 if report is not None:
-                    policy.on_report(backend, started + latency, report[0], report[1])
+                    handle.report(report[0], report[1], started + latency)
             if pool.config.on_response is not None:
                 response = await _apply_hook(pool.config.on_response, response)
             try:
@@ -453,8 +446,7 @@ class Forwarder:
                 logger.warning("upstream %s: closing the response failed: %r", backend, exc)
             finally:
                 # Always, even when closing raises or is cancelled: else the counts leak for good.
-                pool.release(backend)
-                policy.on_finish(backend, self._clock(), latency, outcome)
+                handle.finish(outcome, latency, self._clock())
                 self._metrics.child(self._metrics.upstream_requests, pool.prefix, backend, outcome.value).inc()
 
     async def _stream(self, exchange: _Exchange, request: UpstreamRequest, response: UpstreamResponse) -> None:

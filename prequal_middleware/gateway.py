@@ -104,7 +104,7 @@ class Gateway:
                 raise ConfigurationError(f"Gateway.pools has the prefix {pool.prefix!r} twice")
             seen.add(pool.prefix)
         rng = rng if rng is not None else random.Random()
-        self.pools: dict[str, PoolRuntime] = {p.prefix: PoolRuntime(p, rng) for p in pools}
+        self.pools: dict[str, PoolRuntime] = {p.prefix: PoolRuntime(p, rng, clock) for p in pools}
         # Longest prefix first, so the first match wins; matched against the raw path, byte for byte.
         self._by_length = sorted(
             ((p.prefix_bytes, p) for p in self.pools.values()), key=lambda item: len(item[0]), reverse=True
@@ -152,7 +152,7 @@ class Gateway:
         scheduler = ProbeScheduler(list(self.pools.values()), transport, self.metrics, self.clock)
         await scheduler.start(self.membership)
         self._scheduler = scheduler
-        self._forwarder = Forwarder(transport, scheduler, self.metrics, self.clock, via_pseudonym=self.via_pseudonym)
+        self._forwarder = Forwarder(transport, self.metrics, self.clock, via_pseudonym=self.via_pseudonym)
         self.state = GatewayState.RUNNING
         logger.info("gateway started: %s", ", ".join(self.pools) or "no pools")
 
@@ -203,8 +203,8 @@ class Gateway:
         await forwarder.http(pool, scope, receive, send)
 
     async def handle_websocket(self, pool: PoolRuntime, scope: Scope, receive: Receive, send: Send) -> None:
-        transport, scheduler = self._transport, self._scheduler
-        if scheduler is None or transport is None or not hasattr(transport, "connect_websocket"):
+        transport = self._transport
+        if self._forwarder is None or transport is None or not hasattr(transport, "connect_websocket"):
             await receive()
             await send({"type": "websocket.close", "code": 1011})
             return
@@ -214,7 +214,6 @@ class Gateway:
             receive,
             send,
             transport,  # type: ignore[arg-type]
-            scheduler,
             self.clock,
             via_pseudonym=self.via_pseudonym,
         )

@@ -3,16 +3,23 @@
 It holds the pool's policy instances (``clients_per_pool`` independent Prequal clients taking
 requests in turn), its members, in-flight counts against the concurrency limits, and its retry
 budget. No I/O here: the forwarder and the scheduler drive it.
+
+It is the one owner of what a request does to that state. ``select`` asks a policy for a backend and
+hands the probes the policy wants to the pool's ``probe_sink`` (the scheduler installs it while it
+runs), so the request path never calls the scheduler. ``attempt`` returns an ``Attempt``: the one
+handle through which an upstream attempt is counted in flight, reported on and finished, exactly once.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Callable, Collection, Iterable, Sequence
+from types import TracebackType
 
 from .config import UpstreamPool
-from .core import Member, Policy, create_policy
+from .core import Member, Outcome, Policy, Selection, create_policy
 from .core.retry_budget import RetryBudget
 from .exceptions import ConfigurationError
 from .request_target import raw_prefix
@@ -23,6 +30,14 @@ MembersListener = Callable[["PoolRuntime", Sequence[str], Sequence[str]], None]
 """Told ``(pool, joined, left)`` after the pool's members changed, and ``(pool, announced, ())`` when
 present members were announced again (``PoolRuntime.announce``)."""
 
+ProbeSink = Callable[["PoolRuntime", Policy, Sequence[str]], None]
+"""Told ``(pool, policy, targets)``: send these probes for ``policy`` without waiting (the scheduler's
+``send_probes``)."""
+
+
+def drop_probes(pool: PoolRuntime, policy: Policy, targets: Sequence[str]) -> None:
+    """The sink of a pool nobody probes for (no scheduler running): the probes are dropped."""
+
 
 class PoolRuntime:
     """A pool's members, policies, limits and counters.
@@ -30,10 +45,12 @@ class PoolRuntime:
     Parameters:
         config: the pool's configuration.
         rng: seeds each policy instance's own ``random.Random``.
+        clock: monotonic seconds; times an attempt left without being finished.
     """
 
-    def __init__(self, config: UpstreamPool, rng: random.Random) -> None:
+    def __init__(self, config: UpstreamPool, rng: random.Random, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
+        self.clock = clock
         self.prefix = config.prefix
         self.prefix_bytes = raw_prefix(config.prefix)  # as clients send it: what routing matches and strips
         self.clients: list[Policy] = [self._new_policy(rng) for _ in range(config.clients_per_pool)]
@@ -46,6 +63,7 @@ class PoolRuntime:
         self.retry_budget = RetryBudget(retry.budget_ratio, retry.budget_min_per_s, max(1.0, retry.budget_window_s))
         self.probes_in_flight = 0
         self.probes_skipped = 0
+        self.probe_sink: ProbeSink = drop_probes  # the scheduler's while it runs
         self._listeners: list[MembersListener] = []
 
     def _new_policy(self, rng: random.Random) -> Policy:
@@ -72,6 +90,29 @@ class PoolRuntime:
             return clients[0]
         self._next_client = (self._next_client + 1) % len(clients)
         return clients[self._next_client]
+
+    def select(
+        self, now: float, exclude: Collection[str] = frozenset(), policy: Policy | None = None
+    ) -> Selection | None:
+        """A backend for one attempt, never one in ``exclude`` nor one at its in-flight limit.
+
+        ``policy`` is the client asked (a retry asks the one that chose the first attempt); by
+        default the next in turn (``next_client``). The probes the policy wants go to ``probe_sink``.
+        """
+        if policy is None:
+            policy = self.next_client()
+        at_limit = self.at_limit
+        if exclude:
+            selection = policy.select(now, set(exclude) | at_limit if at_limit else exclude)
+        else:
+            selection = policy.select(now, at_limit) if at_limit else policy.select(now)
+        if selection is not None and selection.probes:
+            self.probe_sink(self, policy, selection.probes)
+        return selection
+
+    def attempt(self, backend: str, policy: Policy, now: float) -> Attempt:
+        """The handle of one attempt on ``backend`` chosen by ``policy`` at ``now``; see ``Attempt``."""
+        return Attempt(self, backend, policy, now)
 
     def set_members(self, members: Iterable[Member], now: float) -> None:
         """Replace the members (O(n): a full re-read of the registry); listeners hear who joined and left."""
@@ -139,7 +180,9 @@ class PoolRuntime:
         limit = self.config.max_in_flight
         return limit is not None and self.in_flight >= limit
 
-    def acquire(self, backend: str) -> None:
+    # Only Attempt calls these two: one count per attempt, taken and given back exactly once.
+
+    def _acquire(self, backend: str) -> None:
         self.in_flight += 1
         count = self.backend_in_flight.get(backend, 0) + 1
         self.backend_in_flight[backend] = count
@@ -147,7 +190,7 @@ class PoolRuntime:
         if limit is not None and count >= limit:
             self.at_limit.add(backend)
 
-    def release(self, backend: str) -> None:
+    def _release(self, backend: str) -> None:
         self.in_flight -= 1
         count = self.backend_in_flight.get(backend, 1) - 1
         if count > 0 or backend in self.members:
@@ -155,3 +198,72 @@ class PoolRuntime:
         else:
             self.backend_in_flight.pop(backend, None)
         self.at_limit.discard(backend)
+
+
+class Attempt:
+    """One upstream attempt, counted in flight from ``__enter__`` until ``finish``, exactly once.
+
+    Entering counts the attempt in the pool (``in_flight``, ``backend_in_flight``, ``at_limit``) and
+    tells the policy (``on_start``). ``finish(outcome, latency_s, now)`` gives both back (the pool's
+    counts, then ``policy.on_finish``); a second ``finish`` does nothing. Leaving the ``with`` block
+    without a ``finish`` (an exception, a cancellation) finishes the attempt as ``Outcome.CANCELLED``
+    with the time elapsed since it began. ``report`` passes a piggybacked load report to the policy.
+    """
+
+    __slots__ = ("pool", "backend", "policy", "started", "_state")
+
+    def __init__(self, pool: PoolRuntime, backend: str, policy: Policy, now: float) -> None:
+        self.pool = pool
+        self.backend = backend
+        self.policy = policy
+        self.started = now
+        self._state = 0  # 0 not started, 1 in flight, 2 finished
+
+    @property
+    def in_flight(self) -> bool:
+        return self._state == 1
+
+    @property
+    def finished(self) -> bool:
+        return self._state == 2
+
+    @property
+    def reads_reports(self) -> bool:
+        """Whether the policy uses piggybacked reports (else there is no need to parse them)."""
+        return self.policy.reads_reports
+
+    def __enter__(self) -> Attempt:
+        if self._state:
+            raise RuntimeError("an attempt is entered once")
+        self.pool._acquire(self.backend)
+        self._state = 1
+        try:
+            self.policy.on_start(self.backend, self.started)
+        except BaseException:
+            self._state = 2
+            self.pool._release(self.backend)
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._state == 1:
+            now = self.pool.clock()
+            self.finish(Outcome.CANCELLED, max(0.0, now - self.started), now)
+
+    def finish(self, outcome: Outcome, latency_s: float, now: float) -> None:
+        """The attempt ended after ``latency_s`` with ``outcome``; only the first call counts."""
+        if self._state != 1:
+            if self._state == 0:
+                raise RuntimeError("finish before the attempt was entered")
+            return
+        self._state = 2
+        try:
+            self.pool._release(self.backend)
+        finally:
+            self.policy.on_finish(self.backend, now, latency_s, outcome)
+
+    def report(self, rif: int, latency_s: float, now: float) -> None:
+        """A load report the backend piggybacked on this attempt's response, received at ``now``."""
+        self.policy.on_report(self.backend, now, rif, latency_s)

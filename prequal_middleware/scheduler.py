@@ -42,7 +42,7 @@ from .core import Policy
 from .exceptions import UpstreamError
 from .membership import Membership
 from .metrics import LoopErrorLog, PrequalMetrics
-from .pool import PoolRuntime
+from .pool import PoolRuntime, drop_probes
 from .probe_client import ProbeClient, ProbeError, ProbeResult, ProbeUnsupported
 from .transport import Transport, UpstreamRequest
 
@@ -136,6 +136,7 @@ class ProbeScheduler:
                 path=probes.path, timeout_s=probes.timeout_s, max_idle_per_backend=probes.max_in_flight
             )
             pool.add_listener(self._members_changed)
+            pool.probe_sink = self.send_probes  # the probes the pool's selections ask for
             try:
                 self._adopt_local_mode(pool)
             except Exception as exc:  # a policy's bug must not stop the gateway from starting
@@ -154,6 +155,8 @@ class ProbeScheduler:
         self._running = False
         for pool in self._pools:
             pool.remove_listener(self._members_changed)
+            if pool.probe_sink == self.send_probes:
+                pool.probe_sink = drop_probes
         for state in self._local.values():
             if state.timer is not None:
                 state.timer.cancel()

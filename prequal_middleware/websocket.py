@@ -19,7 +19,6 @@ from .exceptions import UpstreamError, UpstreamTimeout
 from .forwarding import Receive, Scope, Send, header_limit_problem, send_error, upstream_target
 from .headers import VIA_PSEUDONYM, upstream_request_headers
 from .pool import PoolRuntime
-from .scheduler import ProbeScheduler
 from .transport import UpstreamWebSocket, WebSocketTransport, sendable_target
 
 # The handshake headers the upstream client makes itself (RFC 6455 section 4.1).
@@ -43,7 +42,6 @@ async def forward_websocket(
     receive: Receive,
     send: Send,
     transport: WebSocketTransport,
-    scheduler: ProbeScheduler,
     clock: Callable[[], float],
     *,
     via_pseudonym: bytes = VIA_PSEUDONYM,
@@ -73,7 +71,7 @@ async def forward_websocket(
         return
     _open_websockets[pool] = open_now + 1  # taken before the first await: no check-then-act race
     try:
-        await _forward(pool, scope, receive, send, transport, scheduler, clock, via_pseudonym)
+        await _forward(pool, scope, receive, send, transport, clock, via_pseudonym)
     finally:
         _open_websockets[pool] -= 1
 
@@ -93,7 +91,6 @@ async def _forward(
     receive: Receive,
     send: Send,
     transport: WebSocketTransport,
-    scheduler: ProbeScheduler,
     clock: Callable[[], float],
     via_pseudonym: bytes,
 ) -> None:
@@ -120,41 +117,38 @@ async def _forward(
             return
     policy = pool.next_client()
     now = clock()
-    selection = policy.select(now, pool.at_limit) if pool.at_limit else policy.select(now)
+    selection = pool.select(now, policy=policy)  # its probes go to the pool's sink
     if selection is None:
         await _deny(scope, send, 503, "no_backend", "no backend is available in this pool", pool)
         return
-    if selection.probes:
-        scheduler.send_probes(pool, policy, selection.probes)
     backend = selection.backend
-    pool.acquire(backend)
-    policy.on_start(backend, now)
-    outcome = Outcome.CANCELLED
-    started = clock()
-    latency = 0.0
-    try:
+    # The handshake is the attempt; the open socket is counted by max_websockets alone.
+    with pool.attempt(backend, policy, now) as handle:
+        outcome = Outcome.CANCELLED
+        started = clock()
+        latency = 0.0
         try:
-            upstream = await transport.connect_websocket(
-                backend, target, headers, list(scope.get("subprotocols", [])), pool.config.timeouts
-            )
-        except UpstreamError as exc:
-            latency = clock() - started
-            status = handshake_status(exc)
-            if status is not None and 400 <= status < 500:
-                # The backend answered and said no (auth, origin, a missing route): the client's doing,
-                # not the backend's failure; counted like the same status on HTTP (429 alone is one).
-                outcome = Outcome.from_status(status)
-                await _deny(scope, send, status, "upstream_refused", "the backend refused the WebSocket", pool)
+            try:
+                upstream = await transport.connect_websocket(
+                    backend, target, headers, list(scope.get("subprotocols", [])), pool.config.timeouts
+                )
+            except UpstreamError as exc:
+                latency = clock() - started
+                status = handshake_status(exc)
+                if status is not None and 400 <= status < 500:
+                    # The backend answered and said no (auth, origin, a missing route): the client's
+                    # doing, not the backend's failure; counted like the same status on HTTP (429
+                    # alone is one).
+                    outcome = Outcome.from_status(status)
+                    await _deny(scope, send, status, "upstream_refused", "the backend refused the WebSocket", pool)
+                    return
+                outcome = Outcome.TIMEOUT if isinstance(exc, UpstreamTimeout) else Outcome.CONNECT_ERROR
+                await _deny(scope, send, 502, "upstream_unreachable", "the backend refused the WebSocket", pool)
                 return
-            outcome = Outcome.TIMEOUT if isinstance(exc, UpstreamTimeout) else Outcome.CONNECT_ERROR
-            await _deny(scope, send, 502, "upstream_unreachable", "the backend refused the WebSocket", pool)
-            return
-        latency = clock() - started
-        outcome = Outcome.SUCCESS
-    finally:
-        # The handshake was the request; the open socket is counted by max_websockets alone.
-        pool.release(backend)
-        policy.on_finish(backend, clock(), latency, outcome)
+            latency = clock() - started
+            outcome = Outcome.SUCCESS
+        finally:
+            handle.finish(outcome, latency, clock())
     try:
         await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol, "headers": []})
         await _relay(receive, send, upstream)

@@ -22,11 +22,11 @@ from hypothesis import given, settings, strategies as st
 
 from prequal_middleware import membership as membership_module
 from prequal_middleware.config import HealthSettings, UpstreamPool
-from prequal_middleware.core import BasePolicy, Member
+from prequal_middleware.core import BasePolicy, Member, Outcome
 from prequal_middleware.gateway import Gateway
 from prequal_middleware.membership import Membership
 from prequal_middleware.metrics import PrequalMetrics
-from prequal_middleware.pool import PoolRuntime
+from prequal_middleware.pool import Attempt, PoolRuntime
 from prequal_middleware.registration import RegistrationRequest
 from prequal_middleware.registry import (
     BackendRecord,
@@ -132,6 +132,18 @@ class Side:
         self.events: list[tuple[list[str], list[str]]] = []
         self.pool.add_listener(lambda pool, joined, left: self.events.append((list(joined), list(left))))
         run(self.membership.refresh())  # the gateway's startup
+        self.clock = clock
+        self.attempts: dict[str, list[Attempt]] = {}
+
+    def start(self, url: str) -> None:
+        """The forwarder sends a request to ``url`` (through the pool's attempt handle, as it does)."""
+        handle = self.pool.attempt(url, self.pool.next_client(), self.clock.mono)
+        handle.__enter__()
+        self.attempts.setdefault(url, []).append(handle)
+
+    def finish(self, url: str) -> None:
+        """The oldest request to ``url`` still in flight finishes."""
+        self.attempts[url].pop(0).finish(Outcome.SUCCESS, 0.001, self.clock.mono)
 
     def register(self, url: str, weight: float = 1.0, ttl_s: float | None = 30.0) -> BackendRecord:
         return run(self.membership.register(RegistrationRequest(POOL, url, weight, None, ttl_s)))
@@ -210,11 +222,11 @@ def test_deltas_and_full_applies_end_in_the_same_state(ops: list[Op]) -> None:
         elif kind == "acquire":  # the forwarder sends a request to a member
             results = [url in s.pool.members for s in sides]
             for s in sides if results[0] else ():
-                s.pool.acquire(url)
+                s.start(url)
         elif kind == "release":  # and it finishes
             results = [s.pool.backend_in_flight.get(url, 0) > 0 for s in sides]
             for s in sides if results[0] else ():
-                s.pool.release(url)
+                s.finish(url)
         elif kind == "healthy":  # a health check passed
             results = []
             for s in sides:
@@ -297,7 +309,7 @@ def test_a_member_with_requests_in_flight_drains_then_leaves() -> None:
     clock = Clock()
     side = Side(clock)
     side.register("http://a:80", weight=2.0)
-    side.pool.acquire("http://a:80")
+    side.start("http://a:80")
     side.events.clear()
     assert side.unregister("http://a:80")
     assert side.pool.members["http://a:80"] == Member("http://a:80", weight=2.0, draining=True)
@@ -305,7 +317,7 @@ def test_a_member_with_requests_in_flight_drains_then_leaves() -> None:
     assert side.membership.record_of(POOL, "http://a:80") is None
     side.refresh()
     assert side.pool.members["http://a:80"].draining, "kept while its request is in flight"
-    side.pool.release("http://a:80")
+    side.finish("http://a:80")
     side.refresh()  # the registry loop's next round
     assert "http://a:80" not in side.pool.members and "http://a:80" not in side.pool.backend_in_flight
     assert side.metrics.forgotten == ["http://a:80"] and side.events == [([], ["http://a:80"])]
@@ -314,12 +326,12 @@ def test_a_member_with_requests_in_flight_drains_then_leaves() -> None:
 def test_registering_a_draining_member_again_takes_it_back() -> None:
     side = Side(Clock())
     side.register("http://a:80")
-    side.pool.acquire("http://a:80")
+    side.start("http://a:80")
     side.unregister("http://a:80")
     side.events.clear()
     side.register("http://a:80")
     assert side.pool.members["http://a:80"] == Member("http://a:80", awaits_health_check=True)
-    side.pool.release("http://a:80")
+    side.finish("http://a:80")
     side.refresh()
     assert "http://a:80" in side.pool.members, "registered again: no longer draining"
     assert side.events == [(["http://a:80"], [])], "announced: registered again while present"
@@ -412,9 +424,9 @@ def test_a_failed_delta_that_moved_no_version_still_heals_at_the_next_refresh() 
     side = Side(Clock())
     side.register("http://a:80")
     side.register("http://b:80")
-    side.pool.acquire("http://a:80")
+    side.start("http://a:80")
     side.unregister("http://a:80")
-    side.pool.release("http://a:80")  # its last request finished: it leaves at the next write or refresh
+    side.finish("http://a:80")  # its last request finished: it leaves at the next write or refresh
     broken = side.pool.clients[0]
     original = broken.remove_member
 
@@ -510,10 +522,10 @@ def write_costs(side: Side, counts: Counts) -> dict[str, Counter[str]]:
         ("weight change", lambda: side.register(new, weight=2.0)),
         ("loop after weight change", side.refresh),
         ("heartbeat", lambda: side.heartbeat(new)),
-        ("in flight", lambda: side.pool.acquire(new)),
+        ("in flight", lambda: side.start(new)),
         ("unregister while in flight", lambda: side.unregister(new)),
         ("loop while draining", side.refresh),
-        ("drained", lambda: side.pool.release(new)),
+        ("drained", lambda: side.finish(new)),
         ("loop after the drain", side.refresh),
         ("register again", lambda: side.register(new)),
         ("unregister", lambda: side.unregister(new)),
