@@ -182,7 +182,7 @@ class PoolRuntime:
 
     # Only Attempt calls these two: one count per attempt, taken and given back exactly once.
 
-    def _acquire(self, backend: str) -> None:
+    def _attempt_started(self, backend: str) -> None:
         self.in_flight += 1
         count = self.backend_in_flight.get(backend, 0) + 1
         self.backend_in_flight[backend] = count
@@ -190,7 +190,7 @@ class PoolRuntime:
         if limit is not None and count >= limit:
             self.at_limit.add(backend)
 
-    def _release(self, backend: str) -> None:
+    def _attempt_ended(self, backend: str) -> None:
         self.in_flight -= 1
         count = self.backend_in_flight.get(backend, 1) - 1
         if count > 0 or backend in self.members:
@@ -235,13 +235,13 @@ class Attempt:
     def __enter__(self) -> Attempt:
         if self._state:
             raise RuntimeError("an attempt is entered once")
-        self.pool._acquire(self.backend)
+        self.pool._attempt_started(self.backend)
         self._state = 1
         try:
             self.policy.on_start(self.backend, self.started)
         except BaseException:
             self._state = 2
-            self.pool._release(self.backend)
+            self.pool._attempt_ended(self.backend)
             raise
         return self
 
@@ -260,7 +260,7 @@ class Attempt:
             return
         self._state = 2
         try:
-            self.pool._release(self.backend)
+            self.pool._attempt_ended(self.backend)
         finally:
             self.policy.on_finish(self.backend, now, latency_s, outcome)
 
