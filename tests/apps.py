@@ -6,6 +6,8 @@ import asyncio
 import gzip
 import hashlib
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +18,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from prequal_middleware.backend import LoadReportingMiddleware
+from tests.servers import ServerThread, serve
 
 
 @dataclass
@@ -169,3 +172,12 @@ def make_backend(name: str, *, instrumented: bool = True) -> tuple[Any, BackendS
         await inner(scope, receive, send)
 
     return counting, state
+
+
+@contextmanager
+def two_backends() -> Iterator[tuple[ServerThread, ServerThread]]:
+    """Backends ``a`` and ``b`` (``make_backend``) on uvicorn, for a module's gateway tests."""
+    app_a, _ = make_backend("a")
+    app_b, _ = make_backend("b")
+    with serve(app_a) as a, serve(app_b) as b:
+        yield a, b

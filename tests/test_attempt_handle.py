@@ -24,7 +24,7 @@ from websockets.sync.client import connect as ws_connect
 from prequal_middleware import Gateway, HealthSettings, RetrySettings, UpstreamPool
 from prequal_middleware.core import Member, Outcome, RoundRobinPolicy
 from prequal_middleware.pool import Attempt, PoolRuntime, drop_probes
-from tests.apps import make_backend
+from tests.apps import two_backends
 from tests.helpers import gateway_app, wait_for
 from tests.servers import ServerThread, free_port, serve
 
@@ -221,10 +221,8 @@ def test_the_scheduler_installs_its_sink_while_the_gateway_runs() -> None:
 
 @pytest.fixture(scope="module")
 def backends() -> Iterator[tuple[ServerThread, ServerThread]]:
-    app_a, _ = make_backend("a")
-    app_b, _ = make_backend("b")
-    with serve(app_a) as a, serve(app_b) as b:
-        yield a, b
+    with two_backends() as pair:
+        yield pair
 
 
 def gateway_for(upstreams: list[str], **config: Any) -> Gateway:

@@ -15,7 +15,7 @@ from prequal_middleware.exceptions import UpstreamProtocolError
 from prequal_middleware.transport import Transport, UpstreamRequest, UpstreamResponse
 from prequal_middleware.transport_aiohttp import AiohttpTransport
 from prequal_middleware.transport_h1 import H1Transport
-from tests.apps import make_backend
+from tests.apps import two_backends
 from tests.helpers import gateway_app, wait_for
 from tests.servers import ServerThread, serve
 
@@ -53,10 +53,8 @@ class CloseFails:
 
 @pytest.fixture(scope="module")
 def backends() -> Iterator[tuple[ServerThread, ServerThread]]:
-    app_a, _ = make_backend("a")
-    app_b, _ = make_backend("b")
-    with serve(app_a) as a, serve(app_b) as b:
-        yield a, b
+    with two_backends() as pair:
+        yield pair
 
 
 def in_flight(gateway: Gateway) -> list[int]:
