@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.helpers import members, wait_for
 from tests.reliability.procs import HttpProc, fd_count, gateway_proc
 from tests.reliability.rawservers import PROBE_PATH, PROBE_ZERO, LoopThread, response
 from tests.reliability.support import metric, pools_env
@@ -97,6 +98,9 @@ def test_churn_leaks_no_fds_probe_state_or_connections(tmp_path: Path, backends:
                 registered = admin.post("/_prequal/register", json={"pool": "/api", "url": url})
                 assert registered.status_code == 201, registered.text
                 time.sleep(WRITE_PAUSE_S)
+                # A registered member gets traffic after its first passing health check, made at once
+                # but an HTTP exchange away: wait for it rather than bet on 30 ms on a busy machine.
+                wait_for(lambda url=url: members(gateway.url)[url]["state"] == "healthy", what="the first check")
                 for i in range(3):
                     assert admin.get(f"/api/{i}").status_code == 200
                 gone = admin.post("/_prequal/unregister", json={"pool": "/api", "url": url})
