@@ -12,7 +12,7 @@ the backend (``UpstreamError.sent``); the forwarder alone turns them into status
 
 Every transport builds the URL it sends to from parsed parts, never by joining strings: the backend's
 scheme, host, port and base path (``upstream_origin``, parsed once per backend) and the request's path
-and query (``split_target``). Whatever a target holds, it cannot change the host a request goes to.
+and query (checked by ``sendable_target``). Whatever a target holds, it cannot change the host a request goes to.
 """
 
 from __future__ import annotations
@@ -80,14 +80,6 @@ def upstream_origin(backend: str) -> UpstreamOrigin:
 def sendable_target(target: str) -> bool:
     """Whether ``target`` can go on a request line: origin-form, no controls, spaces or ``#``."""
     return target[:1] == "/" and _NOT_IN_TARGET.search(target) is None
-
-
-def split_target(target: str) -> tuple[str, str]:
-    """A request target's path and query (``/a?b=1`` -> ``("/a", "b=1")``); ``ValueError`` unless sendable."""
-    if not sendable_target(target):
-        raise ValueError(f"not an origin-form request target: {target!r}")
-    path, _, query = target.partition("?")
-    return path, query
 
 
 class UpstreamRequest:
