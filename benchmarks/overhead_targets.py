@@ -46,10 +46,10 @@ from starlette.applications import Starlette
 from yarl import URL
 
 from prequal_middleware import Gateway, PrequalMiddleware, UpstreamPool
-from prequal_middleware.backend import DEFAULT_PROBE_PATH, LoadReportingMiddleware
-from prequal_middleware.transport import Transport
-from prequal_middleware.transport_aiohttp import AiohttpTransport
-from prequal_middleware.transport_h1 import H1Transport
+from prequal_middleware.backend.load_reporting import DEFAULT_PROBE_PATH, LoadReportingMiddleware
+from prequal_middleware.transports.aiohttp import AiohttpTransport
+from prequal_middleware.transports.base import Transport
+from prequal_middleware.transports.http1 import H1Transport
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -28,8 +28,8 @@ import httpx
 import uvicorn
 from starlette.applications import Starlette
 
-from prequal_middleware.backend import LoadReportingMiddleware
-from prequal_middleware.probe_client import ProbeClient
+from prequal_middleware.backend.load_reporting import LoadReportingMiddleware
+from prequal_middleware.transports.probe import ProbeClient
 
 PROBE_PATH = "/_prequal/probe"
 WARMUP = 500

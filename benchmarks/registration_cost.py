@@ -32,8 +32,8 @@ import httpx
 
 import prequal_middleware
 from prequal_middleware import AdminSettings, Gateway, HealthSettings, Timeouts, UpstreamPool
-from prequal_middleware.registration import RegistrationRequest
-from prequal_middleware.transport import UpstreamRequest, UpstreamResponse
+from prequal_middleware.registry.registration import RegistrationRequest
+from prequal_middleware.transports.base import UpstreamRequest, UpstreamResponse
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_JSON = REPO / "benchmarks" / "results" / "registration-cost.json"

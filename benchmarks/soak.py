@@ -76,7 +76,7 @@ def backend_app(name: str, register: str | None, port: int) -> Any:
     from starlette.routing import Route
 
     from prequal_middleware import LoadReportingMiddleware
-    from prequal_middleware.self_registration import SelfRegistration
+    from prequal_middleware.backend.self_registration import SelfRegistration
 
     headers = {"x-backend": name}
 

@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from prequal_middleware import LoadReportingMiddleware
-from prequal_middleware.self_registration import SelfRegistration
+from prequal_middleware.backend.self_registration import SelfRegistration
 
 
 def create_backend(

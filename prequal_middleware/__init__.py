@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from .backend import LoadReportingMiddleware
-from .config import (
+from prequal_middleware.backend.load_reporting import LoadReportingMiddleware
+from prequal_middleware.backend.self_registration import SelfRegistration
+from prequal_middleware.config import (
     AdminSettings,
     HealthSettings,
     ProbeSettings,
@@ -12,7 +13,7 @@ from .config import (
     Timeouts,
     UpstreamPool,
 )
-from .core import (
+from prequal_middleware.core import (
     BasePolicy,
     LeastLatencyPolicy,
     LeastRequestPolicy,
@@ -30,7 +31,7 @@ from .core import (
     Selection,
     create_policy,
 )
-from .exceptions import (
+from prequal_middleware.exceptions import (
     ConfigurationError,
     GatewayNotRunning,
     PrequalError,
@@ -39,15 +40,14 @@ from .exceptions import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
-from .gateway import Gateway
-from .metrics import PrequalMetrics
-from .middleware import PrequalMiddleware
-from .registry import BackendRecord, MemoryRegistry, Registry, RegistryUnavailable
-from .self_registration import SelfRegistration
-from .transport import Transport, UpstreamRequest, UpstreamResponse
-from .transport_aiohttp import AiohttpTransport
-from .transport_h1 import H1Transport
-from .transport_httpx import HttpxTransport
+from prequal_middleware.gateway.gateway import Gateway
+from prequal_middleware.gateway.metrics import PrequalMetrics
+from prequal_middleware.gateway.middleware import PrequalMiddleware
+from prequal_middleware.registry import BackendRecord, MemoryRegistry, Registry, RegistryUnavailable
+from prequal_middleware.transports.aiohttp import AiohttpTransport
+from prequal_middleware.transports.base import Transport, UpstreamRequest, UpstreamResponse
+from prequal_middleware.transports.http1 import H1Transport
+from prequal_middleware.transports.httpx import HttpxTransport
 
 __version__ = "0.1.0.dev0"
 

@@ -16,12 +16,12 @@ from dataclasses import KW_ONLY, dataclass, field
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from .core import OutlierSettings, Policy, PrequalSettings
-from .core.load_report import DEFAULT_PROBE_PATH
-from .exceptions import ConfigurationError
+from prequal_middleware.core import OutlierSettings, Policy, PrequalSettings
+from prequal_middleware.core.load_report import DEFAULT_PROBE_PATH
+from prequal_middleware.exceptions import ConfigurationError
 
 if TYPE_CHECKING:
-    from .transport import PathRewriteHook, RequestHook, ResponseHook
+    from prequal_middleware.transports.base import PathRewriteHook, RequestHook, ResponseHook
 
 PolicySpec = str | Callable[[], Policy]
 """A built-in policy name (``"prequal"``), or a zero-argument callable (a class) returning a fresh policy."""
@@ -505,7 +505,7 @@ class UpstreamPool:
         )
         object.__setattr__(self, "upstreams", urls)
         if isinstance(self.policy, str):
-            from .core import POLICY_CLASSES
+            from prequal_middleware.core import POLICY_CLASSES
 
             if self.policy not in POLICY_CLASSES:
                 raise ConfigurationError(

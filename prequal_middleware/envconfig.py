@@ -36,7 +36,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .config import (
+from prequal_middleware.config import (
     AdminSettings,
     HealthSettings,
     ProbeSettings,
@@ -45,9 +45,9 @@ from .config import (
     Timeouts,
     UpstreamPool,
 )
-from .core import OutlierSettings, PrequalSettings
-from .core.policies import POLICY_CLASSES
-from .exceptions import ConfigurationError
+from prequal_middleware.core import OutlierSettings, PrequalSettings
+from prequal_middleware.core.policies import POLICY_CLASSES
+from prequal_middleware.exceptions import ConfigurationError
 
 DEFAULT_POOLS = '{"/api": []}'
 _NESTED: dict[str, type[Any]] = {
@@ -232,7 +232,7 @@ def gateway_kwargs_from_env(environ: Mapping[str, str] | None = None) -> dict[st
             else "PREQUAL_LEASE_TTL_S"
         )
         raise ConfigurationError(f"{variable}: {exc}") from None
-    from .registration import AllowList
+    from prequal_middleware.registry.registration import AllowList
 
     try:
         AllowList(kwargs["admin"].allowed_upstreams)
@@ -243,11 +243,11 @@ def gateway_kwargs_from_env(environ: Mapping[str, str] | None = None) -> dict[st
         kwargs["via_pseudonym"] = via.strip()
     transport = env.get("PREQUAL_TRANSPORT", "").strip()
     if transport == "h1":
-        from .transport_h1 import H1Transport
+        from prequal_middleware.transports.http1 import H1Transport
 
         kwargs["transport"] = H1Transport()
     elif transport == "aiohttp":
-        from .transport_aiohttp import AiohttpTransport
+        from prequal_middleware.transports.aiohttp import AiohttpTransport
 
         kwargs["transport"] = AiohttpTransport()
     elif transport:
@@ -261,12 +261,12 @@ def gateway_kwargs_from_env(environ: Mapping[str, str] | None = None) -> dict[st
 def registry_from_env(env: Mapping[str, str]) -> Any:
     spec = env.get("PREQUAL_REGISTRY", "memory").strip()
     if spec in ("", "memory"):
-        from .registry import MemoryRegistry
+        from prequal_middleware.registry import MemoryRegistry
 
         return MemoryRegistry()
     if spec.startswith(("redis://", "rediss://", "unix://")):
         try:
-            from .registry.redis import RedisRegistry
+            from prequal_middleware.registry.redis import RedisRegistry
         except ImportError:
             raise ConfigurationError(
                 "PREQUAL_REGISTRY is a Redis URL but redis is not installed: pip install 'prequal-middleware[redis]'"

@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from prequal_middleware.backend import LoadReportingMiddleware
+from prequal_middleware.backend.load_reporting import LoadReportingMiddleware
 from tests.servers import ServerThread, serve
 
 

@@ -15,7 +15,7 @@ import pytest
 def pytest_configure(config: pytest.Config) -> None:
     # Patched for the whole session (module-scoped servers start before any function fixture).
     if os.environ.get("PREQUAL_TEST_TRANSPORT") == "aiohttp":
-        from prequal_middleware import gateway
-        from prequal_middleware.transport_aiohttp import AiohttpTransport
+        from prequal_middleware.gateway import gateway
+        from prequal_middleware.transports.aiohttp import AiohttpTransport
 
         gateway.H1Transport = AiohttpTransport  # type: ignore[misc]

@@ -23,7 +23,7 @@ from websockets.sync.client import connect as ws_connect
 
 from prequal_middleware import Gateway, HealthSettings, RetrySettings, UpstreamPool
 from prequal_middleware.core import Member, Outcome, RoundRobinPolicy
-from prequal_middleware.pool import Attempt, PoolRuntime, drop_probes
+from prequal_middleware.gateway.pool import Attempt, PoolRuntime, drop_probes
 from tests.apps import two_backends
 from tests.helpers import gateway_app, wait_for
 from tests.servers import ServerThread, free_port, serve
@@ -331,7 +331,7 @@ def test_counts_return_to_zero_after_a_websocket_closes(backends: tuple[ServerTh
 
 # --- structure -----------------------------------------------------------------------------------
 
-REQUEST_PATH = ("forwarding.py", "websocket.py", "middleware.py")
+REQUEST_PATH = ("gateway/forwarding.py", "gateway/websocket.py", "gateway/middleware.py")
 
 
 def _imports(tree: ast.AST) -> set[str]:
@@ -370,7 +370,7 @@ def _calls_outside_the_handle() -> list[str]:
         tree = ast.parse(path.read_text(), relative)
         allowed: set[int] = set()
         for node in ast.walk(tree):
-            if relative == "pool.py" and isinstance(node, ast.ClassDef) and node.name == "Attempt":
+            if relative == "gateway/pool.py" and isinstance(node, ast.ClassDef) and node.name == "Attempt":
                 allowed.update(id(n) for n in ast.walk(node))
         for node in ast.walk(tree):
             if (
@@ -397,7 +397,7 @@ def test_only_the_pools_own_methods_change_its_in_flight_counts() -> None:
         allowed: set[int] = set()
         for node in ast.walk(tree):
             if (
-                relative == "pool.py"
+                relative == "gateway/pool.py"
                 and isinstance(node, ast.FunctionDef)
                 and node.name in ("_attempt_started", "_attempt_ended")
             ):

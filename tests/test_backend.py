@@ -20,8 +20,8 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from prequal_middleware.admin import admin_routes
-from prequal_middleware.backend import DEFAULT_EXCLUDED_PATHS, LoadReportingMiddleware
+from prequal_middleware.admin.routes import admin_routes
+from prequal_middleware.backend.load_reporting import DEFAULT_EXCLUDED_PATHS, LoadReportingMiddleware
 from prequal_middleware.config import AdminSettings, HealthSettings, ProbeSettings
 from prequal_middleware.core.load_tracker import LoadTracker
 from tests.servers import ServerThread

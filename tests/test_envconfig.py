@@ -96,8 +96,8 @@ def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None
 
 
 def test_transport_is_chosen_by_name() -> None:
-    from prequal_middleware.transport_aiohttp import AiohttpTransport
-    from prequal_middleware.transport_h1 import H1Transport
+    from prequal_middleware.transports.aiohttp import AiohttpTransport
+    from prequal_middleware.transports.http1 import H1Transport
 
     assert isinstance(Gateway.from_env({"PREQUAL_TRANSPORT": "h1"})._transport, H1Transport)
     assert isinstance(Gateway.from_env({"PREQUAL_TRANSPORT": "aiohttp"})._transport, AiohttpTransport)

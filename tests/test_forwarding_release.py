@@ -12,9 +12,9 @@ import pytest
 from prequal_middleware import Gateway, UpstreamPool
 from prequal_middleware.config import Timeouts
 from prequal_middleware.exceptions import UpstreamProtocolError
-from prequal_middleware.transport import Transport, UpstreamRequest, UpstreamResponse
-from prequal_middleware.transport_aiohttp import AiohttpTransport
-from prequal_middleware.transport_h1 import H1Transport
+from prequal_middleware.transports.aiohttp import AiohttpTransport
+from prequal_middleware.transports.base import Transport, UpstreamRequest, UpstreamResponse
+from prequal_middleware.transports.http1 import H1Transport
 from tests.apps import two_backends
 from tests.helpers import gateway_app, wait_for
 from tests.servers import ServerThread, serve

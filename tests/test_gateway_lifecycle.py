@@ -19,9 +19,9 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
 from prequal_middleware import AdminSettings, Gateway, HttpxTransport, PrequalMiddleware, UpstreamPool
-from prequal_middleware.transport_aiohttp import AiohttpTransport
-from prequal_middleware.transport_h1 import H1Transport
-from prequal_middleware.websocket import open_websockets
+from prequal_middleware.gateway.websocket import open_websockets
+from prequal_middleware.transports.aiohttp import AiohttpTransport
+from prequal_middleware.transports.http1 import H1Transport
 from tests.apps import BackendState, make_backend
 from tests.helpers import wait_for
 from tests.servers import ServerThread, serve

@@ -21,11 +21,11 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from prequal_middleware import Gateway, HealthSettings, UpstreamPool
-from prequal_middleware.backend import LoadReportingMiddleware
+from prequal_middleware.backend.load_reporting import LoadReportingMiddleware
 from prequal_middleware.core import PrequalPolicy, PrequalSettings
-from prequal_middleware.transport import Transport
-from prequal_middleware.transport_aiohttp import AiohttpTransport
-from prequal_middleware.transport_h1 import H1Transport
+from prequal_middleware.transports.aiohttp import AiohttpTransport
+from prequal_middleware.transports.base import Transport
+from prequal_middleware.transports.http1 import H1Transport
 from tests.helpers import gateway_app
 from tests.servers import serve
 

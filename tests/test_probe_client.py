@@ -17,8 +17,8 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from prequal_middleware.backend import LoadReportingMiddleware
-from prequal_middleware.probe_client import (
+from prequal_middleware.backend.load_reporting import LoadReportingMiddleware
+from prequal_middleware.transports.probe import (
     ProbeClient,
     ProbeError,
     ProbeFailed,

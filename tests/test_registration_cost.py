@@ -20,14 +20,13 @@ from typing import Any, TypeVar
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from prequal_middleware import membership as membership_module
+from prequal_middleware.gateway import membership as membership_module
 from prequal_middleware.config import HealthSettings, UpstreamPool
 from prequal_middleware.core import BasePolicy, Member, Outcome
-from prequal_middleware.gateway import Gateway
-from prequal_middleware.membership import Membership
-from prequal_middleware.metrics import PrequalMetrics
-from prequal_middleware.pool import Attempt, PoolRuntime
-from prequal_middleware.registration import RegistrationRequest
+from prequal_middleware.gateway.gateway import Gateway
+from prequal_middleware.gateway.membership import Membership
+from prequal_middleware.gateway.metrics import PrequalMetrics
+from prequal_middleware.gateway.pool import Attempt, PoolRuntime
 from prequal_middleware.registry import (
     BackendRecord,
     MemoryRegistry,
@@ -36,7 +35,8 @@ from prequal_middleware.registry import (
     memory as memory_module,
 )
 from prequal_middleware.registry.base import LocalRegistry
-from prequal_middleware.transport import UpstreamRequest, UpstreamResponse
+from prequal_middleware.registry.registration import RegistrationRequest
+from prequal_middleware.transports.base import UpstreamRequest, UpstreamResponse
 from tests.python_work import python_work
 
 T = TypeVar("T")

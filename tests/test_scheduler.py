@@ -17,13 +17,13 @@ import pytest
 from prequal_middleware import Gateway, HealthSettings, PrequalSettings, ProbeSettings, UpstreamPool
 from prequal_middleware.config import Timeouts
 from prequal_middleware.core import BasePolicy, Member, Policy, PrequalPolicy, Selection
-from prequal_middleware.membership import Membership
-from prequal_middleware.metrics import PrequalMetrics
-from prequal_middleware.pool import PoolRuntime
-from prequal_middleware.registration import RegistrationRequest
+from prequal_middleware.gateway.membership import Membership
+from prequal_middleware.gateway.metrics import PrequalMetrics
+from prequal_middleware.gateway.pool import PoolRuntime
+from prequal_middleware.gateway.scheduler import ProbeScheduler
 from prequal_middleware.registry import MemoryRegistry
-from prequal_middleware.scheduler import ProbeScheduler
-from prequal_middleware.transport import UpstreamRequest, UpstreamResponse
+from prequal_middleware.registry.registration import RegistrationRequest
+from prequal_middleware.transports.base import UpstreamRequest, UpstreamResponse
 from tests.servers import free_port
 from tests.test_probe_client import GOOD, raw_server
 
@@ -390,7 +390,7 @@ def probe_count(scheduler: ProbeScheduler, result: str) -> float:
 
 
 async def test_a_local_mode_backend_returns_to_probing_when_it_answers_probes(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="prequal_middleware.scheduler")
+    caplog.set_level(logging.INFO, logger="prequal_middleware.gateway.scheduler")
     server = ProbeServer(NOT_FOUND)
     async with server.serve():
         pool = runtime([server.url], clients=2, prequal=PrequalSettings(max_idle_s=60.0))

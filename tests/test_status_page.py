@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
-from prequal_middleware.status_page import STATUS_PAGE_CSP, STATUS_PAGE_HTML, status_page
+from prequal_middleware.admin.status_page import STATUS_PAGE_CSP, STATUS_PAGE_HTML, status_page
 from tests.browser import Element, dump_dom, parse_dom
 from tests.servers import serve
 

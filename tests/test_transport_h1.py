@@ -20,8 +20,8 @@ import pytest
 
 from prequal_middleware import Timeouts
 from prequal_middleware.exceptions import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
-from prequal_middleware.transport import UpstreamRequest
-from prequal_middleware.transport_h1 import H1Transport
+from prequal_middleware.transports.base import UpstreamRequest
+from prequal_middleware.transports.http1 import H1Transport
 from tests.servers import ServerThread, free_port
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,9 +7,9 @@ testable with a fake clock and a seeded RNG, and the simulator drives the very s
 
 from __future__ import annotations
 
-from .load_tracker import LoadTracker, LoadTrackerSettings, RequestTicket
-from .outliers import OutlierDetector, OutlierSettings
-from .policies import (
+from prequal_middleware.core.load_tracker import LoadTracker, LoadTrackerSettings, RequestTicket
+from prequal_middleware.core.outliers import OutlierDetector, OutlierSettings
+from prequal_middleware.core.policies import (
     POLICY_CLASSES,
     LeastLatencyPolicy,
     LeastRequestPolicy,
@@ -18,10 +18,17 @@ from .policies import (
     RoundRobinPolicy,
     create_policy,
 )
-from .policy import BasePolicy, Policy
-from .prequal import PrequalPolicy
-from .probe_pool import FractionalRate, PrequalSettings, ProbeEntry, ProbePool, RifHistory, reuse_budget
-from .types import (
+from prequal_middleware.core.policy import BasePolicy, Policy
+from prequal_middleware.core.prequal import PrequalPolicy
+from prequal_middleware.core.probe_pool import (
+    FractionalRate,
+    PrequalSettings,
+    ProbeEntry,
+    ProbePool,
+    RifHistory,
+    reuse_budget,
+)
+from prequal_middleware.core.types import (
     BackendId,
     BackendSnapshot,
     BackendState,

@@ -21,7 +21,7 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
-from .probe_pool import _check
+from prequal_middleware.core.probe_pool import _check
 
 # RIF buckets above the exact ones are one per power of two; this many of them cover RIF up to
 # about 2**30, far past anything real, and keep memory bounded.

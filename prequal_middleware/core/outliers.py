@@ -21,8 +21,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .probe_pool import _check
-from .types import BackendId
+from prequal_middleware.core.probe_pool import _check
+from prequal_middleware.core.types import BackendId
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -19,11 +19,11 @@ import math
 import random
 from collections.abc import Container, Sequence
 
-from .outliers import OutlierSettings
-from .policy import BasePolicy, _Backend
-from .prequal import PrequalPolicy
-from .probe_pool import PrequalSettings
-from .types import BackendId, Selection
+from prequal_middleware.core.outliers import OutlierSettings
+from prequal_middleware.core.policy import BasePolicy, _Backend
+from prequal_middleware.core.prequal import PrequalPolicy
+from prequal_middleware.core.probe_pool import PrequalSettings
+from prequal_middleware.core.types import BackendId, Selection
 
 # Linkerd's default RTT for a backend nothing has been measured on yet.
 DEFAULT_RTT_S = 0.030

@@ -23,8 +23,8 @@ import random
 from collections.abc import Container, Iterable, Sequence
 from typing import Protocol, runtime_checkable
 
-from .outliers import OutlierDetector, OutlierSettings
-from .types import (
+from prequal_middleware.core.outliers import OutlierDetector, OutlierSettings
+from prequal_middleware.core.types import (
     SELECTION_REASONS,
     BackendId,
     BackendSnapshot,

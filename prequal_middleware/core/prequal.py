@@ -52,10 +52,10 @@ import math
 import random
 from collections.abc import Container, Sequence
 
-from .outliers import OutlierSettings
-from .policy import BasePolicy, _Backend
-from .probe_pool import PrequalSettings, ProbePool, valid_report
-from .types import BackendId, PolicySnapshot, Selection, SelectionReason
+from prequal_middleware.core.outliers import OutlierSettings
+from prequal_middleware.core.policy import BasePolicy, _Backend
+from prequal_middleware.core.probe_pool import PrequalSettings, ProbePool, valid_report
+from prequal_middleware.core.types import BackendId, PolicySnapshot, Selection, SelectionReason
 
 # A probe we sent and heard nothing of for this long is no longer "in flight" for the sampler: a probe
 # skipped by the scheduler's cap, or lost, never calls back. Far above any probe timeout (50 ms default).

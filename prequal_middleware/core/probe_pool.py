@@ -25,7 +25,7 @@ from collections.abc import Collection, Container, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
-from .types import BackendId, SelectionReason
+from prequal_middleware.core.types import BackendId, SelectionReason
 
 # The largest RIF and the latency range a probe report may carry; anything else is ignored (not pooled,
 # not in the RIF history): an unbounded int made ``float()`` overflow in the threshold and failed every

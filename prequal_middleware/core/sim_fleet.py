@@ -35,7 +35,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .probe_pool import PrequalSettings
+from prequal_middleware.core.probe_pool import PrequalSettings
 
 # E[X | X > 0] for X ~ Normal(mu, mu) is mu * (1 + phi(1) / Phi(1)) ~= 1.2876 * mu.
 _PHI_1 = math.exp(-0.5) / math.sqrt(2.0 * math.pi)

@@ -49,12 +49,12 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from .load_tracker import LoadTracker, RequestTicket
-from .policies import POLICY_CLASSES, create_policy
-from .policy import BasePolicy
-from .prequal import PrequalPolicy
-from .sim_fleet import Fleet, SimConfig, build_fleet, draw_work
-from .types import Member, Outcome
+from prequal_middleware.core.load_tracker import LoadTracker, RequestTicket
+from prequal_middleware.core.policies import POLICY_CLASSES, create_policy
+from prequal_middleware.core.policy import BasePolicy
+from prequal_middleware.core.prequal import PrequalPolicy
+from prequal_middleware.core.sim_fleet import Fleet, SimConfig, build_fleet, draw_work
+from prequal_middleware.core.types import Member, Outcome
 
 __all__ = ["SIM_POLICIES", "Fleet", "RunResult", "SimConfig", "fleet_for", "percentile", "simulate"]
 

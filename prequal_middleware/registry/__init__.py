@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..exceptions import RegistryUnavailable
-from .base import BackendRecord, Registry, RegistrySnapshot
-from .memory import MemoryRegistry
+from prequal_middleware.exceptions import RegistryUnavailable
+from prequal_middleware.registry.base import BackendRecord, Registry, RegistrySnapshot
+from prequal_middleware.registry.memory import MemoryRegistry
 
 if TYPE_CHECKING:
-    from .redis import RedisRegistry
+    from prequal_middleware.registry.redis import RedisRegistry
 
 __all__ = [
     "BackendRecord",
@@ -26,7 +26,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name == "RedisRegistry":
-        from .redis import RedisRegistry
+        from prequal_middleware.registry.redis import RedisRegistry
 
         return RedisRegistry
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,7 +10,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from types import MappingProxyType
 
-from .base import BackendRecord, Records, RegistrySnapshot, lease_expiry, normalise_metadata, same_entry
+from prequal_middleware.registry.base import (
+    BackendRecord,
+    Records,
+    RegistrySnapshot,
+    lease_expiry,
+    normalise_metadata,
+    same_entry,
+)
 
 
 class MemoryRegistry:

@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..exceptions import RegistryUnavailable
-from .base import (
+from prequal_middleware.exceptions import RegistryUnavailable
+from prequal_middleware.registry.base import (
     EMPTY_RECORDS,
     BackendRecord,
     Records,
@@ -28,7 +28,16 @@ from .base import (
     normalise_metadata,
     same_membership,
 )
-from .redis_layout import HEARTBEAT, PRUNE, REGISTER, UNREGISTER, RedisKeys, decode_payload, encode_payload, score
+from prequal_middleware.registry.redis_layout import (
+    HEARTBEAT,
+    PRUNE,
+    REGISTER,
+    UNREGISTER,
+    RedisKeys,
+    decode_payload,
+    encode_payload,
+    score,
+)
 
 try:
     from redis.asyncio import BlockingConnectionPool, Redis

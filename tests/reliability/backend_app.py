@@ -33,7 +33,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from prequal_middleware import LoadReportingMiddleware
-from prequal_middleware.self_registration import SelfRegistration
+from prequal_middleware.backend.self_registration import SelfRegistration
 
 CHUNK = 256 * 1024
 _BLOCK = bytes(range(256)) * (CHUNK // 256)

@@ -25,7 +25,7 @@ from starlette.routing import Mount, Route
 
 from prequal_middleware import Gateway, PrequalMiddleware
 from prequal_middleware.envconfig import gateway_kwargs_from_env
-from prequal_middleware.transport import UpstreamRequest
+from prequal_middleware.transports.base import UpstreamRequest
 
 
 def create_app(record_attempts: bool) -> Any:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from prequal_middleware.scheduler import GAUGE_INTERVAL_S
+from prequal_middleware.gateway.scheduler import GAUGE_INTERVAL_S
 from tests.reliability.procs import HttpProc, backend_proc, gateway_proc, running
 from tests.reliability.report import Report
 from tests.reliability.support import metric, ms, pool_state, pools_env, seconds_until

@@ -16,10 +16,10 @@ import pytest
 
 from prequal_middleware import Timeouts
 from prequal_middleware.exceptions import UpstreamProtocolError, UpstreamTimeout
-from prequal_middleware.transport import Transport, UpstreamRequest, UpstreamResponse
-from prequal_middleware.transport_aiohttp import AiohttpTransport
-from prequal_middleware.transport_h1 import H1Transport
-from prequal_middleware.transport_httpx import HttpxTransport
+from prequal_middleware.transports.aiohttp import AiohttpTransport
+from prequal_middleware.transports.base import Transport, UpstreamRequest, UpstreamResponse
+from prequal_middleware.transports.http1 import H1Transport
+from prequal_middleware.transports.httpx import HttpxTransport
 from tests.reliability.rawservers import LoopThread
 from tests.security.hostile_backends import Hostile
 

@@ -27,12 +27,12 @@ from prequal_middleware import (
     MemoryRegistry,
     UpstreamPool,
 )
-from prequal_middleware.backend import LoadReportingMiddleware
+from prequal_middleware.backend.load_reporting import LoadReportingMiddleware
 from prequal_middleware.config import Timeouts
 from prequal_middleware.core import PolicySnapshot, PrequalPolicy, PrequalSettings
-from prequal_middleware.transport import Transport, UpstreamRequest, UpstreamResponse
-from prequal_middleware.transport_aiohttp import AiohttpTransport
-from prequal_middleware.transport_h1 import H1Transport
+from prequal_middleware.transports.aiohttp import AiohttpTransport
+from prequal_middleware.transports.base import Transport, UpstreamRequest, UpstreamResponse
+from prequal_middleware.transports.http1 import H1Transport
 from tests.helpers import gateway_app, wait_for
 from tests.reliability.support import metric
 from tests.servers import ServerThread, serve

@@ -22,9 +22,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from prequal_middleware import Timeouts
 from prequal_middleware.exceptions import UpstreamError
-from prequal_middleware.transport import Transport, UpstreamRequest
-from prequal_middleware.transport_aiohttp import AiohttpTransport
-from prequal_middleware.transport_h1 import H1Transport
+from prequal_middleware.transports.aiohttp import AiohttpTransport
+from prequal_middleware.transports.base import Transport, UpstreamRequest
+from prequal_middleware.transports.http1 import H1Transport
 from tests.reliability.rawservers import LoopThread, RawRequest, RawServer
 
 TIMEOUTS = Timeouts(connect_s=2.0, response_headers_s=2.0, read_idle_s=0.5)

@@ -33,7 +33,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from prequal_middleware import Gateway, HealthSettings, UpstreamPool
-from prequal_middleware.backend import LoadReportingMiddleware
+from prequal_middleware.backend.load_reporting import LoadReportingMiddleware
 from prequal_middleware.core import PrequalSettings
 from tests.helpers import gateway_app
 from tests.servers import serve

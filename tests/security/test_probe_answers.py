@@ -25,9 +25,9 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from prequal_middleware import Gateway, HealthSettings, UpstreamPool
-from prequal_middleware.backend import LoadReportingMiddleware
+from prequal_middleware.backend.load_reporting import LoadReportingMiddleware
 from prequal_middleware.core import Member, PrequalPolicy, PrequalSettings
-from prequal_middleware.probe_client import ProbeClient, ProbeError, ProbeFailed, ProbeResult
+from prequal_middleware.transports.probe import ProbeClient, ProbeError, ProbeFailed, ProbeResult
 from tests.helpers import gateway_app
 from tests.reliability.rawservers import LoopThread
 from tests.servers import serve

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from prequal_middleware import AdminSettings, Gateway, HealthSettings, UpstreamPool
-from prequal_middleware.registration import WriteRate
+from prequal_middleware.registry.registration import WriteRate
 from tests.helpers import gateway_app, members
 from tests.servers import serve
 

@@ -18,15 +18,15 @@ import pytest
 
 from prequal_middleware import Gateway, HealthSettings, UpstreamPool
 from prequal_middleware.exceptions import UpstreamError
-from prequal_middleware.transport import (
+from prequal_middleware.transports.aiohttp import AiohttpTransport
+from prequal_middleware.transports.base import (
     UpstreamOrigin,
     UpstreamRequest,
     sendable_target,
     upstream_origin,
 )
-from prequal_middleware.transport_aiohttp import AiohttpTransport
-from prequal_middleware.transport_h1 import H1Transport
-from prequal_middleware.transport_httpx import HttpxTransport
+from prequal_middleware.transports.http1 import H1Transport
+from prequal_middleware.transports.httpx import HttpxTransport
 from tests.helpers import gateway_app
 from tests.reliability.rawservers import LoopThread, Recorder
 from tests.security.test_backend_responses_transports import ALL, FAST, make

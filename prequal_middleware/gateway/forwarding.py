@@ -35,17 +35,22 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from .config import RequestLimits
-from .core import Outcome
-from .core.load_report import read_report
-from .exceptions import UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
-from .headers import VIA_PSEUDONYM, downstream_response_headers, rewrite_location, upstream_request_headers
-from .metrics import PrequalMetrics, code_class
-from .pool import Attempt, PoolRuntime
-from .request_target import NOT_ORIGIN_FORM, raw_path
-from .transport import Transport, UpstreamRequest, UpstreamResponse, sendable_target
+from prequal_middleware.config import RequestLimits
+from prequal_middleware.core import Outcome
+from prequal_middleware.core.load_report import read_report
+from prequal_middleware.exceptions import UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
+from prequal_middleware.gateway.headers import (
+    VIA_PSEUDONYM,
+    downstream_response_headers,
+    rewrite_location,
+    upstream_request_headers,
+)
+from prequal_middleware.gateway.metrics import PrequalMetrics, code_class
+from prequal_middleware.gateway.pool import Attempt, PoolRuntime
+from prequal_middleware.gateway.request_target import NOT_ORIGIN_FORM, raw_path
+from prequal_middleware.transports.base import Transport, UpstreamRequest, UpstreamResponse, sendable_target
 
-logger = logging.getLogger("prequal_middleware.forwarding")
+logger = logging.getLogger("prequal_middleware.gateway.forwarding")
 
 # A request still running after this long gets a watcher for the client's disconnect. Shorter ones
 # never pay for the extra task.

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from .config import AdminSettings, validate_upstream_url
-from .exceptions import ConfigurationError
+from prequal_middleware.config import AdminSettings, validate_upstream_url
+from prequal_middleware.exceptions import ConfigurationError
 
 _PROXY_HEADERS = frozenset({b"x-forwarded-for", b"forwarded", b"x-real-ip", b"x-forwarded-host"})
 _REGISTER_FIELDS = frozenset({"url", "pool", "weight", "metadata", "ttl_s"})

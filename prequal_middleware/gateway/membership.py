@@ -22,14 +22,14 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from .core import Member
-from .metrics import PrequalMetrics
-from .pool import PoolRuntime
-from .registration import RegistrationRequest
-from .registry import BackendRecord, Registry
-from .registry.base import LocalRegistry
+from prequal_middleware.core import Member
+from prequal_middleware.gateway.metrics import PrequalMetrics
+from prequal_middleware.gateway.pool import PoolRuntime
+from prequal_middleware.registry import BackendRecord, Registry
+from prequal_middleware.registry.base import LocalRegistry
+from prequal_middleware.registry.registration import RegistrationRequest
 
-logger = logging.getLogger("prequal_middleware.membership")
+logger = logging.getLogger("prequal_middleware.gateway.membership")
 
 # The longest the pools go without a full apply while every change came through as a delta.
 FULL_APPLY_S = 5.0

@@ -49,7 +49,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from .core.load_report import (
+from prequal_middleware.core.load_report import (
     DEFAULT_PROBE_PATH,
     LATENCY_HEADER,
     MAX_LATENCY_US,
@@ -68,7 +68,7 @@ UNSUPPORTED_STATUSES = frozenset({404, 405})
 MAX_HEAD_BYTES = 8 * 1024
 MAX_BODY_BYTES = 4 * 1024
 
-logger = logging.getLogger("prequal_middleware.probe_client")
+logger = logging.getLogger("prequal_middleware.transports.probe")
 
 
 class ProbeError(Exception):

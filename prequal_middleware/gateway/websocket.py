@@ -14,12 +14,19 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from .core import Outcome
-from .exceptions import UpstreamError, UpstreamTimeout
-from .forwarding import Receive, Scope, Send, header_limit_problem, send_error, upstream_target
-from .headers import VIA_PSEUDONYM, upstream_request_headers
-from .pool import PoolRuntime
-from .transport import UpstreamWebSocket, WebSocketTransport, sendable_target
+from prequal_middleware.core import Outcome
+from prequal_middleware.exceptions import UpstreamError, UpstreamTimeout
+from prequal_middleware.gateway.forwarding import (
+    Receive,
+    Scope,
+    Send,
+    header_limit_problem,
+    send_error,
+    upstream_target,
+)
+from prequal_middleware.gateway.headers import VIA_PSEUDONYM, upstream_request_headers
+from prequal_middleware.gateway.pool import PoolRuntime
+from prequal_middleware.transports.base import UpstreamWebSocket, WebSocketTransport, sendable_target
 
 # The handshake headers the upstream client makes itself (RFC 6455 section 4.1).
 _HANDSHAKE = frozenset(

@@ -33,7 +33,7 @@ from typing import Any
 
 import httpx
 
-logger = logging.getLogger("prequal_middleware.self_registration")
+logger = logging.getLogger("prequal_middleware.backend.self_registration")
 
 Lifespan = Callable[[Any], AbstractAsyncContextManager[Any]]
 MAX_BACKOFF_S = 30.0

@@ -38,13 +38,19 @@ from aiohttp.http_exceptions import BadHttpMessage
 from aiohttp.streams import StreamReader
 from yarl import URL
 
-from .exceptions import UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
-from .transport import RawHeaders, UpstreamRequest, UpstreamResponse, UpstreamWebSocket, upstream_origin
+from prequal_middleware.exceptions import UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
+from prequal_middleware.transports.base import (
+    RawHeaders,
+    UpstreamRequest,
+    UpstreamResponse,
+    UpstreamWebSocket,
+    upstream_origin,
+)
 
 if TYPE_CHECKING:
-    from .config import Timeouts
+    from prequal_middleware.config import Timeouts
 
-logger = logging.getLogger("prequal_middleware.transport_aiohttp")
+logger = logging.getLogger("prequal_middleware.transports.aiohttp")
 
 # Headers aiohttp would add on its own; a proxy forwards only what the client sent.
 SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})

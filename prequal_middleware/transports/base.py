@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
 
-from .exceptions import UpstreamConnectError
+from prequal_middleware.exceptions import UpstreamConnectError
 
 if TYPE_CHECKING:
-    from .config import Timeouts
+    from prequal_middleware.config import Timeouts
 
 RawHeaders = list[tuple[bytes, bytes]]
 

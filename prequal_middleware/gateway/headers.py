@@ -9,7 +9,7 @@ import secrets
 from collections.abc import Callable
 from typing import NamedTuple
 
-from .core.load_report import REPORT_HEADERS
+from prequal_middleware.core.load_report import REPORT_HEADERS
 
 RawHeaders = list[tuple[bytes, bytes]]
 

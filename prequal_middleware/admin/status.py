@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .core import PolicySnapshot
+from prequal_middleware.core import PolicySnapshot
 
 if TYPE_CHECKING:
-    from .gateway import Gateway
-    from .pool import PoolRuntime
+    from prequal_middleware.gateway.gateway import Gateway
+    from prequal_middleware.gateway.pool import PoolRuntime
 
 
 # Members listed per pool unless the caller asks for another page: with thousands of members the full

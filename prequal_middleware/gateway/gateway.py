@@ -26,27 +26,27 @@ from typing import Any
 
 from starlette.applications import Starlette
 
-from .admin import admin_app, admin_router
-from .config import AdminSettings, UpstreamPool
-from .core import Member, PolicySnapshot
-from .describe import DEFAULT_MEMBER_LIMIT, describe, readiness_problems
-from .exceptions import ConfigurationError
-from .forwarding import Forwarder, Receive, Scope, Send, send_error
-from .membership import Membership, RegistryHook
-from .metrics import PrequalMetrics
-from .pool import PoolRuntime
-from .registration import AllowList, RegistrationRequest
-from .registry import BackendRecord, MemoryRegistry, Registry
-from .request_target import under_prefix
-from .scheduler import ProbeScheduler
-from .transport import Transport
-from .transport_h1 import H1Transport
-from .websocket import forward_websocket
+from prequal_middleware.admin.routes import admin_app, admin_router
+from prequal_middleware.admin.status import DEFAULT_MEMBER_LIMIT, describe, readiness_problems
+from prequal_middleware.config import AdminSettings, UpstreamPool
+from prequal_middleware.core import Member, PolicySnapshot
+from prequal_middleware.exceptions import ConfigurationError
+from prequal_middleware.gateway.forwarding import Forwarder, Receive, Scope, Send, send_error
+from prequal_middleware.gateway.membership import Membership, RegistryHook
+from prequal_middleware.gateway.metrics import PrequalMetrics
+from prequal_middleware.gateway.pool import PoolRuntime
+from prequal_middleware.gateway.request_target import under_prefix
+from prequal_middleware.gateway.scheduler import ProbeScheduler
+from prequal_middleware.gateway.websocket import forward_websocket
+from prequal_middleware.registry import BackendRecord, MemoryRegistry, Registry
+from prequal_middleware.registry.registration import AllowList, RegistrationRequest
+from prequal_middleware.transports.base import Transport
+from prequal_middleware.transports.http1 import H1Transport
 
 # An HTTP token (RFC 9110 section 5.6.2), at most 64 characters: what a Via pseudonym may be.
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
 
-logger = logging.getLogger("prequal_middleware.gateway")
+logger = logging.getLogger("prequal_middleware.gateway.gateway")
 
 
 class GatewayState(enum.Enum):
@@ -128,7 +128,7 @@ class Gateway:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Gateway:
         """A gateway configured from ``PREQUAL_*`` variables (see ``envconfig``); keyword arguments win."""
-        from .envconfig import gateway_kwargs_from_env
+        from prequal_middleware.envconfig import gateway_kwargs_from_env
 
         kwargs = gateway_kwargs_from_env(environ)
         kwargs.update(overrides)

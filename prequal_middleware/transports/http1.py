@@ -54,12 +54,24 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
-from .exceptions import TimeoutPhase, UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
-from .transport import RawHeaders, UpstreamRequest, UpstreamResponse, UpstreamWebSocket, upstream_origin
-from .transport_aiohttp import AiohttpTransport
+from prequal_middleware.exceptions import (
+    TimeoutPhase,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
+from prequal_middleware.transports.aiohttp import AiohttpTransport
+from prequal_middleware.transports.base import (
+    RawHeaders,
+    UpstreamRequest,
+    UpstreamResponse,
+    UpstreamWebSocket,
+    upstream_origin,
+)
 
 if TYPE_CHECKING:
-    from .config import Timeouts
+    from prequal_middleware.config import Timeouts
 
 # Sent again on a fresh connection when a reused one closed before any answer (no body only).
 RESENDABLE = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})

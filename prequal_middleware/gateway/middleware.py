@@ -16,11 +16,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .forwarding import Receive, Scope, Send, send_error
-from .gateway import Gateway
-from .request_target import TargetRefused, check_target, raw_path
+from prequal_middleware.gateway.forwarding import Receive, Scope, Send, send_error
+from prequal_middleware.gateway.gateway import Gateway
+from prequal_middleware.gateway.request_target import TargetRefused, check_target, raw_path
 
-logger = logging.getLogger("prequal_middleware.middleware")
+logger = logging.getLogger("prequal_middleware.gateway.middleware")
 
 ASGIApp = Any
 

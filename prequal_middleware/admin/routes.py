@@ -30,15 +30,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from .describe import DEFAULT_MEMBER_LIMIT, MAX_MEMBER_LIMIT
-from .registration import RegistrationError, WriteRate, authorize, parse_body, validate
-from .registry import RegistryUnavailable
-from .status_page import status_page
+from prequal_middleware.admin.status import DEFAULT_MEMBER_LIMIT, MAX_MEMBER_LIMIT
+from prequal_middleware.admin.status_page import status_page
+from prequal_middleware.registry import RegistryUnavailable
+from prequal_middleware.registry.registration import RegistrationError, WriteRate, authorize, parse_body, validate
 
 if TYPE_CHECKING:
-    from .gateway import Gateway
+    from prequal_middleware.gateway.gateway import Gateway
 
-logger = logging.getLogger("prequal_middleware.admin")
+logger = logging.getLogger("prequal_middleware.admin.routes")
 
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> JSONResponse:

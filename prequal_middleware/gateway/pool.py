@@ -18,13 +18,13 @@ import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from types import TracebackType
 
-from .config import UpstreamPool
-from .core import Member, Outcome, Policy, Selection, create_policy
-from .core.retry_budget import RetryBudget
-from .exceptions import ConfigurationError
-from .request_target import raw_prefix
+from prequal_middleware.config import UpstreamPool
+from prequal_middleware.core import Member, Outcome, Policy, Selection, create_policy
+from prequal_middleware.core.retry_budget import RetryBudget
+from prequal_middleware.exceptions import ConfigurationError
+from prequal_middleware.gateway.request_target import raw_prefix
 
-logger = logging.getLogger("prequal_middleware.pool")
+logger = logging.getLogger("prequal_middleware.gateway.pool")
 
 MembersListener = Callable[["PoolRuntime", Sequence[str], Sequence[str]], None]
 """Told ``(pool, joined, left)`` after the pool's members changed, and ``(pool, announced, ())`` when

@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from .exceptions import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
-from .transport import UpstreamRequest, UpstreamResponse, sendable_target, upstream_origin
+from prequal_middleware.exceptions import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
+from prequal_middleware.transports.base import UpstreamRequest, UpstreamResponse, sendable_target, upstream_origin
 
 if TYPE_CHECKING:
-    from .config import Timeouts
+    from prequal_middleware.config import Timeouts
 
 
 class _RejectAll(http.cookiejar.DefaultCookiePolicy):

@@ -37,16 +37,16 @@ from collections.abc import Callable, Coroutine, Iterable, Sequence
 from functools import partial
 from typing import Any
 
-from .config import Timeouts
-from .core import Policy
-from .exceptions import UpstreamError
-from .membership import Membership
-from .metrics import LoopErrorLog, PrequalMetrics
-from .pool import PoolRuntime, drop_probes
-from .probe_client import ProbeClient, ProbeError, ProbeResult, ProbeUnsupported
-from .transport import Transport, UpstreamRequest
+from prequal_middleware.config import Timeouts
+from prequal_middleware.core import Policy
+from prequal_middleware.exceptions import UpstreamError
+from prequal_middleware.gateway.membership import Membership
+from prequal_middleware.gateway.metrics import LoopErrorLog, PrequalMetrics
+from prequal_middleware.gateway.pool import PoolRuntime, drop_probes
+from prequal_middleware.transports.base import Transport, UpstreamRequest
+from prequal_middleware.transports.probe import ProbeClient, ProbeError, ProbeResult, ProbeUnsupported
 
-logger = logging.getLogger("prequal_middleware.scheduler")
+logger = logging.getLogger("prequal_middleware.gateway.scheduler")
 
 # How often the idle timer asks policies for idle probes, as a share of the smallest max_idle_s.
 IDLE_TICK_SHARE = 0.5

@@ -48,8 +48,8 @@ from collections.abc import Awaitable, Callable, Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .core.load_report import DEFAULT_PROBE_PATH, encode_report
-from .core.load_tracker import LoadTracker
+from prequal_middleware.core.load_report import DEFAULT_PROBE_PATH, encode_report
+from prequal_middleware.core.load_tracker import LoadTracker
 
 __all__ = ["DEFAULT_EXCLUDED_PATHS", "DEFAULT_PROBE_PATH", "LoadReportingMiddleware"]
 PROBE_METHODS = frozenset({"GET", "HEAD"})
