@@ -1,4 +1,5 @@
-"""Who exists: the ``Registry`` protocol, ``MemoryRegistry`` (default) and ``RedisRegistry`` (extra ``redis``).
+"""Who exists: the ``Registry`` protocol, ``MemoryRegistry`` (default), ``SqliteRegistry`` (the workers of one
+host) and ``RedisRegistry`` (several hosts; extra ``redis``).
 
 ``RedisRegistry`` is imported on first use, so this package imports without redis installed.
 """
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from prequal_middleware.exceptions import RegistryUnavailable
 from prequal_middleware.registry.base import BackendRecord, Registry, RegistrySnapshot
 from prequal_middleware.registry.memory import MemoryRegistry
+from prequal_middleware.registry.sqlite import SqliteRegistry
 
 if TYPE_CHECKING:
     from prequal_middleware.registry.redis import RedisRegistry
@@ -21,6 +23,7 @@ __all__ = [
     "Registry",
     "RegistrySnapshot",
     "RegistryUnavailable",
+    "SqliteRegistry",
 ]
 
 

@@ -9,11 +9,12 @@ import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
-from prequal_middleware.registry import MemoryRegistry, Registry
+from prequal_middleware.registry import MemoryRegistry, Registry, SqliteRegistry
 
 REDIS_MISSING = "redis-server not installed: apt-get install redis-server"
 START_TIMEOUT_S = 10.0
@@ -127,12 +128,14 @@ def unique_namespace() -> str:
     return f"test-{uuid.uuid4().hex[:12]}"
 
 
-@pytest_asyncio.fixture(params=["memory", "redis"])
-async def registry(request: pytest.FixtureRequest, clock: FakeClock) -> AsyncIterator[Registry]:
+@pytest_asyncio.fixture(params=["memory", "sqlite", "redis"])
+async def registry(request: pytest.FixtureRequest, clock: FakeClock, tmp_path: Path) -> AsyncIterator[Registry]:
     """A fresh, started registry of each kind, on the fake clock."""
     reg: Registry
     if request.param == "memory":
         reg = MemoryRegistry(wall=clock.wall, monotonic=clock.monotonic)
+    elif request.param == "sqlite":
+        reg = SqliteRegistry(tmp_path / "registry.db", wall=clock.wall, monotonic=clock.monotonic)
     else:
         from prequal_middleware.registry.redis import RedisRegistry
 

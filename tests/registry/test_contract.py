@@ -1,4 +1,4 @@
-"""One contract every registry meets (run against memory and a real Redis), plus the record's JSON form."""
+"""One contract every registry meets (run against memory, SQLite and a real Redis), plus the record's JSON form."""
 
 from __future__ import annotations
 
