@@ -259,11 +259,24 @@ def gateway_kwargs_from_env(environ: Mapping[str, str] | None = None) -> dict[st
 
 
 def registry_from_env(env: Mapping[str, str]) -> Any:
-    spec = env.get("PREQUAL_REGISTRY", "memory").strip()
-    if spec in ("", "memory"):
+    spec = env.get("PREQUAL_REGISTRY", "").strip()
+    if not spec:
+        from prequal_middleware.registry.default import default_registry
+
+        return default_registry(env)  # memory for one worker, a shared SQLite file for several
+    if spec == "memory":
         from prequal_middleware.registry import MemoryRegistry
 
         return MemoryRegistry()
+    if spec.startswith("sqlite:"):
+        from prequal_middleware.registry import SqliteRegistry
+
+        path = spec.removeprefix("sqlite:")
+        if not path:
+            raise ConfigurationError(
+                "PREQUAL_REGISTRY: sqlite: needs a file path, e.g. sqlite:/var/lib/prequal/registry.db"
+            )
+        return SqliteRegistry(path)
     if spec.startswith(("redis://", "rediss://", "unix://")):
         try:
             from prequal_middleware.registry.redis import RedisRegistry
@@ -277,7 +290,9 @@ def registry_from_env(env: Mapping[str, str]) -> Any:
         if not callable(factory):
             raise ConfigurationError(f"PREQUAL_REGISTRY: {spec!r} is not a class or factory")
         return factory()
-    raise ConfigurationError(f"PREQUAL_REGISTRY must be 'memory', a redis:// URL or 'module:Class', got {spec!r}")
+    raise ConfigurationError(
+        f"PREQUAL_REGISTRY must be 'memory', 'sqlite:PATH', a redis:// URL or 'module:Class', got {spec!r}"
+    )
 
 
 def _nested(cls: type[Any], value: object, where: str) -> Any:

@@ -38,7 +38,8 @@ from prequal_middleware.gateway.pool import PoolRuntime
 from prequal_middleware.gateway.request_target import under_prefix
 from prequal_middleware.gateway.scheduler import ProbeScheduler
 from prequal_middleware.gateway.websocket import forward_websocket
-from prequal_middleware.registry import BackendRecord, MemoryRegistry, Registry
+from prequal_middleware.registry import BackendRecord, Registry
+from prequal_middleware.registry.default import check_registry_fits_workers, default_registry
 from prequal_middleware.registry.registration import AllowList, RegistrationRequest
 from prequal_middleware.transports.base import Transport
 from prequal_middleware.transports.http1 import H1Transport
@@ -65,8 +66,10 @@ class Gateway:
             ``HttpxTransport(client)`` are opt-in behind the same seam. The gateway closes it on shutdown
             (an ``HttpxTransport`` closes your httpx client only with ``close_client=True``).
         metrics: the Prometheus metrics; by default on a fresh ``CollectorRegistry`` of the gateway's own.
-        registry: where registered backends live: a ``MemoryRegistry`` by default, a ``RedisRegistry``
-            to share membership between gateways. The gateway starts and closes it.
+        registry: where registered backends live. By default a ``MemoryRegistry``, or a ``SqliteRegistry``
+            every worker shares when the server runs several (``registry.default``; a ``MemoryRegistry``
+            under several workers is refused at startup); a ``RedisRegistry`` to share membership between
+            hosts. The gateway starts and closes it.
         admin: who may register what (token, allow-list, leases) through ``admin_app()``.
         on_register / on_unregister: hooks called with the record after a change went through.
         clock: monotonic seconds; override for tests.
@@ -114,7 +117,7 @@ class Gateway:
         self.metrics = metrics if metrics is not None else PrequalMetrics()
         self.admin = admin if admin is not None else AdminSettings()
         self.allow_list = AllowList(self.admin.allowed_upstreams)
-        self.registry: Registry = registry if registry is not None else MemoryRegistry()
+        self.registry: Registry = registry if registry is not None else default_registry()
         self.membership = Membership(
             self.pools, self.registry, self.metrics, clock, on_register=on_register, on_unregister=on_unregister
         )
@@ -147,6 +150,7 @@ class Gateway:
         transport = self._transport
         if transport is None:
             transport = self._transport = H1Transport()
+        check_registry_fits_workers(self.registry)
         await self.registry.start()
         await self.membership.refresh()
         scheduler = ProbeScheduler(list(self.pools.values()), transport, self.metrics, self.clock)

@@ -86,23 +86,40 @@ class PrequalMiddleware:
         gateway = self.gateway
         started_here = False
         startup_seen = False
+        failed = False
 
         async def wrapped_receive() -> dict[str, Any]:
-            nonlocal started_here, startup_seen
+            nonlocal started_here, startup_seen, failed
             message: dict[str, Any] = await receive()
             if message["type"] == "lifespan.startup":
                 startup_seen = True
                 if not gateway.running:
-                    await gateway.startup()
+                    try:
+                        await gateway.startup()
+                    except Exception as exc:
+                        # Reported here, not left to the app: an app may let the error escape without
+                        # saying startup failed, and a server in lifespan "auto" mode then takes the
+                        # app for one without lifespan and serves with the gateway down.
+                        logger.exception("gateway startup failed")
+                        failed = True
+                        await send({"type": "lifespan.startup.failed", "message": f"gateway startup failed: {exc}"})
+                        raise _StartupFailed from exc
                     started_here = True
             elif message["type"] == "lifespan.shutdown" and started_here:
                 await gateway.shutdown()
                 started_here = False
             return message
 
+        async def guarded_send(message: dict[str, Any]) -> None:
+            if failed and message["type"].startswith("lifespan.startup"):
+                return  # already answered: startup failed
+            await send(message)
+
         try:
-            await self.app(scope, wrapped_receive, send)
+            await self.app(scope, wrapped_receive, guarded_send)
         except Exception:
+            if failed:
+                return  # reported above; the server stops
             if startup_seen:
                 raise
             # The app does not speak lifespan (it raised, as ASGI allows): answer it ourselves.
@@ -124,12 +141,16 @@ class PrequalMiddleware:
             if message["type"] == "lifespan.startup":
                 try:
                     await self.gateway.startup()
-                except Exception:
+                except Exception as exc:
                     logger.exception("gateway startup failed")
-                    await send({"type": "lifespan.startup.failed", "message": "gateway startup failed"})
+                    await send({"type": "lifespan.startup.failed", "message": f"gateway startup failed: {exc}"})
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.gateway.shutdown()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+class _StartupFailed(Exception):
+    """Ends the wrapped app's lifespan once the gateway's startup failed and was reported."""
