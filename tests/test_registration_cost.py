@@ -20,9 +20,9 @@ from typing import Any, TypeVar
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from prequal_middleware.gateway import membership as membership_module
 from prequal_middleware.config import HealthSettings, UpstreamPool
 from prequal_middleware.core import BasePolicy, Member, Outcome
+from prequal_middleware.gateway import membership as membership_module
 from prequal_middleware.gateway.gateway import Gateway
 from prequal_middleware.gateway.membership import Membership
 from prequal_middleware.gateway.metrics import PrequalMetrics
