@@ -36,6 +36,10 @@ routes at their documented ``/_prequal`` mount, in case a backend is also a gate
 few quick health checks on an idle backend outvote its real requests and it reports a latency of
 almost 0; slow ones raise its RIF. A gateway checking another path needs it listed here.
 
+Probes and health checks stay out of uvicorn's access log (``quiet_paths``, by default ``probe_path``,
+``/healthz``, ``/readyz`` and ``/livez``; ``()`` logs them again): behind a gateway they would be most
+of its lines. See ``backend.access_log``.
+
 RIF is per process: with ``uvicorn --workers N`` each worker counts only its own requests and a probe
 is answered by whichever worker accepts it, so one address reports a fraction of its load. Run one
 process per replica (each registered under its own address) or accept per-worker reports.
@@ -48,10 +52,11 @@ from collections.abc import Awaitable, Callable, Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from prequal_middleware.backend.access_log import quiet_access_log
 from prequal_middleware.core.load_report import DEFAULT_PROBE_PATH, encode_report
 from prequal_middleware.core.load_tracker import LoadTracker
 
-__all__ = ["DEFAULT_EXCLUDED_PATHS", "DEFAULT_PROBE_PATH", "LoadReportingMiddleware"]
+__all__ = ["DEFAULT_EXCLUDED_PATHS", "DEFAULT_PROBE_PATH", "DEFAULT_QUIET_PATHS", "LoadReportingMiddleware"]
 PROBE_METHODS = frozenset({"GET", "HEAD"})
 # Not load: health checks (the gateway's default HealthSettings.path is /healthz) and the gateway's
 # admin routes at their documented mount (admin.admin_routes under /_prequal).
@@ -72,6 +77,9 @@ DEFAULT_EXCLUDED_PATHS = frozenset(
     }
 )
 
+# Health checks that stay out of the access log by default (with the probe path).
+DEFAULT_QUIET_PATHS = frozenset({"/healthz", "/readyz", "/livez"})
+
 # Built once; only the two numbers and the length change per probe.
 _PROBE_STATIC_HEADERS = ((b"content-type", b"application/json"), (b"cache-control", b"no-store"))
 
@@ -88,6 +96,8 @@ class LoadReportingMiddleware:
             ``()`` counts every request again. Public as ``self.excluded_paths``, a frozenset.
         tracker: the ``LoadTracker`` to feed; a new one by default. Public as ``self.tracker``.
         report_on_responses: add the load report to every counted response (piggybacked reports).
+        quiet_paths: requests on these paths leave no line in uvicorn's access log (``None``: the probe
+            path and ``DEFAULT_QUIET_PATHS``; ``()``: log everything).
         clock: monotonic seconds; injectable for tests.
     """
 
@@ -99,6 +109,7 @@ class LoadReportingMiddleware:
         excluded_paths: Iterable[str] | None = None,
         tracker: LoadTracker | None = None,
         report_on_responses: bool = True,
+        quiet_paths: Iterable[str] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if isinstance(excluded_paths, str):
@@ -111,6 +122,11 @@ class LoadReportingMiddleware:
         self.tracker = LoadTracker() if tracker is None else tracker
         self.report_on_responses = report_on_responses
         self.clock = clock
+        if isinstance(quiet_paths, str):
+            raise TypeError("quiet_paths must be a collection of paths, not a string")
+        quiet = DEFAULT_QUIET_PATHS | {probe_path} if quiet_paths is None else frozenset(quiet_paths)
+        if quiet:
+            quiet_access_log(quiet)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
