@@ -49,12 +49,17 @@ import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO, TypeVar
 
 from .overhead_targets import STATS_MARKER
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_JSON = REPO / "benchmarks" / "results" / "overhead.json"
+DEFAULT_RATES_JSON = REPO / "benchmarks" / "results" / "overhead-rates.json"
+# --rates (benchmarks/overhead_rates.py): open-loop rates, 4 backends, our gateway's two policies.
+DEFAULT_RATES = [100.0, 400.0, 1600.0]
+DEFAULT_RATE_TARGETS = ["gateway_round_robin", "gateway_prequal"]
+DEFAULT_RATE_BACKENDS = 4
 HOST = "127.0.0.1"
 PATH = "/x"
 BASELINE = "aiohttp_raw"
@@ -455,6 +460,10 @@ class Settings:
     retries: int = 2
     upstreams: list[str] = field(default_factory=list)
     upstream_pids: list[int] = field(default_factory=list)
+    backends: int = UPSTREAMS  # upstream backend processes
+    rates: list[float] = field(default_factory=list)  # open-loop req/s (``--rates``); empty: saturated (wrk)
+    arrivals: str = "poisson"  # the open-loop schedule (``--rates``)
+    seed: int = 1  # of the open-loop schedules (``--rates``)
 
 
 def measure(target: Target, connections: int, round_no: int, settings: Settings, log_dir: Path) -> Sample:
@@ -533,17 +542,37 @@ def rotated(names: Sequence[str], round_index: int) -> list[str]:
     return [*names[k:], *names[:k]]
 
 
+class _Quietable(Protocol):
+    attempts: int
+    contended: bool
+
+    @property
+    def interference_pct(self) -> float: ...
+
+
+S = TypeVar("S", bound=_Quietable)
+
+
 def measure_quietly(target: Target, connections: int, round_no: int, settings: Settings, log_dir: Path) -> Sample:
-    """``measure``, repeated (up to ``settings.retries`` times) while other load took the proxy CPU.
+    """``measure``, repeated (up to ``settings.retries`` times) while other load took the proxy CPU."""
+    return quietest(
+        lambda: measure(target, connections, round_no, settings, log_dir),
+        lambda sample: progress(sample, settings.rounds),
+        settings,
+    )
+
+
+def quietest(measure_once: Callable[[], S], describe: Callable[[S], str], settings: Settings) -> S:
+    """``measure_once()``, repeated (up to ``settings.retries`` times) while other load took the proxy CPU.
 
     On a shared machine another process on the proxy CPU lowers req/s and raises latency without
     saying anything about the target. The sample with the least interference is kept; if even that one
     is above the threshold it is marked ``contended``.
     """
-    best: Sample | None = None
+    best: S | None = None
     for attempt in range(1, settings.retries + 2):
-        sample = measure(target, connections, round_no, settings, log_dir)
-        line = progress(sample, settings.rounds)
+        sample = measure_once()
+        line = describe(sample)
         if best is None or sample.interference_pct < best.interference_pct:
             best = sample
         if sample.interference_pct <= settings.max_interference_pct:
@@ -557,12 +586,12 @@ def measure_quietly(target: Target, connections: int, round_no: int, settings: S
     return best
 
 
-def run(settings: Settings, log_dir: Path) -> list[Sample]:
-    """Start the upstreams, then every (round, connections, target) measurement; stop everything."""
-    samples: list[Sample] = []
+@contextlib.contextmanager
+def upstreams_running(settings: Settings, log_dir: Path) -> Iterator[list[Process]]:
+    """``settings.backends`` upstream backends on the load CPU (their URLs and PIDs into ``settings``)."""
     backends: list[Process] = []
     try:
-        for i in range(UPSTREAMS):
+        for i in range(settings.backends):
             port = free_port()
             upstream = f"http://{HOST}:{port}"
             argv = python_target("backend")(LaunchContext(port, [], log_dir, None))
@@ -571,17 +600,28 @@ def run(settings: Settings, log_dir: Path) -> list[Sample]:
             wait_ready(process, upstream + PATH)
             settings.upstreams.append(upstream)
             settings.upstream_pids.append(process.pid)
+        yield backends
+    finally:
+        for backend in backends:
+            backend.stop()
+
+
+def check_alive(backends: Sequence[Process]) -> None:
+    for backend in backends:
+        if not backend.alive():
+            raise RuntimeError(f"{backend.name} died:\n{backend.log_tail()}")
+
+
+def run(settings: Settings, log_dir: Path) -> list[Sample]:
+    """Start the upstreams, then every (round, connections, target) measurement; stop everything."""
+    samples: list[Sample] = []
+    with upstreams_running(settings, log_dir) as backends:
         for round_index in range(settings.rounds):
             for connections in settings.connections:
                 for name in rotated(settings.targets, round_index):
                     target = TARGETS_BY_NAME[name]
                     samples.append(measure_quietly(target, connections, round_index + 1, settings, log_dir))
-            for backend in backends:
-                if not backend.alive():
-                    raise RuntimeError(f"{backend.name} died:\n{backend.log_tail()}")
-    finally:
-        for backend in backends:
-            backend.stop()
+            check_alive(backends)
     return samples
 
 
@@ -753,10 +793,28 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
     parser.add_argument("--connections", help="comma-separated wrk connection counts [16,64; quick 16]")
     parser.add_argument(
         "--targets",
-        default=",".join(t.name for t in TARGETS if t.default and installed(t.name)),
-        help=f"comma-separated, of: {', '.join(TARGETS_BY_NAME)} [those installed, but the _h1 twins of the default]",
+        help=f"comma-separated, of: {', '.join(TARGETS_BY_NAME)} [those installed, but the _h1 twins of the default; "
+        f"with --rates: {','.join(DEFAULT_RATE_TARGETS)}]",
     )
-    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="write the results here [%(default)s]")
+    parser.add_argument(
+        "--rates",
+        type=_rates,
+        metavar="R,R,..",
+        help="open-loop mode: CPU per request at these fixed request rates (req/s), e.g. 100,400,1600 "
+        "(instead of wrk at saturation; see benchmarks/overhead_rates.py)",
+    )
+    parser.add_argument(
+        "--backends",
+        type=int,
+        help=f"upstream backend processes [{UPSTREAMS}; with --rates {DEFAULT_RATE_BACKENDS}]",
+    )
+    parser.add_argument(
+        "--arrivals", choices=("poisson", "uniform"), default="poisson", help="open-loop schedule [poisson]"
+    )
+    parser.add_argument("--seed", type=int, default=1, help="of the open-loop schedules [1]")
+    parser.add_argument(
+        "--json", type=Path, help=f"write the results here [{DEFAULT_JSON}; with --rates {DEFAULT_RATES_JSON}]"
+    )
     parser.add_argument("--load-cpu", type=int, help="CPU for wrk and the upstreams [first allowed CPU]")
     parser.add_argument("--proxy-cpu", type=int, help="CPU for the measured target [second allowed CPU]")
     parser.add_argument(
@@ -777,6 +835,21 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
         help="also run every gateway target from a git worktree of REV, interleaved, and report current/REV",
     )
     args = parser.parse_args(argv)
+    rates_mode = args.rates is not None
+    if rates_mode and args.connections:
+        parser.error("--rates and --connections are two modes: give one")
+    if rates_mode and args.profile is not None:
+        parser.error("--profile is for the saturated mode (without --rates)")
+    if args.json is None:
+        args.json = DEFAULT_RATES_JSON if rates_mode else DEFAULT_JSON
+    if args.targets is None:
+        if rates_mode:
+            args.targets = ",".join(DEFAULT_RATE_TARGETS)
+        else:
+            args.targets = ",".join(t.name for t in TARGETS if t.default and installed(t.name))
+    backends = args.backends if args.backends is not None else (DEFAULT_RATE_BACKENDS if rates_mode else UPSTREAMS)
+    if backends < 1:
+        parser.error("--backends must be >= 1")
 
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     unknown = [t for t in targets if t not in TARGETS_BY_NAME]
@@ -810,24 +883,44 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
         args.profile,
         max_interference_pct=args.max_interference,
         retries=args.retries,
+        backends=backends,
+        rates=list(args.rates or []),
+        arrivals=args.arrivals,
+        seed=args.seed,
     )
     return args, settings
 
 
+def _rates(text: str) -> list[float]:
+    """``--rates``: comma-separated request rates, each a finite number > 0, no repeats."""
+    try:
+        rates = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated req/s, got {text!r}") from None
+    if not rates or any(not (0 < r < 1e6) for r in rates):
+        raise argparse.ArgumentTypeError(f"rates must be numbers in (0, 1e6) req/s, got {text!r}")
+    if len(set(rates)) != len(rates):
+        raise argparse.ArgumentTypeError(f"a rate is listed twice in {text!r}")
+    return rates
+
+
 def main(argv: list[str] | None = None) -> int:
     args, settings = parse_args(argv)
-    missing = [tool for tool in ("wrk", "taskset") if shutil.which(tool) is None]
+    needed = ("taskset",) if settings.rates else ("wrk", "taskset")
+    missing = [tool for tool in needed if shutil.which(tool) is None]
     if missing:
         print(f"{' and '.join(missing)} not found (Debian: apt-get install wrk util-linux)", file=sys.stderr)
         return 2
     if settings.profile_dir is not None:
         settings.profile_dir.mkdir(parents=True, exist_ok=True)
     per_measurement = settings.warmup_s + settings.duration_s + 2
-    count = settings.rounds * len(settings.connections) * len(settings.targets)
+    points = settings.rates or settings.connections
+    count = settings.rounds * len(points) * len(settings.targets) * (2 if args.baseline_rev else 1)
+    load = f"rates {settings.rates} req/s open loop" if settings.rates else f"connections {settings.connections}"
     print(
-        f"{count} measurements of ~{per_measurement} s: targets {', '.join(settings.targets)}; "
-        f"connections {settings.connections}; {settings.rounds} round(s) of {settings.duration_s} s; "
-        f"wrk + {UPSTREAMS} upstreams on CPU {settings.load_cpu}, target on CPU {settings.proxy_cpu}",
+        f"~{count} measurements of ~{per_measurement} s: targets {', '.join(settings.targets)}; "
+        f"{load}; {settings.rounds} round(s) of {settings.duration_s} s; load generator + {settings.backends} "
+        f"upstreams on CPU {settings.load_cpu}, target on CPU {settings.proxy_cpu}",
         file=sys.stderr,
         flush=True,
     )
@@ -841,36 +934,47 @@ def main(argv: list[str] | None = None) -> int:
                 at = settings.targets.index(target.name.partition("@")[0])
                 settings.targets.insert(at + 1, target.name)
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="prequal-overhead-"))
-        samples = run(settings, Path(tmp))
-    results = summarize(samples, settings)
-    versus = against_baseline_rev(samples, settings)
-    config = {
+        if settings.rates:
+            from benchmarks import overhead_rates
+
+            rate_samples = overhead_rates.run_rates(settings, Path(tmp))
+        else:
+            samples = run(settings, Path(tmp))
+    common = {
         "quick": args.quick,
         "rounds": settings.rounds,
         "duration_s": settings.duration_s,
         "warmup_s": settings.warmup_s,
-        "connections": settings.connections,
         "targets": settings.targets,
         "target_descriptions": {name: TARGETS_BY_NAME[name].description for name in settings.targets},
-        "upstreams": UPSTREAMS,
+        "upstreams": settings.backends,
         "upstream_response_bytes": 2,
         "path": PATH,
-        "wrk": f"wrk -t1 -cN -d{settings.duration_s}s --latency --timeout {WRK_TIMEOUT}",
         "load_cpu": settings.load_cpu,
         "proxy_cpu": settings.proxy_cpu,
         "cpus_online": os.cpu_count(),
-        "clock_ticks_per_s": CLK_TCK,
-        "baseline": BASELINE,
-        "ratios": "median over rounds of (target / baseline in the same round and connection count)",
         "max_interference_pct": settings.max_interference_pct,
         "retries": settings.retries,
-        "profiled": settings.profile_dir is not None,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started_at)),
         "elapsed_s": round(time.time() - started_at, 1),
         "versions": versions(),
         "revision": library_revision(),
         "note": args.note,
         "baseline_rev": args.baseline_rev,
+    }
+    if settings.rates:
+        return _report_rates(args, settings, rate_samples, common)
+    results = summarize(samples, settings)
+    versus = against_baseline_rev(samples, settings)
+    config = {
+        **common,
+        "connections": settings.connections,
+        "upstream_response_bytes": 2,
+        "wrk": f"wrk -t1 -cN -d{settings.duration_s}s --latency --timeout {WRK_TIMEOUT}",
+        "clock_ticks_per_s": CLK_TCK,
+        "baseline": BASELINE,
+        "ratios": "median over rounds of (target / baseline in the same round and connection count)",
+        "profiled": settings.profile_dir is not None,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     out = {"config": config, "results": results}
@@ -901,5 +1005,44 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _report_rates(args: argparse.Namespace, settings: Settings, samples: list[Any], common: dict[str, Any]) -> int:
+    """``--rates``: the JSON, the table and the flags (the summary is ``benchmarks.overhead_rates``'s)."""
+    from benchmarks import overhead_rates
+
+    results = overhead_rates.summarize_rates(samples, settings)
+    versus = overhead_rates.rates_against_baseline_rev(samples, settings)
+    config = {
+        **common,
+        **overhead_rates.config_json(settings),
+        "ratios": "median over rounds of (prequal target / its round_robin twin, or current / @rev) "
+        "in the same round and rate",
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Any] = {"config": config, "results": results}
+    if versus:
+        out["versus_baseline_rev"] = versus
+    args.json.write_text(json.dumps(out, indent=2) + "\n")
+    print(overhead_rates.rates_table(results))
+    if versus:
+        print()
+        print(overhead_rates.versus_table(versus))
+    flagged = [f"{r['target']} at {r['rate']:g} req/s" for r in results if r["flagged"]]
+    if flagged:
+        print(
+            f"\nflagged (errors, or a generator late by > {overhead_rates.LATE_LAG_P99_MS:g} ms p99): "
+            + ", ".join(flagged)
+        )
+    contended = [f"{r['target']} at {r['rate']:g}: {r['contended_rounds']}" for r in results if r["contended_rounds"]]
+    if contended:
+        limit = settings.max_interference_pct
+        print(f"\nrounds kept with other load above {limit:g}% of the proxy CPU: {', '.join(contended)}")
+    print(f"results written to {args.json}", file=sys.stderr)
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the copy imported as benchmarks.overhead: benchmarks.overhead_rates imports that one, and the
+    # baseline targets main() adds must be in the TARGETS_BY_NAME it reads.
+    from benchmarks.overhead import main as package_main
+
+    sys.exit(package_main())
