@@ -20,7 +20,7 @@ from .contenders import ALL_CONTENDERS, SETTINGS, VARIANT_GRAMMAR, contender, fi
 from .fleet import FleetConfig
 from .metrics import aggregate, cdf_points
 from .procs import TASKSET, Supervisor
-from .report import detail_table, fmt, pivot_table, share_range
+from .report import detail_table, fmt, pivot_table, reports_pair_table, share_range
 from .runner import Fleet, Options, Runner, TestbedError, options_json, schedule
 
 REPO = Path(__file__).resolve().parents[2]
@@ -87,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--contenders",
         type=_contender_names,
-        help=f"[all: {','.join(ALL_CONTENDERS)}]; prequal_q<Q_RIF>[_random][_nocheck]: Prequal with that Q_RIF "
-        "(and the random fallback, and cross_check off); prequal_nocheck: Prequal with cross_check off",
+        help=f"[all: {','.join(ALL_CONTENDERS)}]; prequal_q<Q_RIF>[_random][_nocheck][_noreports]: Prequal with "
+        "that Q_RIF (and the random fallback, cross_check off, piggybacked reports off); prequal_nocheck: Prequal "
+        "with cross_check off; prequal_noreports: Prequal with report_max_age_s=0 (every probe on the network)",
     )
     p.add_argument("--settings", type=_names(SETTINGS), help="single,fleet [both; --quick: single]")
     p.add_argument("--loads", type=_floats, help=f"fractions of fleet capacity [{','.join(map(str, DEFAULT_LOADS))}]")
@@ -322,6 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             table = pivot_table(results, setting, column, deadline_ms)
             if table:
                 print(f"\n{label} ms, {setting} (median of {options.rounds} round(s); errors summed):\n{table}")
+    pairs = reports_pair_table(results, deadline_ms)
+    if pairs:
+        print(f"\npiggybacked reports on / off (median of {options.rounds} round(s); ratios per round):\n{pairs}")
     log(f"results: {path}; runtime {runtime:.0f} s")
     if not args.no_plots and results:
         try:

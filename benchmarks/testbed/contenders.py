@@ -4,8 +4,11 @@
   (404 for anything outside the pool) with ``PrequalMiddleware`` and one ``UpstreamPool("/work")`` over
   the replicas, every other setting at its default, under uvicorn (uvloop, httptools, no access log). The
   process is ``python -m benchmarks.testbed.contenders gateway --port P --policy NAME --upstreams ...``.
-  Prequal variants (``contender``): ``prequal_q<Q_RIF>[_random][_nocheck]`` and ``prequal_nocheck``, the
-  same gateway with another Q_RIF, the paper's random fallback, or ``PrequalSettings.cross_check`` off.
+  Prequal variants (``contender``): ``prequal_q<Q_RIF>[_random][_nocheck][_noreports]``, ``prequal_nocheck``
+  and ``prequal_noreports``, the same gateway with another Q_RIF, the paper's random fallback,
+  ``PrequalSettings.cross_check`` off, or piggybacked reports off (``report_max_age_s=0``: every probe the
+  sampler draws goes on the network, as in the paper; the replicas still attach their reports to
+  responses, which the gateway then ignores).
   ``fleet``: 4 such processes, each on its own port with its own state; the load generator spreads the
   requests over them. (``clients_per_pool=4`` in one process would give 4 independent policy states
   too, but one event loop and one connection pool carrying the whole load: processes are what
@@ -54,6 +57,7 @@ class Contender:
     q_rif: float | None = None  # a Prequal variant's Q_RIF (``prequal_q0.6``); None: the run's setting
     fallback: str | None = None  # a Prequal variant's fallback (``prequal_q0.84_random``); None: the default
     cross_check: bool = True  # False: a Prequal variant that pools probe reports unchecked (``prequal_nocheck``)
+    reports: bool = True  # False: piggybacked reports unused, every probe on the network (``prequal_noreports``)
 
     @property
     def binary(self) -> str | None:
@@ -72,7 +76,7 @@ CONTENDERS: dict[str, Contender] = {
 }
 
 
-VARIANT_GRAMMAR = "prequal_q<Q_RIF in [0, 1]>[_random][_nocheck], prequal_nocheck"
+VARIANT_GRAMMAR = "prequal_q<Q_RIF in [0, 1]>[_random][_nocheck][_noreports], prequal_nocheck, prequal_noreports"
 
 
 def contender(name: str) -> Contender:
@@ -80,21 +84,27 @@ def contender(name: str) -> Contender:
 
     ``prequal_q<Q_RIF>`` runs our gateway's Prequal with that Q_RIF; ``_random`` adds the paper's random
     fallback; ``_nocheck`` (alone: ``prequal_nocheck``, the defaults otherwise) turns
-    ``PrequalSettings.cross_check`` off, so reports are pooled as the backends send them. Settings can
-    then be compared side by side, interleaved in one run (``--contenders prequal,prequal_q0.84_random``,
-    ``--contenders prequal,prequal_nocheck``). Raises ``ValueError`` otherwise.
+    ``PrequalSettings.cross_check`` off, so reports are pooled as the backends send them; ``_noreports``
+    (alone: ``prequal_noreports``) sets ``PrequalSettings.report_max_age_s=0``: the gateway ignores the
+    reports piggybacked on responses and sends every probe its sampler draws (the paper's rule, and the
+    simulator's ``prequal_probeall``). Settings can then be compared side by side, interleaved in one run
+    (``--contenders prequal,prequal_q0.84_random``, ``--contenders prequal,prequal_nocheck``,
+    ``--contenders prequal,prequal_noreports``). Raises ``ValueError`` otherwise.
     """
     if name in CONTENDERS:
         return CONTENDERS[name]
-    match = re.fullmatch(r"prequal(?:_q(\d+(?:\.\d+)?)(_random)?)?(_nocheck)?", name)
-    if match is None or (match.group(1) is None and match.group(3) is None):
+    match = re.fullmatch(r"prequal(?:_q(\d+(?:\.\d+)?)(_random)?)?(_nocheck)?(_noreports)?", name)
+    if match is None or (match.group(1) is None and match.group(3) is None and match.group(4) is None):
         raise ValueError(f"unknown contender {name!r}")
     q_rif = None if match.group(1) is None else float(match.group(1))
     if q_rif is not None and not 0.0 <= q_rif <= 1.0:
         raise ValueError(f"unknown contender {name!r}")
     fallback = "random" if match.group(2) else None
     cross_check = match.group(3) is None
-    return Contender(name, "gateway", "prequal", q_rif=q_rif, fallback=fallback, cross_check=cross_check)
+    reports = match.group(4) is None
+    return Contender(
+        name, "gateway", "prequal", q_rif=q_rif, fallback=fallback, cross_check=cross_check, reports=reports
+    )
 
 
 def find_binary(name: str) -> str | None:
@@ -129,7 +139,8 @@ def plan(
     """How to start ``instances`` independent instances of ``contender``; ``ports``: free ports, one per instance.
 
     ``q_rif`` overrides Prequal's ``Q_RIF`` in our gateway (the library's default otherwise); a variant's
-    own ``Q_RIF`` wins over it. A ``_nocheck`` variant's gateway gets ``--no-cross-check``.
+    own ``Q_RIF`` wins over it. A ``_nocheck`` variant's gateway gets ``--no-cross-check``, a ``_noreports``
+    variant's ``--report-max-age-s 0``.
     """
     if contender.kind == "gateway":
         variant_q_rif = q_rif if contender.q_rif is None else contender.q_rif
@@ -154,6 +165,7 @@ def plan(
                     *([] if variant_q_rif is None else ["--q-rif", repr(variant_q_rif)]),
                     *([] if contender.fallback is None else ["--fallback", contender.fallback]),
                     *([] if contender.cross_check else ["--no-cross-check"]),
+                    *([] if contender.reports else ["--report-max-age-s", "0"]),
                 ]
             )
         return LaunchPlan(commands, list(ports[:instances]))
@@ -249,10 +261,12 @@ def gateway_app(
     q_rif: float | None = None,
     fallback: str | None = None,
     cross_check: bool = True,
+    report_max_age_s: float | None = None,
 ) -> Any:
     """A bare ASGI app behind ``PrequalMiddleware`` with one pool at ``/work`` over ``upstreams``.
 
-    ``q_rif``, ``fallback``: Prequal's, when not None; ``cross_check=False``: probe reports unchecked.
+    ``q_rif``, ``fallback``, ``report_max_age_s``: Prequal's, when not None (``report_max_age_s=0``:
+    piggybacked reports unused); ``cross_check=False``: probe reports unchecked.
     At shutdown the gateway's counters (probes by result, selections by reason, upstream attempts by
     outcome, retries, Prequal's cross-check corrections) are written to ``stats_path`` as JSON.
     """
@@ -265,6 +279,8 @@ def gateway_app(
         overrides["fallback"] = fallback
     if not cross_check:
         overrides["cross_check"] = False
+    if report_max_age_s is not None:
+        overrides["report_max_age_s"] = report_max_age_s
     prequal = PrequalSettings(**overrides)
     pool = UpstreamPool(POOL_PREFIX, upstreams=list(upstreams), policy=policy, strip_prefix=False, prequal=prequal)
     gateway = Gateway(pools=[pool], rng=random.Random(seed))
@@ -316,6 +332,15 @@ def gateway_counters(gateway: Any) -> dict[str, dict[str, float]]:
             "rif": float(sum(c.rif_corrections for c in checks)),
             "latency": float(sum(c.latency_corrections for c in checks)),
         }
+        # How the sampler's draws were answered besides probes on the network (piggybacked reports).
+        out["draws"] = {
+            key: float(sum(getattr(c, attr, 0) for c in checks))
+            for key, attr in (
+                ("from_reports", "probes_from_reports"),
+                ("reused", "probes_reused"),
+                ("pending", "probes_pending"),
+            )
+        }
     return out
 
 
@@ -329,12 +354,22 @@ def gateway_main(argv: Sequence[str]) -> int:
     parser.add_argument("--q-rif", type=float, help="Prequal's Q_RIF [the library's default]")
     parser.add_argument("--fallback", choices=("least_in_flight", "random"), help="[the library's default]")
     parser.add_argument("--no-cross-check", action="store_true", help="PrequalSettings(cross_check=False)")
+    parser.add_argument(
+        "--report-max-age-s", type=float, help="Prequal's report_max_age_s; 0: piggybacked reports unused [default]"
+    )
     args = parser.parse_args(argv)
     import uvicorn
 
     upstreams = [u for u in args.upstreams.split(",") if u]
     app = gateway_app(
-        upstreams, args.policy, args.seed, args.stats, args.q_rif, args.fallback, cross_check=not args.no_cross_check
+        upstreams,
+        args.policy,
+        args.seed,
+        args.stats,
+        args.q_rif,
+        args.fallback,
+        cross_check=not args.no_cross_check,
+        report_max_age_s=args.report_max_age_s,
     )
     uvicorn.run(
         app,

@@ -76,3 +76,53 @@ def pivot_table(results: Sequence[dict[str, Any]], setting: str, key: str, deadl
             cells.append(text)
         lines.append(f"| {load:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+NOREPORTS = "_noreports"
+
+
+def _round_ratio(on: dict[str, Any], off: dict[str, Any], key: str) -> float | None:
+    """Median over the rounds both ran of off[key] / on[key] (same round: same arrivals, work, antagonists)."""
+    ons = {r["round"]: r.get(key) for r in on.get("runs", [])}
+    ratios = []
+    for r in off.get("runs", []):
+        a, b = r.get(key), ons.get(r["round"])
+        if isinstance(a, int | float) and isinstance(b, int | float) and b > 0 and not math.isnan(a):
+            ratios.append(a / b)
+    ratios.sort()
+    if not ratios:
+        return None
+    mid = len(ratios) // 2
+    return ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
+
+
+def reports_pair_table(results: Sequence[dict[str, Any]], deadline_ms: float) -> str:
+    """Each ``X`` beside ``X_noreports`` (piggybacked reports on / off) per setting and load.
+
+    p99, p99.9 and the explicit probes per request (counted at the replicas) of both, and the median
+    per-round ratios off / on of p99 and p99.9. Empty when no such pair ran.
+    """
+    by = {(r["setting"], r["load"], r["policy"]): r for r in results}
+    pairs = []
+    for r in results:
+        name = r["policy"]
+        if name.endswith(NOREPORTS) and (r["setting"], r["load"], name[: -len(NOREPORTS)]) in by:
+            pairs.append((by[(r["setting"], r["load"], name[: -len(NOREPORTS)])], r))
+    if not pairs:
+        return ""
+    header = (
+        "| setting | load | contender | p99 ms on / off | p99.9 ms on / off | probes/req on / off "
+        "| p99 off / on | p99.9 off / on | errors on / off | valid |"
+    )
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for on, off in pairs:
+        p99 = f"{fmt(on['p99_ms'], 0, deadline_ms)} / {fmt(off['p99_ms'], 0, deadline_ms)}"
+        p999 = f"{fmt(on['p999_ms'], 0, deadline_ms)} / {fmt(off['p999_ms'], 0, deadline_ms)}"
+        probes = f"{fmt(on.get('probes_per_req'), 2)} / {fmt(off.get('probes_per_req'), 2)}"
+        lines.append(
+            f"| {on['setting']} | {on['load']:g} | {on['policy']} | {p99} | {p999} "
+            f"| {probes} | {fmt(_round_ratio(on, off, 'p99_ms'), 2)} "
+            f"| {fmt(_round_ratio(on, off, 'p999_ms'), 2)} | {on['errors']} / {off['errors']} "
+            f"| {'yes' if on['valid'] and off['valid'] else 'NO'} |"
+        )
+    return "\n".join(lines)
