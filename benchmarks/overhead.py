@@ -4,6 +4,12 @@
     python -m benchmarks.overhead --quick                # 1 round x 3 s, 16 connections (~1 min)
     python -m benchmarks.overhead --targets direct,gateway_prequal --rounds 5 --json /tmp/o.json
     python -m benchmarks.overhead --quick --profile /tmp/prof   # cProfile each target (slows it down)
+    python -m benchmarks.overhead --rates 100,400,1600   # CPU per request at fixed open-loop rates, 4 backends
+
+``--rates`` is the moderate-load mode (``benchmarks/overhead_rates.py``, the generator ``benchmarks/openloop.py``):
+the targets (our gateway's round robin and Prequal by default) at fixed open-loop request rates instead of
+wrk at saturation, reporting the gateway's and the backends' CPU per request; the rest of this docstring
+is the saturated mode.
 
 Needs ``wrk`` and ``taskset`` (Linux). Two upstream backends (``benchmarks.overhead_targets backend``: 2-byte
 answers, ``LoadReportingMiddleware`` for the probes, a probe counter) run on the load CPU next to ``wrk``;
