@@ -202,7 +202,7 @@ def rate_sample(
         client_cpu_us_per_req=per_request_us(before.client_cpu_s, after.client_cpu_s, answered),
         client_cpu_pct=100.0 * client_s / elapsed,
         steal_pct=after.proxy_cpu.pct_since(before.proxy_cpu, after.proxy_cpu.steal - before.proxy_cpu.steal),
-        others_pct=after.proxy_cpu.pct_since(before.proxy_cpu, max(0.0, proxy_busy - target_s * oh.CLK_TCK)),
+        others_pct=after.proxy_cpu.pct_since(before.proxy_cpu, max(0, round(proxy_busy - target_s * oh.CLK_TCK))),
         load_cpu_busy_pct=after.load_cpu.pct_since(before.load_cpu, after.load_cpu.busy - before.load_cpu.busy),
         probes=probes,
         upstream_requests=upstream_requests,
@@ -371,8 +371,8 @@ def summarize_rates(samples: list[RateSample], settings: oh.Settings) -> list[di
             group = [s for s in samples if s.target == name and s.rate == rate]
             if not group:
                 continue
-            twin = round_robin_twin(name)
-            has_twin = twin is not None and any(s.target == twin for s in samples)
+            twin = round_robin_twin(name) or ""
+            has_twin = bool(twin) and any(s.target == twin for s in samples)
             cpu = [s.cpu_us_per_req for s in group if s.cpu_us_per_req is not None]
             errors = sum(s.errors for s in group)
             results.append(
