@@ -17,29 +17,13 @@ from typing import Any
 import uvicorn
 
 from prequal_middleware import Gateway, UpstreamPool
+from prequal_middleware.cli import SERVER_SETTINGS
 from prequal_middleware.core import POLICY_CLASSES
 
 from .backend import create_backend
 from .gateway import create_app
 
-# The uvicorn settings we recommend in front of untrusted clients. uvicorn has no timeout for reading a
-# request's headers (its keep-alive timer stops at a connection's first byte, so a client sending a byte
-# at a time holds the connection): limit_concurrency caps what such clients can hold (beyond it, 503),
-# and a proxy or load balancer in front (NGINX client_header_timeout, HAProxy timeout http-request)
-# should bound header time. Bodies are bounded by the pools' RequestLimits (buffering, 408).
-SERVER_SETTINGS: dict[str, Any] = {
-    "limit_concurrency": 2048,  # connections + tasks; beyond it, new requests get 503 at once
-    "backlog": 2048,
-    "timeout_keep_alive": 5,  # idle keep-alive connections are closed after 5 s
-    "h11_max_incomplete_event_size": 64 * 1024,  # h11: request line + headers (httptools has its own cap)
-    "ws_max_size": 16 * 1024 * 1024,  # the largest WebSocket message
-    "ws_ping_interval": 20.0,  # dead WebSocket peers are found and closed
-    "ws_ping_timeout": 20.0,
-    "timeout_graceful_shutdown": 10,
-    "proxy_headers": False,  # X-Forwarded-For is appended to, never trusted
-    "server_header": False,  # the backends' own Server and Date headers pass through
-    "date_header": False,
-}
+# The uvicorn settings we recommend (prequal-gateway runs with them too).
 
 # Backend speeds: each next one is slower, so there is something to balance.
 DELAYS_MS = (10.0, 15.0, 25.0, 40.0, 60.0, 90.0)

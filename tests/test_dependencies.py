@@ -15,9 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "prequal_middleware"
 
 # Declared but not imported by the package, and why.
-NOT_IMPORTED = {
-    "uvicorn": "the server the README, example_app and benchmarks run the gateway with",
-}
+NOT_IMPORTED: dict[str, str] = {}
 # Imported only by a module that needs an extra, and the extra.
 EXTRAS = {"redis": "redis", "fastapi": "fastapi"}
 

@@ -1,0 +1,243 @@
+"""``prequal-gateway`` (and ``python -m prequal_middleware``): run a gateway without writing an app.
+
+    prequal-gateway [--config prequal.toml] [--host 0.0.0.0] [--port 8000] [--workers 2] [--check]
+
+The gateway is configured by the ``PREQUAL_*`` environment variables (``envconfig``) and/or a TOML file;
+the environment overrides the file, and the flags override both. The file::
+
+    [server]                     # host, port, workers, log_level, admin_path
+    port = 8000
+    workers = 2
+
+    [gateway]                    # any PREQUAL_* variable, lower case and without the prefix
+    registry = "sqlite:/var/lib/prequal/registry.db"
+    registration_token = "a-long-random-secret"
+    allowed_upstreams = ["10.0.0.0/8"]
+
+    [pools."/api"]               # what PREQUAL_POOLS holds, as tables
+    upstreams = ["http://10.0.0.5:8000", "http://10.0.0.6:8000"]
+    timeouts = { connect_s = 0.5 }
+
+What runs: uvicorn with the settings in ``SERVER_SETTINGS`` (httptools, a connection cap, no ``Server``
+or ``Date`` header of its own so the backends' pass through once, no trust in ``X-Forwarded-*``, a
+bounded graceful shutdown), an app that proxies the configured pools, serves the admin routes at
+``admin_path`` (``/_prequal``) and answers anything else with a JSON 404. Under ``--workers N`` the
+workers share membership (``registry.default``: a SQLite file unless a registry is named).
+
+A configuration error is one line on stderr naming the variable or key and what is wrong, and exit
+status 2; ``--check`` validates and exits (0 when the configuration is good).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from prequal_middleware.exceptions import ConfigurationError
+
+PROG = "prequal-gateway"
+DEFAULT_ADMIN_PATH = "/_prequal"
+
+# The uvicorn settings we recommend in front of untrusted clients. uvicorn has no timeout for reading a
+# request's headers (its keep-alive timer stops at a connection's first byte, so a client sending a byte
+# at a time holds the connection): limit_concurrency caps what such clients can hold (beyond it, 503),
+# and a proxy or load balancer in front (NGINX client_header_timeout, HAProxy timeout http-request)
+# should bound header time. Bodies are bounded by the pools' RequestLimits (buffering, 408).
+SERVER_SETTINGS: dict[str, Any] = {
+    "http": "httptools",
+    "lifespan": "on",  # a gateway that cannot start must stop the server, not serve without probes
+    "limit_concurrency": 2048,  # connections + tasks; beyond it, new requests get 503 at once
+    "backlog": 2048,
+    "timeout_keep_alive": 5,  # idle keep-alive connections are closed after 5 s
+    "h11_max_incomplete_event_size": 64 * 1024,  # h11: request line + headers (httptools has its own cap)
+    "ws_max_size": 16 * 1024 * 1024,  # the largest WebSocket message
+    "ws_ping_interval": 20.0,  # dead WebSocket peers are found and closed
+    "ws_ping_timeout": 20.0,
+    "timeout_graceful_shutdown": 10,
+    "proxy_headers": False,  # X-Forwarded-For is appended to, never trusted
+    "server_header": False,  # the backends' own Server and Date headers pass through, once
+    "date_header": False,
+}
+
+# [gateway] keys: the PREQUAL_* variables envconfig reads, lower case without the prefix. Lists are
+# joined with commas (the variables' own format); booleans become true/false.
+GATEWAY_KEYS = frozenset(
+    {
+        "policy",
+        "health_path",
+        "probe_path",
+        "registry",
+        "registry_path",
+        "registration_token",
+        "allowed_upstreams",
+        "lease_ttl_s",
+        "admin_trust_loopback",
+        "admin_allowed_hosts",
+        "ready_while_stale_s",
+        "via_pseudonym",
+        "transport",
+        "register_hook",
+        "unregister_hook",
+        "path_rewrite_hook",
+        "request_hook",
+        "response_hook",
+    }
+)
+SERVER_KEYS = {"host": str, "port": int, "workers": int, "log_level": str, "admin_path": str}
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def environ_from_file(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
+    """The ``PREQUAL_*`` variables and the ``[server]`` settings a TOML file describes."""
+    where = str(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigurationError(f"{where}: cannot read the file ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise ConfigurationError(f"{where}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigurationError(f"{where}: invalid TOML ({exc})") from None
+    unknown = sorted(set(data) - {"server", "gateway", "pools"})
+    if unknown:
+        raise ConfigurationError(f"{where}: unknown table {unknown[0]!r}; known: gateway, pools, server")
+    env: dict[str, str] = {}
+    server = _table(data, "server", where)
+    for key, value in server.items():
+        kind = SERVER_KEYS.get(key)
+        if kind is None:
+            raise ConfigurationError(f"{where}: [server] has an unknown key {key!r}; known: {', '.join(SERVER_KEYS)}")
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ConfigurationError(f"{where}: [server].{key} must be a {kind.__name__}, got {value!r}")
+    for key, value in _table(data, "gateway", where).items():
+        if key not in GATEWAY_KEYS:
+            known = ", ".join(sorted(GATEWAY_KEYS))
+            raise ConfigurationError(f"{where}: [gateway] has an unknown key {key!r}; known: {known}")
+        env["PREQUAL_" + key.upper()] = _variable_text(value, f"{where}: [gateway].{key}")
+    if "pools" in data:
+        env["PREQUAL_POOLS"] = json.dumps(_table(data, "pools", where))
+    return env, server
+
+
+def _table(data: Mapping[str, Any], name: str, where: str) -> dict[str, Any]:
+    value = data.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigurationError(f"{where}: {name} must be a table ([{name}])")
+    return value
+
+
+def _variable_text(value: Any, where: str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | int | float):
+        return str(value)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return ",".join(value)
+    raise ConfigurationError(f"{where} must be a string, number, boolean or list of strings, got {value!r}")
+
+
+def check(env: Mapping[str, str]) -> str:
+    """Validate a configuration the way the gateway will read it; a one-line summary when it is good."""
+    from prequal_middleware.envconfig import gateway_kwargs_from_env
+    from prequal_middleware.registry.default import check_registry_fits_workers
+
+    kwargs = gateway_kwargs_from_env(env)
+    check_registry_fits_workers(kwargs["registry"], env, argv=())
+    admin_path = env.get("PREQUAL_ADMIN_PATH", DEFAULT_ADMIN_PATH)
+    if not (admin_path.startswith("/") and not admin_path.endswith("/") and len(admin_path) > 1):
+        raise ConfigurationError(f"admin_path must be a path like /_prequal, got {admin_path!r}")
+    pools = ", ".join(f"{p.prefix} ({len(p.upstreams)} upstreams)" for p in kwargs["pools"])
+    return f"pools {pools}; registry {kwargs['registry'].kind}; admin at {admin_path}"
+
+
+def create_app() -> Any:
+    """The app ``prequal-gateway`` serves, from the environment (a uvicorn factory, one per worker)."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Mount
+
+    from prequal_middleware.gateway.gateway import Gateway
+    from prequal_middleware.gateway.middleware import PrequalMiddleware
+
+    gateway = Gateway.from_env()
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return JSONResponse({"error": "not_found", "detail": "no pool or route serves this path"}, status_code=404)
+
+    admin_path = os.environ.get("PREQUAL_ADMIN_PATH", DEFAULT_ADMIN_PATH)
+    app = Starlette(routes=[Mount(admin_path, gateway.admin_app())], exception_handlers={404: not_found})
+    return PrequalMiddleware(app, gateway=gateway)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Run a Prequal gateway from PREQUAL_* variables and/or a TOML file."
+    )
+    parser.add_argument("--config", type=Path, help='a TOML file ([server], [gateway], [pools."/prefix"])')
+    parser.add_argument("--host", help="address to listen on [127.0.0.1]")
+    parser.add_argument("--port", type=int, help="port to listen on [8000]")
+    parser.add_argument("--workers", type=int, help="worker processes [1]; they share membership")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, help="[info]")
+    parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The console script; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        file_env: dict[str, str] = {}
+        server: dict[str, Any] = {}
+        if args.config is not None:
+            file_env, server = environ_from_file(args.config)
+        env = {**file_env, **os.environ}  # the environment overrides the file
+        host = args.host or server.get("host", "127.0.0.1")
+        port = args.port if args.port is not None else server.get("port", 8000)
+        if args.workers is not None:
+            workers = args.workers
+        elif "workers" in server:
+            workers = server["workers"]
+        else:
+            from prequal_middleware.registry.default import worker_count
+
+            workers = worker_count(env, argv=())  # PREQUAL_WORKERS or WEB_CONCURRENCY, else 1
+        log_level = args.log_level or server.get("log_level", "info")
+        if "admin_path" in server and "PREQUAL_ADMIN_PATH" not in os.environ:
+            env["PREQUAL_ADMIN_PATH"] = server["admin_path"]
+        if not (isinstance(workers, int) and workers >= 1):
+            raise ConfigurationError(f"workers must be a whole number >= 1, got {workers!r}")
+        if not (isinstance(port, int) and 0 <= port <= 65535):
+            raise ConfigurationError(f"port must be 0-65535, got {port!r}")
+        if log_level not in LOG_LEVELS:
+            raise ConfigurationError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
+        env["PREQUAL_WORKERS"] = str(workers)
+        summary = check(env)
+    except ConfigurationError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"{PROG}: configuration ok: {summary}")
+        return 0
+    os.environ.update(env)  # the workers (and create_app in each) read it
+    import uvicorn
+
+    logging.getLogger("prequal_middleware").setLevel(log_level.upper())
+    uvicorn.run(
+        "prequal_middleware.cli:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level=log_level,
+        access_log=False,
+        **SERVER_SETTINGS,
+    )
+    return 0
