@@ -1,0 +1,209 @@
+"""DNS discovery: an upstream named by DNS stands for every address the name has (nginx ``resolve``,
+Envoy ``STRICT_DNS``), and an SRV name for every target and port it lists.
+
+``DnsResolver.expand(url)`` turns one upstream URL into its members:
+
+- ``http://api.internal:8000/base``: the A and AAAA records of ``api.internal``, one member per address
+  (``http://10.0.0.5:8000/base``, ``http://[fd00::5]:8000/base``), each sent ``Host: api.internal:8000``
+  (and, over TLS, that name as SNI and for verification);
+- ``http://_http._tcp.api.internal/base`` (a name whose first two labels start with ``_``, no port):
+  the SRV records, one member per target address and port, ``Host`` the target's name and port;
+- an IP literal, or a name in ``static_names`` (``localhost``), stays as it is.
+
+Each result carries how long it may be kept: the smallest TTL among the records used, clamped to
+``[min_refresh_s, max_refresh_s]``. A failed lookup (timeout, SERVFAIL, no server) raises
+``DnsLookupFailed`` and the caller keeps the members it had (fail-static, retried after
+``failure_retry_s``); a name that does not exist (NXDOMAIN) or has no address records is an answer,
+an empty one. What a DNS server sends is bounded: at most ``max_addresses`` members per upstream.
+
+Lookups use dnspython's asynchronous resolver (no thread, no blocking ``getaddrinfo``), with the system's
+``/etc/resolv.conf`` unless ``nameservers`` names servers (``"10.0.0.2"`` or ``"127.0.0.1:5353"``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import math
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+import dns.asyncresolver
+import dns.exception
+import dns.rdatatype
+import dns.resolver
+
+from prequal_middleware.exceptions import ConfigurationError, PrequalError
+
+STATIC_NAMES = frozenset({"localhost"})
+
+
+class DnsLookupFailed(PrequalError):
+    """A lookup got no answer (timeout, server failure, no reachable server): keep what you had."""
+
+
+@dataclass(frozen=True)
+class DnsSettings:
+    """How upstream names are resolved.
+
+    Parameters:
+        nameservers: servers to ask (``"ip"`` or ``"ip:port"``); empty: the system's resolver config.
+        timeout_s: the longest one lookup (all its queries and retries) may take.
+        min_refresh_s / max_refresh_s: the bounds a record's TTL is clamped to before the next lookup.
+        failure_retry_s: when to try again after a failed lookup.
+        max_addresses: members one upstream may expand to (the rest of an answer is ignored).
+    """
+
+    nameservers: tuple[str, ...] = ()
+    timeout_s: float = 2.0
+    min_refresh_s: float = 1.0
+    max_refresh_s: float = 30.0
+    failure_retry_s: float = 5.0
+    max_addresses: int = 256
+
+    def __post_init__(self) -> None:
+        if isinstance(self.nameservers, str):
+            raise ConfigurationError("DnsSettings.nameservers must be a list of addresses, not a string")
+        object.__setattr__(self, "nameservers", tuple(self.nameservers))
+        for server in self.nameservers:
+            _nameserver(server)
+        for name in ("timeout_s", "min_refresh_s", "max_refresh_s", "failure_retry_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < math.inf):
+                raise ConfigurationError(f"DnsSettings.{name} must be a positive number of seconds, got {value!r}")
+        if self.min_refresh_s > self.max_refresh_s:
+            raise ConfigurationError("DnsSettings.min_refresh_s must not exceed max_refresh_s")
+        if not (isinstance(self.max_addresses, int) and self.max_addresses >= 1):
+            raise ConfigurationError(f"DnsSettings.max_addresses must be an integer >= 1, got {self.max_addresses!r}")
+
+
+@dataclass(frozen=True)
+class Expansion:
+    """What one upstream URL stands for: member URL -> the ``Host`` (authority) to send it, and for how long."""
+
+    members: dict[str, str]
+    ttl_s: float
+
+
+def needs_resolving(url: str) -> bool:
+    """Whether ``url``'s host is a DNS name to expand (not an IP literal, not a static name)."""
+    host = urlsplit(url).hostname or ""
+    if host in STATIC_NAMES:
+        return False
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return True
+    return False
+
+
+def is_srv(url: str) -> bool:
+    """An SRV upstream: ``_service._proto.name`` with no port."""
+    split = urlsplit(url)
+    labels = (split.hostname or "").split(".")
+    return len(labels) >= 3 and labels[0].startswith("_") and labels[1].startswith("_") and split.port is None
+
+
+class DnsResolver:
+    """Expands upstream URLs through DNS (see the module docstring); one per gateway."""
+
+    def __init__(self, settings: DnsSettings | None = None) -> None:
+        self.settings = settings or DnsSettings()
+        resolver = dns.asyncresolver.Resolver(configure=not self.settings.nameservers)
+        if self.settings.nameservers:
+            parsed = [_nameserver(s) for s in self.settings.nameservers]
+            resolver.nameservers = [host for host, _ in parsed]
+            resolver.port = parsed[0][1]  # dnspython asks every server on one port
+        resolver.cache = None  # we schedule by TTL ourselves; a cache would hide changes for its lifetime
+        self._resolver = resolver
+
+    async def expand(self, url: str) -> Expansion:
+        """The members ``url`` stands for now; raises ``DnsLookupFailed`` when DNS gave no answer."""
+        split = urlsplit(url)
+        host = split.hostname or ""
+        if not needs_resolving(url):
+            return Expansion({url: split.netloc}, self.settings.max_refresh_s)
+        if is_srv(url):
+            return await self._expand_srv(url, host)
+        port = split.port or (443 if split.scheme == "https" else 80)
+        addresses, ttl = await self._addresses(host)
+        authority = host if split.port is None else f"{host}:{port}"
+        members = {_with_address(url, address, port): authority for address in addresses}
+        return self._bounded(members, ttl)
+
+    async def _expand_srv(self, url: str, name: str) -> Expansion:
+        answer = await self._query(name, "SRV")
+        if answer is None or answer.rrset is None:
+            return self._bounded({}, self.settings.max_refresh_s)
+        ttl = float(answer.rrset.ttl)
+        targets = sorted(
+            ((r.priority, -r.weight, str(r.target).rstrip("."), int(r.port)) for r in answer),
+            key=lambda t: (t[0], t[1], t[2], t[3]),
+        )
+        members: dict[str, str] = {}
+        for _, _, target, port in targets[: self.settings.max_addresses]:
+            if not target or target == ".":
+                continue  # "service not available here" (RFC 2782)
+            addresses, target_ttl = await self._addresses(target)
+            ttl = min(ttl, target_ttl)
+            for address in addresses:
+                members.setdefault(_with_address(url, address, port), f"{target}:{port}")
+        return self._bounded(members, ttl)
+
+    async def _addresses(self, name: str) -> tuple[list[str], float]:
+        a, aaaa = await asyncio.gather(self._query(name, "A"), self._query(name, "AAAA"))
+        addresses: list[str] = []
+        ttl = self.settings.max_refresh_s
+        for answer in (a, aaaa):
+            if answer is not None and answer.rrset is not None:
+                ttl = min(ttl, float(answer.rrset.ttl))
+                addresses.extend(sorted(str(r.address) for r in answer))
+        return addresses, ttl
+
+    async def _query(self, name: str, rdtype: str) -> dns.resolver.Answer | None:
+        """An answer, ``None`` for "no such name / no such records", ``DnsLookupFailed`` for no answer."""
+        try:
+            return await self._resolver.resolve(
+                name, rdtype, lifetime=self.settings.timeout_s, search=False, raise_on_no_answer=False
+            )
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return None
+        except (dns.exception.Timeout, dns.resolver.NoNameservers, dns.resolver.LifetimeTimeout) as exc:
+            raise DnsLookupFailed(f"DNS lookup of {name} ({rdtype}) failed: {exc}") from None
+        except dns.exception.DNSException as exc:
+            raise DnsLookupFailed(f"DNS lookup of {name} ({rdtype}) failed: {type(exc).__name__}") from None
+
+    def _bounded(self, members: dict[str, str], ttl: float) -> Expansion:
+        limit = self.settings.max_addresses
+        if len(members) > limit:
+            members = dict(list(members.items())[:limit])
+        clamped = min(max(ttl, self.settings.min_refresh_s), self.settings.max_refresh_s)
+        return Expansion(members, clamped)
+
+
+def _with_address(url: str, address: str, port: int) -> str:
+    split = urlsplit(url)
+    host = f"[{address}]" if ":" in address else address
+    return urlunsplit((split.scheme, f"{host}:{port}", split.path, "", ""))
+
+
+def _nameserver(server: str) -> tuple[str, int]:
+    text = server.strip()
+    host, port = text, 53
+    if text.startswith("["):  # [v6]:port
+        host, _, rest = text[1:].partition("]")
+        port = int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else 53
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+        if not port_text.isdigit():
+            raise ConfigurationError(f"DnsSettings.nameservers: bad port in {server!r}")
+        port = int(port_text)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigurationError(
+            f"DnsSettings.nameservers must be IP addresses (with an optional port), got {server!r}"
+        ) from None
+    if not 0 < port < 65536:
+        raise ConfigurationError(f"DnsSettings.nameservers: port out of range in {server!r}")
+    return host, port
