@@ -30,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from prequal_middleware.admin.status import DEFAULT_MEMBER_LIMIT, MAX_MEMBER_LIMIT
+from prequal_middleware.admin.status import DEFAULT_MEMBER_LIMIT, MAX_MEMBER_LIMIT, describe, record_json
 from prequal_middleware.admin.status_page import status_page
 from prequal_middleware.registry import RegistryUnavailable
 from prequal_middleware.registry.registration import RegistrationError, WriteRate, authorize, parse_body, validate
@@ -96,12 +96,12 @@ def admin_routes(gateway: Gateway) -> list[BaseRoute]:
                         field="pool",
                     )
                 record = await gateway.register(req)
-                return _json(gateway.record_json(record), 201)
+                return _json(record_json(record), 201)
             if kind == "heartbeat":
                 renewed = await gateway.heartbeat(req)
                 if renewed is None:
                     raise RegistrationError(404, "unknown_backend", "no such backend: register again", field="url")
-                return _json(gateway.record_json(renewed))
+                return _json(record_json(renewed))
             if req.url in gateway.pools[req.pool].config.upstreams:
                 raise RegistrationError(409, "static_member", "a static upstream cannot be unregistered", field="url")
             if not await gateway.unregister(req):
@@ -138,7 +138,7 @@ def admin_routes(gateway: Gateway) -> list[BaseRoute]:
             limit = _query_int(query.get("limit"), "limit", DEFAULT_MEMBER_LIMIT, 1, MAX_MEMBER_LIMIT)
         except RegistrationError as exc:
             return _json(exc.body(), exc.status)
-        return _json(gateway.describe(pool=pool, offset=offset, limit=limit))
+        return _json(describe(gateway, pool=pool, offset=offset, limit=limit))
 
     async def healthz(request: Request) -> Response:
         if not gateway.running:

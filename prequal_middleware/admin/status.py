@@ -1,4 +1,4 @@
-"""The gateway's state as JSON (``GET /backends``, the status page) and its readiness.
+"""The one status model: the gateway's state as JSON (``GET /backends``, the status page, write answers).
 
 Every pool with its policy, in-flight count, probe-pool occupancy, RIF threshold, selections by
 reason, and each member's state, probe mode, last reported RIF and latency, in-flight count, weight,
@@ -8,9 +8,11 @@ lease and failures. With several clients per pool the first client's view of eac
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 from prequal_middleware.core import PolicySnapshot
+from prequal_middleware.registry import BackendRecord
 
 if TYPE_CHECKING:
     from prequal_middleware.gateway.gateway import Gateway
@@ -101,26 +103,16 @@ def _describe_pool(
     }
 
 
-def readiness_problems(gateway: Gateway) -> list[str]:
-    """Why the gateway should not get traffic yet: not running, a pool without a healthy member, a stale registry."""
-    problems = []
-    if not gateway.running:
-        problems.append("the gateway is not running")
-    now = gateway.clock()
-    for prefix, pool in gateway.pools.items():
-        snapshot = pool.clients[0].snapshot(now)
-        if not any(b.state == "healthy" for b in snapshot.backends):
-            problems.append(f"pool {prefix} has no healthy member")
-    # A shared registry that is briefly unreachable leaves every gateway serving its last snapshot
-    # (fail static); taking them all out of a load balancer at once for it would undo that. Readiness
-    # fails only once the snapshot is older than the bound; staleness shows in /backends and the metric
-    # from the first second.
-    stale_since = gateway.registry.snapshot().stale_since
-    if stale_since is not None:
-        stale_for = max(0.0, now - stale_since)
-        if stale_for >= gateway.admin.ready_while_stale_s:
-            problems.append(f"the registry has been unreachable for {stale_for:.1f} s")
-    return problems
+def record_json(record: BackendRecord) -> dict[str, Any]:
+    """A registry record as the admin routes answer a write: its lease as a wall-clock time and as seconds left."""
+    return {
+        "pool": record.pool,
+        "url": record.url,
+        "weight": record.weight,
+        "metadata": dict(record.metadata),
+        "lease_expires_at": record.lease_expires_at,
+        "ttl_s": None if record.lease_expires_at is None else round(record.lease_expires_at - time.time(), 3),
+    }
 
 
 def _round(value: float | None) -> float | None:

@@ -26,8 +26,6 @@ from typing import Any
 
 from starlette.applications import Starlette
 
-from prequal_middleware.admin.routes import admin_app, admin_router
-from prequal_middleware.admin.status import DEFAULT_MEMBER_LIMIT, describe, readiness_problems
 from prequal_middleware.config import AdminSettings, UpstreamPool
 from prequal_middleware.core import Member, PolicySnapshot
 from prequal_middleware.exceptions import ConfigurationError
@@ -238,31 +236,38 @@ class Gateway:
 
     def admin_app(self) -> Starlette:
         """The admin routes as a Starlette app: ``app.mount("/_prequal", gateway.admin_app())``."""
+        # Imported here: admin/ reads the gateway, never the other way round at import time.
+        from prequal_middleware.admin.routes import admin_app
+
         return admin_app(self)
 
     def admin_router(self) -> Any:
         """The admin routes as a FastAPI ``APIRouter``: ``app.include_router(router, prefix="/_prequal")``."""
+        from prequal_middleware.admin.routes import admin_router
+
         return admin_router(self)
 
-    def record_json(self, record: BackendRecord) -> dict[str, Any]:
-        return {
-            "pool": record.pool,
-            "url": record.url,
-            "weight": record.weight,
-            "metadata": dict(record.metadata),
-            "lease_expires_at": record.lease_expires_at,
-            "ttl_s": None if record.lease_expires_at is None else round(record.lease_expires_at - time.time(), 3),
-        }
-
-    def describe(
-        self, *, pool: str | None = None, offset: int = 0, limit: int = DEFAULT_MEMBER_LIMIT
-    ) -> dict[str, Any]:
-        """The JSON of ``GET /backends`` and the status page: every pool (or ``pool``), a page of members each."""
-        return describe(self, pool=pool, offset=offset, limit=limit)
-
     def readiness_problems(self) -> list[str]:
-        """Why the gateway is not ready (empty when it is)."""
-        return readiness_problems(self)
+        """Why the gateway should not get traffic yet (empty when it should): not running, a pool without a
+        healthy member, a registry unreachable for longer than ``AdminSettings.ready_while_stale_s``."""
+        problems = []
+        if not self.running:
+            problems.append("the gateway is not running")
+        now = self.clock()
+        for prefix, pool in self.pools.items():
+            snapshot = pool.clients[0].snapshot(now)
+            if not any(b.state == "healthy" for b in snapshot.backends):
+                problems.append(f"pool {prefix} has no healthy member")
+        # A shared registry that is briefly unreachable leaves every gateway serving its last snapshot
+        # (fail static); taking them all out of a load balancer at once for it would undo that. Readiness
+        # fails only once the snapshot is older than the bound; staleness shows in /backends and the metric
+        # from the first second.
+        stale_since = self.registry.snapshot().stale_since
+        if stale_since is not None:
+            stale_for = max(0.0, now - stale_since)
+            if stale_for >= self.admin.ready_while_stale_s:
+                problems.append(f"the registry has been unreachable for {stale_for:.1f} s")
+        return problems
 
     # --- state ---------------------------------------------------------------------------------
 
