@@ -11,7 +11,8 @@ import httpx
 import pytest
 
 from prequal_middleware import AdminSettings, Gateway, PrequalMiddleware, UpstreamPool
-from prequal_middleware.registry.registration import RegistrationError, authorize
+from prequal_middleware.exceptions import RegistrationError
+from prequal_middleware.registry.registration import authorize
 from tests.apps import BackendState, make_backend
 from tests.helpers import gateway_app, members, wait_for
 from tests.servers import ServerThread, free_port, serve

@@ -32,8 +32,8 @@ from starlette.routing import BaseRoute, Route
 
 from prequal_middleware.admin.status import DEFAULT_MEMBER_LIMIT, MAX_MEMBER_LIMIT, describe, record_json
 from prequal_middleware.admin.status_page import status_page
-from prequal_middleware.registry import RegistryUnavailable
-from prequal_middleware.registry.registration import RegistrationError, WriteRate, authorize, parse_body, validate
+from prequal_middleware.exceptions import RegistrationError, RegistryUnavailable
+from prequal_middleware.registry.registration import WriteRate, authorize, parse_body, validate
 
 if TYPE_CHECKING:
     from prequal_middleware.gateway.gateway import Gateway

@@ -38,7 +38,15 @@ from typing import Any
 from prequal_middleware.config import RequestLimits
 from prequal_middleware.core import Outcome
 from prequal_middleware.core.load_report import read_report
-from prequal_middleware.exceptions import UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
+from prequal_middleware.exceptions import (
+    ClientDisconnected,
+    RequestBodyTimeout,
+    RequestBodyTooLarge,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
 from prequal_middleware.gateway.headers import (
     VIA_PSEUDONYM,
     downstream_response_headers,
@@ -60,18 +68,6 @@ POOL_HEADER = b"x-prequal-pool"
 Scope = dict[str, Any]
 Receive = Callable[[], Any]
 Send = Callable[[dict[str, Any]], Any]
-
-
-class ClientDisconnected(Exception):
-    """The client went away (while its request body was being read)."""
-
-
-class RequestBodyTooLarge(Exception):
-    """The client's streamed body went past ``RequestLimits.max_body_bytes``."""
-
-
-class RequestBodyTimeout(Exception):
-    """The client's body did not arrive in time (``RequestLimits.body_timeout_s`` and ``body_min_rate_bytes_per_s``)."""
 
 
 class _ClientBody:

@@ -190,9 +190,6 @@ class PrequalMetrics:
         return generate_latest(self.registry), CONTENT_TYPE
 
 
-MetricsFactory = Callable[[], PrequalMetrics]
-
-
 class LoopErrorLog:
     """What a background loop does with an iteration that raised: count it, log it rarely, go on.
 

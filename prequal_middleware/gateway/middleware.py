@@ -16,9 +16,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from prequal_middleware.exceptions import TargetRefused
 from prequal_middleware.gateway.forwarding import Receive, Scope, Send, send_error
 from prequal_middleware.gateway.gateway import Gateway
-from prequal_middleware.gateway.request_target import TargetRefused, check_target, raw_path
+from prequal_middleware.gateway.request_target import check_target, raw_path
 
 logger = logging.getLogger("prequal_middleware.gateway.middleware")
 

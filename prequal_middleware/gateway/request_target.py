@@ -27,18 +27,11 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
+from prequal_middleware.exceptions import TargetRefused
+
 # Characters a client may send unencoded in a path (RFC 3986 pchar and "/"); everything else is
 # percent-encoded when a raw path has to be rebuilt from a decoded one.
 SAFE_PATH_CHARS = "/:@!$&'()*+,;=-._~"
-
-
-class TargetRefused(ValueError):
-    """A request target the gateway does not route: ``error`` is the code, ``detail`` says why."""
-
-    def __init__(self, error: str, detail: str) -> None:
-        super().__init__(detail)
-        self.error = error
-        self.detail = detail
 
 
 NOT_ORIGIN_FORM = TargetRefused(

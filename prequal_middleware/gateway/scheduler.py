@@ -39,12 +39,12 @@ from typing import Any
 
 from prequal_middleware.config import Timeouts
 from prequal_middleware.core import Policy
-from prequal_middleware.exceptions import UpstreamError
+from prequal_middleware.exceptions import ProbeError, ProbeUnsupported, UpstreamError
 from prequal_middleware.gateway.membership import Membership
 from prequal_middleware.gateway.metrics import LoopErrorLog, PrequalMetrics
 from prequal_middleware.gateway.pool import PoolRuntime, drop_probes
 from prequal_middleware.transports.base import Transport, UpstreamRequest
-from prequal_middleware.transports.probe import ProbeClient, ProbeError, ProbeResult, ProbeUnsupported
+from prequal_middleware.transports.probe import ProbeClient, ProbeResult
 
 logger = logging.getLogger("prequal_middleware.gateway.scheduler")
 

@@ -23,33 +23,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from prequal_middleware.config import AdminSettings, validate_upstream_url
-from prequal_middleware.exceptions import ConfigurationError
+from prequal_middleware.exceptions import ConfigurationError, RegistrationError
 
 _PROXY_HEADERS = frozenset({b"x-forwarded-for", b"forwarded", b"x-real-ip", b"x-forwarded-host"})
 _REGISTER_FIELDS = frozenset({"url", "pool", "weight", "metadata", "ttl_s"})
 _HEARTBEAT_FIELDS = frozenset({"url", "pool", "ttl_s"})
 _UNREGISTER_FIELDS = frozenset({"url", "pool"})
 MAX_WEIGHT = 1000.0
-
-
-class RegistrationError(Exception):
-    """A refused admin request: ``status`` (4xx), ``error`` (a code), ``field`` (or None) and ``detail``."""
-
-    def __init__(
-        self, status: int, error: str, detail: str, field: str | None = None, *, retry_after_s: float | None = None
-    ) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.error = error
-        self.detail = detail
-        self.field = field
-        self.retry_after_s = retry_after_s
-
-    def body(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"error": self.error, "detail": self.detail}
-        if self.field is not None:
-            out["field"] = self.field
-        return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -54,7 +54,6 @@ logger = logging.getLogger("prequal_middleware.transports.aiohttp")
 
 # Headers aiohttp would add on its own; a proxy forwards only what the client sent.
 SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
-READ_CHUNK_BYTES = 64 * 1024
 # Interim answers let through: 100 Continue, 103 Early Hints, and 101 (a WebSocket handshake's final
 # answer to aiohttp; the forwarder refuses it on plain HTTP requests, which never ask for an upgrade).
 INTERIM_OK = frozenset({100, 101, 103})

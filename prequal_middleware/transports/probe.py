@@ -57,6 +57,7 @@ from prequal_middleware.core.load_report import (
     RIF_HEADER,
     parse_load_value,
 )
+from prequal_middleware.exceptions import ProbeError, ProbeFailed, ProbeUnsupported
 
 DEFAULT_TIMEOUT_S = 0.05
 DEFAULT_MAX_IDLE_PER_BACKEND = 4
@@ -69,18 +70,6 @@ MAX_HEAD_BYTES = 8 * 1024
 MAX_BODY_BYTES = 4 * 1024
 
 logger = logging.getLogger("prequal_middleware.transports.probe")
-
-
-class ProbeError(Exception):
-    """A probe did not produce a load report."""
-
-
-class ProbeUnsupported(ProbeError):
-    """The backend answered 404, 405 or a 200 without ``x-prequal-rif``: it does not report its load."""
-
-
-class ProbeFailed(ProbeError):
-    """Connect error, timeout, malformed answer, unexpected status or an invalid load header."""
 
 
 class _Refused(Exception):

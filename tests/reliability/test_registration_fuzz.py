@@ -35,7 +35,8 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 
 from prequal_middleware import AdminSettings, Gateway, HealthSettings, UpstreamPool
-from prequal_middleware.registry.registration import RegistrationError, authorize
+from prequal_middleware.exceptions import RegistrationError
+from prequal_middleware.registry.registration import authorize
 from tests.reliability.procs import HttpProc, gateway_proc, running
 from tests.reliability.report import Report
 from tests.reliability.support import pools_env

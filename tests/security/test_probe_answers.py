@@ -27,7 +27,8 @@ from starlette.routing import Route
 from prequal_middleware import Gateway, HealthSettings, UpstreamPool
 from prequal_middleware.backend.load_reporting import LoadReportingMiddleware
 from prequal_middleware.core import Member, PrequalPolicy, PrequalSettings
-from prequal_middleware.transports.probe import ProbeClient, ProbeError, ProbeFailed, ProbeResult
+from prequal_middleware.exceptions import ProbeError, ProbeFailed
+from prequal_middleware.transports.probe import ProbeClient, ProbeResult
 from tests.helpers import gateway_app
 from tests.reliability.rawservers import LoopThread
 from tests.servers import serve
