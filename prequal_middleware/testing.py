@@ -100,7 +100,8 @@ class MockTransport:
     Parameters:
         backends: backend URL (as in ``UpstreamPool.upstreams`` or a registration) to what answers it:
             an ASGI app, a ``CannedResponse`` or an ``UpstreamError`` instance (raised on every request).
-            A backend not in the mapping is unreachable (``UpstreamConnectError``, nothing sent).
+            A backend not in the mapping is unreachable (``UpstreamConnectError``, nothing sent). The body
+            of a request answered by an error is not read (``SentRequest.body`` is empty).
             ``backends`` is a plain dict: change it mid-test to take a backend down or bring it back.
 
     ``requests`` lists every request in the order they were sent, health checks included.
@@ -118,12 +119,16 @@ class MockTransport:
     async def send(self, request: UpstreamRequest, timeouts: Timeouts) -> UpstreamResponse:
         target = self.backends.get(request.backend)
         if target is None:
-            raise UpstreamConnectError(f"{request.backend}: no such backend in this MockTransport")
+            target = UpstreamConnectError(f"{request.backend}: no such backend in this MockTransport")
+        if isinstance(target, UpstreamError):
+            # The body is left unread: after an error that sent nothing the gateway may send it elsewhere.
+            self.requests.append(
+                SentRequest(request.backend, request.method, request.target, list(request.headers), b"")
+            )
+            raise target
         body = b"".join([chunk async for chunk in request.body]) if request.body is not None else b""
         sent = SentRequest(request.backend, request.method, request.target, list(request.headers), body)
         self.requests.append(sent)
-        if isinstance(target, UpstreamError):
-            raise target
         if isinstance(target, CannedResponse):
             return UpstreamResponse(target.status, list(target.headers), _once(target.body))
         return await self._run(target, sent, timeouts)
