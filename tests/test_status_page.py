@@ -6,6 +6,7 @@ import base64
 import hashlib
 import re
 from collections.abc import Callable
+from importlib.resources import files
 from typing import Any
 
 import httpx
@@ -21,6 +22,7 @@ from tests.servers import serve
 
 DASH = "\u2014"
 HOSTILE = "<img src=x onerror=alert(1)>"
+STATIC_FILES = ("status.css", "status.js", "status.html")
 HOSTILE_URL = 'http://10.0.0.9:8000/"><img src=x onerror=alert(2)>'
 
 
@@ -297,3 +299,14 @@ def test_the_fallback_is_described_as_the_library_does_it(page: Element) -> None
         assert text is not None
         assert "fewest" in text and "in flight" in text, text
         assert "so a uniformly random backend" not in text, text
+
+
+def test_the_page_is_built_from_its_static_files() -> None:
+    # Edited as files in admin/static/, shipped in the wheel, put inline into one document at import.
+    static = files("prequal_middleware.admin").joinpath("static")
+    css, js, template = (static.joinpath(name).read_text(encoding="utf-8") for name in STATIC_FILES)
+    assert f"<style>\n{css}</style>" in STATUS_PAGE_HTML
+    assert f"<script>\n{js}</script>" in STATUS_PAGE_HTML
+    assert "{{" not in STATUS_PAGE_HTML, "every marker of status.html is filled"
+    rebuilt = STATUS_PAGE_HTML.replace(css, "{{status.css}}").replace(js, "{{status.js}}")
+    assert re.sub(r'content="default-src[^"]*"', 'content="{{csp}}"', rebuilt) == template
