@@ -55,7 +55,7 @@ from prequal_middleware.transports.base import (
 
 # isort: split
 # --- registries: who exists ------------------------------------------------------------------------
-from prequal_middleware.registry import BackendRecord, MemoryRegistry, Registry
+from prequal_middleware.registry import BackendRecord, MemoryRegistry, Registry, SqliteRegistry
 
 # isort: split
 # --- transports: how requests reach a backend ------------------------------------------------------
@@ -128,6 +128,7 @@ __all__ = [
     "RoundRobinPolicy",
     "Selection",
     "SelfRegistration",
+    "SqliteRegistry",
     "Timeouts",
     "Transport",
     "UpstreamConnectError",
