@@ -3,6 +3,7 @@
     PrequalError
     ├── ConfigurationError (also a ValueError)   a setting or environment variable is wrong
     ├── RegistryUnavailable                      the registry's store cannot be reached or written
+    ├── DnsLookupFailed                          a DNS lookup got no answer: keep the members you had
     ├── RegistrationError                        an admin write was refused (a 4xx: status, error code, field)
     ├── TargetRefused (also a ValueError)        a request target the gateway does not route (a 400)
     ├── RequestBodyError                         the client's request body stopped: what a transport may
@@ -41,6 +42,10 @@ class ConfigurationError(PrequalError, ValueError):
 
 class RegistryUnavailable(PrequalError):
     """The registry's store cannot be reached or written; the write was not applied."""
+
+
+class DnsLookupFailed(PrequalError):
+    """A lookup got no answer (timeout, server failure, no reachable server): keep what you had."""
 
 
 class RegistrationError(PrequalError):

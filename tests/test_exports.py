@@ -64,7 +64,9 @@ def test_redis_is_imported_only_for_redis_registry() -> None:
 
 
 def _package_modules() -> list[str]:
-    return [m.name for m in pkgutil.walk_packages(prequal_middleware.__path__, "prequal_middleware.")]
+    # ``__main__`` runs the console script when imported.
+    names = [m.name for m in pkgutil.walk_packages(prequal_middleware.__path__, "prequal_middleware.")]
+    return [name for name in names if not name.endswith(".__main__")]
 
 
 def _public_exceptions() -> dict[str, type[BaseException]]:

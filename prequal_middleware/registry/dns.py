@@ -33,13 +33,9 @@ import dns.exception
 import dns.rdatatype
 import dns.resolver
 
-from prequal_middleware.exceptions import ConfigurationError, PrequalError
+from prequal_middleware.exceptions import ConfigurationError, DnsLookupFailed
 
 STATIC_NAMES = frozenset({"localhost"})
-
-
-class DnsLookupFailed(PrequalError):
-    """A lookup got no answer (timeout, server failure, no reachable server): keep what you had."""
 
 
 @dataclass(frozen=True)
