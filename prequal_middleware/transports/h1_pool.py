@@ -33,7 +33,20 @@ SWEEP_MAX_S = 10.0
 class Origin:
     """One backend URL: its address, its connections and what every request to it shares."""
 
-    __slots__ = ("url", "host", "port", "ssl", "host_header", "base", "idle", "open", "waiters", "limit", "retired")
+    __slots__ = (
+        "url",
+        "host",
+        "port",
+        "ssl",
+        "host_header",
+        "base",
+        "request",
+        "idle",
+        "open",
+        "waiters",
+        "limit",
+        "retired",
+    )
 
     def __init__(self, url: str, limit: int, tls: ssl_module.SSLContext | None) -> None:
         parts = upstream_origin(url)
@@ -43,6 +56,7 @@ class Origin:
         self.ssl = tls if parts.scheme == "https" else None
         self.host_header = parts.authority.encode("ascii")
         self.base = parts.base_path.encode("ascii")
+        self.request = b""  # a fixed request its user sends every time, made once (the probe's)
         self.idle: list[H1Connection] = []  # LIFO: the warmest connection last
         self.open = 0  # connections open or being opened
         self.waiters: deque[asyncio.Future[None]] = deque()  # requests waiting for a connection slot
@@ -167,19 +181,20 @@ class H1Pool:
             if reused is not None:
                 return reused
         origin.open += 1
+        # Made here, not in the factory: a cancel that lands as the connect completes still closes it
+        # (``abort`` also frees the slot, once).
+        conn = self.connection(self, origin)
         try:
             async with asyncio.timeout_at(deadline):
-                _, conn = await loop.create_connection(
-                    lambda: self.connection(self, origin), origin.host, origin.port, ssl=origin.ssl
-                )
+                await loop.create_connection(lambda: conn, origin.host, origin.port, ssl=origin.ssl)
         except TimeoutError:
-            origin.release_slot()
+            conn.abort()
             raise UpstreamTimeout(f"{origin.url}: connect timed out", phase="connect") from None
         except (OSError, ssl_module.SSLError) as exc:
-            origin.release_slot()
+            conn.abort()
             raise UpstreamConnectError(f"{origin.url}: connect failed ({exc})") from None
         except BaseException:
-            origin.release_slot()
+            conn.abort()
             raise
         if self.closed:
             conn.abort()

@@ -1,9 +1,11 @@
 """``ProbeClient``: the gateway's cheap HTTP/1.1 probe client (the client half of Prequal's probing).
 
 A proxied request costs one to three probes, so a probe must cost far less than the request. An
-``aiohttp`` GET spends most of its CPU in client layers a probe does not need; this client is an
-``asyncio`` protocol that writes one fixed request per backend and parses the answer with ``httptools``
-(uvicorn's own parser), over keep-alive connections kept in a small LIFO stack per backend.
+``aiohttp`` GET spends most of its CPU in client layers a probe does not need; this client is a thin
+user of our one HTTP/1.1 engine (``h1_connection``, ``h1_pool``: the same parser callbacks, framing,
+interim answers, connection pools and idle sweep as the forwarding transport): it writes one fixed
+request per backend over keep-alive connections kept in a small LIFO stack per backend, with bounds of
+its own, and reads the load report from the answer.
 
     client = ProbeClient(timeout_s=0.05)
     result = await client.probe("http://10.0.0.5:8000")  # ProbeResult(rif=3, latency_s=0.012)
@@ -29,25 +31,24 @@ validated here, the one place where a backend's load report enters the gateway:
   ``MAX_RIF`` (a million requests in flight) and ``MAX_LATENCY_US`` (ten minutes), present at most once;
 - the head (status line and fields, interim answers included) is at most ``MAX_HEAD_BYTES`` and the
   body, read and dropped, at most ``MAX_BODY_BYTES``; an answer running past either fails at once and
-  its connection is closed, without buffering it; so does a byte after the answer;
+  its connection is closed, without buffering it; so does a byte after the answer, an interim answer
+  other than 100 or 103, or a status above 599;
 - anything else (an exception in the parser's callbacks included) is a ``ProbeFailed``: the policy
   hears of a failed probe and no value reaches its pool.
 
 ``https://`` backends are probed over TLS with ``ssl.create_default_context()`` (certificates verified);
-a base path in the URL (``http://h:1/svc``) prefixes the probe path. One client belongs to one event loop.
+a base path in the URL (``http://h:1/svc``) prefixes the probe path. Idle connections are closed after
+``keepalive_s`` by the engine's sweep. One client belongs to one event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
-from urllib.parse import urlsplit
-
-import httptools
 
 from prequal_middleware.core.load_report import (
     DEFAULT_PROBE_PATH,
@@ -57,10 +58,19 @@ from prequal_middleware.core.load_report import (
     RIF_HEADER,
     parse_load_value,
 )
-from prequal_middleware.exceptions import ProbeError, ProbeFailed, ProbeUnsupported
+from prequal_middleware.exceptions import (
+    ProbeError,
+    ProbeFailed,
+    ProbeUnsupported,
+    UpstreamConnectError,
+    UpstreamError,
+)
+from prequal_middleware.transports.h1_connection import H1Connection
+from prequal_middleware.transports.h1_pool import H1Pool, Origin
 
 DEFAULT_TIMEOUT_S = 0.05
 DEFAULT_MAX_IDLE_PER_BACKEND = 4
+DEFAULT_KEEPALIVE_S = 30.0
 UNSUPPORTED_STATUSES = frozenset({404, 405})
 # Bounds on what a backend's answer may be (see the module docstring). LoadReportingMiddleware answers
 # with a head of about 120 bytes and no body; an answer far beyond that is not a load report. 8 KiB is
@@ -68,12 +78,9 @@ UNSUPPORTED_STATUSES = frozenset({404, 405})
 # connection (plus one read of at most 256 KiB, asyncio's buffer, before the check runs).
 MAX_HEAD_BYTES = 8 * 1024
 MAX_BODY_BYTES = 4 * 1024
+CLOSED = "the probe client is closed"
 
 logger = logging.getLogger("prequal_middleware.transports.probe")
-
-
-class _Refused(Exception):
-    """Raised from a parser callback to stop parsing an answer that broke a bound; ``reason`` says which."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,198 +95,58 @@ ProbeCallback = Callable[[ProbeResult | None, ProbeError | None], None]
 """Told the outcome of ``ProbeClient.send``: ``(result, None)`` or ``(None, error)``."""
 
 
-class _Backend:
-    """What is fixed per backend URL: the address, the request bytes, the idle connections."""
+class _ProbeConnection(H1Connection):
+    """A probe connection: the engine's parsing and bounds; the load fields kept, the body dropped."""
 
-    __slots__ = ("url", "host", "port", "ssl", "request", "idle", "retired")
+    read_unframed = False  # an answer without framing is taken at its head; the connection closes after
 
-    def __init__(self, url: str, host: str, port: int, tls: ssl.SSLContext | None, request: bytes) -> None:
-        self.url = url
-        self.host = host
-        self.port = port
-        self.ssl = tls
-        self.request = request
-        self.idle: list[_ProbeConnection] = []  # LIFO: the warmest connection is reused first
-        self.retired = False  # forgotten: connections in use are closed when their probe ends
-
-
-class _ProbeConnection(asyncio.Protocol):
-    """One keep-alive connection; answers at most one probe at a time."""
-
-    __slots__ = (
-        "backend",
-        "_open",
-        "_parser",
-        "transport",
-        "probe",
-        "closed",
-        "received",
-        "status",
-        "framed",
-        "reusable",
-        "rif",
-        "latency_us",
-        "duplicate",
-        "head_done",
-        "head_bytes",
-        "head_read",
-        "body_bytes",
-        "refusal",
-        "complete",
-    )
-
-    def __init__(self, backend: _Backend, open_connections: set[_ProbeConnection]) -> None:
-        self.backend = backend
-        self._open = open_connections
-        self._parser = httptools.HttpResponseParser(self)
-        self.transport: asyncio.Transport | None = None
+    def _reset(self) -> None:
+        super()._reset()
         self.probe: _Probe | None = None  # the probe this connection is answering
-        self.closed = False
-        self.received = False
-        self.status = 0
-        self.framed = False
-        self.reusable = False
         self.rif: bytes | None = None
         self.latency_us: bytes | None = None
-        self.duplicate = False  # a load header came twice
-        self.head_done = False  # the final answer's head is complete
-        self.head_bytes = 0  # the head's size as the parser saw it (interim answers included)
-        self.head_read = 0  # bytes read while the head was incomplete
-        self.body_bytes = 0
-        self.refusal: str | None = None  # why a callback stopped the parser
-        self.complete = False  # the answer is complete: reported once the read that completed it is parsed
+        self.duplicate = False  # a load field came twice
 
     def begin(self, probe: _Probe) -> None:
         """Send ``probe``'s request; its answer (or the failure) is reported to it."""
+        self.start()
         self.probe = probe
-        self.received = False
-        self.status = 0
-        self.framed = self.reusable = False
-        self.rif = self.latency_us = None
-        self.duplicate = self.head_done = False
-        self.head_bytes = self.head_read = self.body_bytes = 0
-        self.refusal = None
-        self.complete = False
         assert self.transport is not None
-        self.transport.write(self.backend.request)
+        self.transport.write(self.origin.request)
 
     def abort(self) -> None:
-        """Close now, dropping any unsent bytes; the client's bookkeeping forgets it at once."""
         self.probe = None
-        self.closed = True
-        self._open.discard(self)
-        idle = self.backend.idle
-        if self in idle:
-            idle.remove(self)
-        if self.transport is not None:
-            self.transport.abort()
+        super().abort()
 
-    # asyncio callbacks
+    # engine hooks
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        self._open.add(self)
-
-    def data_received(self, data: bytes) -> None:
-        if self.probe is None:
-            self.abort()  # bytes nobody asked for: the stream can no longer be trusted
-            return
-        self.received = True
-        head_pending = not self.head_done
-        try:
-            self._parser.feed_data(data)
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
-            reason = self.refusal
-            if reason is None:
-                # An exception of ours inside a callback is a bug, not the backend's answer: say which.
-                cause = exc.__context__
-                reason = f"malformed response ({exc!r})" if cause is None else f"invalid answer ({cause!r})"
-            self._fail(reason)
-            return
-        except Exception as exc:  # never let an answer's bytes raise out of the event loop's callback
-            self._fail(f"invalid answer ({exc!r})")
-            return
-        if self.complete:
-            # Reported only now: a byte after the answer in the same read has failed it above.
-            self._answered()
-        elif head_pending and not self.head_done and not self.closed:
-            # Bytes of a head still incomplete: bounded here, before the parser buffers a field without end.
-            self.head_read += len(data)
-            if self.head_read > MAX_HEAD_BYTES:
-                self._fail(f"response head larger than {MAX_HEAD_BYTES} bytes")
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._fail("connection closed before a full response")
-
-    # httptools callbacks
-
-    def _refuse(self, reason: str) -> None:
-        self.refusal = reason
-        raise _Refused(reason)
-
-    def on_message_begin(self) -> None:
-        if self.complete:
-            # A second answer in the same read, after the one we asked for: the stream is out of step.
-            self._refuse("bytes after the response")
-
-    def on_status(self, status: bytes) -> None:
-        # Every status line counts towards the head, interim answers' too (a hundred 100 Continue in
-        # one read are a head without end).
-        self.head_bytes += len(status) + 15  # "HTTP/1.1 200 " and CRLF
-        if self.head_bytes > MAX_HEAD_BYTES:
-            self._refuse(f"response head larger than {MAX_HEAD_BYTES} bytes")
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        # Exact, whatever the reads: a head past the bound fails even when it arrived in one read (the
-        # status line is bounded by the reads: data_received counts a head still pending).
-        self.head_bytes += len(name) + len(value) + 4  # ": " and CRLF
-        if self.head_bytes > MAX_HEAD_BYTES:
-            self._refuse(f"response head larger than {MAX_HEAD_BYTES} bytes")
-        name = name.lower()
+    def field(self, name: bytes, value: bytes) -> None:
         if name == RIF_HEADER:
             self.duplicate |= self.rif is not None
             self.rif = value
         elif name == LATENCY_HEADER:
             self.duplicate |= self.latency_us is not None
             self.latency_us = value
-        elif name == b"content-length" or (name == b"transfer-encoding" and b"chunked" in value.lower()):
-            self.framed = True
 
-    def on_body(self, body: bytes) -> None:
-        self.body_bytes += len(body)
-        if self.body_bytes > MAX_BODY_BYTES:
-            self._refuse(f"response body larger than {MAX_BODY_BYTES} bytes")
+    def interim(self) -> None:
+        self.rif = self.latency_us = None
+        self.duplicate = False
 
-    def on_headers_complete(self) -> None:
-        status = self._parser.get_status_code()
-        if status < 200:
-            return  # an interim answer; the final one follows
-        self.head_done = True
-        self.status = status
-        self.reusable = self.framed and self._parser.should_keep_alive()
-        if not self.framed:
-            # The body runs to EOF: take the headers now and close the connection after use.
-            self.complete = True
-
-    def on_message_complete(self) -> None:
-        if self.status == 0:
-            self.framed = False  # end of an interim answer
-            self.rif = self.latency_us = None
-            self.duplicate = False
-            return
-        self.complete = True
-
-    def _answered(self) -> None:
+    def finished(self) -> None:
+        # Told once the read that completed the answer is parsed: a byte after it has failed it first.
         probe = self.probe
         if probe is not None:
             self.probe = None
             probe.answered(self)
 
-    def _fail(self, reason: str) -> None:
+    def failed(self, reason: str) -> None:
         probe = self.probe
         self.abort()
         if probe is not None:
             probe.connection_failed(self, reason)
+
+    def overran(self) -> None:
+        self.failed("bytes after the response")
 
 
 class _Probe:
@@ -291,7 +158,7 @@ class _Probe:
 
     __slots__ = ("_client", "_backend", "_callback", "_timer", "_conn", "_task", "_reused", "done")
 
-    def __init__(self, client: ProbeClient, backend: _Backend, callback: ProbeCallback) -> None:
+    def __init__(self, client: ProbeClient, backend: Origin, callback: ProbeCallback) -> None:
         self._client = client
         self._backend = backend
         self._callback = callback
@@ -328,14 +195,15 @@ class _Probe:
             conn.abort()
             self._end(None, ProbeFailed(f"{self._backend.url}: invalid answer ({exc!r})"))
             return
-        self._client._release(conn)
+        pool = self._client._pool
+        pool.release(conn, asyncio.get_running_loop().time())
         self._end(result, None)
 
     def connection_failed(self, conn: _ProbeConnection, reason: str) -> None:
         self._conn = None
         if self.done:
             return
-        if self._reused and not conn.received:
+        if self._reused and not conn.received and not self._client._closed:
             # The server closed the idle connection before our request reached it: not the backend's
             # fault. Try once more on a fresh connection, within the same deadline.
             self._client._connect_for(self)
@@ -366,9 +234,10 @@ class ProbeClient:
     """Probe backends for their load over persistent HTTP/1.1 connections.
 
     Parameters:
-        path: the probe path on every backend, after the backend URL's own base path.
+        path: the probe path on every backend, after the backend URL's own base path (ASCII).
         timeout_s: budget for one probe, connect and answer included.
         max_idle_per_backend: idle keep-alive connections kept per backend; extra ones are closed.
+        keepalive_s: how long an idle connection is kept (the engine's sweep closes it soon after).
     """
 
     def __init__(
@@ -377,20 +246,35 @@ class ProbeClient:
         path: str = DEFAULT_PROBE_PATH,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         max_idle_per_backend: int = DEFAULT_MAX_IDLE_PER_BACKEND,
+        keepalive_s: float = DEFAULT_KEEPALIVE_S,
     ) -> None:
-        if not path.startswith("/"):
-            raise ValueError(f"path must start with '/', got {path!r}")
+        if not path.startswith("/") or not path.isascii():
+            raise ValueError(f"path must be ASCII and start with '/', got {path!r}")
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
         if max_idle_per_backend < 0:
             raise ValueError(f"max_idle_per_backend must be >= 0, got {max_idle_per_backend!r}")
+        if not keepalive_s > 0:
+            raise ValueError(f"keepalive_s must be > 0, got {keepalive_s!r}")
         self.path = path
         self.timeout_s = timeout_s
         self.max_idle_per_backend = max_idle_per_backend
-        self._backends: dict[str, _Backend] = {}
-        self._open: set[_ProbeConnection] = set()  # every live connection, idle or busy
+        self.keepalive_s = keepalive_s
+        self._path = path.encode("ascii")
+        self._pool = H1Pool(
+            _ProbeConnection,
+            limit_per_origin=sys.maxsize,  # probes never wait for a slot; the idle stack is bounded
+            max_idle_per_origin=max_idle_per_backend,
+            keepalive_s=keepalive_s,
+            max_headers=MAX_HEAD_BYTES,  # bounded by the head's bytes
+            max_header_bytes=MAX_HEAD_BYTES,
+            max_head_bytes=MAX_HEAD_BYTES,
+            max_body_bytes=MAX_BODY_BYTES,
+            closed_message=CLOSED,
+        )
+        self._backends = self._pool.origins
+        self._open = self._pool.connections  # every live connection, idle or busy
         self._connecting: dict[asyncio.Task[None], _Probe] = {}  # connect tasks and the probe each one is for
-        self._tls: ssl.SSLContext | None = None
         self._closed = False
 
     @property
@@ -436,86 +320,50 @@ class ProbeClient:
         ``send`` returns None. Otherwise it returns a handle whose ``cancel()`` gives the probe up silently.
         """
         if self._closed:
-            callback(None, ProbeFailed("the probe client is closed"))
+            callback(None, ProbeFailed(CLOSED))
             return None
         backend = self._backends.get(backend_url)
         if backend is None:
             try:
-                backend = self._backends[backend_url] = self._backend(backend_url)
+                backend = self._backend(backend_url)
             except ProbeFailed as exc:
                 callback(None, exc)
                 return None
         loop = asyncio.get_running_loop()
         probe = _Probe(self, backend, callback)
         probe._timer = loop.call_later(self.timeout_s, probe.expire)
-        conn = self._pop_idle(backend)
+        conn = self._pool.pop_idle(backend, loop.time())
         if conn is not None:
-            probe.start(conn, reused=True)
+            probe.start(cast(_ProbeConnection, conn), reused=True)
         else:
             self._connect_for(probe)
         return probe
 
     def forget(self, backend_url: str) -> None:
         """Drop a backend that left: close its idle connections and its cached request."""
-        backend = self._backends.pop(backend_url, None)
-        if backend is not None:
-            backend.retired = True
-            for conn in list(backend.idle):
-                conn.abort()
+        self._pool.forget(backend_url)
 
     async def aclose(self) -> None:
         """Close every connection, idle or busy; ``probe`` raises ``ProbeFailed`` afterwards."""
         self._closed = True
-        for backend in self._backends.values():
-            backend.retired = True
         for task, probe in list(self._connecting.items()):
             task.cancel()
             # Reported here, not by the task: a task cancelled before its first step never runs a line
             # of ``_connect``, and its probe would otherwise be reported only at its deadline.
-            probe._end(None, ProbeFailed("the probe client is closed"))
+            probe._end(None, ProbeFailed(CLOSED))
         for conn in list(self._open):
-            conn._fail("the probe client is closed")
+            conn.failed(CLOSED)  # its probe, if any, is told
+        self._pool.close(lambda: UpstreamConnectError(CLOSED))
         # Transports close their sockets in a callback scheduled by abort(); let it run.
         await asyncio.sleep(0)
 
-    def _backend(self, url: str) -> _Backend:
-        split = urlsplit(url)
-        if split.scheme not in ("http", "https") or not split.hostname:
-            raise ProbeFailed(f"{url!r}: not an http:// or https:// URL with a host")
+    def _backend(self, url: str) -> Origin:
         try:
-            port = split.port or (443 if split.scheme == "https" else 80)
-        except ValueError as exc:
-            raise ProbeFailed(f"{url!r}: {exc}") from None
-        tls = None
-        if split.scheme == "https":
-            if self._tls is None:
-                self._tls = ssl.create_default_context()
-            tls = self._tls
-        host_header = split.netloc.rpartition("@")[2]
-        target = split.path.rstrip("/") + self.path
-        try:
-            request = f"GET {target} HTTP/1.1\r\nHost: {host_header}\r\n\r\n".encode("ascii")
-        except UnicodeEncodeError:
-            raise ProbeFailed(f"{url!r}: the URL must be ASCII (percent-encoded)") from None
-        return _Backend(url, split.hostname, port, tls, request)
-
-    def _pop_idle(self, backend: _Backend) -> _ProbeConnection | None:
-        idle = backend.idle
-        while idle:
-            conn = idle.pop()
-            if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
-                return conn
-            conn.abort()
-        return None
-
-    def _release(self, conn: _ProbeConnection) -> None:
-        """After a complete answer: keep the connection for the next probe, or close it."""
-        backend = conn.backend
-        idle = backend.idle
-        if conn.reusable and not conn.closed and len(idle) < self.max_idle_per_backend and not backend.retired:
-            idle.append(conn)
-        else:
-            conn.abort()
+            backend = self._pool.origin(url)
+        except UpstreamConnectError as exc:
+            raise ProbeFailed(str(exc)) from None
+        backend.request = b"GET %s%s HTTP/1.1\r\nHost: %s\r\n\r\n" % (backend.base, self._path, backend.host_header)
+        return backend
 
     def _connect_for(self, probe: _Probe) -> None:
         task = asyncio.get_running_loop().create_task(self._connect(probe))
@@ -527,36 +375,35 @@ class ProbeClient:
         self._connecting.pop(task, None)
 
     async def _connect(self, probe: _Probe) -> None:
-        backend = probe._backend
         if self._closed:
-            probe._end(None, ProbeFailed("the probe client is closed"))
+            probe._end(None, ProbeFailed(CLOSED))
             return
-        conn = _ProbeConnection(backend, self._open)
         loop = asyncio.get_running_loop()
         try:
             try:
-                await loop.create_connection(lambda: conn, backend.host, backend.port, ssl=backend.ssl)
+                # The probe's own timer ends it at its deadline (the pool's is a backstop just after).
+                conn = await self._pool.connect(probe._backend, loop.time() + self.timeout_s)
             finally:
                 probe._task = None  # connecting is over: ending the probe must not cancel this task now
         except asyncio.CancelledError:
-            conn.abort()  # given up (deadline, cancel, aclose) while connecting; it may have connected
+            # Given up (deadline, cancel, aclose) while connecting; the pool closed what it had opened.
             if self._closed:
-                probe._end(None, ProbeFailed("the probe client is closed"))
+                probe._end(None, ProbeFailed(CLOSED))
             raise
-        except OSError as exc:
-            probe._end(None, ProbeFailed(f"{backend.url}: connect failed ({exc})"))
+        except UpstreamError as exc:
+            probe._end(None, ProbeFailed(CLOSED if self._closed else str(exc)))
             return
         if self._closed:  # aclose() ran while we were connecting
             conn.abort()
-            probe._end(None, ProbeFailed("the probe client is closed"))
+            probe._end(None, ProbeFailed(CLOSED))
         elif probe.done:  # given up just as it connected
             conn.abort()
         else:
-            probe.start(conn, reused=False)
+            probe.start(cast(_ProbeConnection, conn), reused=False)
 
     @staticmethod
     def _read(conn: _ProbeConnection) -> ProbeResult:
-        url = conn.backend.url
+        url = conn.origin.url
         status = conn.status
         if status != 200:
             if status in UNSUPPORTED_STATUSES:
