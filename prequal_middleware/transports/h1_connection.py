@@ -27,7 +27,7 @@ and ``overran`` (bytes followed a complete answer).
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import httptools
 
@@ -49,10 +49,38 @@ class _Refused(Exception):
 class H1Connection(asyncio.Protocol):
     """One keep-alive connection to an origin; one exchange at a time (see the module docstring)."""
 
+    __slots__ = (
+        "active",
+        "body_bytes",
+        "closed",
+        "complete",
+        "exchanges",
+        "fields",
+        "framed",
+        "head_bytes",
+        "head_only",
+        "idle_since",
+        "keep_alive",
+        "max_body_bytes",
+        "max_head_bytes",
+        "max_header_bytes",
+        "max_headers",
+        "origin",
+        "parser",
+        "pool",
+        "received",
+        "since_body",
+        "status",
+        "transport",
+    )
+
     # Whether an answer without framing is read to the end of the connection (else it ends at its head).
     read_unframed = True
+    # The fields ``field`` is told of (lower-case names), or None for every one. A filter, not a call
+    # per field: the probe path wants two of a handful.
+    fields_wanted: frozenset[bytes] | None = None
 
-    def __init__(self, pool: H1Pool, origin: Origin) -> None:
+    def __init__(self, pool: H1Pool[Any], origin: Origin[Any]) -> None:
         self.pool = pool
         self.origin = origin
         self.transport: asyncio.Transport | None = None
@@ -66,9 +94,6 @@ class H1Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.head_only = False  # a HEAD request: the answer has no body whatever its fields say
         self.active = False
-        self._reset()
-
-    def _reset(self) -> None:
         self.received = False
         self.status = 0
         self.framed = False
@@ -85,7 +110,12 @@ class H1Connection(asyncio.Protocol):
             # The last answer was to a HEAD: its parser still waits for the body the fields announced.
             self.parser = httptools.HttpResponseParser(self)
         self.head_only = head_only
-        self._reset()
+        self.received = False
+        self.status = 0
+        self.framed = False
+        self.keep_alive = False
+        self.complete = False
+        self.fields = self.head_bytes = self.since_body = self.body_bytes = 0
         self.active = True
         self.exchanges += 1
 
@@ -104,7 +134,7 @@ class H1Connection(asyncio.Protocol):
     # --- hooks (see the module docstring) ------------------------------------------------------
 
     def field(self, name: bytes, value: bytes) -> None:
-        """A field of the final head (``name`` lower-case)."""
+        """A field of the final head (``name`` lower-case), if ``fields_wanted`` has it."""
 
     def interim(self) -> None:
         """An interim answer's head ended: the fields seen so far were its own."""
@@ -191,20 +221,24 @@ class H1Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         size = len(name) + len(value) + 4  # ": " and CRLF
-        if not self.status:
-            # Exact, whatever the reads: a head past the bound fails even when it came in one read.
-            self.head_bytes += size
-            if self.head_bytes > self.max_head_bytes:
-                raise _Refused(f"response head larger than {self.max_head_bytes} bytes")
-        self.fields += 1
-        if self.fields > self.max_headers or size - 2 > self.max_header_bytes:
-            raise _Refused("response headers too large")  # httptools reports it as a parser error
+        fields = self.fields = self.fields + 1
         if self.status:
-            return  # a trailer field: the head went on already, and nothing after it joins it
+            # A trailer field: the head went on already, and nothing after it joins it.
+            if fields > self.max_headers or size - 2 > self.max_header_bytes:
+                raise _Refused("response trailers too large")
+            return
+        # Exact, whatever the reads: a head past the bound fails even when it came in one read.
+        head_bytes = self.head_bytes = self.head_bytes + size
+        if head_bytes > self.max_head_bytes or fields > self.max_headers or size - 2 > self.max_header_bytes:
+            if head_bytes > self.max_head_bytes:
+                raise _Refused(f"response head larger than {self.max_head_bytes} bytes")
+            raise _Refused("response headers too large")  # httptools reports it as a parser error
         name = name.lower()
         if name == b"content-length" or (name == b"transfer-encoding" and b"chunked" in value.lower()):
             self.framed = True
-        self.field(name, value)
+        wanted = self.fields_wanted
+        if wanted is None or name in wanted:
+            self.field(name, value)
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()

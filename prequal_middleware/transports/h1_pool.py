@@ -18,6 +18,7 @@ import asyncio
 import ssl as ssl_module
 from collections import deque
 from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from prequal_middleware.exceptions import UpstreamConnectError, UpstreamTimeout
 from prequal_middleware.transports.base import upstream_origin
@@ -29,8 +30,10 @@ MAX_IDLE_ORIGINS = 1024
 SWEEP_MIN_S = 0.05
 SWEEP_MAX_S = 10.0
 
+Conn = TypeVar("Conn", bound=H1Connection)
 
-class Origin:
+
+class Origin(Generic[Conn]):
     """One backend URL: its address, its connections and what every request to it shares."""
 
     __slots__ = (
@@ -57,7 +60,7 @@ class Origin:
         self.host_header = parts.authority.encode("ascii")
         self.base = parts.base_path.encode("ascii")
         self.request = b""  # a fixed request its user sends every time, made once (the probe's)
-        self.idle: list[H1Connection] = []  # LIFO: the warmest connection last
+        self.idle: list[Conn] = []  # LIFO: the warmest connection last
         self.open = 0  # connections open or being opened
         self.waiters: deque[asyncio.Future[None]] = deque()  # requests waiting for a connection slot
         self.limit = limit
@@ -77,7 +80,7 @@ class Origin:
                 return
 
 
-class H1Pool:
+class H1Pool(Generic[Conn]):
     """Origins and their connections (see the module docstring).
 
     Parameters:
@@ -93,7 +96,7 @@ class H1Pool:
 
     def __init__(
         self,
-        connection: Callable[[H1Pool, Origin], H1Connection],
+        connection: Callable[[H1Pool[Conn], Origin[Conn]], Conn],
         *,
         limit_per_origin: int,
         max_idle_per_origin: int,
@@ -115,23 +118,23 @@ class H1Pool:
         self.max_body_bytes = max_body_bytes
         self.ssl = ssl
         self.closed_message = closed_message
-        self.origins: dict[str, Origin] = {}
-        self.connections: set[H1Connection] = set()  # every open connection, idle or busy
+        self.origins: dict[str, Origin[Conn]] = {}
+        self.connections: set[Conn] = set()  # every open connection, idle or busy
         self.closed = False
         self._sweep: asyncio.TimerHandle | None = None
 
-    def origin(self, url: str) -> Origin:
+    def origin(self, url: str) -> Origin[Conn]:
         """The origin of ``url``, made on first use; ``UpstreamConnectError`` if ``url`` is not a backend URL."""
-        origin = self.origins.get(url)
-        if origin is not None:
-            return origin
+        known = self.origins.get(url)
+        if known is not None:
+            return known
         tls = None
         if url.startswith("https:"):
             if self.ssl is None:
                 self.ssl = ssl_module.create_default_context()
             tls = self.ssl
         try:
-            origin = Origin(url, self.limit_per_origin, tls)
+            origin: Origin[Conn] = Origin(url, self.limit_per_origin, tls)
         except (ValueError, UnicodeEncodeError) as exc:
             raise UpstreamConnectError(f"{url!r}: {exc}") from None
         if len(self.origins) >= MAX_IDLE_ORIGINS:
@@ -141,7 +144,7 @@ class H1Pool:
         self.origins[url] = origin
         return origin
 
-    def pop_idle(self, origin: Origin, now: float) -> H1Connection | None:
+    def pop_idle(self, origin: Origin[Conn], now: float) -> Conn | None:
         """The warmest idle connection of ``origin`` still open and fresh, if any."""
         idle = origin.idle
         while idle:
@@ -153,7 +156,7 @@ class H1Pool:
                 return conn
         return None
 
-    async def connect(self, origin: Origin, deadline: float) -> H1Connection:
+    async def connect(self, origin: Origin[Conn], deadline: float) -> Conn:
         """A connection for ``origin``: an idle one that came free while waiting for a slot, or a new one.
 
         ``UpstreamTimeout`` (phase ``connect``) past ``deadline``, ``UpstreamConnectError`` if the
@@ -201,7 +204,7 @@ class H1Pool:
             raise UpstreamConnectError(self.closed_message)
         return conn
 
-    def release(self, conn: H1Connection, now: float) -> None:
+    def release(self, conn: Conn, now: float) -> None:
         """After a complete exchange: back to the idle stack when reusable, else closed."""
         conn.active = False
         origin = conn.origin
@@ -211,7 +214,8 @@ class H1Pool:
             return
         conn.idle_since = now
         idle.append(conn)
-        origin.wake_one()  # a request waiting for a slot can take this connection
+        if origin.waiters:
+            origin.wake_one()  # a request waiting for a slot can take this connection
         if self._sweep is None:
             self._sweep = asyncio.get_running_loop().call_later(self._sweep_interval(), self._sweep_idle)
 

@@ -50,7 +50,7 @@ import asyncio
 import ssl as ssl_module
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from prequal_middleware.exceptions import (
     TimeoutPhase,
@@ -81,8 +81,25 @@ READ_HIGH_WATER = 256 * 1024
 class _Connection(H1Connection):
     """A forwarding connection: the head and the body handed on through futures the exchange awaits."""
 
+    __slots__ = (
+        "answered_early",
+        "buffered",
+        "chunks",
+        "data_waiter",
+        "drain_waiter",
+        "error",
+        "headers",
+        "headers_waiter",
+        "reading_paused",
+        "uploader",
+        "writing_paused",
+    )
+
+    def __init__(self, pool: H1Pool[_Connection], origin: Origin[_Connection]) -> None:
+        super().__init__(pool, origin)
+        self._reset()
+
     def _reset(self) -> None:
-        super()._reset()
         self.headers: RawHeaders = []
         self.headers_waiter: asyncio.Future[None] | None = None
         self.chunks: deque[bytes] = deque()
@@ -98,6 +115,7 @@ class _Connection(H1Connection):
     def begin(self, loop: asyncio.AbstractEventLoop, head_only: bool) -> asyncio.Future[None]:
         """Start an exchange; the future resolves when the final head is in."""
         self.start(head_only)
+        self._reset()
         waiter = self.headers_waiter = loop.create_future()
         return waiter
 
@@ -208,7 +226,7 @@ class H1Transport:
         self.keepalive_s = keepalive_s
         self.max_response_header_bytes = max_response_header_bytes
         self.max_response_headers = max_response_headers
-        self._pool = H1Pool(
+        self._pool: H1Pool[_Connection] = H1Pool(
             _Connection,
             limit_per_origin=limit_per_backend,
             max_idle_per_origin=limit_per_backend,
@@ -232,7 +250,7 @@ class H1Transport:
         loop = asyncio.get_running_loop()
         head, chunked = self._head(request, origin)
         head_only = request.method == "HEAD"
-        conn = cast("_Connection | None", pool.pop_idle(origin, loop.time()))
+        conn = pool.pop_idle(origin, loop.time())
         if conn is not None and request.body is None and request.method in RESENDABLE:
             try:
                 return await self._exchange(conn, request, head, chunked, head_only, timeouts, loop)
@@ -244,7 +262,7 @@ class H1Transport:
                 # being sent again, on a fresh connection (what browsers do).
             conn = None
         if conn is None:
-            conn = cast(_Connection, await pool.connect(origin, loop.time() + timeouts.connect_s))
+            conn = await pool.connect(origin, loop.time() + timeouts.connect_s)
         return await self._exchange(conn, request, head, chunked, head_only, timeouts, loop)
 
     async def connect_websocket(
@@ -265,7 +283,7 @@ class H1Transport:
     # --- one exchange --------------------------------------------------------------------------
 
     @staticmethod
-    def _head(request: UpstreamRequest, origin: Origin) -> tuple[bytearray, bool]:
+    def _head(request: UpstreamRequest, origin: Origin[_Connection]) -> tuple[bytearray, bool]:
         # latin-1: the target is the client's raw path and query, decoded byte for byte.
         head = bytearray(request.method.encode("latin-1"))
         head += b" "

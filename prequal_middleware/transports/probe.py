@@ -98,10 +98,13 @@ ProbeCallback = Callable[[ProbeResult | None, ProbeError | None], None]
 class _ProbeConnection(H1Connection):
     """A probe connection: the engine's parsing and bounds; the load fields kept, the body dropped."""
 
-    read_unframed = False  # an answer without framing is taken at its head; the connection closes after
+    __slots__ = ("probe", "rif", "latency_us", "duplicate")
 
-    def _reset(self) -> None:
-        super()._reset()
+    read_unframed = False  # an answer without framing is taken at its head; the connection closes after
+    fields_wanted = frozenset({RIF_HEADER, LATENCY_HEADER})
+
+    def __init__(self, pool: H1Pool[_ProbeConnection], origin: Origin[_ProbeConnection]) -> None:
+        super().__init__(pool, origin)
         self.probe: _Probe | None = None  # the probe this connection is answering
         self.rif: bytes | None = None
         self.latency_us: bytes | None = None
@@ -111,6 +114,8 @@ class _ProbeConnection(H1Connection):
         """Send ``probe``'s request; its answer (or the failure) is reported to it."""
         self.start()
         self.probe = probe
+        self.rif = self.latency_us = None
+        self.duplicate = False
         assert self.transport is not None
         self.transport.write(self.origin.request)
 
@@ -156,10 +161,13 @@ class _Probe:
     Only a probe that needs a new connection runs a (connect) task.
     """
 
-    __slots__ = ("_client", "_backend", "_callback", "_timer", "_conn", "_task", "_reused", "done")
+    __slots__ = ("_client", "_backend", "_callback", "_sent", "_timer", "_conn", "_task", "_reused", "done")
 
-    def __init__(self, client: ProbeClient, backend: Origin, callback: ProbeCallback) -> None:
+    def __init__(
+        self, client: ProbeClient, backend: Origin[_ProbeConnection], callback: ProbeCallback, sent: float
+    ) -> None:
         self._client = client
+        self._sent = sent  # the loop's time at send: the connection's idle time counts from it, no clock read
         self._backend = backend
         self._callback = callback
         self._timer: asyncio.TimerHandle | None = None
@@ -195,8 +203,7 @@ class _Probe:
             conn.abort()
             self._end(None, ProbeFailed(f"{self._backend.url}: invalid answer ({exc!r})"))
             return
-        pool = self._client._pool
-        pool.release(conn, asyncio.get_running_loop().time())
+        self._client._pool.release(conn, self._sent)
         self._end(result, None)
 
     def connection_failed(self, conn: _ProbeConnection, reason: str) -> None:
@@ -261,7 +268,7 @@ class ProbeClient:
         self.max_idle_per_backend = max_idle_per_backend
         self.keepalive_s = keepalive_s
         self._path = path.encode("ascii")
-        self._pool = H1Pool(
+        self._pool: H1Pool[_ProbeConnection] = H1Pool(
             _ProbeConnection,
             limit_per_origin=sys.maxsize,  # probes never wait for a slot; the idle stack is bounded
             max_idle_per_origin=max_idle_per_backend,
@@ -330,11 +337,12 @@ class ProbeClient:
                 callback(None, exc)
                 return None
         loop = asyncio.get_running_loop()
-        probe = _Probe(self, backend, callback)
-        probe._timer = loop.call_later(self.timeout_s, probe.expire)
-        conn = self._pool.pop_idle(backend, loop.time())
+        now = loop.time()
+        probe = _Probe(self, backend, callback, now)
+        probe._timer = loop.call_at(now + self.timeout_s, probe.expire)
+        conn = self._pool.pop_idle(backend, now)
         if conn is not None:
-            probe.start(cast(_ProbeConnection, conn), reused=True)
+            probe.start(conn, reused=True)
         else:
             self._connect_for(probe)
         return probe
@@ -357,7 +365,7 @@ class ProbeClient:
         # Transports close their sockets in a callback scheduled by abort(); let it run.
         await asyncio.sleep(0)
 
-    def _backend(self, url: str) -> Origin:
+    def _backend(self, url: str) -> Origin[_ProbeConnection]:
         try:
             backend = self._pool.origin(url)
         except UpstreamConnectError as exc:
@@ -399,7 +407,7 @@ class ProbeClient:
         elif probe.done:  # given up just as it connected
             conn.abort()
         else:
-            probe.start(cast(_ProbeConnection, conn), reused=False)
+            probe.start(conn, reused=False)
 
     @staticmethod
     def _read(conn: _ProbeConnection) -> ProbeResult:
