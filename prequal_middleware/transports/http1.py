@@ -23,8 +23,9 @@ and ``Transfer-Encoding: chunked`` for a body of unknown length), the target sen
   transport's TLS context, closed with it). Deliberately not on this engine: a WebSocket is a second
   protocol after the ``101`` (the upgrade handshake with its key check and subprotocol choice, then
   masked frames, fragmentation, control frames, close codes, per-message limits), which would need a
-  frame codec of our own to write and harden; aiohttp's client is proven, and a WebSocket is one
-  long-lived connection, so the per-request CPU this engine saves on plain requests does not apply.
+  frame codec of our own to write and harden; aiohttp's codec is well kept and proven, and a WebSocket
+  is one long-lived connection, so the per-request CPU this engine saves on plain requests does not
+  apply. That is why this module imports ``transports.aiohttp``.
 
 What a hostile or broken backend sends is bounded and never outlives its exchange:
 
