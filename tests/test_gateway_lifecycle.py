@@ -176,7 +176,7 @@ def test_the_default_transport_is_h1(backend: tuple[ServerThread, BackendState])
 def connections_closed(transport: object) -> bool:
     """Whether the gateway's default transport (H1, or aiohttp under the suite's switch) holds nothing open."""
     if isinstance(transport, H1Transport):
-        return transport._closed and not transport._connections and transport._websockets is None
+        return transport._pool.closed and not transport._pool.connections and transport._websockets is None
     if isinstance(transport, AiohttpTransport):
         return transport._session is None
     raise AssertionError(f"not a default transport: {transport!r}")

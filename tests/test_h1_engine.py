@@ -181,3 +181,60 @@ async def test_a_cancel_as_the_connect_completes_closes_the_connection() -> None
             assert await forward(transport, url) == (200, b""), "the one slot is free"
     finally:
         await transport.aclose()
+
+
+async def test_bytes_after_a_chunked_end_close_the_connection_and_the_forwarded_answer_stands() -> None:
+    """The end of the body and a stray answer in one read: the reader is told the body ended (no wait
+    for ``read_idle_s``) and the connection is not reused; to a probe the same bytes are a failure."""
+    handlers: list[asyncio.Task[Any]] = []
+
+    async def split(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handlers.append(asyncio.current_task())  # type: ignore[arg-type]
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\n" + LOAD + b"transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(b"0\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(2)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(split, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    client, transport = ProbeClient(timeout_s=1.0), H1Transport()
+    try:
+        started = asyncio.get_running_loop().time()
+        assert await forward(transport, url) == (200, b"hello")
+        assert asyncio.get_running_loop().time() - started < 0.5, "told at the end, not at the idle timeout"
+        assert transport._pool.connections == set() and transport._origins[url].idle == []
+        with pytest.raises(ProbeFailed, match="bytes after the response"):
+            await client.probe(url)
+    finally:
+        await client.aclose()
+        await transport.aclose()
+        server.close()
+        for task in handlers:
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+        await server.wait_closed()
+
+
+async def test_a_connection_of_an_origin_the_sweep_forgot_is_closed_after_use_not_kept() -> None:
+    """An origin with nothing open is forgotten by the sweep while a request may still hold it: its
+    connection must not go idle where no sweep and no request will ever look again."""
+    transport = H1Transport()
+    try:
+        async with answering(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n") as url:
+            pool = transport._pool
+            origin = pool.origin(url)  # held, as by a request about to connect
+            pool._sweep_idle()  # nothing open: forgotten
+            assert url not in pool.origins
+            loop = asyncio.get_running_loop()
+            conn = await pool.connect(origin, loop.time() + 1.0)
+            conn.keep_alive = True  # as after a complete kept-alive exchange
+            pool.release(conn, loop.time())
+            assert conn.closed and origin.idle == [] and pool.connections == set()
+    finally:
+        await transport.aclose()

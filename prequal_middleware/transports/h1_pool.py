@@ -140,7 +140,7 @@ class H1Pool(Generic[Conn]):
         if len(self.origins) >= MAX_IDLE_ORIGINS:
             for key, old in list(self.origins.items()):
                 if old.open == 0 and not old.waiters:
-                    del self.origins[key]
+                    self._drop(key, old)
         self.origins[url] = origin
         return origin
 
@@ -243,6 +243,11 @@ class H1Pool(Generic[Conn]):
                 if not waiter.done():
                     waiter.set_exception(error())
 
+    def _drop(self, url: str, origin: Origin[Conn]) -> None:
+        """Forget an origin with nothing open; a request still holding it closes its connection after use."""
+        del self.origins[url]
+        origin.retired = True
+
     def _sweep_interval(self) -> float:
         return min(max(self.keepalive_s / 2, SWEEP_MIN_S), SWEEP_MAX_S)
 
@@ -259,6 +264,6 @@ class H1Pool(Generic[Conn]):
                 idle.pop(0).abort()
             remaining += len(idle)
             if origin.open == 0 and not origin.waiters:
-                del self.origins[url]
+                self._drop(url, origin)
         if remaining and not self.closed:
             self._sweep = loop.call_later(self._sweep_interval(), self._sweep_idle)

@@ -171,6 +171,12 @@ class _Connection(H1Connection):
     def failed(self, reason: str) -> None:
         self.fail(UpstreamProtocolError(f"{self.origin.url}: {reason}"))
 
+    def overran(self) -> None:
+        # The answer ended and stands (a reader waiting for its end is told); what followed it closes
+        # the connection.
+        self._wake()
+        self.abort()
+
     # --- flow control --------------------------------------------------------------------------
 
     def pause_writing(self) -> None:
