@@ -4,6 +4,23 @@ A wrong value raises ``ConfigurationError`` (a ``ValueError``) whose message nam
 
     UpstreamPool("/api", upstreams=["http://10.0.0.5:8000"], timeouts=Timeouts(connect_s=0.5))
     UpstreamPool("api")   # ConfigurationError: UpstreamPool.prefix must start with '/', got 'api'
+
+Pools and routes are separate things, as Envoy's clusters and routes are. A *pool* (``UpstreamPool``)
+is a set of backends with its policy and its signal: membership, Prequal's probe state, outliers,
+health, concurrency limits, retry budget. A *route* (``Route``) is a path prefix and how requests
+under it are sent (prefix stripping, path rewrite, ``Host``, timeouts, hooks, request limits,
+WebSockets on or off); it names the pool that serves it. Several routes may name one pool, and then
+share everything the pool owns: ``/v1`` and ``/v2`` served by one fleet are one membership, one
+Prequal state, one in-flight count::
+
+    Gateway(
+        pools=[UpstreamPool(name="users", upstreams=["http://10.0.0.5:8000"])],
+        routes=[Route("/v1", pool="users"), Route("/v2", pool="users", strip_prefix=False)],
+    )
+
+``UpstreamPool("/api", ...)`` is the short spelling of a pool named ``"/api"`` plus one route ``/api``
+to it: the pool's route-level settings are that route's. They are also the defaults of every other
+route naming the pool; a route setting left at ``None`` takes the pool's.
 """
 
 from __future__ import annotations
@@ -328,6 +345,30 @@ class RequestLimits:
         )
 
 
+def valid_prefix(prefix: object) -> bool:
+    """A route prefix: a path starting with ``/``, not ending with ``/`` (unless it is ``/``), no ``?``."""
+    return (
+        isinstance(prefix, str)
+        and prefix.startswith("/")
+        and (prefix == "/" or not prefix.endswith("/"))
+        and "?" not in prefix
+    )
+
+
+# A pool name: a word (letters, digits, ``.``, ``_``, ``~``, ``-``), or a route prefix for a pool named by
+# its prefix. Names go into metric labels, response headers, registry keys and admin query strings.
+_POOL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._~-]{0,63}")
+
+
+def valid_pool_name(name: object) -> bool:
+    """A pool name: a word of up to 64 letters, digits, ``.``, ``_``, ``~``, ``-``, or a route prefix."""
+    if not isinstance(name, str):
+        return False
+    if name.startswith("/"):
+        return valid_prefix(name)
+    return _POOL_NAME.fullmatch(name) is not None
+
+
 _NOT_IN_URLS = frozenset('<>"{}|\\^`')
 _HOST_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
 
@@ -397,20 +438,42 @@ def _canonical_host(hostname: str, netloc: str, url: str, field_name: str) -> st
     return name
 
 
+_ROUTE_HOOKS = ("rewrite_path", "on_request", "on_response")
+_ROUTE_SETTINGS = (("timeouts", Timeouts), ("limits", RequestLimits))
+
+
 @dataclass(frozen=True)
 class UpstreamPool:
-    """A path prefix and the backends requests under it are balanced over.
+    """A pool: a set of backends with its policy and its signal, shared by every route to it.
+
+    ``UpstreamPool("/api", upstreams=[...])`` is the short spelling: a pool named ``"/api"`` and one
+    route ``/api`` to it. A pool given only a ``name`` serves the ``Route`` objects that name it (see the
+    module docstring); it may have both a prefix and a name, and then routes besides its own.
+
+    What the pool owns, shared by all its routes: the members (static ``upstreams`` and registrations,
+    which name the pool by ``name``), the policy and its state (Prequal's probe pool, outliers, health),
+    ``max_in_flight`` and ``max_in_flight_per_backend``, slow start, ``clients_per_pool``, ``retry``
+    (attempts, safe methods and the retry budget: the budget protects the fleet, so it is one per
+    fleet, and a route may not retry harder than that budget was sized for), ``max_websockets`` and
+    ``retry_after_s``. What a route owns: ``strip_prefix``, ``preserve_host``, ``timeouts``, ``limits``,
+    ``websockets`` and the hooks; set here, they are the pool's own route's and the defaults of the
+    routes that name the pool.
 
     Parameters:
         prefix: requests whose path is ``prefix`` or starts with ``prefix + "/"`` go to this pool; the
-            longest matching prefix wins. ``"/"`` matches everything.
+            longest matching prefix (over every route) wins. ``"/"`` matches everything. ``None``: no
+            route of its own; ``Route`` objects name the pool.
+        name: what registrations, metrics (the ``pool`` label), error responses (``x-prequal-pool``)
+            and the status page call the pool. Default: the prefix, so ``UpstreamPool("/api")`` is the
+            pool ``"/api"``. A word of letters, digits, ``.``, ``_``, ``~`` and ``-`` (at most 64), or a
+            path prefix.
         upstreams: static members (URLs such as ``http://10.0.0.5:8000``, optionally with a base path);
             more can register at run time.
         policy: a built-in name (``prequal``, ``round_robin``, ``random``, ``least_request``,
             ``peak_ewma``, ``least_latency``) or a zero-argument callable returning a fresh ``Policy``.
-        strip_prefix: send ``/api/users`` upstream as ``/users`` (true) or unchanged (false).
-        preserve_host: send the client's ``Host`` header upstream instead of the backend's.
-        timeouts: upstream connect / response headers / idle read timeouts.
+        strip_prefix: (route) send ``/api/users`` upstream as ``/users`` (true) or unchanged (false).
+        preserve_host: (route) send the client's ``Host`` header upstream instead of the backend's.
+        timeouts: (route) upstream connect / response headers / idle read timeouts.
         max_in_flight: requests in flight through this pool (per gateway process); beyond it, 503.
         max_in_flight_per_backend: requests in flight to one backend; a backend at its limit is not
             chosen, and when every backend is, 503.
@@ -418,22 +481,23 @@ class UpstreamPool:
         outliers: passive health (ejection, panic, error aversion).
         probes: how probes are sent.
         health: active health checks.
-        retry: when failed attempts are retried.
-        limits: request header and body limits (431 / 413).
+        retry: when failed attempts are retried, and the pool's retry budget.
+        limits: (route) request header and body limits (431 / 413).
         slow_start_s: a member that joins or returns from ejection or ill health ramps up from 10% to a
             full share of the requests chosen for it over this window (0: off).
         clients_per_pool: independent policy instances, each with its own state, taking requests in
             turn: emulates a fleet of clients in one process, as Prequal assumes many clients.
-        websockets: proxy WebSocket upgrades on this prefix (else they go to the wrapped app).
+        websockets: (route) proxy WebSocket upgrades on this prefix (else they go to the wrapped app).
         max_websockets: WebSockets open through this pool (per gateway process); one more handshake
             gets 503. An open socket counts only here, not in ``max_in_flight`` or
             ``max_in_flight_per_backend`` (its handshake does), so sockets cannot starve HTTP.
         retry_after_s: the ``Retry-After`` value of the pool's 503 responses.
-        rewrite_path / on_request / on_response: hooks (see ``PathRewriteHook`` and friends).
+        rewrite_path / on_request / on_response: (route) hooks (see ``PathRewriteHook`` and friends).
     """
 
-    prefix: str
+    prefix: str | None = None
     _: KW_ONLY
+    name: str = ""
     upstreams: Sequence[str] = ()
     policy: PolicySpec = "prequal"
     strip_prefix: bool = True
@@ -458,13 +522,29 @@ class UpstreamPool:
 
     def __post_init__(self) -> None:
         p = self.prefix
+        if p is None and not self.name:
+            raise ConfigurationError(
+                "UpstreamPool needs a prefix (its own route) or a name (for Route(..., pool=name)), got neither"
+            )
         _check(
             self,
             [
                 (
                     "prefix",
-                    isinstance(p, str) and p.startswith("/") and (p == "/" or not p.endswith("/")) and "?" not in p,
+                    p is None or valid_prefix(p),
                     "a path starting with '/' and not ending with '/' (or '/' itself)",
+                ),
+            ],
+        )
+        if not self.name:
+            object.__setattr__(self, "name", p)
+        _check(
+            self,
+            [
+                (
+                    "name",
+                    valid_pool_name(self.name),
+                    "a word of letters, digits, '.', '_', '~' and '-' (at most 64) or a path prefix",
                 ),
                 (
                     "policy",
@@ -500,7 +580,7 @@ class UpstreamPool:
                 f"UpstreamPool.upstreams must be a list of URLs, got the string {self.upstreams!r}"
             )
         urls = tuple(
-            validate_upstream_url(u, field_name=f"UpstreamPool({p!r}).upstreams[{i}]")
+            validate_upstream_url(u, field_name=f"UpstreamPool({self.name!r}).upstreams[{i}]")
             for i, u in enumerate(self.upstreams)
         )
         object.__setattr__(self, "upstreams", urls)
@@ -512,7 +592,7 @@ class UpstreamPool:
                     f"UpstreamPool.policy must be one of {', '.join(sorted(POLICY_CLASSES))} or a callable,"
                     f" got {self.policy!r}"
                 )
-        for hook in ("rewrite_path", "on_request", "on_response"):
+        for hook in _ROUTE_HOOKS:
             value = getattr(self, hook)
             if value is not None and not callable(value):
                 raise ConfigurationError(f"UpstreamPool.{hook} must be a callable or None, got {value!r}")
@@ -529,6 +609,76 @@ class UpstreamPool:
                 raise ConfigurationError(f"UpstreamPool.{name} must be a {cls.__name__}, got {getattr(self, name)!r}")
 
     def matches(self, path: str) -> bool:
-        """True when ``path`` falls under this pool's prefix (on a path-segment boundary)."""
-        prefix = self.prefix
-        return prefix == "/" or path == prefix or (path.startswith(prefix) and path[len(prefix)] == "/")
+        """True when ``path`` falls under this pool's own prefix (on a path-segment boundary)."""
+        return self.prefix is not None and prefix_matches(self.prefix, path)
+
+    def own_route(self) -> Route | None:
+        """The route the short spelling declares (the pool's prefix, every setting the pool's), or None."""
+        return None if self.prefix is None else Route(self.prefix, pool=self.name)
+
+
+@dataclass(frozen=True)
+class Route:
+    """A path prefix and how requests under it are sent to the pool it names.
+
+    Several routes may name one pool: they share its members, its policy's state (Prequal's probes and
+    reports from one route's traffic inform selection for the others), its in-flight counts and its
+    retry budget. A setting left at ``None`` takes the pool's (``UpstreamPool`` lists them as
+    "route" settings); a hook cannot be turned off per route, only replaced.
+
+    Parameters:
+        prefix: requests whose path is ``prefix`` or starts with ``prefix + "/"`` take this route; the
+            longest matching prefix wins, over every route and every pool's own prefix.
+        pool: the name of the ``UpstreamPool`` that serves it.
+        strip_prefix: send ``/v1/users`` upstream as ``/users`` (true) or unchanged (false).
+        preserve_host: send the client's ``Host`` header upstream instead of the backend's.
+        timeouts: upstream connect / response headers / idle read timeouts.
+        limits: request header and body limits (431 / 413).
+        websockets: proxy WebSocket upgrades on this prefix (else they go to the wrapped app).
+        rewrite_path / on_request / on_response: hooks (see ``PathRewriteHook`` and friends).
+    """
+
+    prefix: str
+    _: KW_ONLY
+    pool: str
+    strip_prefix: bool | None = None
+    preserve_host: bool | None = None
+    timeouts: Timeouts | None = None
+    limits: RequestLimits | None = None
+    websockets: bool | None = None
+    rewrite_path: PathRewriteHook | None = None
+    on_request: RequestHook | None = None
+    on_response: ResponseHook | None = None
+
+    def __post_init__(self) -> None:
+        _check(
+            self,
+            [
+                (
+                    "prefix",
+                    valid_prefix(self.prefix),
+                    "a path starting with '/' and not ending with '/' (or '/' itself)",
+                ),
+                ("pool", valid_pool_name(self.pool), "the name of an UpstreamPool"),
+                ("strip_prefix", self.strip_prefix is None or isinstance(self.strip_prefix, bool), "None or a bool"),
+                ("preserve_host", self.preserve_host is None or isinstance(self.preserve_host, bool), "None or a bool"),
+                ("websockets", self.websockets is None or isinstance(self.websockets, bool), "None or a bool"),
+            ],
+        )
+        for hook in _ROUTE_HOOKS:
+            value = getattr(self, hook)
+            if value is not None and not callable(value):
+                raise ConfigurationError(f"Route.{hook} must be a callable or None, got {value!r}")
+        for name, cls in _ROUTE_SETTINGS:
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, cls):
+                raise ConfigurationError(f"Route.{name} must be None or a {cls.__name__}, got {value!r}")
+
+    def matches(self, path: str) -> bool:
+        """True when ``path`` falls under this route's prefix (on a path-segment boundary)."""
+        return prefix_matches(self.prefix, path)
+
+
+def prefix_matches(prefix: str, path: str) -> bool:
+    """True when ``path`` is ``prefix`` or continues it with ``/`` (``/`` matches every path)."""
+    return prefix == "/" or path == prefix or (path.startswith(prefix) and path[len(prefix)] == "/")

@@ -1,9 +1,10 @@
 """The one status model: the gateway's state as JSON (``GET /backends``, the status page, write answers).
 
-Every pool with its policy, in-flight count, probe-pool occupancy, RIF threshold, selections by
-reason, and each member's state, probe mode, last reported RIF and latency, in-flight count, weight,
-lease and failures. With several clients per pool the first client's view of each member is shown
-(their health and load views are their own), and counters are summed.
+Every pool (by name, with the prefixes of the routes to it) with its policy, in-flight count,
+probe-pool occupancy, RIF threshold, selections by reason, and each member's state, probe mode, last
+reported RIF and latency, in-flight count, weight, lease and failures. With several clients per pool
+the first client's view of each member is shown (their health and load views are their own), and
+counters are summed.
 """
 
 from __future__ import annotations
@@ -34,10 +35,10 @@ def describe(
     snapshot = gateway.registry.snapshot()
     stale_for = None if snapshot.stale_since is None else round(max(0.0, now - snapshot.stale_since), 3)
     pools = []
-    for prefix, runtime in gateway.pools.items():
-        if pool is not None and prefix != pool:
+    for name, runtime in gateway.pools.items():
+        if pool is not None and name != pool:
             continue
-        pools.append(_describe_pool(gateway, prefix, runtime, now, offset, limit))
+        pools.append(_describe_pool(gateway, name, runtime, now, offset, limit))
     return {
         "state": gateway.state.value,
         "registry": {
@@ -51,7 +52,7 @@ def describe(
 
 
 def _describe_pool(
-    gateway: Gateway, prefix: str, pool: PoolRuntime, now: float, offset: int, limit: int
+    gateway: Gateway, name: str, pool: PoolRuntime, now: float, offset: int, limit: int
 ) -> dict[str, Any]:
     """One pool's state; its members from ``offset``, at most ``limit`` of them; counts cover them all."""
     clients: list[PolicySnapshot] = [c.snapshot(now) for c in pool.clients]
@@ -66,7 +67,7 @@ def _describe_pool(
     for b in first.backends:
         states[b.state] = states.get(b.state, 0) + 1
     for b in first.backends[offset : offset + limit]:
-        record = gateway.membership.record_of(prefix, b.id)
+        record = gateway.membership.record_of(name, b.id)
         members.append(
             {
                 "url": b.id,
@@ -76,7 +77,7 @@ def _describe_pool(
                 "rif": b.rif,
                 "latency_ms": None if b.latency_s is None else round(b.latency_s * 1000, 3),
                 "in_flight": pool.backend_in_flight.get(b.id, 0),
-                "lease_expires_in_s": _round(gateway.membership.lease_remaining_s(prefix, b.id)),
+                "lease_expires_in_s": _round(gateway.membership.lease_remaining_s(name, b.id)),
                 "ejected_for_s": None if b.ejected_until is None else round(b.ejected_until - now, 3),
                 "consecutive_failures": b.consecutive_failures,
                 "failure_rate": round(b.failure_rate, 4),
@@ -84,8 +85,12 @@ def _describe_pool(
                 "metadata": dict(record.metadata) if record is not None else {},
             }
         )
+    routes = gateway.routes_of(name)
     return {
-        "prefix": prefix,
+        "name": name,
+        # The pool's own prefix (the short spelling), else its first route's: what a one-prefix page shows.
+        "prefix": pool.config.prefix if pool.config.prefix is not None else routes[0] if routes else None,
+        "routes": routes,
         "policy": first.policy,
         "in_flight": pool.in_flight,
         "clients": len(clients),

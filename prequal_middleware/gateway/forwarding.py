@@ -56,6 +56,7 @@ from prequal_middleware.gateway.headers import (
 from prequal_middleware.gateway.metrics import PrequalMetrics, code_class
 from prequal_middleware.gateway.pool import Attempt, PoolRuntime
 from prequal_middleware.gateway.request_target import NOT_ORIGIN_FORM, raw_path
+from prequal_middleware.gateway.routes import RouteRuntime
 from prequal_middleware.transports.base import Transport, UpstreamRequest, UpstreamResponse, sendable_target
 
 logger = logging.getLogger("prequal_middleware.gateway.forwarding")
@@ -207,11 +208,11 @@ class _DisconnectWatch:
 class _Exchange:
     """One client request on its way through the gateway."""
 
-    __slots__ = ("pool", "scope", "send", "headers", "content_length", "target", "body", "watch", "status")
+    __slots__ = ("route", "pool", "scope", "send", "headers", "content_length", "target", "body", "watch", "status")
 
     def __init__(
         self,
-        pool: PoolRuntime,
+        route: RouteRuntime,
         scope: Scope,
         send: Send,
         headers: list[tuple[bytes, bytes]],
@@ -220,7 +221,8 @@ class _Exchange:
         body: _ClientBody | None,
         watch: _DisconnectWatch,
     ) -> None:
-        self.pool = pool
+        self.route = route
+        self.pool = route.pool
         self.scope = scope
         self.send = send
         self.headers = headers
@@ -256,23 +258,24 @@ class Forwarder:
         self._metrics = metrics
         self._clock = clock
 
-    async def http(self, pool: PoolRuntime, scope: Scope, receive: Receive, send: Send) -> None:
+    async def http(self, route: RouteRuntime, scope: Scope, receive: Receive, send: Send) -> None:
+        """Forward one request on ``route`` to a backend of its pool (counted under the pool's name)."""
         metrics = self._metrics
-        prefix = pool.prefix
+        name = route.pool.name
         arrived = self._clock()
         status = 0
         try:
-            status = await self._http(pool, scope, receive, send)
+            status = await self._http(route, scope, receive, send)
         finally:
             code = code_class(status) if status else "cancelled"
-            metrics.child(metrics.requests, prefix, code).inc()
-            metrics.child(metrics.request_duration, prefix).observe(self._clock() - arrived)
+            metrics.child(metrics.requests, name, code).inc()
+            metrics.child(metrics.request_duration, name).observe(self._clock() - arrived)
 
-    async def _http(self, pool: PoolRuntime, scope: Scope, receive: Receive, send: Send) -> int:
-        cfg = pool.config
+    async def _http(self, route: RouteRuntime, scope: Scope, receive: Receive, send: Send) -> int:
+        pool = route.pool
         if pool.full():
             return await self._error(send, 503, "pool_overloaded", "the pool is at its concurrency limit", pool)
-        limits = cfg.limits
+        limits = route.limits
         raw_headers = scope["headers"]
         too_large = header_limit_problem(limits, raw_headers)
         if too_large is not None:
@@ -282,7 +285,7 @@ class Forwarder:
             raw_headers,
             client_ip=client[0] if client else None,
             scheme=scope.get("scheme", "http"),
-            preserve_host=cfg.preserve_host,
+            preserve_host=route.preserve_host,
             via=self.via_pseudonym,
             http_version=scope.get("http_version", "1.1"),
         )
@@ -297,9 +300,9 @@ class Forwarder:
             return await self._error(send, 400, "bad_request", prepared.problem, pool, close=True)
         if limits.max_body_bytes is not None and (prepared.content_length or 0) > limits.max_body_bytes:
             return await self._error(send, 413, "body_too_large", _too_large(limits.max_body_bytes), pool)
-        target = upstream_target(pool, scope)
-        if cfg.rewrite_path is not None:
-            target = cfg.rewrite_path(target)
+        target = upstream_target(route, scope)
+        if route.rewrite_path is not None:
+            target = route.rewrite_path(target)
         watch = _DisconnectWatch(receive, asyncio.current_task())
         has_body = prepared.chunked or prepared.content_length
         body: _ClientBody | None = None
@@ -309,7 +312,7 @@ class Forwarder:
             )
         else:
             watch.arm()
-        exchange = _Exchange(pool, scope, send, prepared.headers, prepared.content_length, target, body, watch)
+        exchange = _Exchange(route, scope, send, prepared.headers, prepared.content_length, target, body, watch)
         try:
             if body is not None and limits.buffer_body_bytes:
                 # Before a backend is chosen: a slow client holds no upstream connection while it dribbles.
@@ -339,11 +342,12 @@ class Forwarder:
     async def _error(
         self, send: Send, status: int, error: str, detail: str, pool: PoolRuntime, *, close: bool = False
     ) -> int:
-        self._metrics.child(self._metrics.gateway_errors, pool.prefix, error).inc()
+        self._metrics.child(self._metrics.gateway_errors, pool.name, error).inc()
         await send_error(send, status, error, detail, pool, close=close)
         return status
 
     async def _attempts(self, exchange: _Exchange) -> None:
+        route = exchange.route
         pool = exchange.pool
         cfg = pool.config
         metrics = self._metrics
@@ -364,12 +368,12 @@ class Forwarder:
                     exchange.send, 503, "no_backend", "no backend is available in this pool", pool
                 )
                 return
-            metrics.child(metrics.selections, pool.prefix, selection.reason).inc()
+            metrics.child(metrics.selections, pool.name, selection.reason).inc()
             request = UpstreamRequest(
                 method, selection.backend, exchange.target, exchange.headers, exchange.body, exchange.content_length
             )
-            if cfg.on_request is not None:
-                request = await _apply_hook(cfg.on_request, request)
+            if route.on_request is not None:
+                request = await _apply_hook(route.on_request, request)
             if not sendable_target(request.target):
                 # Only a path rewrite or a request hook can get here (the middleware admitted the
                 # client's target): the gateway's own bug, not a backend's failure, and never sent.
@@ -386,7 +390,7 @@ class Forwarder:
                     exc, method, exchange.body, cfg.retry.idempotent_methods
                 )
                 if retry and pool.retry_budget.try_withdraw(now):
-                    metrics.child(metrics.retries, pool.prefix).inc()
+                    metrics.child(metrics.retries, pool.name).inc()
                     exclude.add(request.backend)
                     failed = exc
                     continue
@@ -397,6 +401,7 @@ class Forwarder:
     async def _attempt(self, exchange: _Exchange, handle: Attempt, request: UpstreamRequest) -> None:
         """One upstream attempt, counted in flight by ``handle``; raises ``UpstreamError`` only before
         any response byte went out."""
+        route = exchange.route
         pool = exchange.pool
         backend = request.backend
         started = self._clock()
@@ -405,7 +410,7 @@ class Forwarder:
         response: UpstreamResponse | None = None
         try:
             try:
-                response = await self._transport.send(request, pool.config.timeouts)
+                response = await self._transport.send(request, route.timeouts)
                 if not 200 <= response.status <= 599:
                     # Only a final status is relayed: a 101 here (plain requests never ask for an
                     # upgrade) would open a raw tunnel behind a front proxy's WebSocket recipe, and a
@@ -423,15 +428,15 @@ class Forwarder:
                 raise
             latency = self._clock() - started
             outcome = Outcome.from_status(response.status)
-            self._metrics.child(self._metrics.upstream_latency, pool.prefix).observe(latency)
+            self._metrics.child(self._metrics.upstream_latency, pool.name).observe(latency)
             if handle.reads_reports:
                 # The backend's piggybacked load report: it answers a later probe of this backend
                 # (core.prequal), and never reaches the client (downstream_response_headers).
                 report = read_report(response.headers)
                 if report is not None:
                     handle.report(report[0], report[1], started + latency)
-            if pool.config.on_response is not None:
-                response = await _apply_hook(pool.config.on_response, response)
+            if route.on_response is not None:
+                response = await _apply_hook(route.on_response, response)
             try:
                 await self._stream(exchange, request, response)
             except UpstreamError as exc:
@@ -448,11 +453,11 @@ class Forwarder:
             finally:
                 # Always, even when closing raises or is cancelled: else the counts leak for good.
                 handle.finish(outcome, latency, self._clock())
-                self._metrics.child(self._metrics.upstream_requests, pool.prefix, backend, outcome.value).inc()
+                self._metrics.child(self._metrics.upstream_requests, pool.name, backend, outcome.value).inc()
 
     async def _stream(self, exchange: _Exchange, request: UpstreamRequest, response: UpstreamResponse) -> None:
         scope, send, watch = exchange.scope, exchange.send, exchange.watch
-        rewrite = _location_rewriter(exchange.pool, request.backend)
+        rewrite = _location_rewriter(exchange.route, request.backend)
         headers = downstream_response_headers(response.headers, rewrite)
         if response.status == 204 or response.status == 304:
             # No body, so no framing either: a Content-Length kept from a hostile or broken backend would
@@ -499,8 +504,8 @@ def _too_large(limit: int | None) -> str:
     return f"the request body is larger than {limit} bytes"
 
 
-def upstream_target(pool: PoolRuntime, scope: Scope) -> str:
-    """The path and query to send upstream: the raw path the client sent, less the prefix it matched.
+def upstream_target(route: RouteRuntime, scope: Scope) -> str:
+    """The path and query to send upstream: the raw path the client sent, less the route's prefix.
 
     The middleware routed the request on its raw path (``request_target``), so the prefix is
     stripped byte for byte and the rest goes upstream exactly as it came.
@@ -508,8 +513,8 @@ def upstream_target(pool: PoolRuntime, scope: Scope) -> str:
     raw = scope.get("raw_path")
     if type(raw) is not bytes:
         raw = raw_path(scope)
-    if pool.config.strip_prefix and pool.prefix != "/":
-        prefix = pool.prefix_bytes
+    if route.strips:
+        prefix = route.prefix_bytes
         if raw.startswith(prefix):
             raw = raw[len(prefix) :] or b"/"
     if raw[:1] != b"/":  # the middleware refuses these; joined to a backend URL they would name another host
@@ -519,15 +524,15 @@ def upstream_target(pool: PoolRuntime, scope: Scope) -> str:
     return rest + "?" + query.decode("latin-1") if query else rest
 
 
-def _location_rewriter(pool: PoolRuntime, backend: str) -> Callable[[bytes], bytes]:
-    """A ``Location`` at the backend becomes a relative reference under the pool's prefix.
+def _location_rewriter(route: RouteRuntime, backend: str) -> Callable[[bytes], bytes]:
+    """A ``Location`` at the backend becomes a relative reference under the route's prefix.
 
     Nothing from the request goes into it: not the client's ``Host`` (which any client may forge),
     not its scheme. The client resolves the path against the URL it used (``headers.rewrite_location``).
     """
 
     def rewrite(value: bytes) -> bytes:
-        prefix = pool.prefix_bytes if pool.config.strip_prefix and pool.prefix != "/" else b""
+        prefix = route.prefix_bytes if route.strips else b""
         return rewrite_location(value, backend.encode("latin-1"), prefix)
 
     return rewrite
@@ -583,13 +588,15 @@ async def send_error(
 ) -> None:
     """A gateway-made error: a small JSON body, the pool's name in a header, ``Retry-After`` on 503.
 
+    The pool is named by its name (a pool declared by prefix is named by it), not by the route.
+
     ``close`` asks the server to close the connection after it (``Connection: close``).
     """
-    prefix = pool.prefix if pool is not None else None
-    body = json.dumps({"error": error, "detail": detail, "pool": prefix}).encode()
+    name = pool.name if pool is not None else None
+    body = json.dumps({"error": error, "detail": detail, "pool": name}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if prefix is not None:
-        headers.append((POOL_HEADER, prefix.encode("utf-8")))
+    if name is not None:
+        headers.append((POOL_HEADER, name.encode("utf-8")))
     if status == 503:
         retry_after = pool.config.retry_after_s if pool is not None else 1
         headers.append((b"retry-after", str(retry_after).encode()))

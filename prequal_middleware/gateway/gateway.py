@@ -1,7 +1,14 @@
-"""``Gateway``: the pools, the upstream transport and the probe scheduler, started and stopped together.
+"""``Gateway``: the pools, the routes, the upstream transport and the probe scheduler, started and stopped together.
 
     gateway = Gateway(pools=[UpstreamPool("/api", upstreams=["http://10.0.0.5:8000"])])
     app.add_middleware(PrequalMiddleware, gateway=gateway)   # starts and stops it with the app
+
+Several prefixes served by one fleet are routes to one pool, sharing its membership and Prequal state::
+
+    Gateway(
+        pools=[UpstreamPool(name="users", upstreams=["http://10.0.0.5:8000"])],
+        routes=[Route("/v1", pool="users"), Route("/v2", pool="users", strip_prefix=False)],
+    )
 
 or, managing the lifespan yourself::
 
@@ -26,7 +33,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 
-from prequal_middleware.config import AdminSettings, UpstreamPool
+from prequal_middleware.config import AdminSettings, Route, UpstreamPool
 from prequal_middleware.core import Member, PolicySnapshot
 from prequal_middleware.exceptions import ConfigurationError
 from prequal_middleware.gateway.forwarding import Forwarder, Receive, Scope, Send, send_error
@@ -34,6 +41,7 @@ from prequal_middleware.gateway.membership import Membership, RegistryHook
 from prequal_middleware.gateway.metrics import PrequalMetrics
 from prequal_middleware.gateway.pool import PoolRuntime
 from prequal_middleware.gateway.request_target import under_prefix
+from prequal_middleware.gateway.routes import RouteRuntime, longest_first, route_table
 from prequal_middleware.gateway.scheduler import ProbeScheduler
 from prequal_middleware.gateway.websocket import forward_websocket
 from prequal_middleware.registry import BackendRecord, Registry
@@ -55,10 +63,13 @@ class GatewayState(enum.Enum):
 
 
 class Gateway:
-    """An API gateway: pools of upstream backends balanced by their policies.
+    """An API gateway: routes (path prefixes) to pools of upstream backends balanced by their policies.
 
     Parameters:
-        pools: the pools, each with a distinct prefix.
+        pools: the pools, each with a distinct name. ``UpstreamPool("/api", ...)`` also declares the
+            route ``/api`` to it; a pool with only a name is reached through ``routes``.
+        routes: more routes, each naming a pool; several may name one pool and share its state. No
+            two routes (a pool's own prefix included) may have one prefix; every pool needs a route.
         transport: the upstream transport; by default an ``H1Transport`` (our HTTP/1.1 client; upstream
             WebSockets through the ``AiohttpTransport`` it owns). ``AiohttpTransport()`` and
             ``HttpxTransport(client)`` are opt-in behind the same seam. The gateway closes it on shutdown
@@ -80,6 +91,7 @@ class Gateway:
     def __init__(
         self,
         pools: Sequence[UpstreamPool] = (),
+        routes: Sequence[Route] = (),
         *,
         transport: Transport | None = None,
         metrics: PrequalMetrics | None = None,
@@ -97,19 +109,13 @@ class Gateway:
         elif not isinstance(via_pseudonym, str) or not _TOKEN.fullmatch(via_pseudonym):
             raise ConfigurationError(f"Gateway.via_pseudonym must be an HTTP token (RFC 9110), got {via_pseudonym!r}")
         self.via_pseudonym = via_pseudonym.encode("ascii")
-        seen: set[str] = set()
-        for pool in pools:
-            if not isinstance(pool, UpstreamPool):
-                raise ConfigurationError(f"Gateway.pools must hold UpstreamPool objects, got {pool!r}")
-            if pool.prefix in seen:
-                raise ConfigurationError(f"Gateway.pools has the prefix {pool.prefix!r} twice")
-            seen.add(pool.prefix)
+        table = route_table(pools, routes)
         rng = rng if rng is not None else random.Random()
-        self.pools: dict[str, PoolRuntime] = {p.prefix: PoolRuntime(p, rng, clock) for p in pools}
+        # Pools by name (what registrations and metrics use), routes by prefix.
+        self.pools: dict[str, PoolRuntime] = {p.name: PoolRuntime(p, rng, clock) for p in pools}
+        self.routes: dict[str, RouteRuntime] = {r.prefix: RouteRuntime(r, self.pools[r.pool]) for r in table}
         # Longest prefix first, so the first match wins; matched against the raw path, byte for byte.
-        self._by_length = sorted(
-            ((p.prefix_bytes, p) for p in self.pools.values()), key=lambda item: len(item[0]), reverse=True
-        )
+        self._by_length = longest_first(self.routes)
         self.clock = clock
         self._transport = transport
         self.metrics = metrics if metrics is not None else PrequalMetrics()
@@ -156,7 +162,10 @@ class Gateway:
         self._scheduler = scheduler
         self._forwarder = Forwarder(transport, self.metrics, self.clock, via_pseudonym=self.via_pseudonym)
         self.state = GatewayState.RUNNING
-        logger.info("gateway started: %s", ", ".join(self.pools) or "no pools")
+        logger.info(
+            "gateway started: %s",
+            ", ".join(f"{r.prefix} -> {r.pool.name}" for r in self.routes.values()) or "no routes",
+        )
 
     async def shutdown(self) -> None:
         """Stop the scheduler, then close the transport."""
@@ -182,36 +191,36 @@ class Gateway:
 
     # --- requests ------------------------------------------------------------------------------
 
-    def match(self, raw_path: bytes) -> PoolRuntime | None:
-        """The pool whose prefix is the longest one matching the raw (undecoded) path on a segment boundary.
+    def match(self, raw_path: bytes) -> RouteRuntime | None:
+        """The route whose prefix is the longest one matching the raw (undecoded) path on a segment boundary.
 
         The raw path is matched byte for byte (``request_target``): ``/%61pi`` is not under ``/api``.
         """
-        for prefix, pool in self._by_length:
+        for prefix, route in self._by_length:
             if under_prefix(raw_path, prefix):
-                return pool
+                return route
         return None
 
-    async def handle_http(self, pool: PoolRuntime, scope: Scope, receive: Receive, send: Send) -> None:
+    async def handle_http(self, route: RouteRuntime, scope: Scope, receive: Receive, send: Send) -> None:
         forwarder = self._forwarder
         if forwarder is None:
             logger.error(
                 "request for %s while the gateway is not running: run the app with lifespan enabled "
                 "(uvicorn's default), inside `with TestClient(app)`, or `async with gateway`",
-                pool.prefix,
+                route.prefix,
             )
-            await send_error(send, 503, "gateway_not_running", "the gateway is not running", pool)
+            await send_error(send, 503, "gateway_not_running", "the gateway is not running", route.pool)
             return
-        await forwarder.http(pool, scope, receive, send)
+        await forwarder.http(route, scope, receive, send)
 
-    async def handle_websocket(self, pool: PoolRuntime, scope: Scope, receive: Receive, send: Send) -> None:
+    async def handle_websocket(self, route: RouteRuntime, scope: Scope, receive: Receive, send: Send) -> None:
         transport = self._transport
         if self._forwarder is None or transport is None or not hasattr(transport, "connect_websocket"):
             await receive()
             await send({"type": "websocket.close", "code": 1011})
             return
         await forward_websocket(
-            pool,
+            route,
             scope,
             receive,
             send,
@@ -247,6 +256,10 @@ class Gateway:
 
         return admin_router(self)
 
+    def routes_of(self, pool: str) -> list[str]:
+        """The prefixes of the routes to the pool named ``pool``, in declaration order."""
+        return [prefix for prefix, route in self.routes.items() if route.pool.name == pool]
+
     def readiness_problems(self) -> list[str]:
         """Why the gateway should not get traffic yet (empty when it should): not running, a pool without a
         healthy member, a registry unreachable for longer than ``AdminSettings.ready_while_stale_s``."""
@@ -254,10 +267,10 @@ class Gateway:
         if not self.running:
             problems.append("the gateway is not running")
         now = self.clock()
-        for prefix, pool in self.pools.items():
+        for name, pool in self.pools.items():
             snapshot = pool.clients[0].snapshot(now)
             if not any(b.state == "healthy" for b in snapshot.backends):
-                problems.append(f"pool {prefix} has no healthy member")
+                problems.append(f"pool {name} has no healthy member")
         # A shared registry that is briefly unreachable leaves every gateway serving its last snapshot
         # (fail static); taking them all out of a load balancer at once for it would undo that. Readiness
         # fails only once the snapshot is older than the bound; staleness shows in /backends and the metric
@@ -272,12 +285,13 @@ class Gateway:
     # --- state ---------------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        """Every pool's state: members, their health and load, selections by reason."""
+        """Every pool's state by name: members, their health and load, selections by reason."""
         now = self.clock()
         pools: dict[str, Any] = {}
-        for prefix, pool in self.pools.items():
+        for name, pool in self.pools.items():
             clients: list[PolicySnapshot] = [c.snapshot(now) for c in pool.clients]
-            pools[prefix] = {
+            pools[name] = {
+                "routes": self.routes_of(name),
                 "policy": clients[0].policy if clients else None,
                 "in_flight": pool.in_flight,
                 "probes_in_flight": pool.probes_in_flight,

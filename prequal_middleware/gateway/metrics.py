@@ -1,7 +1,8 @@
 """``PrequalMetrics``: the gateway's Prometheus metrics, on a ``CollectorRegistry`` you inject.
 
 Never the global registry: two gateways in one process (or a test suite) keep separate metrics.
-Labels are bounded: ``pool`` (a configured prefix), ``backend`` (a member's URL), ``code_class``
+Labels are bounded: ``pool`` (a pool's name: its prefix for a pool declared by one; every route to
+the pool counts under it), ``backend`` (a member's URL), ``code_class``
 (``2xx`` ... ``5xx``), and small enums (``outcome``, ``reason``, ``result``, ``state``, ``event``); never a
 raw path or a client address.
 

@@ -1,11 +1,11 @@
-"""``PrequalMiddleware``: requests on a pool's prefix go to its backends; everything else to your app.
+"""``PrequalMiddleware``: requests on a route's prefix go to its pool's backends; everything else to your app.
 
     app = FastAPI()
     gateway = Gateway(pools=[UpstreamPool("/api", upstreams=["http://10.0.0.5:8000"])])
     app.add_middleware(PrequalMiddleware, gateway=gateway)
 
 Pure ASGI. Prefixes match on a path-segment boundary and the longest wins (``/api`` takes ``/api`` and
-``/api/x``, never ``/apix``). WebSockets on a pool prefix are proxied when the pool allows them.
+``/api/x``, never ``/apix``). WebSockets on a route's prefix are proxied when the route allows them.
 Adding the middleware is enough: it starts the gateway when the app's lifespan starts and stops it
 when it ends (if your app does not speak lifespan, the middleware answers the lifespan protocol
 itself). A gateway you started yourself (``async with gateway``) is left alone.
@@ -30,8 +30,8 @@ class PrequalMiddleware:
     """The gateway as ASGI middleware.
 
     Parameters:
-        app: the wrapped ASGI app (receives every request outside the pools).
-        gateway: the gateway whose pools this middleware serves.
+        app: the wrapped ASGI app (receives every request outside the routes).
+        gateway: the gateway whose routes this middleware serves.
     """
 
     def __init__(self, app: ASGIApp, *, gateway: Gateway) -> None:
@@ -55,13 +55,13 @@ class PrequalMiddleware:
                 except TargetRefused as refused:
                     await self._refuse(kind, scope, receive, send, refused)
                     return
-            pool = self.gateway.match(raw)
-            if pool is not None:
+            route = self.gateway.match(raw)
+            if route is not None:
                 if kind == "http":
-                    await self.gateway.handle_http(pool, scope, receive, send)
+                    await self.gateway.handle_http(route, scope, receive, send)
                     return
-                if pool.config.websockets:
-                    await self.gateway.handle_websocket(pool, scope, receive, send)
+                if route.websockets:
+                    await self.gateway.handle_websocket(route, scope, receive, send)
                     return
         elif kind == "lifespan":
             await self._lifespan(scope, receive, send)

@@ -1,5 +1,8 @@
 """``PoolRuntime``: one configured pool's live state inside a running gateway.
 
+A pool is a set of backends with its policy and its signal; the routes that name it (``routes``)
+all share this one object, so their traffic feeds one Prequal state and one set of counts.
+
 It holds the pool's policy instances (``clients_per_pool`` independent Prequal clients taking
 requests in turn), its members, in-flight counts against the concurrency limits, and its retry
 budget. No I/O here: the forwarder and the scheduler drive it.
@@ -22,7 +25,6 @@ from prequal_middleware.config import UpstreamPool
 from prequal_middleware.core import Member, Outcome, Policy, Selection, create_policy
 from prequal_middleware.core.retry_budget import RetryBudget
 from prequal_middleware.exceptions import ConfigurationError
-from prequal_middleware.gateway.request_target import raw_prefix
 
 logger = logging.getLogger("prequal_middleware.gateway.pool")
 
@@ -51,8 +53,7 @@ class PoolRuntime:
     def __init__(self, config: UpstreamPool, rng: random.Random, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.clock = clock
-        self.prefix = config.prefix
-        self.prefix_bytes = raw_prefix(config.prefix)  # as clients send it: what routing matches and strips
+        self.name = config.name  # what registrations, metrics and error responses call the pool
         self.clients: list[Policy] = [self._new_policy(rng) for _ in range(config.clients_per_pool)]
         self._next_client = 0
         self.members: dict[str, Member] = {}
@@ -79,7 +80,7 @@ class PoolRuntime:
         policy = spec()
         if not isinstance(policy, Policy):
             raise ConfigurationError(
-                f"UpstreamPool({self.prefix!r}).policy must return a Policy, got {type(policy).__name__}"
+                f"UpstreamPool(name={self.name!r}).policy must return a Policy, got {type(policy).__name__}"
             )
         return policy
 
@@ -172,7 +173,7 @@ class PoolRuntime:
             try:
                 listener(self, joined, left)
             except Exception:  # a listener's bug must not stop membership changes
-                logger.exception("members listener %r failed on pool %s", listener, self.prefix)
+                logger.exception("members listener %r failed on pool %s", listener, self.name)
 
     # --- concurrency limits ----------------------------------------------------------------------
 

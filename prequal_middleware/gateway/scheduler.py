@@ -189,7 +189,7 @@ class ProbeScheduler:
         for backend in targets:
             if pool.probes_in_flight >= cap:
                 pool.probes_skipped += 1
-                self._metrics.child(self._metrics.probes, pool.prefix, "skipped").inc()
+                self._metrics.child(self._metrics.probes, pool.name, "skipped").inc()
                 continue
             pool.probes_in_flight += 1
             self.probes_sent += 1
@@ -225,21 +225,19 @@ class ProbeScheduler:
         metrics = self._metrics
         now = self._clock()
         if result is not None:
-            metrics.child(metrics.probes, pool.prefix, "ok").inc()
-            metrics.child(metrics.probe_duration, pool.prefix).observe(now - started)
+            metrics.child(metrics.probes, pool.name, "ok").inc()
+            metrics.child(metrics.probe_duration, pool.name).observe(now - started)
             policy.on_probe(backend, now, result.rif, result.latency_s)
         elif isinstance(error, ProbeUnsupported):
-            metrics.child(metrics.probes, pool.prefix, "unsupported").inc()
+            metrics.child(metrics.probes, pool.name, "unsupported").inc()
             if (id(pool), backend) not in self._local and backend in pool.members:
                 for c in pool.clients:
                     c.set_probe_mode(backend, "local", now)
                 self._enter_local_mode(pool, backend)
-                logger.info(
-                    "backend %s of pool %s answers no probes: using the gateway's own view", backend, pool.prefix
-                )
+                logger.info("backend %s of pool %s answers no probes: using the gateway's own view", backend, pool.name)
         else:
             self.probe_failures += 1
-            metrics.child(metrics.probes, pool.prefix, "failed").inc()
+            metrics.child(metrics.probes, pool.name, "failed").inc()
             policy.on_probe_failure(backend, now)
 
     # --- local mode: re-probing backends that answered no load report -----------------------------
@@ -320,13 +318,13 @@ class ProbeScheduler:
             now = self._clock()
             for c in pool.clients:
                 c.set_probe_mode(backend, "probe", now)
-            metrics.child(metrics.probes, pool.prefix, "ok").inc()
-            logger.info("backend %s of pool %s answers probes again", backend, pool.prefix)
+            metrics.child(metrics.probes, pool.name, "ok").inc()
+            logger.info("backend %s of pool %s answers probes again", backend, pool.name)
             return
         # Unsupported again, or a failure: a backend in local mode is balanced on the gateway's own
         # view, which a missed probe does not change; only wait longer.
         outcome = "unsupported" if isinstance(error, ProbeUnsupported) else "failed"
-        metrics.child(metrics.probes, pool.prefix, outcome).inc()
+        metrics.child(metrics.probes, pool.name, outcome).inc()
         state.delay = min(state.delay * 2, self._reprobe_max_s)
         if state.timer is None:
             self._schedule_reprobe(pool, backend, state, state.delay)
@@ -334,7 +332,7 @@ class ProbeScheduler:
     def _members_changed(self, pool: PoolRuntime, joined: Sequence[str], left: Sequence[str]) -> None:
         client = self._probe_clients.get(id(pool))
         for backend in left:
-            self._confirmed.discard((pool.prefix, backend))  # one that comes back proves itself again
+            self._confirmed.discard((pool.name, backend))  # one that comes back proves itself again
             if client is not None:
                 client.forget(backend)  # closes its idle probe connections; busy ones close after use
             state = self._local.pop((id(pool), backend), None)
@@ -383,7 +381,7 @@ class ProbeScheduler:
             await asyncio.sleep(max(settings.interval_s, 0.0))
 
     async def _health_round(self, pool: PoolRuntime, path: str, timeouts: Timeouts) -> None:
-        for key in [k for k in self._health_streaks if k[0] == pool.prefix and k[1] not in pool.members]:
+        for key in [k for k in self._health_streaks if k[0] == pool.name and k[1] not in pool.members]:
             del self._health_streaks[key]  # forget members that left
             self._confirmed.discard(key)
         await self._check_members(pool, list(pool.members), path, timeouts)
@@ -394,7 +392,7 @@ class ProbeScheduler:
         Failures here are counted but do not make a streak: a backend still starting is not failing.
         """
         settings = pool.config.health
-        key = (pool.prefix, backend)
+        key = (pool.name, backend)
         t = settings.timeout_s
         timeouts = Timeouts(connect_s=t, response_headers_s=t, read_idle_s=t)
         delay = PROVE_FIRST_RETRY_S
@@ -406,7 +404,7 @@ class ProbeScheduler:
                 if ok:
                     self._record_health(pool, backend, True)
                     return
-                self._metrics.child(self._metrics.health_checks, pool.prefix, "failed").inc()
+                self._metrics.child(self._metrics.health_checks, pool.name, "failed").inc()
                 if delay > settings.interval_s:
                     return  # the regular rounds take over
                 await asyncio.sleep(delay)
@@ -445,9 +443,9 @@ class ProbeScheduler:
         return 200 <= response.status < 400 or response.status == 404
 
     def _record_health(self, pool: PoolRuntime, backend: str, ok: bool) -> None:
-        self._metrics.child(self._metrics.health_checks, pool.prefix, "ok" if ok else "failed").inc()
+        self._metrics.child(self._metrics.health_checks, pool.name, "ok" if ok else "failed").inc()
         settings = pool.config.health
-        key = (pool.prefix, backend)
+        key = (pool.name, backend)
         streak = self._health_streaks.get(key, 0)
         streak = (max(streak, 0) + 1) if ok else (min(streak, 0) - 1)
         self._health_streaks[key] = streak
@@ -463,7 +461,7 @@ class ProbeScheduler:
             for policy in pool.clients:
                 policy.set_health(backend, healthy, now)
             if not healthy:
-                logger.warning("backend %s of pool %s failed %d health checks", backend, pool.prefix, settings.fall)
+                logger.warning("backend %s of pool %s failed %d health checks", backend, pool.name, settings.fall)
 
     # --- registry ------------------------------------------------------------------------------
 
@@ -509,15 +507,15 @@ class ProbeScheduler:
             outliers = getattr(policy, "outliers", None)
             ejections += getattr(outliers, "ejections_total", 0)
         for state, count in counts.items():
-            metrics.child(metrics.backends, pool.prefix, state).set(count)
-        metrics.child(metrics.probe_pool_size, pool.prefix).set(pooled)
+            metrics.child(metrics.backends, pool.name, state).set(count)
+        metrics.child(metrics.probe_pool_size, pool.name).set(pooled)
         # Sampled here rather than counted per request: two gauge updates fewer on the request path.
-        metrics.child(metrics.in_flight, pool.prefix).set(pool.in_flight)
+        metrics.child(metrics.in_flight, pool.name).set(pool.in_flight)
         client = self._probe_clients.get(id(pool))
         if client is not None:  # what churn could leak: state and connections for departed members
-            metrics.child(metrics.probe_backends, pool.prefix).set(client.backends_known)
-            metrics.child(metrics.probe_connections, pool.prefix).set(client.open_connections)
+            metrics.child(metrics.probe_backends, pool.name).set(client.backends_known)
+            metrics.child(metrics.probe_connections, pool.name).set(client.open_connections)
         new = ejections - self._ejections_seen.get(id(pool), 0)
         if new > 0:
-            metrics.child(metrics.ejections, pool.prefix).inc(new)
+            metrics.child(metrics.ejections, pool.name).inc(new)
         self._ejections_seen[id(pool)] = ejections

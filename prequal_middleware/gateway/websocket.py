@@ -1,4 +1,4 @@
-"""WebSocket proxying: a client WebSocket on a pool prefix is relayed to a backend chosen by the policy.
+"""WebSocket proxying: a client WebSocket on a route's prefix is relayed to a backend chosen by the policy.
 
 The upstream handshake happens first, so the client is accepted with the subprotocol the backend
 chose, or refused (502 when the server supports the ASGI denial-response extension, else close code
@@ -26,6 +26,7 @@ from prequal_middleware.gateway.forwarding import (
 )
 from prequal_middleware.gateway.headers import VIA_PSEUDONYM, upstream_request_headers
 from prequal_middleware.gateway.pool import PoolRuntime
+from prequal_middleware.gateway.routes import RouteRuntime
 from prequal_middleware.transports.base import UpstreamWebSocket, WebSocketTransport, sendable_target
 
 # The handshake headers the upstream client makes itself (RFC 6455 section 4.1).
@@ -44,7 +45,7 @@ def _sendable(code: int | None) -> int:
 
 
 async def forward_websocket(
-    pool: PoolRuntime,
+    route: RouteRuntime,
     scope: Scope,
     receive: Receive,
     send: Send,
@@ -53,18 +54,18 @@ async def forward_websocket(
     *,
     via_pseudonym: bytes = VIA_PSEUDONYM,
 ) -> None:
-    """Relay one client WebSocket to a backend of ``pool`` (``via_pseudonym``: see ``Forwarder``).
+    """Relay one client WebSocket on ``route`` to a backend of its pool (``via_pseudonym``: see ``Forwarder``).
 
-    Admission first, as for HTTP: the header limits (431), the pool's ``max_in_flight`` (503), then the
+    Admission first, as for HTTP: the route's header limits (431), the pool's ``max_in_flight`` (503), then the
     pool's ``max_websockets`` (503). The handshake counts as a request in flight; the open socket
     counts only against ``max_websockets``, so long-lived sockets never hold the slots HTTP needs.
     """
     message = await receive()
     if message["type"] != "websocket.connect":
         return
+    pool = route.pool
     cfg = pool.config
-    limits = cfg.limits
-    too_large = header_limit_problem(limits, scope["headers"])
+    too_large = header_limit_problem(route.limits, scope["headers"])
     if too_large is not None:
         await _deny(scope, send, 431, "headers_too_large", too_large, pool)
         return
@@ -78,7 +79,7 @@ async def forward_websocket(
         return
     _open_websockets[pool] = open_now + 1  # taken before the first await: no check-then-act race
     try:
-        await _forward(pool, scope, receive, send, transport, clock, via_pseudonym)
+        await _forward(route, scope, receive, send, transport, clock, via_pseudonym)
     finally:
         _open_websockets[pool] -= 1
 
@@ -93,7 +94,7 @@ _open_websockets: weakref.WeakKeyDictionary[PoolRuntime, int] = weakref.WeakKeyD
 
 
 async def _forward(
-    pool: PoolRuntime,
+    route: RouteRuntime,
     scope: Scope,
     receive: Receive,
     send: Send,
@@ -101,12 +102,13 @@ async def _forward(
     clock: Callable[[], float],
     via_pseudonym: bytes,
 ) -> None:
+    pool = route.pool
     client = scope.get("client")
     prepared = upstream_request_headers(
         scope["headers"],
         client_ip=client[0] if client else None,
         scheme=scope.get("scheme", "ws"),
-        preserve_host=pool.config.preserve_host,
+        preserve_host=route.preserve_host,
         via=via_pseudonym,
         http_version=scope.get("http_version", "1.1"),
     )
@@ -115,9 +117,9 @@ async def _forward(
         await _deny(scope, send, 508, "loop_detected", detail, pool)
         return
     headers = [(k, v) for k, v in prepared.headers if k not in _HANDSHAKE]
-    target = upstream_target(pool, scope)
-    if pool.config.rewrite_path is not None:
-        target = pool.config.rewrite_path(target)
+    target = upstream_target(route, scope)
+    if route.rewrite_path is not None:
+        target = route.rewrite_path(target)
         if not sendable_target(target):
             detail = "the gateway's path rewrite produced an invalid request target"
             await _deny(scope, send, 500, "invalid_upstream_target", detail, pool)
@@ -137,7 +139,7 @@ async def _forward(
         try:
             try:
                 upstream = await transport.connect_websocket(
-                    backend, target, headers, list(scope.get("subprotocols", [])), pool.config.timeouts
+                    backend, target, headers, list(scope.get("subprotocols", [])), route.timeouts
                 )
             except UpstreamError as exc:
                 latency = clock() - started
