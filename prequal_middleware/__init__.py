@@ -24,6 +24,7 @@ from prequal_middleware.config import (
     ProbeSettings,
     RequestLimits,
     RetrySettings,
+    Route,
     Timeouts,
 )
 from prequal_middleware.core import LoadTrackerSettings, OutlierSettings, PrequalSettings
@@ -126,6 +127,7 @@ __all__ = [
     "ResponseHook",
     "RetrySettings",
     "RoundRobinPolicy",
+    "Route",
     "Selection",
     "SelfRegistration",
     "SqliteRegistry",

@@ -1,13 +1,23 @@
 """Configuration from ``PREQUAL_*`` environment variables (the seed project's workflow).
 
-- ``PREQUAL_POOLS``: JSON mapping each prefix to a list of upstream URLs, or to an object with
+- ``PREQUAL_POOLS``: JSON mapping each pool to a list of upstream URLs, or to an object with
   ``upstreams`` and any other ``UpstreamPool`` setting; nested settings (``timeouts``, ``prequal``,
-  ``outliers``, ``probes``, ``health``, ``retry``) are objects of their own fields::
+  ``outliers``, ``probes``, ``health``, ``retry``, ``limits``) are objects of their own fields::
 
       {"/api": ["http://127.0.0.1:8001"], "/search": {"upstreams": [], "policy": "round_robin",
        "timeouts": {"connect_s": 0.5}}}
 
-  Unset, the gateway has one pool, ``/api``, filled by registration.
+  A key starting with ``/`` is a prefix: the pool is named by it and serves it (``UpstreamPool(prefix)``).
+  Any other key is a pool's name (``UpstreamPool(name=...)``), served by the routes it lists. Either
+  may list ``routes``: more prefixes served by the same pool, sharing its members and Prequal state,
+  each a prefix or an object of ``Route`` settings (``prefix``, ``strip_prefix``, ``preserve_host``,
+  ``websockets``, ``timeouts``, ``limits``; a setting left out is the pool's)::
+
+      {"users": {"upstreams": ["http://127.0.0.1:8001"],
+                 "routes": ["/v1", {"prefix": "/v2", "strip_prefix": false}]}}
+
+  Backends register under the pool's name (the key). Unset, the gateway has one pool, ``/api``,
+  filled by registration.
 - ``PREQUAL_POLICY``: the default policy of every pool: a built-in name or ``module:Class``.
 - ``PREQUAL_HEALTH_PATH`` (default ``/healthz``; empty turns active checks off) and ``PREQUAL_PROBE_PATH``
   (default ``/_prequal/probe``): defaults for every pool.
@@ -42,6 +52,7 @@ from prequal_middleware.config import (
     ProbeSettings,
     RequestLimits,
     RetrySettings,
+    Route,
     Timeouts,
     UpstreamPool,
 )
@@ -109,6 +120,16 @@ def policy_from_spec(spec: str, *, variable: str) -> str | Callable[[], Any]:
 
 def pools_from_env(environ: Mapping[str, str] | None = None) -> list[UpstreamPool]:
     """The pools described by ``PREQUAL_POOLS`` and the defaults from the other variables."""
+    return pools_and_routes_from_env(environ)[0]
+
+
+_ROUTE_SCALARS = frozenset({"strip_prefix", "preserve_host", "websockets"})
+_ROUTE_NESTED = ("timeouts", "limits")
+
+
+def pools_and_routes_from_env(environ: Mapping[str, str] | None = None) -> tuple[list[UpstreamPool], list[Route]]:
+    """The pools described by ``PREQUAL_POOLS`` and the routes they list (``routes``), the pools with
+    the defaults from the other variables."""
     env = os.environ if environ is None else environ
     raw = env.get("PREQUAL_POOLS", DEFAULT_POOLS)
     try:
@@ -116,7 +137,7 @@ def pools_from_env(environ: Mapping[str, str] | None = None) -> list[UpstreamPoo
     except json.JSONDecodeError as exc:
         raise ConfigurationError(f"PREQUAL_POOLS is not valid JSON ({exc.msg} at position {exc.pos})") from None
     if not isinstance(described, dict):
-        raise ConfigurationError("PREQUAL_POOLS must be a JSON object mapping prefixes to pools")
+        raise ConfigurationError("PREQUAL_POOLS must be a JSON object mapping prefixes or pool names to pools")
     defaults: dict[str, Any] = {}
     if "PREQUAL_POLICY" in env:
         defaults["policy"] = policy_from_spec(env["PREQUAL_POLICY"], variable="PREQUAL_POLICY")
@@ -126,38 +147,91 @@ def pools_from_env(environ: Mapping[str, str] | None = None) -> list[UpstreamPoo
     health_path = env.get("PREQUAL_HEALTH_PATH")
     probe_path = env.get("PREQUAL_PROBE_PATH")
     pools = []
-    for prefix, spec in described.items():
-        where = f"PREQUAL_POOLS[{prefix!r}]"
+    routes: list[Route] = []
+    taken: dict[str, str] = {}  # prefix -> where it was declared, so a clash names both places
+    for key in described:
+        if isinstance(key, str) and key.startswith("/"):
+            taken[key] = f"PREQUAL_POOLS[{key!r}]"
+    for key, spec in described.items():
+        where = f"PREQUAL_POOLS[{key!r}]"
         if isinstance(spec, list):
             spec = {"upstreams": spec}
         if not isinstance(spec, dict):
             raise ConfigurationError(f"{where} must be a list of URLs or an object, got {spec!r}")
         kwargs: dict[str, Any] = dict(defaults)
-        for key, value in spec.items():
-            if key == "upstreams":
+        listed: object = []
+        for setting, value in spec.items():
+            if setting == "routes":
+                listed = value
+            elif setting == "upstreams":
                 if not isinstance(value, list) or not all(isinstance(u, str) for u in value):
                     raise ConfigurationError(f"{where}.upstreams must be a list of URL strings, got {value!r}")
                 kwargs["upstreams"] = value
-            elif key == "policy":
+            elif setting == "policy":
                 if not isinstance(value, str):
                     raise ConfigurationError(f"{where}.policy must be a string, got {value!r}")
                 kwargs["policy"] = policy_from_spec(value, variable=f"{where}.policy")
-            elif key in _SCALARS:
-                kwargs[key] = value
-            elif key in _NESTED:
-                kwargs[key] = _nested(_NESTED[key], value, f"{where}.{key}")
+            elif setting in _SCALARS:
+                kwargs[setting] = value
+            elif setting in _NESTED:
+                kwargs[setting] = _nested(_NESTED[setting], value, f"{where}.{setting}")
             else:
-                known = sorted({"upstreams", *_SCALARS, *_NESTED})
-                raise ConfigurationError(f"{where} has an unknown setting {key!r}; known: {', '.join(known)}")
+                known = sorted({"upstreams", "routes", *_SCALARS, *_NESTED})
+                raise ConfigurationError(f"{where} has an unknown setting {setting!r}; known: {', '.join(known)}")
         if health_path is not None and "health" not in spec:
             kwargs["health"] = HealthSettings(path=health_path or None)
         if probe_path is not None and "probes" not in spec:
             kwargs["probes"] = ProbeSettings(path=probe_path)
         try:
-            pools.append(UpstreamPool(prefix, **kwargs))
+            if isinstance(key, str) and key.startswith("/"):
+                pool = UpstreamPool(key, **kwargs)
+            else:
+                pool = UpstreamPool(name=key, **kwargs)
         except (ConfigurationError, TypeError, ValueError) as exc:
             raise ConfigurationError(f"{where}: {exc}") from None
-    return pools
+        pools.append(pool)
+        own = _routes(listed, pool.name, f"{where}.routes")
+        for i, route in enumerate(own):
+            if route.prefix in taken:
+                raise ConfigurationError(
+                    f"{where}.routes[{i}]: the prefix {route.prefix!r} is taken by {taken[route.prefix]}"
+                )
+            taken[route.prefix] = f"{where}.routes[{i}]"
+        if pool.prefix is None and not own:
+            raise ConfigurationError(
+                f"{where}: a pool named by a key that is not a prefix needs routes (a list of prefixes)"
+            )
+        routes.extend(own)
+    return pools, routes
+
+
+def _routes(listed: object, pool: str, where: str) -> list[Route]:
+    """The ``routes`` of one ``PREQUAL_POOLS`` entry: prefixes, or objects of ``Route`` settings."""
+    if not isinstance(listed, list):
+        raise ConfigurationError(f"{where} must be a list of prefixes or route objects, got {listed!r}")
+    routes = []
+    for i, item in enumerate(listed):
+        here = f"{where}[{i}]"
+        spec: dict[str, Any] = {"prefix": item} if isinstance(item, str) else item
+        if not isinstance(spec, dict):
+            raise ConfigurationError(f"{here} must be a prefix or an object, got {item!r}")
+        kwargs: dict[str, Any] = {}
+        for setting, value in spec.items():
+            if setting == "prefix" or setting in _ROUTE_SCALARS:
+                kwargs[setting] = value
+            elif setting in _ROUTE_NESTED:
+                kwargs[setting] = _nested(_NESTED[setting], value, f"{here}.{setting}")
+            else:
+                known = sorted({"prefix", *_ROUTE_SCALARS, *_ROUTE_NESTED})
+                raise ConfigurationError(f"{here} has an unknown setting {setting!r}; known: {', '.join(known)}")
+        if "prefix" not in kwargs:
+            raise ConfigurationError(f"{here} needs a prefix")
+        prefix = kwargs.pop("prefix")
+        try:
+            routes.append(Route(prefix, pool=pool, **kwargs))
+        except (ConfigurationError, TypeError, ValueError) as exc:
+            raise ConfigurationError(f"{here}: {exc}") from None
+    return routes
 
 
 _POOL_HOOKS = {
@@ -191,7 +265,8 @@ def _flag(value: str, variable: str) -> bool:
 def gateway_kwargs_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Everything ``Gateway(**kwargs)`` needs, from the environment (``Gateway.from_env`` uses it)."""
     env = os.environ if environ is None else environ
-    kwargs: dict[str, Any] = {"pools": pools_from_env(env)}
+    pools, routes = pools_and_routes_from_env(env)
+    kwargs: dict[str, Any] = {"pools": pools, "routes": routes}
     kwargs["registry"] = registry_from_env(env)
     admin: dict[str, Any] = {}
     token = env.get("PREQUAL_REGISTRATION_TOKEN")

@@ -14,6 +14,10 @@
 | ``GET /metrics`` | Prometheus exposition |
 | ``GET /`` | the status page |
 
+``pool`` names a pool by its name (``UpstreamPool.name``; a pool declared by prefix is named by it),
+never a route's prefix: every route to the pool is served by the backends registered under it; an
+unknown pool is a 400 naming the field.
+
 The routes only read and change the ``Gateway``'s state. Writes need the bearer token when one is
 configured, else a loopback client (see ``registration``); every refusal is a 4xx JSON error naming
 the field or the reason, and nothing is half-applied.
@@ -72,6 +76,7 @@ def admin_routes(gateway: Gateway) -> list[BaseRoute]:
     settings = gateway.admin
     allow = gateway.allow_list
     rate = WriteRate(settings.max_writes_per_s)
+    route_pools = {prefix: route.pool.name for prefix, route in gateway.routes.items()}
 
     async def write(request: Request, kind: str) -> Response:
         try:
@@ -85,7 +90,9 @@ def admin_routes(gateway: Gateway) -> list[BaseRoute]:
                     retry_after_s=wait_s,
                 )
             body = parse_body(await _read_limited(request, settings.max_body_bytes))
-            req = validate(body, kind=kind, pools=list(gateway.pools), settings=settings, allow=allow)
+            req = validate(
+                body, kind=kind, pools=list(gateway.pools), settings=settings, allow=allow, routes=route_pools
+            )
             if kind == "register":
                 members = gateway.pools[req.pool].members
                 if req.url not in members and len(members) >= settings.max_members_per_pool:

@@ -46,7 +46,9 @@ class SelfRegistration:
     Parameters:
         gateway_url: the gateway's admin mount, e.g. ``http://gw:8000/_prequal``.
         url: this backend's URL as the gateway should call it (with an explicit port).
-        pool: the pool's prefix; optional when the gateway has one pool.
+        pool: the pool's name (a pool declared by prefix, ``UpstreamPool("/api")``, is named by it;
+            one reached through ``Route`` objects by its ``name``, never a route's prefix); optional when
+            the gateway has one pool.
         weight, metadata: sent with the registration.
         ttl_s: the lease; heartbeats come every ``interval_s`` (default a third of it).
         token: the gateway's registration token, if it has one.

@@ -24,7 +24,7 @@ class BackendRecord:
     """One backend of one pool.
 
     Parameters:
-        pool: the pool prefix, e.g. ``"/api"``.
+        pool: the pool's name, e.g. ``"/api"`` (a pool declared by prefix) or ``"users"``.
         url: the backend's normalised URL, unique within its pool.
         weight: relative weight for policies that use one.
         metadata: small, JSON-serialisable data about the backend.

@@ -1,8 +1,8 @@
 """The Redis registry's key layout and its Lua scripts (plain data: importing this needs no redis).
 
-Keys, for namespace ``ns`` and a pool prefix ``pool``::
+Keys, for namespace ``ns`` and a pool name ``pool``::
 
-    {ns}:pools            set      pool prefixes that have members
+    {ns}:pools            set      pool names that have members
     {ns}:pool:{pool}      hash     url -> payload JSON {"metadata": ..., "weight": ...} (sorted keys)
     {ns}:leases:{pool}    zset     url -> lease expiry, epoch seconds ("inf": no lease)
     {ns}:since:{pool}     zset     url -> registered_at, epoch seconds

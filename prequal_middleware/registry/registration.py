@@ -18,6 +18,7 @@ import hmac
 import ipaddress
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -224,8 +225,13 @@ def validate(
     pools: list[str],
     settings: AdminSettings,
     allow: AllowList,
+    routes: Mapping[str, str] | None = None,
 ) -> RegistrationRequest:
-    """Check a register / heartbeat / unregister body; raise ``RegistrationError`` naming the field."""
+    """Check a register / heartbeat / unregister body; raise ``RegistrationError`` naming the field.
+
+    ``pool`` names a pool by its name (one of ``pools``); ``routes`` (prefix -> pool name) only makes
+    the error for a route's prefix say which pool to name instead.
+    """
     allowed_fields = {"register": _REGISTER_FIELDS, "heartbeat": _HEARTBEAT_FIELDS, "unregister": _UNREGISTER_FIELDS}[
         kind
     ]
@@ -233,7 +239,7 @@ def validate(
         if key not in allowed_fields:
             raise RegistrationError(400, "unknown_field", f"unknown field {key!r}", field=str(key))
     url = _url(body.get("url"), allow)
-    pool = _pool(body.get("pool"), pools)
+    pool = _pool(body.get("pool"), pools, routes or {})
     weight = 1.0
     metadata: dict[str, Any] | None = None
     ttl_s: float | None = None
@@ -300,12 +306,19 @@ def _refuse_special_address(host: str, allow: AllowList) -> None:
             )
 
 
-def _pool(value: object, pools: list[str]) -> str:
+def _pool(value: object, pools: list[str], routes: Mapping[str, str]) -> str:
     if value is None:
         if len(pools) == 1:
             return pools[0]
         raise RegistrationError(
             400, "invalid_field", f"pool is required: the gateway has the pools {', '.join(pools)}", field="pool"
+        )
+    if isinstance(value, str) and value not in pools and value in routes:
+        raise RegistrationError(
+            400,
+            "invalid_field",
+            f"pool must name a pool, not a route: {value!r} is a route of the pool {routes[value]!r}",
+            field="pool",
         )
     if not isinstance(value, str) or value not in pools:
         raise RegistrationError(
