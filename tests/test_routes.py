@@ -70,8 +70,8 @@ def fleet() -> Iterator[Fleet]:
                     strip_prefix=False,
                     limits=RequestLimits(max_body_bytes=10),
                 ),
-                Route("/v3", pool="fleet", rewrite_path=rewrite, preserve_host=True, websockets=False),
-                Route("/v4", pool="fleet", timeouts=Timeouts(response_headers_s=5.0)),
+                Route("/v3", pool="fleet", rewrite_path=rewrite, preserve_host=True),
+                Route("/v4", pool="fleet", timeouts=Timeouts(response_headers_s=5.0), websockets=False),
                 Route("/p1", pool="pair"),
                 Route("/p2", pool="pair"),
                 Route("/o1", pool="one"),
@@ -208,8 +208,9 @@ def test_websockets_are_per_route(fleet: Fleet) -> None:
     with ws_connect(ws_url + "/v1/ws") as ws:
         ws.send("hi")
         assert ws.recv(timeout=5) == "a:hi"
-    with pytest.raises(InvalidStatus):  # websockets=False on /v3: the host app's (it has no such route)
-        ws_connect(ws_url + "/v3/ws", open_timeout=5)
+    # websockets=False on /v4 (which would reach the same /ws): the host app's, which has no such route.
+    with pytest.raises(InvalidStatus):
+        ws_connect(ws_url + "/v4/ws", open_timeout=5)
 
 
 def test_limits_are_per_route(client: httpx.Client) -> None:
