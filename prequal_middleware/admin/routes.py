@@ -76,7 +76,6 @@ def admin_routes(gateway: Gateway) -> list[BaseRoute]:
     settings = gateway.admin
     allow = gateway.allow_list
     rate = WriteRate(settings.max_writes_per_s)
-    route_pools = {prefix: route.pool.name for prefix, route in gateway.routes.items()}
 
     async def write(request: Request, kind: str) -> Response:
         try:
@@ -90,6 +89,7 @@ def admin_routes(gateway: Gateway) -> list[BaseRoute]:
                     retry_after_s=wait_s,
                 )
             body = parse_body(await _read_limited(request, settings.max_body_bytes))
+            route_pools = {prefix: route.pool.name for prefix, route in gateway.routes.items()}
             req = validate(
                 body, kind=kind, pools=list(gateway.pools), settings=settings, allow=allow, routes=route_pools
             )
