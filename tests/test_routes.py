@@ -325,7 +325,7 @@ def test_env_routes_serve_through_a_real_gateway(fleet: Fleet) -> None:
     [
         (
             '{"users": {"upstreams": []}}',
-            r"PREQUAL_POOLS\['users'\]: a pool named by a key that is not a prefix needs routes",
+            r"PREQUAL_POOLS\['users'\]: a prefix must be .*; a key that is not one names a pool, which then needs",
         ),
         (
             '{"/v1": [], "users": {"routes": ["/v1"]}}',
