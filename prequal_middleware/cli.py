@@ -153,7 +153,15 @@ def check(env: Mapping[str, str]) -> str:
     admin_path = env.get("PREQUAL_ADMIN_PATH", DEFAULT_ADMIN_PATH)
     if not (admin_path.startswith("/") and not admin_path.endswith("/") and len(admin_path) > 1):
         raise ConfigurationError(f"admin_path must be a path like /_prequal, got {admin_path!r}")
-    pools = ", ".join(f"{p.prefix} ({len(p.upstreams)} upstreams)" for p in kwargs["pools"])
+    routes: dict[str, list[str]] = {}
+    for route in kwargs["routes"]:
+        routes.setdefault(route.pool, []).append(route.prefix)
+    pools = ", ".join(
+        f"{p.name} ({len(p.upstreams)} upstreams"
+        + (f"; routes {' '.join(routes[p.name])}" if p.name in routes else "")
+        + ")"
+        for p in kwargs["pools"]
+    )
     return f"pools {pools}; registry {kwargs['registry'].kind}; admin at {admin_path}"
 
 

@@ -344,3 +344,10 @@ def test_env_routes_serve_through_a_real_gateway(fleet: Fleet) -> None:
 def test_env_route_errors_name_the_place(pools: str, message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
         pools_and_routes_from_env({"PREQUAL_POOLS": pools})
+
+
+def test_the_cli_check_names_pools_and_their_routes() -> None:
+    from prequal_middleware.cli import check
+
+    env = {"PREQUAL_POOLS": '{"users": {"upstreams": ["http://127.0.0.1:8001"], "routes": ["/v1", "/v2"]}, "/api": []}'}
+    assert check(env).startswith("pools users (1 upstreams; routes /v1 /v2), /api (0 upstreams); registry memory")
