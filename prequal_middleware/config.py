@@ -466,7 +466,7 @@ class UpstreamPool:
         name: what registrations, metrics (the ``pool`` label), error responses (``x-prequal-pool``)
             and the status page call the pool. Default: the prefix, so ``UpstreamPool("/api")`` is the
             pool ``"/api"``. A word of letters, digits, ``.``, ``_``, ``~`` and ``-`` (at most 64), or a
-            path prefix.
+            path prefix. (``dataclasses.replace(pool, prefix=...)`` keeps the name: pass ``name`` too.)
         upstreams: static members (URLs such as ``http://10.0.0.5:8000``, optionally with a base path);
             more can register at run time.
         policy: a built-in name (``prequal``, ``round_robin``, ``random``, ``least_request``,

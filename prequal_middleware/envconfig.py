@@ -199,7 +199,8 @@ def pools_and_routes_from_env(environ: Mapping[str, str] | None = None) -> tuple
             taken[route.prefix] = f"{where}.routes[{i}]"
         if pool.prefix is None and not own:
             raise ConfigurationError(
-                f"{where}: a pool named by a key that is not a prefix needs routes (a list of prefixes)"
+                f"{where}: a prefix must be a path starting with '/'; a key that is not one names a pool,"
+                " which then needs routes (a list of prefixes)"
             )
         routes.extend(own)
     return pools, routes
