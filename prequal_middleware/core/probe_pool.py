@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import random
 import sys
+from bisect import bisect_left, insort
 from collections import deque
 from collections.abc import Collection, Container, Iterator
 from dataclasses import dataclass
@@ -231,15 +232,18 @@ class RifHistory:
 
     The quantile is taken over this history, not over the pool: a quantile of the pool is itself a
     pool member, so "every probe is hot" could never happen (prequal-spec.md section 13.4).
+
+    The samples are also kept sorted as they come and go (one ``insort`` per sample in, one deletion
+    per sample out), so the threshold each query asks for is one index, not a sort of the history.
     """
 
-    __slots__ = ("_samples", "_window_s", "_sorted", "_dirty")
+    __slots__ = ("_samples", "_size", "_window_s", "_sorted")
 
     def __init__(self, size: int, window_s: float) -> None:
-        self._samples: deque[tuple[float, int]] = deque(maxlen=size)
+        self._samples: deque[tuple[float, int]] = deque()
+        self._size = size
         self._window_s = window_s
         self._sorted: list[int] = []
-        self._dirty = False
 
     def __len__(self) -> int:
         return len(self._samples)
@@ -248,22 +252,26 @@ class RifHistory:
         """Record one probe RIF; one that is not an int in [0, ``MAX_REPORTED_RIF``] is ignored."""
         if not valid_report(rif, 0.0):
             return
-        self._samples.append((now, int(rif)))
-        self._dirty = True
+        rif = int(rif)
+        if len(self._samples) >= self._size:
+            self._drop_oldest()
+        self._samples.append((now, rif))
+        insort(self._sorted, rif)
+
+    def _drop_oldest(self) -> None:
+        _, rif = self._samples.popleft()
+        del self._sorted[bisect_left(self._sorted, rif)]
 
     def threshold(self, q: float, now: float) -> float:
         """θ = ``sorted[floor(q * (len - 1))]`` over fresh samples; ``inf`` when q is 1 or nothing is fresh."""
         samples = self._samples
         horizon = now - self._window_s
         while samples and samples[0][0] < horizon:
-            samples.popleft()
-            self._dirty = True
+            self._drop_oldest()
         if q >= 1.0 or not samples:
             return math.inf
-        if self._dirty:
-            self._sorted = sorted(rif for _, rif in samples)
-            self._dirty = False
-        return float(self._sorted[int(q * (len(self._sorted) - 1))])
+        ordered = self._sorted
+        return float(ordered[int(q * (len(ordered) - 1))])
 
 
 # --- the pool ----------------------------------------------------------------------------------
