@@ -170,7 +170,8 @@ class AiohttpTransport:
         session = self._session or self._open()
         loop = asyncio.get_running_loop()
         url = _url(request.backend, request.target, websocket=False)
-        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers]
+        headers = _pinned_headers(request.backend, request.headers)
+        server_hostname = _server_hostname(request.backend)
         # aiohttp starts sock_read once the request is fully written and re-arms it on every read:
         # exactly the response-headers timeout. The upload's idle timeout is ours (the deadline).
         limits = aiohttp.ClientTimeout(
@@ -192,6 +193,7 @@ class AiohttpTransport:
                     headers=headers,
                     allow_redirects=False,
                     timeout=limits,
+                    server_hostname=server_hostname,
                 )
             else:
                 async with deadline:
@@ -203,6 +205,7 @@ class AiohttpTransport:
                         data=body,
                         allow_redirects=False,
                         timeout=limits,
+                        server_hostname=server_hostname,
                     )
         except TimeoutError as exc:
             if isinstance(exc, aiohttp.ClientError):  # aiohttp's own timeouts are TimeoutErrors too
@@ -236,7 +239,8 @@ class AiohttpTransport:
             async with asyncio.timeout(timeouts.connect_s + timeouts.response_headers_s):
                 ws = await session.ws_connect(
                     url,
-                    headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers],
+                    headers=_pinned_headers(backend, headers),
+                    server_hostname=_server_hostname(backend),
                     protocols=subprotocols,
                     autoclose=False,
                     autoping=True,
@@ -250,6 +254,22 @@ class AiohttpTransport:
         return _AiohttpWebSocket(ws)
 
 
+def _pinned_headers(backend: str, headers: RawHeaders) -> list[tuple[str, str]]:
+    """The request's headers for aiohttp; a DNS-pinned member gets ``Host`` the name it stands for
+    (aiohttp would write the address it connects to) unless the request carries one."""
+    pairs = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
+    origin = upstream_origin(backend)
+    if origin.pinned and not any(k == b"host" for k, _ in headers):
+        pairs.insert(0, ("Host", origin.authority))
+    return pairs
+
+
+def _server_hostname(backend: str) -> str | None:
+    """The TLS name of a DNS-pinned https member (its address is what the URL names)."""
+    origin = upstream_origin(backend)
+    return origin.host if origin.pinned and origin.scheme == "https" else None
+
+
 def _url(backend: str, target: str, *, websocket: bool) -> URL:
     """The URL from parsed parts: the backend's scheme, host, port and base path, the target's path and query."""
     origin = upstream_origin(backend)
@@ -259,7 +279,7 @@ def _url(backend: str, target: str, *, websocket: bool) -> URL:
     try:
         return URL.build(
             scheme=origin.websocket_scheme if websocket else origin.scheme,
-            host=origin.host,
+            host=origin.address,
             port=origin.port,
             path=origin.base_path + path,
             query_string=query,

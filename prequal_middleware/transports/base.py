@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
 
+from prequal_middleware.core.member_url import pinned_address
 from prequal_middleware.exceptions import UpstreamConnectError
 
 if TYPE_CHECKING:
@@ -41,7 +42,9 @@ class UpstreamOrigin:
     """A backend URL's parts: where requests go (``scheme``, ``host``, ``port``) and the ``base_path`` they start with.
 
     ``host`` is a name or an IP literal without brackets; ``base_path`` is percent-encoded with no
-    trailing ``/`` (``""`` for none); ``authority`` is the ``Host`` header's value.
+    trailing ``/`` (``""`` for none); ``authority`` is the ``Host`` header's value. ``address`` is where
+    to connect: ``host``, or for a member DNS discovery pinned to one address (``core.member_url``)
+    that address, while ``host`` stays the name for ``Host``, SNI and certificate checks.
     """
 
     scheme: str
@@ -49,6 +52,11 @@ class UpstreamOrigin:
     port: int
     base_path: str
     authority: str
+    address: str
+
+    @property
+    def pinned(self) -> bool:
+        return self.address != self.host
 
     @property
     def websocket_scheme(self) -> str:
@@ -65,8 +73,12 @@ def upstream_origin(backend: str) -> UpstreamOrigin:
         raise UpstreamConnectError(f"{backend!r}: {exc}") from None
     if split.scheme not in ("http", "https") or not split.hostname or split.username is not None:
         raise UpstreamConnectError(f"{backend!r}: not an http:// or https:// URL with a host")
-    if split.query or split.fragment:
-        raise UpstreamConnectError(f"{backend!r}: a backend URL has no query or fragment")
+    if split.query:
+        raise UpstreamConnectError(f"{backend!r}: a backend URL has no query")
+    try:
+        address = pinned_address(split.fragment)
+    except ValueError:
+        raise UpstreamConnectError(f"{backend!r}: a backend URL's fragment can only pin an IP address") from None
     default = 443 if split.scheme == "https" else 80
     return UpstreamOrigin(
         scheme=split.scheme,
@@ -74,6 +86,7 @@ def upstream_origin(backend: str) -> UpstreamOrigin:
         port=port if port is not None else default,
         base_path=split.path.rstrip("/"),
         authority=split.netloc,
+        address=split.hostname if address is None else address,
     )
 
 

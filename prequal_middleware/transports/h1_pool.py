@@ -39,6 +39,7 @@ class Origin(Generic[Conn]):
     __slots__ = (
         "url",
         "host",
+        "address",
         "port",
         "ssl",
         "host_header",
@@ -55,6 +56,7 @@ class Origin(Generic[Conn]):
         parts = upstream_origin(url)
         self.url = url
         self.host = parts.host
+        self.address = parts.address  # where to connect (a DNS-pinned member's address; else the host)
         self.port = parts.port
         self.ssl = tls if parts.scheme == "https" else None
         self.host_header = parts.authority.encode("ascii")
@@ -189,7 +191,14 @@ class H1Pool(Generic[Conn]):
         conn = self.connection(self, origin)
         try:
             async with asyncio.timeout_at(deadline):
-                await loop.create_connection(lambda: conn, origin.host, origin.port, ssl=origin.ssl)
+                await loop.create_connection(
+                    lambda: conn,
+                    origin.address,
+                    origin.port,
+                    ssl=origin.ssl,
+                    # A pinned member connects to its address but verifies the name it stands for.
+                    server_hostname=origin.host if origin.ssl is not None else None,
+                )
         except TimeoutError:
             conn.abort()
             raise UpstreamTimeout(f"{origin.url}: connect timed out", phase="connect") from None

@@ -64,12 +64,20 @@ class HttpxTransport:
         limits = httpx.Timeout(
             connect=timeouts.connect_s, read=timeouts.read_idle_s, write=timeouts.read_idle_s, pool=timeouts.connect_s
         )
+        origin = upstream_origin(request.backend)
+        extensions: dict[str, object] = {"timeout": limits.as_dict()}
+        if origin.pinned:
+            # Connect to the pinned address, present the name: Host (unless the request carries one)
+            # and, over TLS, SNI and certificate checks.
+            if not any(k == b"host" for k, _ in headers):
+                headers = [(b"host", origin.authority.encode("ascii")), *headers]
+            extensions["sni_hostname"] = origin.host
         built = httpx.Request(
             request.method,
             _url(request.backend, request.target),
             headers=headers,
             content=_stream(request.body) if request.body is not None else None,
-            extensions={"timeout": limits.as_dict()},
+            extensions=extensions,
         )
         try:
             async with asyncio.timeout_at(loop.time() + timeouts.connect_s + first_wait):
@@ -93,7 +101,7 @@ def _url(backend: str, target: str) -> httpx.URL:
     if not sendable_target(target):
         raise UpstreamConnectError(f"{backend} {target!r}: not an origin-form request target")
     raw = (origin.base_path + target).encode("latin-1")
-    return httpx.URL(scheme=origin.scheme, host=origin.host, port=origin.port, raw_path=raw)
+    return httpx.URL(scheme=origin.scheme, host=origin.address, port=origin.port, raw_path=raw)
 
 
 async def _stream(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
