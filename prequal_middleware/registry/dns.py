@@ -3,11 +3,11 @@ Envoy ``STRICT_DNS``), and an SRV name for every target and port it lists.
 
 ``DnsResolver.expand(url)`` turns one upstream URL into its members:
 
-- ``http://api.internal:8000/base``: the A and AAAA records of ``api.internal``, one member per address
-  (``http://10.0.0.5:8000/base``, ``http://[fd00::5]:8000/base``), each sent ``Host: api.internal:8000``
-  (and, over TLS, that name as SNI and for verification);
+- ``http://api.internal:8000/base``: the A and AAAA records of ``api.internal``, one member per address,
+  pinned to it (``http://api.internal:8000/base#10.0.0.5``, ``core.member_url``): the transports connect
+  to the address and send ``Host: api.internal:8000`` (over TLS, that name as SNI and for verification);
 - ``http://_http._tcp.api.internal/base`` (a name whose first two labels start with ``_``, no port):
-  the SRV records, one member per target address and port, ``Host`` the target's name and port;
+  the SRV records, one member per target address and port (``http://node1:8001/base#10.0.0.5``);
 - an IP literal, or a name in ``static_names`` (``localhost``), stays as it is.
 
 Each result carries how long it may be kept: the smallest TTL among the records used, clamped to
@@ -33,6 +33,7 @@ import dns.exception
 import dns.rdatatype
 import dns.resolver
 
+from prequal_middleware.core.member_url import pin_address
 from prequal_middleware.exceptions import ConfigurationError, DnsLookupFailed
 
 STATIC_NAMES = frozenset({"localhost"})
@@ -75,9 +76,9 @@ class DnsSettings:
 
 @dataclass(frozen=True)
 class Expansion:
-    """What one upstream URL stands for: member URL -> the ``Host`` (authority) to send it, and for how long."""
+    """What one upstream URL stands for (member URLs, in a stable order) and for how long."""
 
-    members: dict[str, str]
+    members: tuple[str, ...]
     ttl_s: float
 
 
@@ -118,32 +119,30 @@ class DnsResolver:
         split = urlsplit(url)
         host = split.hostname or ""
         if not needs_resolving(url):
-            return Expansion({url: split.netloc}, self.settings.max_refresh_s)
+            return Expansion((url,), self.settings.max_refresh_s)
         if is_srv(url):
             return await self._expand_srv(url, host)
-        port = split.port or (443 if split.scheme == "https" else 80)
         addresses, ttl = await self._addresses(host)
-        authority = host if split.port is None else f"{host}:{port}"
-        members = {_with_address(url, address, port): authority for address in addresses}
-        return self._bounded(members, ttl)
+        return self._bounded([pin_address(url, address) for address in addresses], ttl)
 
     async def _expand_srv(self, url: str, name: str) -> Expansion:
+        split = urlsplit(url)
         answer = await self._query(name, "SRV")
         if answer is None or answer.rrset is None:
-            return self._bounded({}, self.settings.max_refresh_s)
+            return self._bounded([], self.settings.max_refresh_s)
         ttl = float(answer.rrset.ttl)
         targets = sorted(
             ((r.priority, -r.weight, str(r.target).rstrip("."), int(r.port)) for r in answer),
             key=lambda t: (t[0], t[1], t[2], t[3]),
         )
-        members: dict[str, str] = {}
+        members: list[str] = []
         for _, _, target, port in targets[: self.settings.max_addresses]:
             if not target or target == ".":
                 continue  # "service not available here" (RFC 2782)
             addresses, target_ttl = await self._addresses(target)
             ttl = min(ttl, target_ttl)
-            for address in addresses:
-                members.setdefault(_with_address(url, address, port), f"{target}:{port}")
+            base = urlunsplit((split.scheme, f"{target}:{port}", split.path, "", ""))
+            members.extend(pin_address(base, address) for address in addresses)
         return self._bounded(members, ttl)
 
     async def _addresses(self, name: str) -> tuple[list[str], float]:
@@ -169,18 +168,10 @@ class DnsResolver:
         except dns.exception.DNSException as exc:
             raise DnsLookupFailed(f"DNS lookup of {name} ({rdtype}) failed: {type(exc).__name__}") from None
 
-    def _bounded(self, members: dict[str, str], ttl: float) -> Expansion:
-        limit = self.settings.max_addresses
-        if len(members) > limit:
-            members = dict(list(members.items())[:limit])
+    def _bounded(self, members: list[str], ttl: float) -> Expansion:
+        unique = tuple(dict.fromkeys(members))[: self.settings.max_addresses]
         clamped = min(max(ttl, self.settings.min_refresh_s), self.settings.max_refresh_s)
-        return Expansion(members, clamped)
-
-
-def _with_address(url: str, address: str, port: int) -> str:
-    split = urlsplit(url)
-    host = f"[{address}]" if ":" in address else address
-    return urlunsplit((split.scheme, f"{host}:{port}", split.path, "", ""))
+        return Expansion(unique, clamped)
 
 
 def _nameserver(server: str) -> tuple[str, int]:

@@ -30,18 +30,18 @@ def resolver(server: DnsServer, **settings: object) -> DnsResolver:
 async def test_a_name_stands_for_all_its_addresses(dns_server: DnsServer) -> None:
     dns_server.set("api.test.", a=["127.0.0.2", "127.0.0.1"], aaaa=["::1"], ttl=7)
     expansion = await resolver(dns_server).expand("http://api.test:8000/base")
-    assert expansion.members == {
-        "http://127.0.0.1:8000/base": "api.test:8000",
-        "http://127.0.0.2:8000/base": "api.test:8000",
-        "http://[::1]:8000/base": "api.test:8000",
-    }
+    assert expansion.members == (
+        "http://api.test:8000/base#127.0.0.1",
+        "http://api.test:8000/base#127.0.0.2",
+        "http://api.test:8000/base#::1",
+    )
     assert expansion.ttl_s == 7
 
 
 async def test_the_default_port_and_https(dns_server: DnsServer) -> None:
     dns_server.set("secure.test.", a=["127.0.0.9"])
     expansion = await resolver(dns_server).expand("https://secure.test")
-    assert expansion.members == {"https://127.0.0.9:443": "secure.test"}
+    assert expansion.members == ("https://secure.test#127.0.0.9",)
 
 
 async def test_srv_lists_targets_and_ports(dns_server: DnsServer) -> None:
@@ -51,11 +51,11 @@ async def test_srv_lists_targets_and_ports(dns_server: DnsServer) -> None:
     dns_server.set("node1.test.", a=["127.0.0.11"], ttl=4)
     dns_server.set("node2.test.", a=["127.0.0.12", "127.0.0.13"], ttl=30)
     expansion = await resolver(dns_server).expand("http://_http._tcp.svc.test/v1")
-    assert expansion.members == {
-        "http://127.0.0.11:8001/v1": "node1.test:8001",
-        "http://127.0.0.12:8002/v1": "node2.test:8002",
-        "http://127.0.0.13:8002/v1": "node2.test:8002",
-    }
+    assert expansion.members == (
+        "http://node1.test:8001/v1#127.0.0.11",
+        "http://node2.test:8002/v1#127.0.0.12",
+        "http://node2.test:8002/v1#127.0.0.13",
+    )
     assert expansion.ttl_s == 4  # the smallest TTL among the records used
 
 
@@ -67,7 +67,7 @@ async def test_ttl_is_clamped(dns_server: DnsServer, ttl: int, expected: float) 
 
 async def test_a_missing_name_is_an_empty_answer_not_a_failure(dns_server: DnsServer) -> None:
     expansion = await resolver(dns_server).expand("http://nope.test:1")
-    assert expansion.members == {}
+    assert expansion.members == ()
 
 
 async def test_a_failing_server_is_a_failed_lookup(dns_server: DnsServer) -> None:
@@ -93,16 +93,15 @@ async def test_answers_are_bounded(dns_server: DnsServer) -> None:
 async def test_no_caching_between_lookups(dns_server: DnsServer) -> None:
     dns_server.set("moving.test.", a=["127.0.0.1"], ttl=300)
     r = resolver(dns_server)
-    assert list((await r.expand("http://moving.test:1")).members) == ["http://127.0.0.1:1"]
+    assert list((await r.expand("http://moving.test:1")).members) == ["http://moving.test:1#127.0.0.1"]
     dns_server.set("moving.test.", a=["127.0.0.2"], ttl=300)
-    assert list((await r.expand("http://moving.test:1")).members) == ["http://127.0.0.2:1"]
+    assert list((await r.expand("http://moving.test:1")).members) == ["http://moving.test:1#127.0.0.2"]
 
 
 async def test_literals_and_localhost_are_not_looked_up(dns_server: DnsServer) -> None:
     r = resolver(dns_server)
-    assert (await r.expand("http://127.0.0.1:5")).members == {"http://127.0.0.1:5": "127.0.0.1:5"}
-    assert (await r.expand("http://localhost:5")).members == {"http://localhost:5": "localhost:5"}
-    assert (await r.expand("http://[::1]:5")).members == {"http://[::1]:5": "[::1]:5"}
+    for url in ("http://127.0.0.1:5", "http://localhost:5", "http://[::1]:5"):
+        assert (await r.expand(url)).members == (url,)
     assert sum(dns_server.records.queries.values()) == 0
 
 
