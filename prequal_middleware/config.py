@@ -370,10 +370,11 @@ def valid_pool_name(name: object) -> bool:
 
 
 _NOT_IN_URLS = frozenset('<>"{}|\\^`')
+_SRV_SERVICE = re.compile(r"_[a-z0-9-]{1,63}\._[a-z0-9-]{1,63}\.")
 _HOST_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
 
 
-def validate_upstream_url(url: str, *, field_name: str = "url") -> str:
+def validate_upstream_url(url: str, *, field_name: str = "url", allow_srv: bool = False) -> str:
     """Check an upstream URL and return its one canonical spelling.
 
     http or https, a host, no userinfo, no query or fragment (not even an empty ``?`` or ``#``); an
@@ -381,7 +382,8 @@ def validate_upstream_url(url: str, *, field_name: str = "url") -> str:
     canonical form has a lower-case scheme and host name, an IPv4 address as four decimal numbers (the
     ``2130706433``, ``0x7f.1`` and ``127.1`` spellings the C resolver also accepts are refused), an IPv6
     address in its compressed form (an IPv4-mapped one is refused: use the IPv4 address), and the
-    port as a plain number: two spellings of one backend are one member.
+    port as a plain number: two spellings of one backend are one member. With ``allow_srv`` (a pool's
+    configured upstreams) the host may be an SRV name, ``_service._proto.name``, with no port.
     """
     if not isinstance(url, str) or not url:
         raise ConfigurationError(f"{field_name} must be a non-empty string, got {url!r}")
@@ -402,7 +404,16 @@ def validate_upstream_url(url: str, *, field_name: str = "url") -> str:
         raise ConfigurationError(f"{field_name} must not contain credentials (user:password@), got {url!r}")
     if port == 0:
         raise ConfigurationError(f"{field_name} must not use port 0, got {url!r}")
-    host = _canonical_host(parts.hostname, parts.netloc, url, field_name)
+    srv = _SRV_SERVICE.match(parts.hostname.lower())
+    if srv is not None and allow_srv:
+        # An SRV name (``_http._tcp.api.internal``): DNS gives the ports, so the URL names none.
+        if port is not None:
+            raise ConfigurationError(
+                f"{field_name} is an SRV name (_service._proto.name): it takes no port, got {url!r}"
+            )
+        host = srv.group(0) + _canonical_host(parts.hostname[srv.end() :], parts.netloc, url, field_name)
+    else:
+        host = _canonical_host(parts.hostname, parts.netloc, url, field_name)
     path = parts.path.rstrip("/")
     if path and any(segment in (".", "..") for segment in path.split("/")):
         raise ConfigurationError(f"{field_name} must not have '.' or '..' segments in its path, got {url!r}")
@@ -580,7 +591,7 @@ class UpstreamPool:
                 f"UpstreamPool.upstreams must be a list of URLs, got the string {self.upstreams!r}"
             )
         urls = tuple(
-            validate_upstream_url(u, field_name=f"UpstreamPool({self.name!r}).upstreams[{i}]")
+            validate_upstream_url(u, field_name=f"UpstreamPool({self.name!r}).upstreams[{i}]", allow_srv=True)
             for i, u in enumerate(self.upstreams)
         )
         object.__setattr__(self, "upstreams", urls)

@@ -27,6 +27,8 @@
 - ``PREQUAL_ALLOWED_UPSTREAMS``: comma-separated hosts, ``*.suffix`` wildcards or networks
   (``10.0.0.0/8``) registered URLs may point at.
 - ``PREQUAL_LEASE_TTL_S``: the lease of a registration that names none (default 30).
+- ``PREQUAL_DNS`` (on by default), ``PREQUAL_DNS_NAMESERVERS``, ``PREQUAL_DNS_REFRESH_S``: how upstreams
+  named by DNS are expanded into one member per address (``DnsSettings``, ``gateway.discovery``).
 - ``PREQUAL_TRANSPORT``: ``h1`` (default, ``H1Transport``, our HTTP/1.1 client) or ``aiohttp``
   (``AiohttpTransport``). ``HttpxTransport`` is not offered here: it wraps an ``httpx.AsyncClient`` you
   build yourself, so pass it to ``Gateway(transport=...)`` in code.
@@ -314,6 +316,7 @@ def gateway_kwargs_from_env(environ: Mapping[str, str] | None = None) -> dict[st
         AllowList(kwargs["admin"].allowed_upstreams)
     except ConfigurationError as exc:
         raise ConfigurationError(f"PREQUAL_ALLOWED_UPSTREAMS: {exc}") from None
+    kwargs["dns"] = dns_from_env(env)
     via = env.get("PREQUAL_VIA_PSEUDONYM")
     if via:
         kwargs["via_pseudonym"] = via.strip()
@@ -332,6 +335,31 @@ def gateway_kwargs_from_env(environ: Mapping[str, str] | None = None) -> dict[st
         if env.get(variable):
             kwargs[setting] = _hook(env[variable], variable)
     return kwargs
+
+
+def dns_from_env(env: Mapping[str, str]) -> Any:
+    """``DnsSettings`` from ``PREQUAL_DNS`` (on/off), ``PREQUAL_DNS_NAMESERVERS`` (comma-separated
+    ``ip`` or ``ip:port``) and ``PREQUAL_DNS_REFRESH_S`` (the longest a DNS answer is kept)."""
+    from prequal_middleware.registry.dns import DnsSettings
+
+    settings: dict[str, Any] = {}
+    if env.get("PREQUAL_DNS", "").strip():
+        settings["enabled"] = _flag(env["PREQUAL_DNS"], "PREQUAL_DNS")
+    servers = env.get("PREQUAL_DNS_NAMESERVERS", "")
+    if servers.strip():
+        settings["nameservers"] = tuple(s.strip() for s in servers.split(",") if s.strip())
+    refresh = env.get("PREQUAL_DNS_REFRESH_S", "").strip()
+    if refresh:
+        try:
+            settings["max_refresh_s"] = float(refresh)
+        except ValueError:
+            raise ConfigurationError(f"PREQUAL_DNS_REFRESH_S must be a number of seconds, got {refresh!r}") from None
+        settings["min_refresh_s"] = min(1.0, settings["max_refresh_s"])
+    try:
+        return DnsSettings(**settings)
+    except ConfigurationError as exc:
+        variable = "PREQUAL_DNS_NAMESERVERS" if "nameservers" in str(exc) else "PREQUAL_DNS_REFRESH_S"
+        raise ConfigurationError(f"{variable}: {exc}") from None
 
 
 def registry_from_env(env: Mapping[str, str]) -> Any:

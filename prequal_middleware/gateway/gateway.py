@@ -36,6 +36,7 @@ from starlette.applications import Starlette
 from prequal_middleware.config import AdminSettings, Route, UpstreamPool
 from prequal_middleware.core import Member, PolicySnapshot
 from prequal_middleware.exceptions import ConfigurationError
+from prequal_middleware.gateway.discovery import Discovery
 from prequal_middleware.gateway.forwarding import Forwarder, Receive, Scope, Send, send_error
 from prequal_middleware.gateway.membership import Membership, RegistryHook
 from prequal_middleware.gateway.metrics import PrequalMetrics
@@ -46,6 +47,7 @@ from prequal_middleware.gateway.scheduler import ProbeScheduler
 from prequal_middleware.gateway.websocket import forward_websocket
 from prequal_middleware.registry import BackendRecord, Registry
 from prequal_middleware.registry.default import check_registry_fits_workers, default_registry
+from prequal_middleware.registry.dns import DnsSettings
 from prequal_middleware.registry.registration import AllowList, RegistrationRequest
 from prequal_middleware.transports.base import Transport
 from prequal_middleware.transports.http1 import H1Transport
@@ -86,6 +88,8 @@ class Gateway:
         via_pseudonym: this gateway's name in the ``Via`` header of upstream requests (an HTTP token);
             a request that already carries it came back through a loop and gets 508. Default: random,
             one per gateway. Give the workers of one gateway the same name to catch a loop in one hop.
+        dns: how upstreams named by DNS are expanded into one member per address (``DnsSettings``;
+            ``DnsSettings(enabled=False)`` keeps a name one member). See ``gateway.discovery``.
     """
 
     def __init__(
@@ -102,6 +106,7 @@ class Gateway:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         via_pseudonym: str | None = None,
+        dns: DnsSettings | None = None,
     ) -> None:
         if via_pseudonym is None:
             # One per gateway (not per process), so two gateways chained in one process are not a loop.
@@ -125,12 +130,14 @@ class Gateway:
         self.membership = Membership(
             self.pools, self.registry, self.metrics, clock, on_register=on_register, on_unregister=on_unregister
         )
+        self.discovery = Discovery(self.membership, dns if dns is not None else DnsSettings())
         self._scheduler: ProbeScheduler | None = None
         self._forwarder: Forwarder | None = None
         self.state = GatewayState.CREATED
         now = clock()
-        for runtime in self.pools.values():
-            runtime.set_members([Member(url) for url in runtime.config.upstreams], now)
+        for name, runtime in self.pools.items():
+            # Names DNS expands join at startup, once resolved.
+            runtime.set_members([Member(url) for url in sorted(self.membership.static_members(name))], now)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Gateway:
@@ -157,8 +164,9 @@ class Gateway:
         check_registry_fits_workers(self.registry)
         await self.registry.start()
         await self.membership.refresh()
+        await self.discovery.resolve_all()  # before serving: a pool named by DNS is not empty at first
         scheduler = ProbeScheduler(list(self.pools.values()), transport, self.metrics, self.clock)
-        await scheduler.start(self.membership)
+        await scheduler.start(self.membership, self.discovery)
         self._scheduler = scheduler
         self._forwarder = Forwarder(transport, self.metrics, self.clock, via_pseudonym=self.via_pseudonym)
         self.state = GatewayState.RUNNING

@@ -74,6 +74,9 @@ class Membership:
         self._last_full = -math.inf
         self._draining: dict[str, set[str]] = {}  # per pool, the members kept while requests finish
         self._static: dict[str, frozenset[str]] = {}
+        # Per pool, per upstream named by DNS, the members it stands for now (``Discovery`` sets them).
+        self._discovered: dict[str, dict[str, tuple[str, ...]]] = {}
+        self.resolves: Callable[[str], bool] = _never  # which configured upstreams DNS expands
 
     # --- writes (the admin routes) ---------------------------------------------------------------
 
@@ -164,7 +167,7 @@ class Membership:
 
     def _apply_pool(self, prefix: str, pool: PoolRuntime, records: Mapping[str, BackendRecord], now: float) -> None:
         self.records[prefix] = dict(records)
-        members: dict[str, Member] = {url: Member(url) for url in pool.config.upstreams}
+        members: dict[str, Member] = {url: Member(url) for url in self._static_of(prefix, pool)}
         for url, record in records.items():
             members[url] = self._registered(prefix, pool, record)
         for url, old in pool.members.items():
@@ -253,10 +256,33 @@ class Membership:
                     pool.remove_member(url, now)
 
     def _static_of(self, prefix: str, pool: PoolRuntime) -> frozenset[str]:
+        """The operator's members: configured upstreams, each name DNS expands replaced by its members."""
         static = self._static.get(prefix)
         if static is None:
-            static = self._static[prefix] = frozenset(pool.config.upstreams)
+            literal = [url for url in pool.config.upstreams if not self.resolves(url)]
+            discovered = [url for urls in self._discovered.get(prefix, {}).values() for url in urls]
+            static = self._static[prefix] = frozenset((*literal, *discovered))
         return static
+
+    def static_members(self, prefix: str) -> frozenset[str]:
+        """The operator's members of one pool now (see ``_static_of``)."""
+        return self._static_of(prefix, self.pools[prefix])
+
+    def discovered(self, prefix: str, upstream: str) -> tuple[str, ...]:
+        """The members one upstream named by DNS stands for now (empty before its first answer)."""
+        return self._discovered.get(prefix, {}).get(upstream, ())
+
+    def set_discovered(self, prefix: str, upstream: str, members: tuple[str, ...]) -> bool:
+        """What one upstream named by DNS stands for now; re-applies the pool when that changed (O(n)
+        in its members, as often as DNS changes). ``True`` if it did."""
+        known = self._discovered.setdefault(prefix, {})
+        if known.get(upstream) == members:
+            return False
+        known[upstream] = members
+        self._static.pop(prefix, None)
+        pool = self.pools[prefix]
+        self._apply_pool(prefix, pool, self.records.get(prefix, {}), self.clock())
+        return True
 
     def lease_remaining_s(self, prefix: str, url: str) -> float | None:
         record = self.records.get(prefix, {}).get(url)
@@ -266,6 +292,10 @@ class Membership:
 
     def record_of(self, prefix: str, url: str) -> BackendRecord | None:
         return self.records.get(prefix, {}).get(url)
+
+
+def _never(url: str) -> bool:
+    return False
 
 
 async def _call(hook: RegistryHook | None, record: BackendRecord) -> None:

@@ -40,6 +40,7 @@ from typing import Any
 from prequal_middleware.config import Timeouts
 from prequal_middleware.core import Policy
 from prequal_middleware.exceptions import ProbeError, ProbeUnsupported, UpstreamError
+from prequal_middleware.gateway.discovery import Discovery
 from prequal_middleware.gateway.membership import Membership
 from prequal_middleware.gateway.metrics import LoopErrorLog, PrequalMetrics
 from prequal_middleware.gateway.pool import PoolRuntime, drop_probes
@@ -125,8 +126,9 @@ class ProbeScheduler:
 
     # --- lifecycle -----------------------------------------------------------------------------
 
-    async def start(self, membership: Membership | None = None) -> None:
-        """Start probing, health checks, gauges and (with ``membership``) registry sync."""
+    async def start(self, membership: Membership | None = None, discovery: Discovery | None = None) -> None:
+        """Start probing, health checks, gauges, (with ``membership``) registry sync and (with
+        ``discovery``) the DNS lookups of upstreams named by DNS."""
         self._running = True
         for pool in self._pools:
             probes = pool.config.probes
@@ -150,6 +152,9 @@ class ProbeScheduler:
         self._spawn(self._gauge_loop())
         if membership is not None:
             self._spawn(self._registry_loop(membership))
+        if discovery is not None:
+            for pool_name, upstream in discovery.names():
+                self._spawn(discovery.loop(pool_name, upstream))
 
     async def aclose(self) -> None:
         self._running = False

@@ -8,7 +8,12 @@ Envoy ``STRICT_DNS``), and an SRV name for every target and port it lists.
   to the address and send ``Host: api.internal:8000`` (over TLS, that name as SNI and for verification);
 - ``http://_http._tcp.api.internal/base`` (a name whose first two labels start with ``_``, no port):
   the SRV records, one member per target address and port (``http://node1:8001/base#10.0.0.5``);
-- an IP literal, or a name in ``static_names`` (``localhost``), stays as it is.
+- an IP literal, ``localhost`` or a name under ``.localhost`` or ``.invalid`` (RFC 6761: no DNS server
+  answers for them) stays as it is.
+
+Without ``nameservers``, a name DNS does not know (or a DNS that does not answer) is also asked of the
+system resolver (``getaddrinfo``: ``/etc/hosts``, nsswitch), as a connection by name would have been;
+its addresses are kept for ``max_refresh_s``, as it gives no TTL.
 
 Each result carries how long it may be kept: the smallest TTL among the records used, clamped to
 ``[min_refresh_s, max_refresh_s]``. A failed lookup (timeout, SERVFAIL, no server) raises
@@ -25,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import math
+import socket
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
@@ -36,7 +42,9 @@ import dns.resolver
 from prequal_middleware.core.member_url import pin_address
 from prequal_middleware.exceptions import ConfigurationError, DnsLookupFailed
 
+# Never looked up: names RFC 6761 says no DNS server answers for (a test double's backends use .invalid).
 STATIC_NAMES = frozenset({"localhost"})
+STATIC_SUFFIXES = (".localhost", ".invalid")
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,7 @@ class DnsSettings:
     """How upstream names are resolved.
 
     Parameters:
+        enabled: expand upstreams named by DNS (else a name is one member, resolved per connection).
         nameservers: servers to ask (``"ip"`` or ``"ip:port"``); empty: the system's resolver config.
         timeout_s: the longest one lookup (all its queries and retries) may take.
         min_refresh_s / max_refresh_s: the bounds a record's TTL is clamped to before the next lookup.
@@ -51,6 +60,7 @@ class DnsSettings:
         max_addresses: members one upstream may expand to (the rest of an answer is ignored).
     """
 
+    enabled: bool = True
     nameservers: tuple[str, ...] = ()
     timeout_s: float = 2.0
     min_refresh_s: float = 1.0
@@ -59,6 +69,8 @@ class DnsSettings:
     max_addresses: int = 256
 
     def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ConfigurationError(f"DnsSettings.enabled must be true or false, got {self.enabled!r}")
         if isinstance(self.nameservers, str):
             raise ConfigurationError("DnsSettings.nameservers must be a list of addresses, not a string")
         object.__setattr__(self, "nameservers", tuple(self.nameservers))
@@ -85,7 +97,7 @@ class Expansion:
 def needs_resolving(url: str) -> bool:
     """Whether ``url``'s host is a DNS name to expand (not an IP literal, not a static name)."""
     host = urlsplit(url).hostname or ""
-    if host in STATIC_NAMES:
+    if host in STATIC_NAMES or host.endswith(STATIC_SUFFIXES):
         return False
     try:
         ipaddress.ip_address(host)
@@ -146,14 +158,38 @@ class DnsResolver:
         return self._bounded(members, ttl)
 
     async def _addresses(self, name: str) -> tuple[list[str], float]:
-        a, aaaa = await asyncio.gather(self._query(name, "A"), self._query(name, "AAAA"))
+        try:
+            a, aaaa = await asyncio.gather(self._query(name, "A"), self._query(name, "AAAA"))
+        except DnsLookupFailed:
+            fallback = await self._system(name)
+            if fallback is None:
+                raise
+            return fallback, self.settings.max_refresh_s
         addresses: list[str] = []
         ttl = self.settings.max_refresh_s
         for answer in (a, aaaa):
             if answer is not None and answer.rrset is not None:
                 ttl = min(ttl, float(answer.rrset.ttl))
                 addresses.extend(sorted(str(r.address) for r in answer))
+        if not addresses:
+            fallback = await self._system(name)
+            if fallback:
+                return fallback, self.settings.max_refresh_s
         return addresses, ttl
+
+    async def _system(self, name: str) -> list[str] | None:
+        """The system resolver's addresses for ``name`` (``/etc/hosts`` and the like), only when no
+        nameservers are configured; ``None`` when it knows none either."""
+        if self.settings.nameservers:
+            return None
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.settings.timeout_s):
+                infos = await loop.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+        except (OSError, TimeoutError):
+            return None
+        found = sorted({str(info[4][0]) for info in infos if info[0] in (socket.AF_INET, socket.AF_INET6)})
+        return found or None
 
     async def _query(self, name: str, rdtype: str) -> dns.resolver.Answer | None:
         """An answer, ``None`` for "no such name / no such records", ``DnsLookupFailed`` for no answer."""
