@@ -208,7 +208,19 @@ class _DisconnectWatch:
 class _Exchange:
     """One client request on its way through the gateway."""
 
-    __slots__ = ("route", "pool", "scope", "send", "headers", "content_length", "target", "body", "watch", "status")
+    __slots__ = (
+        "route",
+        "pool",
+        "scope",
+        "send",
+        "headers",
+        "content_length",
+        "target",
+        "body",
+        "watch",
+        "status",
+        "attempt",
+    )
 
     def __init__(
         self,
@@ -223,6 +235,7 @@ class _Exchange:
     ) -> None:
         self.route = route
         self.pool = route.pool
+        self.attempt = 0  # 1 for the first try
         self.scope = scope
         self.send = send
         self.headers = headers
@@ -302,7 +315,10 @@ class Forwarder:
             return await self._error(send, 413, "body_too_large", _too_large(limits.max_body_bytes), pool)
         target = upstream_target(route, scope)
         if route.rewrite_path is not None:
-            target = route.rewrite_path(target)
+            try:
+                target = await _rewritten(route.rewrite_path, target)
+            except Exception:
+                return await self._hook_failed(send, "rewrite_path", pool)
         watch = _DisconnectWatch(receive, asyncio.current_task())
         has_body = prepared.chunked or prepared.content_length
         body: _ClientBody | None = None
@@ -346,6 +362,10 @@ class Forwarder:
         await send_error(send, status, error, detail, pool, close=close)
         return status
 
+    async def _hook_failed(self, send: Send, hook: str, pool: PoolRuntime) -> int:
+        logger.exception("pool %s: the %s hook failed", pool.name, hook)  # the traceback for the operator
+        return await self._error(send, 502, "hook_error", f"the gateway's {hook} hook failed", pool)
+
     async def _attempts(self, exchange: _Exchange) -> None:
         route = exchange.route
         pool = exchange.pool
@@ -358,6 +378,7 @@ class Forwarder:
         exclude: set[str] = set()
         failed: UpstreamError | None = None  # the last attempt's error, when retrying
         for attempt in range(cfg.retry.attempts):
+            exchange.attempt = attempt + 1
             selection = pool.select(now, exclude, policy)  # its probes go to the pool's sink
             if selection is None:
                 if failed is not None:  # every other backend was tried: the real cause, not a 503
@@ -373,7 +394,11 @@ class Forwarder:
                 method, selection.backend, exchange.target, exchange.headers, exchange.body, exchange.content_length
             )
             if route.on_request is not None:
-                request = await _apply_hook(route.on_request, request)
+                try:
+                    request = await _apply_hook(route.on_request, request)
+                except Exception:
+                    exchange.status = await self._hook_failed(exchange.send, "on_request", pool)
+                    return
             if not sendable_target(request.target):
                 # Only a path rewrite or a request hook can get here (the middleware admitted the
                 # client's target): the gateway's own bug, not a backend's failure, and never sent.
@@ -436,7 +461,14 @@ class Forwarder:
                 if report is not None:
                     handle.report(report[0], report[1], started + latency)
             if route.on_response is not None:
-                response = await _apply_hook(route.on_response, response)
+                response.backend, response.attempt = backend, exchange.attempt
+                response.latency_s, response.outcome = latency, outcome.value
+                try:
+                    response = await _apply_hook(route.on_response, response)
+                except Exception:
+                    # The backend answered: its outcome stands; the client gets the hook's failure.
+                    exchange.status = await self._hook_failed(exchange.send, "on_response", pool)
+                    return
             try:
                 await self._stream(exchange, request, response)
             except UpstreamError as exc:
@@ -559,6 +591,15 @@ def _retryable(exc: UpstreamError, method: str, body: _ClientBody | None, idempo
     if not exc.sent:
         return True
     return isinstance(exc, UpstreamProtocolError) and method in idempotent
+
+
+async def _rewritten(hook: Callable[[str], Any], target: str) -> str:
+    result = hook(target)
+    if inspect.isawaitable(result):
+        result = await result
+    if not isinstance(result, str):
+        raise TypeError(f"rewrite_path returned {type(result).__name__}, not a str")
+    return result
 
 
 async def _apply_hook(hook: Callable[[Any], Any], value: Any) -> Any:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
+import logging
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +30,8 @@ from prequal_middleware.gateway.headers import VIA_PSEUDONYM, upstream_request_h
 from prequal_middleware.gateway.pool import PoolRuntime
 from prequal_middleware.gateway.routes import RouteRuntime
 from prequal_middleware.transports.base import UpstreamWebSocket, WebSocketTransport, sendable_target
+
+logger = logging.getLogger("prequal_middleware.gateway.websocket")
 
 # The handshake headers the upstream client makes itself (RFC 6455 section 4.1).
 _HANDSHAKE = frozenset(
@@ -119,7 +123,15 @@ async def _forward(
     headers = [(k, v) for k, v in prepared.headers if k not in _HANDSHAKE]
     target = upstream_target(route, scope)
     if route.rewrite_path is not None:
-        target = route.rewrite_path(target)
+        try:
+            rewritten = route.rewrite_path(target)
+            target = await rewritten if inspect.isawaitable(rewritten) else rewritten
+            if not isinstance(target, str):
+                raise TypeError(f"rewrite_path returned {type(target).__name__}, not a str")
+        except Exception:
+            logger.exception("pool %s: the rewrite_path hook failed", pool.name)
+            await _deny(scope, send, 502, "hook_error", "the gateway's rewrite_path hook failed", pool)
+            return
         if not sendable_target(target):
             detail = "the gateway's path rewrite produced an invalid request target"
             await _deny(scope, send, 500, "invalid_upstream_target", detail, pool)

@@ -134,9 +134,14 @@ class UpstreamResponse:
 
     ``aclose()`` releases the connection: back to the pool after a complete body, closed otherwise
     (which is how a cancelled request is cancelled upstream).
+
+    What the gateway knows of the attempt, for a ``ResponseHook`` (an access log, say), is set before
+    the hook runs: ``backend`` (the member's URL), ``attempt`` (1 for the first try, 2 for the first
+    retry, ...), ``latency_s`` (request sent to response headers) and ``outcome`` (``success``,
+    ``server_error``, ... as the policies count it; the body may still fail while it streams).
     """
 
-    __slots__ = ("status", "headers", "body", "_close")
+    __slots__ = ("status", "headers", "body", "_close", "backend", "attempt", "latency_s", "outcome")
 
     def __init__(
         self,
@@ -149,6 +154,10 @@ class UpstreamResponse:
         self.headers = headers
         self.body = body
         self._close = close
+        self.backend = ""
+        self.attempt = 0
+        self.latency_s = 0.0
+        self.outcome = ""
 
     async def aclose(self) -> None:
         close, self._close = self._close, None
@@ -203,9 +212,13 @@ class WebSocketTransport(Transport, Protocol):
         """Open a WebSocket to ``target`` on ``backend`` (``ws://`` for ``http://``, ``wss://`` for ``https://``)."""
 
 
-PathRewriteHook = Callable[[str], str]
-"""Gets the upstream target (path and query, percent-encoded, prefix already stripped); returns the one to send."""
+PathRewriteHook = Callable[[str], str | Awaitable[str]]
+"""Gets the upstream target (path and query, percent-encoded, prefix already stripped); returns the one to send.
+
+Every hook may be a plain function or a coroutine function. A hook that raises gives the client a JSON
+502 ``hook_error`` (counted in ``gateway_errors_total{error="hook_error"}``), never a backend's failure."""
 RequestHook = Callable[[UpstreamRequest], UpstreamRequest | None | Awaitable[UpstreamRequest | None]]
 """Gets the upstream request before it is sent; may change it in place or return a replacement."""
 ResponseHook = Callable[[UpstreamResponse], UpstreamResponse | None | Awaitable[UpstreamResponse | None]]
-"""Gets the upstream response before it is streamed back; may change status or headers in place."""
+"""Gets the upstream response before it is streamed back; may change status or headers in place. The
+attempt's ``backend``, ``attempt``, ``latency_s`` and ``outcome`` are on the response."""
