@@ -48,10 +48,10 @@ def servers() -> Iterator[tuple[Recorder, Recorder]]:
 @pytest.mark.parametrize(
     ("url", "parts"),
     [
-        ("http://127.0.0.1:8000", UpstreamOrigin("http", "127.0.0.1", 8000, "", "127.0.0.1:8000")),
-        ("https://[::1]:8443/base/", UpstreamOrigin("https", "::1", 8443, "/base", "[::1]:8443")),
-        ("http://svc.internal/v1", UpstreamOrigin("http", "svc.internal", 80, "/v1", "svc.internal")),
-        ("https://svc.internal", UpstreamOrigin("https", "svc.internal", 443, "", "svc.internal")),
+        ("http://127.0.0.1:8000", UpstreamOrigin("http", "127.0.0.1", 8000, "", "127.0.0.1:8000", "127.0.0.1")),
+        ("https://[::1]:8443/base/", UpstreamOrigin("https", "::1", 8443, "/base", "[::1]:8443", "::1")),
+        ("http://svc.internal/v1", UpstreamOrigin("http", "svc.internal", 80, "/v1", "svc.internal", "svc.internal")),
+        ("https://svc.internal", UpstreamOrigin("https", "svc.internal", 443, "", "svc.internal", "svc.internal")),
     ],
 )
 def test_a_member_url_is_parsed_once_into_its_parts(url: str, parts: UpstreamOrigin) -> None:
