@@ -67,7 +67,9 @@ FIXTURE: dict[str, Any] = {
             ],
         },
         {
+            "name": "legacy",  # a named pool two routes lead to
             "prefix": "/legacy",
+            "routes": ["/legacy", "/old"],
             "policy": "round_robin",
             "in_flight": 0,
             "clients": 1,
@@ -178,6 +180,9 @@ def test_pools_show_prefix_policy_and_counters(page: Element) -> None:
     ]
     api, legacy = sections
     assert api.find("h2").text == "/api"
+    assert api.find_all("span", data_field="routes") == []  # named by its one prefix: nothing more to say
+    assert legacy.find("h2").text == "legacy"
+    assert legacy.find("span", data_field="routes").text == "/legacy /old"
     assert api.find("span", data_field="policy").text == "prequal"
     assert legacy.find("span", data_field="policy").text == "round_robin"
     assert api.find("div", data_field="pool").find("dd").text.strip() == "12 / 16"

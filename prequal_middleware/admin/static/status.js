@@ -38,6 +38,13 @@
     ["metadata", "Metadata", "From the registration", "text"],
   ];
 
+  // The routes that lead to a pool, when they say more than its name (a pool named by its one prefix).
+  function routesOf(pool) {
+    const routes = Array.isArray(pool.routes) ? pool.routes.filter((r) => typeof r === "string") : [];
+    if (routes.length === 0 || (routes.length === 1 && routes[0] === pool.name)) return "";
+    return el("span", { class: "badge routes", "data-field": "routes", title: "routes" }, [routes.join(" ")]);
+  }
+
   function endpoint() {
     const base = new URL(location.href);
     base.search = "";
@@ -175,11 +182,13 @@
     return el("section", {
       class: "pool",
       "data-pool-prefix": text(pool.prefix),
+      "data-pool-name": text(pool.name === undefined ? pool.prefix : pool.name),
       "data-policy": text(pool.policy),
       "data-panic": String(panic),
     }, [
       el("div", { class: "pool-head" }, [
-        el("h2", { class: "prefix" }, [text(pool.prefix)]),
+        el("h2", { class: "prefix" }, [text(pool.name === undefined ? pool.prefix : pool.name)]),
+        routesOf(pool),
         el("span", { class: "badge policy", "data-field": "policy", title: "policy" }, [text(pool.policy)]),
         panic ? el("span", { class: "badge panic-on", title: REASON_HELP.panic }, ["PANIC"]) : "",
       ]),
