@@ -207,3 +207,17 @@ def test_the_readme_configuration_file_checks(tmp_path: Path) -> None:
     done = _run(["--config", str(config), "--check"], _clean_env(PREQUAL_REGISTRY_PATH=str(tmp_path / "r.db")))
     assert done.returncode == 0, done.stderr
     assert "pools /api (2 upstreams); registry sqlite" in done.stdout
+
+
+def test_a_toml_pool_with_routes_checks(tmp_path: Path) -> None:
+    config = tmp_path / "routes.toml"
+    config.write_text(
+        textwrap.dedent("""
+            [pools.users]
+            upstreams = ["http://127.0.0.1:9001"]
+            routes = ["/v1/users", { prefix = "/v2/users", strip_prefix = false }]
+        """)
+    )
+    done = _run(["--config", str(config), "--check"], _clean_env())
+    assert done.returncode == 0, done.stderr
+    assert "users" in done.stdout and "/v1/users" in done.stdout and "/v2/users" in done.stdout
