@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import math
+import re
 import socket
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
@@ -45,6 +46,8 @@ from prequal_middleware.exceptions import ConfigurationError, DnsLookupFailed
 # Never looked up: names RFC 6761 says no DNS server answers for (a test double's backends use .invalid).
 STATIC_NAMES = frozenset({"localhost"})
 STATIC_SUFFIXES = (".localhost", ".invalid")
+# An SRV target that may go into a member's URL: a host name of letters, digits, "-" and ".".
+_TARGET_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 
 
 @dataclass(frozen=True)
@@ -147,11 +150,19 @@ class DnsResolver:
             ((r.priority, -r.weight, str(r.target).rstrip("."), int(r.port)) for r in answer),
             key=lambda t: (t[0], t[1], t[2], t[3]),
         )
+        # A target is a name a DNS server chose: only a plain host name goes into a member's URL (one with
+        # "/", "#", "@" or ":" would shape the URL), "." means "not here" (RFC 2782). Looked up together,
+        # so a long answer costs one lookup's time, not one per target.
+        chosen = [
+            (target, port)
+            for _, _, target, port in targets[: self.settings.max_addresses]
+            if _TARGET_NAME.fullmatch(target)
+        ]
+        names = list(dict.fromkeys(target for target, _ in chosen))
+        found = dict(zip(names, await asyncio.gather(*(self._addresses(name) for name in names)), strict=True))
         members: list[str] = []
-        for _, _, target, port in targets[: self.settings.max_addresses]:
-            if not target or target == ".":
-                continue  # "service not available here" (RFC 2782)
-            addresses, target_ttl = await self._addresses(target)
+        for target, port in chosen:
+            addresses, target_ttl = found[target]
             ttl = min(ttl, target_ttl)
             base = urlunsplit((split.scheme, f"{target}:{port}", split.path, "", ""))
             members.extend(pin_address(base, address) for address in addresses)

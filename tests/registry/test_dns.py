@@ -131,3 +131,10 @@ def test_which_urls_resolve() -> None:
 def test_bad_settings_name_the_field(settings: dict[str, object], field: str) -> None:
     with pytest.raises(ConfigurationError, match=f"DnsSettings.{field}"):
         DnsSettings(**settings)  # type: ignore[arg-type]
+
+
+async def test_srv_targets_that_are_not_host_names_are_skipped(dns_server: DnsServer) -> None:
+    dns_server.set_srv("_http._tcp.mixed.test.", [(10, 1, 8001, "ok.test."), (10, 1, 8002, "bad/path#x.test.")])
+    dns_server.set("ok.test.", a=["127.0.0.21"])
+    expansion = await resolver(dns_server).expand("http://_http._tcp.mixed.test")
+    assert expansion.members == ("http://ok.test:8001#127.0.0.21",)
