@@ -136,5 +136,6 @@ def test_bad_settings_name_the_field(settings: dict[str, object], field: str) ->
 async def test_srv_targets_that_are_not_host_names_are_skipped(dns_server: DnsServer) -> None:
     dns_server.set_srv("_http._tcp.mixed.test.", [(10, 1, 8001, "ok.test."), (10, 1, 8002, "bad/path#x.test.")])
     dns_server.set("ok.test.", a=["127.0.0.21"])
+    dns_server.set("bad/path#x.test.", a=["127.0.0.22"])  # it resolves: only its name keeps it out
     expansion = await resolver(dns_server).expand("http://_http._tcp.mixed.test")
     assert expansion.members == ("http://ok.test:8001#127.0.0.21",)
