@@ -175,7 +175,8 @@ class PrequalPolicy(BasePolicy):
         for target in targets:
             b = backends[target]
             if b.probe_mode == "local":
-                self._pool_result(b, b.in_flight, b.latency_s or 0.0, now)
+                # Our own counts are in range by construction (an EWMA of measured latencies, >= 0).
+                self._pool_result(b, b.in_flight, b.latency_s or 0.0, now, current=True)
                 continue
             report = reports.get(target)
             if report is not None and max_age > 0 and now - report.at <= max_age:
@@ -186,7 +187,7 @@ class PrequalPolicy(BasePolicy):
                     self.probes_from_reports += 1
                 # What the backend said, plus what this client has sent it since (the +1 compensation
                 # the pool applies per use, for the requests sent after the report).
-                self._pool_result(b, report.rif + report.sent_since, report.latency_s, now)
+                self._pool_result(b, report.rif + report.sent_since, report.latency_s, now, current=True)
                 continue
             sent = probing.get(target)
             if sent is not None and now - sent < PROBE_PENDING_S:
@@ -275,16 +276,18 @@ class PrequalPolicy(BasePolicy):
                 self.latency_corrections += 1
         return rif, latency_s
 
-    def _pool_result(self, b: _Backend, rif: int, latency_s: float, now: float) -> None:
+    def _pool_result(self, b: _Backend, rif: int, latency_s: float, now: float, *, current: bool = False) -> None:
         # Only candidates count (the list is current: every change to it marks it stale and this reads
-        # it); a non-averse one enters the pool, an averse one only the RIF history (see ``on_probe``).
-        self.candidates(now)
+        # it, unless the caller just did: ``current``); a non-averse one enters the pool, an averse one
+        # only the RIF history (see ``on_probe``). Every caller has checked the report (valid_report).
+        if not current:
+            self.candidates(now)
         if b.id not in self._candidate_set:
             return
         if self.outliers.is_averse(b.id, now):
-            self.pool.history.add(rif, now)
+            self.pool.history.add_valid(rif, now)
             return
-        self.pool.add(b.id, rif, latency_s, now, len(self._candidates))
+        self.pool.add_valid(b.id, rif, latency_s, now, len(self._candidates))
 
     def on_probe_failure(self, backend: BackendId, now: float) -> None:
         self._probing.pop(backend, None)

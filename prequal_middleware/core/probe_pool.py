@@ -250,9 +250,11 @@ class RifHistory:
 
     def add(self, rif: int, now: float) -> None:
         """Record one probe RIF; one that is not an int in [0, ``MAX_REPORTED_RIF``] is ignored."""
-        if not valid_report(rif, 0.0):
-            return
-        rif = int(rif)
+        if valid_report(rif, 0.0):
+            self.add_valid(int(rif), now)
+
+    def add_valid(self, rif: int, now: float) -> None:
+        """``add`` for a RIF already checked by ``valid_report`` (the pool's own inflow)."""
         if len(self._samples) >= self._size:
             self._drop_oldest()
         self._samples.append((now, rif))
@@ -314,6 +316,8 @@ class ProbePool:
         self._probe_rate = FractionalRate()
         self._removal_rate = FractionalRate()
         self._remove_oldest_next = True
+        self._budget_for = -1  # the n_available ``_budget`` was computed for
+        self._budget = 1.0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -336,15 +340,23 @@ class ProbePool:
         """
         if not valid_report(rif, latency_s):
             return None
-        rif, latency_s = int(rif), float(latency_s)
-        s = self.settings
-        self.history.add(rif, now)
-        self._entries.pop(backend, None)
-        budget = reuse_budget(s.pool_size, n_available, s.probes_per_query, s.removals_per_query, s.drift, s.max_reuse)
-        entry = ProbeEntry(backend, now, rif, latency_s, max(1, randomized_round(budget, self.rng)))
-        self._entries[backend] = entry
-        while len(self._entries) > s.pool_size:
-            del self._entries[next(iter(self._entries))]
+        return self.add_valid(backend, int(rif), float(latency_s), now, n_available)
+
+    def add_valid(self, backend: BackendId, rif: int, latency_s: float, now: float, n_available: int) -> ProbeEntry:
+        """``add`` for a report already checked by ``valid_report`` (the policy checks what it receives)."""
+        self.history.add_valid(rif, now)
+        entries = self._entries
+        entries.pop(backend, None)
+        if n_available != self._budget_for:  # Eq. 1 depends only on n here: computed when n changes
+            s = self.settings
+            self._budget = reuse_budget(
+                s.pool_size, n_available, s.probes_per_query, s.removals_per_query, s.drift, s.max_reuse
+            )
+            self._budget_for = n_available
+        entry = ProbeEntry(backend, now, rif, latency_s, max(1, randomized_round(self._budget, self.rng)))
+        entries[backend] = entry
+        if len(entries) > self.settings.pool_size:
+            del entries[next(iter(entries))]  # one in, at most one out: the pool was full before
         return entry
 
     # --- outflow -------------------------------------------------------------------------------
