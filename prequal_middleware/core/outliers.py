@@ -172,7 +172,10 @@ class OutlierDetector:
         return 1.0 / max(0.05, 1.0 - self.failure_rate(backend, now))
 
     def is_averse(self, backend: BackendId, now: float) -> bool:
-        return self.failure_rate(backend, now) > self.settings.averse_above
+        h = self._health.get(backend)
+        if h is None or h.rate == 0.0:  # the common case, asked for every pooled probe: no call deeper
+            return False
+        return self._decayed_rate(h, now) > self.settings.averse_above
 
     def in_panic(self, healthy: int, members: int) -> bool:
         """True when too few members are healthy: ``healthy < panic_threshold * members``, or none is.

@@ -167,19 +167,29 @@ class PrequalPolicy(BasePolicy):
         if count <= 0:
             return ()
         candidates = self.candidates(now)
-        targets = self.rng.sample(candidates, min(count, len(candidates)))
+        n = len(candidates)
+        targets = self.rng.sample(candidates, min(count, n))
         backends = self._backends
         reports, probing = self._reports, self._probing
         max_age = self.settings.report_max_age_s
+        pool, is_averse = self.pool, self.outliers.is_averse
         remote: list[BackendId] = []
+        # Runs for every query: what _pool_result does, inline, for targets drawn from the candidates
+        # just read (so they are candidates) and reports already checked where they came in.
         for target in targets:
             b = backends[target]
             if b.probe_mode == "local":
-                # Our own counts are in range by construction (an EWMA of measured latencies, >= 0).
-                self._pool_result(b, b.in_flight, b.latency_s or 0.0, now, current=True)
-                continue
-            report = reports.get(target)
-            if report is not None and max_age > 0 and now - report.at <= max_age:
+                rif, latency_s = b.in_flight, b.latency_s or 0.0  # our own counts: in range by construction
+            else:
+                report = reports.get(target)
+                if report is None or max_age <= 0 or now - report.at > max_age:
+                    sent = probing.get(target)
+                    if sent is not None and now - sent < PROBE_PENDING_S:
+                        self.probes_pending += 1  # its answer is on the way and will be pooled
+                    else:
+                        probing[target] = now
+                        remote.append(target)
+                    continue
                 if report.used:
                     self.probes_reused += 1
                 else:
@@ -187,14 +197,11 @@ class PrequalPolicy(BasePolicy):
                     self.probes_from_reports += 1
                 # What the backend said, plus what this client has sent it since (the +1 compensation
                 # the pool applies per use, for the requests sent after the report).
-                self._pool_result(b, report.rif + report.sent_since, report.latency_s, now, current=True)
-                continue
-            sent = probing.get(target)
-            if sent is not None and now - sent < PROBE_PENDING_S:
-                self.probes_pending += 1  # its answer is on the way and will be pooled
-                continue
-            probing[target] = now
-            remote.append(target)
+                rif, latency_s = report.rif + report.sent_since, report.latency_s
+            if is_averse(target, now):
+                pool.history.add_valid(rif, now)
+            else:
+                pool.add_valid(target, rif, latency_s, now, n)
         return tuple(remote)
 
     def on_start(self, backend: BackendId, now: float) -> None:
@@ -276,12 +283,11 @@ class PrequalPolicy(BasePolicy):
                 self.latency_corrections += 1
         return rif, latency_s
 
-    def _pool_result(self, b: _Backend, rif: int, latency_s: float, now: float, *, current: bool = False) -> None:
+    def _pool_result(self, b: _Backend, rif: int, latency_s: float, now: float) -> None:
         # Only candidates count (the list is current: every change to it marks it stale and this reads
-        # it, unless the caller just did: ``current``); a non-averse one enters the pool, an averse one
-        # only the RIF history (see ``on_probe``). Every caller has checked the report (valid_report).
-        if not current:
-            self.candidates(now)
+        # it); a non-averse one enters the pool, an averse one only the RIF history (see ``on_probe``).
+        # The caller has checked the report (valid_report). ``_probe`` does the same inline.
+        self.candidates(now)
         if b.id not in self._candidate_set:
             return
         if self.outliers.is_averse(b.id, now):

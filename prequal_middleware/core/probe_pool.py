@@ -316,8 +316,9 @@ class ProbePool:
         self._probe_rate = FractionalRate()
         self._removal_rate = FractionalRate()
         self._remove_oldest_next = True
-        self._budget_for = -1  # the n_available ``_budget`` was computed for
-        self._budget = 1.0
+        self._budget_for = -1  # the n_available the reuse budget below was computed for
+        self._budget_whole = 1  # the budget's integer part
+        self._budget_part = 0.0  # and its fraction: the chance of one use more
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -349,11 +350,15 @@ class ProbePool:
         entries.pop(backend, None)
         if n_available != self._budget_for:  # Eq. 1 depends only on n here: computed when n changes
             s = self.settings
-            self._budget = reuse_budget(
+            budget = reuse_budget(
                 s.pool_size, n_available, s.probes_per_query, s.removals_per_query, s.drift, s.max_reuse
             )
+            self._budget_whole = math.floor(budget)
+            self._budget_part = budget - self._budget_whole
             self._budget_for = n_available
-        entry = ProbeEntry(backend, now, rif, latency_s, max(1, randomized_round(self._budget, self.rng)))
+        # randomized_round(budget) inline (one draw, as there): this runs for every pooled probe.
+        uses = self._budget_whole + (1 if self.rng.random() < self._budget_part else 0)
+        entry = ProbeEntry(backend, now, rif, latency_s, max(1, uses))
         entries[backend] = entry
         if len(entries) > self.settings.pool_size:
             del entries[next(iter(entries))]  # one in, at most one out: the pool was full before
