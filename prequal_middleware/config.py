@@ -504,6 +504,11 @@ class UpstreamPool:
             ``max_in_flight_per_backend`` (its handshake does), so sockets cannot starve HTTP.
         retry_after_s: the ``Retry-After`` value of the pool's 503 responses.
         rewrite_path / on_request / on_response: (route) hooks (see ``PathRewriteHook`` and friends).
+        required_for_ready: whether ``/readyz`` waits for this pool to have a healthy member. ``None``
+            (the default): a pool with ``upstreams`` (static or named by DNS) is required, a pool filled
+            only by registration is not, since its backends register through a gateway that is ready
+            (a readiness-gated load balancer in front of the gateway would otherwise keep them out).
+            ``True`` on such a pool makes the gateway wait for its first registration.
     """
 
     prefix: str | None = None
@@ -530,6 +535,7 @@ class UpstreamPool:
     rewrite_path: PathRewriteHook | None = None
     on_request: RequestHook | None = None
     on_response: ResponseHook | None = None
+    required_for_ready: bool | None = None
 
     def __post_init__(self) -> None:
         p = self.prefix
@@ -583,6 +589,11 @@ class UpstreamPool:
                     "slow_start_s",
                     isinstance(self.slow_start_s, (int, float)) and 0 <= self.slow_start_s < math.inf,
                     "a finite number >= 0",
+                ),
+                (
+                    "required_for_ready",
+                    self.required_for_ready is None or isinstance(self.required_for_ready, bool),
+                    "None or a bool",
                 ),
             ],
         )

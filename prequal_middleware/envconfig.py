@@ -84,6 +84,7 @@ _SCALARS = frozenset(
         "max_websockets",
         "retry_after_s",
         "slow_start_s",
+        "required_for_ready",
     }
 )
 

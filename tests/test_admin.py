@@ -244,11 +244,12 @@ def test_healthz_and_readyz(backends: Any) -> None:
     )
     with serve(gateway_app(gateway)) as g:
         assert httpx.get(g.url + "/_prequal/healthz").json() == {"status": "ok"}
-        not_ready = httpx.get(g.url + "/_prequal/readyz")
-        assert not_ready.status_code == 503
-        assert not_ready.json()["problems"] == ["pool /api has no healthy member"]
+        # /api is filled by registration, so not required; /b's static member is healthy.
+        ready = httpx.get(g.url + "/_prequal/readyz")
+        assert ready.status_code == 200 and ready.json()["status"] == "ready"
+        assert {name: p["required"] for name, p in ready.json()["pools"].items()} == {"/api": False, "/b": True}
         httpx.post(g.url + "/_prequal/register", json={"url": backends[0][0].url, "pool": "/api"})
-        assert httpx.get(g.url + "/_prequal/readyz").json() == {"status": "ready"}
+        assert httpx.get(g.url + "/_prequal/readyz").json()["pools"]["/api"]["ready"] is True
 
 
 def test_metrics_are_exposed(backends: Any) -> None:

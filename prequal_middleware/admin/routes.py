@@ -153,10 +153,8 @@ def admin_routes(gateway: Gateway) -> list[BaseRoute]:
         return _json({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
-        problems = gateway.readiness_problems()
-        if problems:
-            return _json({"status": "not_ready", "problems": problems}, 503)
-        return _json({"status": "ready"})
+        report = gateway.readiness()
+        return _json(report.as_json(), 200 if report.ready else 503)
 
     async def metrics(request: Request) -> Response:
         body, content_type = gateway.metrics.render()

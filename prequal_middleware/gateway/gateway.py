@@ -41,6 +41,7 @@ from prequal_middleware.gateway.forwarding import Forwarder, Receive, Scope, Sen
 from prequal_middleware.gateway.membership import Membership, RegistryHook
 from prequal_middleware.gateway.metrics import PrequalMetrics
 from prequal_middleware.gateway.pool import PoolRuntime
+from prequal_middleware.gateway.readiness import Readiness, pool_readiness
 from prequal_middleware.gateway.request_target import under_prefix
 from prequal_middleware.gateway.routes import RouteRuntime, longest_first, route_table
 from prequal_middleware.gateway.scheduler import ProbeScheduler
@@ -268,27 +269,19 @@ class Gateway:
         """The prefixes of the routes to the pool named ``pool``, in declaration order."""
         return [prefix for prefix, route in self.routes.items() if route.pool.name == pool]
 
-    def readiness_problems(self) -> list[str]:
-        """Why the gateway should not get traffic yet (empty when it should): not running, a pool without a
-        healthy member, a registry unreachable for longer than ``AdminSettings.ready_while_stale_s``."""
-        problems = []
-        if not self.running:
-            problems.append("the gateway is not running")
+    def readiness(self) -> Readiness:
+        """Whether the gateway should get traffic (``/readyz``): running, every required pool with a healthy
+        member (``UpstreamPool.required_for_ready``), and a registry not unreachable for
+        ``AdminSettings.ready_while_stale_s`` or more. Each pool says whether it is required and why."""
         now = self.clock()
-        for name, pool in self.pools.items():
-            snapshot = pool.clients[0].snapshot(now)
-            if not any(b.state == "healthy" for b in snapshot.backends):
-                problems.append(f"pool {name} has no healthy member")
-        # A shared registry that is briefly unreachable leaves every gateway serving its last snapshot
-        # (fail static); taking them all out of a load balancer at once for it would undo that. Readiness
-        # fails only once the snapshot is older than the bound; staleness shows in /backends and the metric
-        # from the first second.
+        pools = [pool_readiness(pool.config, pool.clients[0].snapshot(now)) for pool in self.pools.values()]
         stale_since = self.registry.snapshot().stale_since
-        if stale_since is not None:
-            stale_for = max(0.0, now - stale_since)
-            if stale_for >= self.admin.ready_while_stale_s:
-                problems.append(f"the registry has been unreachable for {stale_for:.1f} s")
-        return problems
+        stale_for = None if stale_since is None else max(0.0, now - stale_since)
+        return Readiness(self.running, tuple(pools), stale_for, self.admin.ready_while_stale_s)
+
+    def readiness_problems(self) -> list[str]:
+        """Why the gateway should not get traffic yet (empty when it should); see ``readiness``."""
+        return self.readiness().problems
 
     # --- state ---------------------------------------------------------------------------------
 
