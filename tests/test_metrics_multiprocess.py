@@ -50,3 +50,5 @@ def test_metrics_add_up_over_workers(tmp_path: object) -> None:
             process.wait(timeout=15)
     assert len({f.rsplit("_", 1)[-1] for f in files}) >= 2, f"two workers wrote metrics: {files}"
     assert readings == [60.0] * 12, readings
+    assert [line for line in text.splitlines() if "_created" in line] == []
+    assert len([line for line in text.splitlines() if line.startswith("prequal_build_info{")]) == 1, text

@@ -162,6 +162,7 @@ class Gateway:
         transport = self._transport
         if transport is None:
             transport = self._transport = H1Transport()
+        self.metrics.set_build_info(type(transport).__name__)
         check_registry_fits_workers(self.registry)
         await self.registry.start()
         await self.membership.refresh()

@@ -10,6 +10,12 @@ Works under ``PROMETHEUS_MULTIPROC_DIR`` (``uvicorn --workers N``): every metric
 gauge or histogram (no custom collector), gauges declare how workers combine, and ``render`` reads
 all workers' files in that mode.
 
+``render`` (the admin ``/metrics``) leaves out the ``*_created`` series prometheus_client adds to
+counters and histograms: they double the series count and Prometheus' text format does not need them.
+It drops them from its own output rather than calling ``prometheus_client.disable_created_metrics()``,
+which would change every registry in the process. Exposing ``PrequalMetrics.registry`` through an
+exporter of your own keeps them unless you set ``PROMETHEUS_DISABLE_CREATED_SERIES=true``.
+
     metrics = PrequalMetrics(CollectorRegistry())
     gateway = Gateway(pools=[...], metrics=metrics)
 """
@@ -18,10 +24,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+import platform
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -162,7 +170,21 @@ class PrequalMetrics:
             ["loop"],
             registry=r,
         )
+        self.build_info = Gauge(
+            "prequal_build_info",
+            "Always 1; the labels say which prequal-middleware, Python and upstream transport run",
+            ["version", "python", "transport"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self._cache: dict[tuple[Any, ...], Any] = {}
+
+    def set_build_info(self, transport: str) -> None:
+        """Publish ``prequal_build_info`` (one series: a restart with another transport replaces it)."""
+        from prequal_middleware import __version__  # the package is fully imported by the time a gateway starts
+
+        self.build_info.clear()
+        self.build_info.labels(__version__, platform.python_version(), transport).set(1)
 
     def child(self, metric: Any, *labels: str) -> Any:
         """The labelled child, cached: ``labels()`` takes a lock and builds a key on every call."""
@@ -187,8 +209,22 @@ class PrequalMetrics:
         if directory:
             merged = CollectorRegistry()
             MultiProcessCollector(merged, path=directory)  # type: ignore[no-untyped-call]
-            return generate_latest(merged), CONTENT_TYPE
-        return generate_latest(self.registry), CONTENT_TYPE
+            return generate_latest(_WithoutCreated(merged)), CONTENT_TYPE
+        return generate_latest(_WithoutCreated(self.registry)), CONTENT_TYPE
+
+
+class _WithoutCreated:
+    """A registry's metrics without their ``*_created`` samples; only our exposition, not the registry."""
+
+    def __init__(self, source: CollectorRegistry) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self._source.collect():
+            created = metric.name + "_created"
+            # collect() builds fresh Metric objects on every call: trimming them changes nothing shared.
+            metric.samples = [s for s in metric.samples if s.name != created]
+            yield metric
 
 
 class LoopErrorLog:
