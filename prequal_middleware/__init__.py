@@ -27,7 +27,7 @@ from prequal_middleware.config import (
     Route,
     Timeouts,
 )
-from prequal_middleware.core import LoadTrackerSettings, OutlierSettings, PrequalSettings
+from prequal_middleware.core import HistorySettings, LoadTrackerSettings, OutlierSettings, PrequalSettings
 
 # isort: split
 # --- policies, and the types to write a policy or a hook --------------------------------------------
@@ -97,6 +97,7 @@ __all__ = [
     "Gateway",
     "H1Transport",
     "HealthSettings",
+    "HistorySettings",
     "HttpxTransport",
     "LeastLatencyPolicy",
     "LeastRequestPolicy",

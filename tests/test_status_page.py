@@ -93,6 +93,20 @@ FIXTURE: dict[str, Any] = {
         },
     ],
 }
+HISTORY: dict[str, Any] = {
+    "window_s": 300,
+    "step_s": 5,
+    "age_s": [15.0, 10.0, 5.0, 0.0],
+    "rps": [40.0, 38.5, 0.0, 41.5],
+    "p99_ms": [12.0, 14.5, None, 11.0],
+    "backends": [
+        {"url": HOSTILE_URL, "share": [0.5, 0.6, None, 0.7]},
+        {"url": "http://127.0.0.1:8001", "share": [0.3, 0.4, None, 0.3]},
+        {"url": None, "share": [0.2, 0.0, None, 0.0]},
+    ],
+}
+FIXTURE["pools"][1]["history"] = HISTORY
+FIXTURE["pools"][0]["history"] = None  # not sampled yet
 EXPECTED_STATES = {
     "http://127.0.0.1:8001": "healthy",
     "http://127.0.0.1:8002": "unhealthy",
@@ -250,7 +264,8 @@ def test_endpoint_serves_a_self_contained_page() -> None:
     assert head.status_code == 200
 
     html = STATUS_PAGE_HTML
-    assert not re.search(r"https?://", html)
+    # The SVG namespace is a name (createElementNS), never fetched: the one URL the page may hold.
+    assert not re.search(r"https?://", html.replace('"http://www.w3.org/2000/svg"', ""))
     assert not re.search(r"<script[^>]*\ssrc\s*=", html, re.I)
     assert not re.search(r"<link[^>]*href\s*=\s*[\"']?(https?:)?//", html, re.I)
     (style,) = re.findall(r"<style>(.*?)</style>", html, re.S)
@@ -315,3 +330,36 @@ def test_the_page_is_built_from_its_static_files() -> None:
     assert "{{" not in STATUS_PAGE_HTML, "every marker of status.html is filled"
     rebuilt = STATUS_PAGE_HTML.replace(css, "{{status.css}}").replace(js, "{{status.js}}")
     assert re.sub(r'content="default-src[^"]*"', 'content="{{csp}}"', rebuilt) == template
+
+
+def test_history_charts(page: Element) -> None:
+    legacy = page.find("section", data_pool_prefix="/legacy")
+    charts = legacy.find("div", class_="charts")
+    assert charts.attrs["data-points"] == "4"
+    rps = charts.find("svg", data_chart="rps")
+    (line,) = rps.find_all("path", data_series="rps")
+    assert line.attrs["data-points"] == "4"
+    assert len(re.findall(r"[ML]", line.attrs["d"] or "")) == 4
+    assert "41.5" in charts.find("figure", data_chart="rps").find("figcaption").text
+    p99 = charts.find("svg", data_chart="p99").find("path", data_series="p99")
+    assert p99.attrs["data-points"] == "3", "a step without requests has no p99: the line breaks"
+    assert (p99.attrs["d"] or "").count("M") == 2
+    share = charts.find("svg", data_chart="share")
+    lines = share.find_all("path", data_series=None)
+    assert [(p.attrs["data-series"], p.attrs.get("data-series-url"), p.attrs["data-points"]) for p in lines] == [
+        ("backend", HOSTILE_URL, "3"),
+        ("backend", "http://127.0.0.1:8001", "3"),
+        ("other", None, "3"),
+    ]
+    assert lines[0].find("title").text == HOSTILE_URL, "the line is labelled with its backend's URL, as text"
+    legend = charts.find("ul", class_="chart-legend")
+    hostile = legend.find("li", data_series_url=HOSTILE_URL)
+    assert hostile.text.startswith(HOSTILE_URL) and hostile.text.endswith("70.0%")
+    assert legend.find("li", data_series="other").text.startswith("other backends")
+    assert page.find_all("img") == [], "the hostile URL stayed text in the charts too"
+
+
+def test_no_history_yet(page: Element) -> None:
+    api = page.find("section", data_pool_prefix="/api")
+    assert api.find("p", data_field="history").text == "No history yet."
+    assert api.find_all("svg") == []

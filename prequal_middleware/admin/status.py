@@ -105,6 +105,8 @@ def _describe_pool(
         "member_states": states,
         "members_offset": offset,
         "members": members,
+        # The last few minutes (rps, p99, backends' shares) for the page's charts; null until first sampled.
+        "history": gateway.history.as_json(name, now),
     }
 
 

@@ -52,7 +52,17 @@ The JSON contract (``GET {mount}/backends``)::
               "source": "registered",          # where the member came from (registered, static, ...)
               "metadata": {"zone": "a"}        # free-form, from the registration
             }
-          ]
+          ],
+          "history": {                         # the last few minutes; null before the first sample
+            "window_s": 300, "step_s": 5,
+            "age_s": [10.0, 5.0, 0.0],         # each point's age in seconds, oldest first
+            "rps": [40.2, 38.0, 41.5],         # requests answered per second over the step
+            "p99_ms": [12.0, null, 11.2],      # from the duration histogram's buckets; null: no requests
+            "backends": [                      # share of the attempts per point, the busiest by URL,
+              {"url": "http://127.0.0.1:8001", "share": [0.5, null, 0.6]},
+              {"url": null, "share": [0.5, null, 0.4]}   # the rest as one series ("other")
+            ]
+          }
         }
       ]
     }
@@ -62,7 +72,11 @@ scripts: ``#gateway-state``, ``#registry`` (``data-stale``), ``#registry-stale``
 when fresh), ``#error-banner`` (``hidden`` when the last fetch succeeded), ``#last-refresh`` (``<time>``),
 ``#pools``; per pool ``section[data-pool-prefix][data-policy][data-panic]`` with
 ``[data-selection=<reason>]`` rows (``data-count``, ``data-share``); per member
-``tr[data-member-url][data-state][data-probe-mode]`` whose cells carry ``data-field=<json key>``.
+``tr[data-member-url][data-state][data-probe-mode]`` whose cells carry ``data-field=<json key>``;
+per pool ``div.charts[data-points]`` (or ``p.empty[data-field=history]`` before any point) holding
+``svg[data-chart=rps|p99|share]`` whose ``path[data-series][data-points]`` are the lines (a backend's
+with ``data-series-url`` and its URL as ``<title>``), and the legend ``li[data-series-url]``. The
+charts are SVG elements made with ``createElementNS`` (no markup strings), so the CSP holds for them.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ testable with a fake clock and a seeded RNG, and the simulator drives the very s
 
 from __future__ import annotations
 
+from prequal_middleware.core.history import HistorySettings, TrafficHistory
 from prequal_middleware.core.load_tracker import LoadTracker, LoadTrackerSettings, RequestTicket
 from prequal_middleware.core.outliers import OutlierDetector, OutlierSettings
 from prequal_middleware.core.policies import (
@@ -47,6 +48,7 @@ __all__ = [
     "BackendState",
     "BasePolicy",
     "FractionalRate",
+    "HistorySettings",
     "LeastLatencyPolicy",
     "LeastRequestPolicy",
     "LoadTracker",
@@ -69,6 +71,7 @@ __all__ = [
     "RoundRobinPolicy",
     "Selection",
     "SelectionReason",
+    "TrafficHistory",
     "create_policy",
     "reuse_budget",
 ]

@@ -35,9 +35,11 @@ from starlette.applications import Starlette
 
 from prequal_middleware.config import AdminSettings, Route, UpstreamPool
 from prequal_middleware.core import Member, PolicySnapshot
+from prequal_middleware.core.history import HistorySettings
 from prequal_middleware.exceptions import ConfigurationError
 from prequal_middleware.gateway.discovery import Discovery
 from prequal_middleware.gateway.forwarding import Forwarder, Receive, Scope, Send, send_error
+from prequal_middleware.gateway.history import PoolHistories
 from prequal_middleware.gateway.membership import Membership, RegistryHook
 from prequal_middleware.gateway.metrics import PrequalMetrics
 from prequal_middleware.gateway.pool import PoolRuntime
@@ -91,6 +93,8 @@ class Gateway:
             one per gateway. Give the workers of one gateway the same name to catch a loop in one hop.
         dns: how upstreams named by DNS are expanded into one member per address (``DnsSettings``;
             ``DnsSettings(enabled=False)`` keeps a name one member). See ``gateway.discovery``.
+        history: what the status page's charts cover (``HistorySettings``: 5 minutes at 5 s, the 5
+            busiest backends of each pool by name); sampled from the metrics by the scheduler.
     """
 
     def __init__(
@@ -108,6 +112,7 @@ class Gateway:
         rng: random.Random | None = None,
         via_pseudonym: str | None = None,
         dns: DnsSettings | None = None,
+        history: HistorySettings | None = None,
     ) -> None:
         if via_pseudonym is None:
             # One per gateway (not per process), so two gateways chained in one process are not a loop.
@@ -125,6 +130,7 @@ class Gateway:
         self.clock = clock
         self._transport = transport
         self.metrics = metrics if metrics is not None else PrequalMetrics()
+        self.history = PoolHistories(self.metrics, history)
         self.admin = admin if admin is not None else AdminSettings()
         self.allow_list = AllowList(self.admin.allowed_upstreams)
         self.registry: Registry = registry if registry is not None else default_registry()
@@ -167,7 +173,7 @@ class Gateway:
         await self.registry.start()
         await self.membership.refresh()
         await self.discovery.resolve_all()  # before serving: a pool named by DNS is not empty at first
-        scheduler = ProbeScheduler(list(self.pools.values()), transport, self.metrics, self.clock)
+        scheduler = ProbeScheduler(list(self.pools.values()), transport, self.metrics, self.clock, history=self.history)
         await scheduler.start(self.membership, self.discovery)
         self._scheduler = scheduler
         self._forwarder = Forwarder(transport, self.metrics, self.clock, via_pseudonym=self.via_pseudonym)

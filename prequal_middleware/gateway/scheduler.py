@@ -41,6 +41,7 @@ from prequal_middleware.config import Timeouts
 from prequal_middleware.core import Policy
 from prequal_middleware.exceptions import ProbeError, ProbeUnsupported, UpstreamError
 from prequal_middleware.gateway.discovery import Discovery
+from prequal_middleware.gateway.history import PoolHistories
 from prequal_middleware.gateway.membership import Membership
 from prequal_middleware.gateway.metrics import LoopErrorLog, PrequalMetrics
 from prequal_middleware.gateway.pool import PoolRuntime, drop_probes
@@ -90,6 +91,7 @@ class ProbeScheduler:
         clock: monotonic seconds.
         local_reprobe_initial_s / local_reprobe_max_s: the backoff of re-probes to backends in local
             mode (see ``LOCAL_REPROBE_INITIAL_S``).
+        history: the pools' traffic histories, sampled by the gauge loop (the status page's charts).
     """
 
     def __init__(
@@ -101,6 +103,7 @@ class ProbeScheduler:
         *,
         local_reprobe_initial_s: float = LOCAL_REPROBE_INITIAL_S,
         local_reprobe_max_s: float = LOCAL_REPROBE_MAX_S,
+        history: PoolHistories | None = None,
     ) -> None:
         if not 0 < local_reprobe_initial_s <= local_reprobe_max_s < math.inf:
             raise ValueError(
@@ -108,6 +111,7 @@ class ProbeScheduler:
                 f"{local_reprobe_initial_s!r} and {local_reprobe_max_s!r}"
             )
         self._reprobe_initial_s = local_reprobe_initial_s
+        self._history = history
         self._reprobe_max_s = local_reprobe_max_s
         self._local: dict[tuple[int, str], _LocalMode] = {}  # (id(pool), backend) in local mode
         self._pools = list(pools)
@@ -485,9 +489,22 @@ class ProbeScheduler:
     # --- pool state as gauges --------------------------------------------------------------------
 
     async def _gauge_loop(self) -> None:
+        interval = GAUGE_INTERVAL_S
+        if self._history is not None:  # a history finer than a second (tests) is sampled as often
+            interval = min(interval, self._history.settings.step_s)
         while True:
             self.update_gauges()
-            await asyncio.sleep(GAUGE_INTERVAL_S)  # update_gauges never raises
+            self.sample_history()
+            await asyncio.sleep(interval)  # neither raises
+
+    def sample_history(self) -> None:
+        """A point for each pool's traffic history when one is due (read from the metrics' counters)."""
+        if self._history is None:
+            return
+        try:
+            self._history.sample(self._clock(), [pool.name for pool in self._pools])
+        except Exception as exc:  # the charts wait for the next round; the gauges go on
+            self.errors.failed("history", exc)
 
     def update_gauges(self) -> None:
         """Members by state, probe-pool occupancy and ejections, from every pool's policies."""

@@ -160,6 +160,107 @@
     ]);
   }
 
+  // --- history charts: inline SVG built node by node (no library, no markup strings) ----------------
+
+  const SVG_NS = "http://www.w3.org/2000/svg";
+  const CHART_W = 320;
+  const CHART_H = 90;
+  const CHART_PAD = 4;
+  function svg(tag, attrs, children) {
+    const node = document.createElementNS(SVG_NS, tag);
+    for (const [name, value] of Object.entries(attrs || {})) {
+      if (value !== null && value !== undefined) node.setAttribute(name, String(value));
+    }
+    for (const child of children || []) node.append(child);
+    return node;
+  }
+  function numbers(list) { return Array.isArray(list) ? list.map((v) => (isNum(v) ? v : null)) : []; }
+
+  // One line per series; x by age (now at the right edge), y from 0 to `top`. A null value breaks the line.
+  function pathOf(ages, values, windowS, top) {
+    let d = "";
+    let pen = "M";
+    let count = 0;
+    values.forEach((v, i) => {
+      const age = ages[i];
+      if (v === null || age === null) { pen = "M"; return; }
+      const x = CHART_W - CHART_PAD - Math.max(0, Math.min(1, age / windowS)) * (CHART_W - 2 * CHART_PAD);
+      const y = CHART_H - CHART_PAD - (top > 0 ? Math.min(1, v / top) : 0) * (CHART_H - 2 * CHART_PAD);
+      d += pen + x.toFixed(1) + " " + y.toFixed(1) + " ";
+      pen = "L";
+      count += 1;
+    });
+    return { d: d.trim(), count: count };
+  }
+
+  function chart(kind, title, ages, windowS, series, top, topLabel) {
+    const lines = series.map((s, i) => {
+      const { d, count } = pathOf(ages, s.values, windowS, top);
+      return svg("path", {
+        class: "line " + s.cls, d: d || null, "data-series": s.key, "data-series-url": s.url, "data-points": count,
+      }, [svg("title", {}, [s.label])]);
+    });
+    const frame = svg("svg", {
+      class: "chart-svg", viewBox: "0 0 " + CHART_W + " " + CHART_H, width: CHART_W, height: CHART_H,
+      role: "img", "aria-label": title, "data-chart": kind,
+    }, [
+      svg("rect", { class: "chart-frame", x: 0.5, y: 0.5, width: CHART_W - 1, height: CHART_H - 1 }),
+      svg("text", { class: "chart-top", x: CHART_PAD + 2, y: 12 }, [topLabel]),
+      svg("text", { class: "chart-top", x: CHART_PAD + 2, y: CHART_H - 6 }, ["\u2212" + spanText(windowS)]),
+      svg("text", { class: "chart-top", x: CHART_W - CHART_PAD - 2, y: CHART_H - 6, "text-anchor": "end" }, ["now"]),
+    ].concat(lines));
+    return el("figure", { class: "chart", "data-chart": kind }, [el("figcaption", {}, [title]), frame]);
+  }
+
+  function spanText(seconds) {
+    return seconds >= 120 ? Math.round(seconds / 60) + " min" : Math.round(seconds) + " s";
+  }
+
+  function lastOf(values) {
+    for (let i = values.length - 1; i >= 0; i -= 1) if (values[i] !== null) return values[i];
+    return null;
+  }
+
+  function renderHistory(h) {
+    const history = h && typeof h === "object" ? h : {};
+    const ages = numbers(history.age_s);
+    if (!ages.length) return el("p", { class: "empty", "data-field": "history" }, ["No history yet."]);
+    const windowS = isNum(history.window_s) && history.window_s > 0 ? history.window_s : Math.max(1, ...ages);
+    const rps = numbers(history.rps);
+    const p99 = numbers(history.p99_ms);
+    const rpsTop = Math.max(0, ...rps.filter((v) => v !== null));
+    const p99Top = Math.max(0, ...p99.filter((v) => v !== null));
+    const backends = Array.isArray(history.backends) ? history.backends.filter((b) => b && typeof b === "object") : [];
+    const shares = backends.map((b, i) => {
+      const other = b.url === null || b.url === undefined;
+      return {
+        key: other ? "other" : "backend", url: other ? null : String(b.url), values: numbers(b.share),
+        label: other ? "other backends" : String(b.url), cls: other ? "series-other" : "series-" + (i % 6),
+      };
+    });
+    const legend = el("ul", { class: "chart-legend" }, shares.map((s) => el("li", {
+      "data-series": s.key, "data-series-url": s.url,
+    }, [
+      el("span", { class: "swatch " + s.cls, "aria-hidden": "true" }),
+      el("span", { class: s.url === null ? "" : "mono" }, [s.label]),
+      " " + percent(lastOf(s.values)),
+    ])));
+    return el("div", { class: "charts", "data-field": "history", "data-points": ages.length }, [
+      chart("rps", "Requests per second (now " + short(lastOf(rps)) + ")", ages, windowS,
+        [{ key: "rps", url: null, values: rps, label: "requests per second", cls: "series-0" }],
+        rpsTop, short(rpsTop)),
+      chart("p99", "p99 latency, ms (now " + fixed(lastOf(p99), 1) + ")", ages, windowS,
+        [{ key: "p99", url: null, values: p99, label: "p99 latency (ms)", cls: "series-1" }],
+        p99Top, fixed(p99Top, 1)),
+      el("div", { class: "share-chart" }, [
+        chart("share", "Share of requests by backend", ages, windowS, shares, 1, "100%"),
+        legend,
+      ]),
+      el("p", { class: "chart-note" }, ["Last " + spanText(windowS) + ", one point per " + short(history.step_s) + " s; " +
+        "p99 from the duration histogram's buckets."]),
+    ]);
+  }
+
   function renderShown(pool) {
     // GET /backends lists a page of members; say so when the pool has more than the page holds.
     const shown = Array.isArray(pool.members) ? pool.members.length : 0;
@@ -199,6 +300,8 @@
         stat("RIF threshold", short(pool.rif_threshold), [], { "data-field": "rif_threshold" }),
         stat("Panic", panic ? "yes" : "no", [], { "data-field": "panic" }),
       ]),
+      el("h3", {}, ["History"]),
+      renderHistory(pool.history),
       el("h3", {}, ["Selections"]),
       renderSelections(pool.selections),
       el("h3", {}, ["Members"]),
