@@ -16,7 +16,7 @@ import pytest
 from prequal_middleware import AdminSettings, Gateway, HealthSettings, UpstreamPool
 from prequal_middleware.envconfig import pools_from_env
 from prequal_middleware.exceptions import ConfigurationError
-from prequal_middleware.gateway.readiness import pool_requirement
+from prequal_middleware.gateway.readiness import PoolReadiness, Readiness, pool_requirement
 from tests.apps import make_backend
 from tests.helpers import gateway_app, wait_for
 from tests.servers import free_port, serve
@@ -139,3 +139,12 @@ def test_required_for_ready_from_the_environment() -> None:
     by_name = {p.name: p for p in pools_from_env(env)}
     assert by_name["/api"].required_for_ready is True
     assert by_name["/b"].required_for_ready is None
+
+
+def test_the_staleness_rule_is_kept() -> None:
+    pools = (PoolReadiness("/api", True, "it has configured upstreams", 1, 1),)
+    assert Readiness(True, pools, None, 30.0).ready
+    assert Readiness(True, pools, 29.9, 30.0).ready, "a brief outage leaves the gateway ready (fail static)"
+    late = Readiness(True, pools, 30.0, 30.0)
+    assert late.problems == ["the registry has been unreachable for 30.0 s"]
+    assert late.as_json()["registry"] == {"stale_for_s": 30.0, "ready_while_stale_s": 30.0}

@@ -136,6 +136,11 @@ def test_departed_members_are_forgotten_and_a_reset_counter_counts_from_zero() -
     c.requests += 2
     c.record(h, 2.0)
     assert h.points(2.0)[-1].backends == (("http://a", 2),)
+    c.backends["http://a"] = 40
+    c.record(h, 3.0)
+    c.backends["http://a"] = 3  # left and came back within one step: its series restarted, lower
+    c.record(h, 4.0)
+    assert h.points(4.0)[-1].backends == (("http://a", 3),)
 
 
 def test_quantile_edges() -> None:
@@ -164,3 +169,4 @@ def test_a_loop_that_wakes_late_still_fills_the_window() -> None:
         c.record(h, t)
         t += 1.03  # each tick a little late, as asyncio.sleep wakes
     assert len(h.points(t)) == settings.points
+    assert {round(p.rps, 6) for p in h.points(t)} == {round(1 / 1.03, 6)}, "per second of the time that passed"
