@@ -345,6 +345,39 @@ class RequestLimits:
         )
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AccessLogSettings:
+    """The gateway's access log: one line per proxied request (HTTP and WebSocket), off unless given.
+
+    Written at INFO through the stdlib logger named ``logger``, so the operator routes it (a handler and
+    a ``%(message)s`` formatter). The fields and their order are in ``gateway.access_log``.
+
+    Parameters:
+        format: ``"json"`` (one object per line) or ``"plain"`` (space-separated, a fixed field order).
+        logger: the logger's name.
+        max_path_chars: the path is cut beyond this many characters (after escaping), so a hostile
+            client's 64 KiB target costs the log a bounded line.
+    """
+
+    format: str = "json"
+    logger: str = "prequal_middleware.access"
+    max_path_chars: int = 1024
+
+    def __post_init__(self) -> None:
+        _check(
+            self,
+            [
+                ("format", self.format in ("json", "plain"), '"json" or "plain"'),
+                ("logger", isinstance(self.logger, str) and bool(self.logger), "a logger name"),
+                (
+                    "max_path_chars",
+                    isinstance(self.max_path_chars, int) and self.max_path_chars >= 16,
+                    "an integer >= 16",
+                ),
+            ],
+        )
+
+
 def valid_prefix(prefix: object) -> bool:
     """A route prefix: a path starting with ``/``, not ending with ``/`` (unless it is ``/``), no ``?``."""
     return (

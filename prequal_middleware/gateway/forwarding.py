@@ -47,6 +47,7 @@ from prequal_middleware.exceptions import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
+from prequal_middleware.gateway.access_log import AccessRecord
 from prequal_middleware.gateway.headers import (
     VIA_PSEUDONYM,
     downstream_response_headers,
@@ -54,7 +55,9 @@ from prequal_middleware.gateway.headers import (
     upstream_request_headers,
 )
 from prequal_middleware.gateway.metrics import PrequalMetrics, code_class
+from prequal_middleware.gateway.observability import Observability
 from prequal_middleware.gateway.pool import Attempt, PoolRuntime
+from prequal_middleware.gateway.request_id import request_id_of, set_request_id, with_request_id
 from prequal_middleware.gateway.request_target import NOT_ORIGIN_FORM, raw_path
 from prequal_middleware.gateway.routes import RouteRuntime
 from prequal_middleware.transports.base import Transport, UpstreamRequest, UpstreamResponse, sendable_target
@@ -87,7 +90,7 @@ class _ClientBody:
         "_on_done",
         "_remaining",
         "_chunks",
-        "_received",
+        "received",
         "_deadline",
         "_timeout_s",
         "_min_rate",
@@ -108,7 +111,7 @@ class _ClientBody:
         self._on_done = on_done
         self._remaining = limit
         self._chunks: list[bytes] = []
-        self._received = 0
+        self.received = 0
         self._timeout_s = timeout_s
         self._min_rate = min_rate
         self._deadline = 0.0  # set on the first read
@@ -128,7 +131,7 @@ class _ClientBody:
             self._deadline = asyncio.get_running_loop().time() + self._timeout_s
         deadline = self._deadline
         if self._min_rate is not None:
-            deadline += self._received / self._min_rate
+            deadline += self.received / self._min_rate
         self.waiting = True
         try:
             async with asyncio.timeout_at(deadline):
@@ -139,7 +142,7 @@ class _ClientBody:
         if message["type"] == "http.disconnect":
             raise ClientDisconnected()
         chunk: bytes = message.get("body", b"")
-        self._received += len(chunk)
+        self.received += len(chunk)
         if self._remaining is not None:
             self._remaining -= len(chunk)
             if self._remaining < 0:
@@ -220,6 +223,7 @@ class _Exchange:
         "watch",
         "status",
         "attempt",
+        "record",
     )
 
     def __init__(
@@ -232,6 +236,7 @@ class _Exchange:
         target: str,
         body: _ClientBody | None,
         watch: _DisconnectWatch,
+        record: AccessRecord | None,
     ) -> None:
         self.route = route
         self.pool = route.pool
@@ -244,6 +249,7 @@ class _Exchange:
         self.body = body
         self.watch = watch
         self.status = 0  # the status sent to the client; 0 while none was
+        self.record = record  # what the access log and the span hear of, when either is on
 
 
 class Forwarder:
@@ -256,6 +262,7 @@ class Forwarder:
         via_pseudonym: this gateway's name in the ``Via`` header of upstream requests; a request whose
             ``Via`` already carries it came back through a loop and is refused (508). Default: the
             process's random ``headers.VIA_PSEUDONYM``.
+        observe: access log, request ids, tracing and event logs (``Observability``); default: none.
     """
 
     def __init__(
@@ -265,8 +272,10 @@ class Forwarder:
         clock: Callable[[], float],
         *,
         via_pseudonym: bytes = VIA_PSEUDONYM,
+        observe: Observability | None = None,
     ) -> None:
         self.via_pseudonym = via_pseudonym
+        self._observe = observe if observe is not None else Observability()
         self._transport = transport
         self._metrics = metrics
         self._clock = clock
@@ -277,14 +286,37 @@ class Forwarder:
         name = route.pool.name
         arrived = self._clock()
         status = 0
+        observe = self._observe
+        request_id: str | None = None
+        if observe.request_id is not None:
+            request_id = request_id_of(scope["headers"], observe.request_id)
+            send = with_request_id(send, observe.request_id, request_id)
+        record: AccessRecord | None = None
+        if observe.records:
+            record = AccessRecord(scope, "http", name, request_id)
+            send = record.counting(send)
+            if observe.tracing is not None:
+                observe.tracing.start(record, scope["method"], route.prefix)
         try:
-            status = await self._http(route, scope, receive, send)
+            status = await self._http(route, scope, receive, send, request_id, record)
         finally:
+            elapsed = self._clock() - arrived
             code = code_class(status) if status else "cancelled"
             metrics.child(metrics.requests, name, code).inc()
-            metrics.child(metrics.request_duration, name).observe(self._clock() - arrived)
+            metrics.child(metrics.request_duration, name).observe(elapsed)
+            if record is not None:
+                record.status, record.total_s = status, elapsed
+                finish_record(observe, record)
 
-    async def _http(self, route: RouteRuntime, scope: Scope, receive: Receive, send: Send) -> int:
+    async def _http(
+        self,
+        route: RouteRuntime,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        request_id: str | None,
+        record: AccessRecord | None,
+    ) -> int:
         pool = route.pool
         if pool.full():
             return await self._error(send, 503, "pool_overloaded", "the pool is at its concurrency limit", pool)
@@ -311,6 +343,10 @@ class Forwarder:
             # Close the connection too: with ambiguous framing, whatever follows on it cannot be trusted
             # to be the next request (a smuggling attempt hides one there).
             return await self._error(send, 400, "bad_request", prepared.problem, pool, close=True)
+        if request_id is not None:
+            set_request_id(prepared.headers, self._observe.request_id or b"", request_id)
+        if record is not None and record.span is not None:
+            self._observe.tracing.inject(record, prepared.headers)  # type: ignore[union-attr]
         if limits.max_body_bytes is not None and (prepared.content_length or 0) > limits.max_body_bytes:
             return await self._error(send, 413, "body_too_large", _too_large(limits.max_body_bytes), pool)
         target = upstream_target(route, scope)
@@ -328,7 +364,7 @@ class Forwarder:
             )
         else:
             watch.arm()
-        exchange = _Exchange(route, scope, send, prepared.headers, prepared.content_length, target, body, watch)
+        exchange = _Exchange(route, scope, send, prepared.headers, prepared.content_length, target, body, watch, record)
         try:
             if body is not None and limits.buffer_body_bytes:
                 # Before a backend is chosen: a slow client holds no upstream connection while it dribbles.
@@ -353,6 +389,8 @@ class Forwarder:
                 exchange.status = await self._error(send, 408, "body_timeout", detail, pool, close=True)
         finally:
             watch.stop()
+            if record is not None and body is not None:
+                record.bytes_in = body.received
         return exchange.status
 
     async def _error(
@@ -405,6 +443,9 @@ class Forwarder:
                 detail = "the gateway's path rewrite produced an invalid request target"
                 exchange.status = await self._error(exchange.send, 500, "invalid_upstream_target", detail, pool)
                 return
+            record = exchange.record
+            if record is not None:
+                record.backend, record.reason, record.attempts = request.backend, selection.reason, attempt + 1
             try:
                 with pool.attempt(request.backend, policy, now) as handle:
                     await self._attempt(exchange, handle, request)
@@ -484,8 +525,13 @@ class Forwarder:
                 logger.warning("upstream %s: closing the response failed: %r", backend, exc)
             finally:
                 # Always, even when closing raises or is cancelled: else the counts leak for good.
-                handle.finish(outcome, latency, self._clock())
+                now = self._clock()
+                handle.finish(outcome, latency, now)
                 self._metrics.child(self._metrics.upstream_requests, pool.name, backend, outcome.value).inc()
+                if exchange.record is not None:
+                    exchange.record.upstream_s = latency
+                if outcome.is_failure and self._observe.events is not None:
+                    self._observe.events.after_failure(pool.name, handle.policy, backend, now)
 
     async def _stream(self, exchange: _Exchange, request: UpstreamRequest, response: UpstreamResponse) -> None:
         scope, send, watch = exchange.scope, exchange.send, exchange.watch
@@ -521,6 +567,18 @@ class Forwarder:
             raise UpstreamProtocolError(f"upstream {request.backend} closed {remaining} bytes short")
         watch.stop()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def finish_record(observe: Observability, record: AccessRecord) -> None:
+    """The request ended: end its span and write its access log line. Never raises: a logging
+    handler's or exporter's bug must not turn into the client's error after the response went out."""
+    try:
+        if observe.tracing is not None:
+            observe.tracing.finish(record)
+        if observe.access_log is not None:
+            observe.access_log.write(record)
+    except Exception:
+        logger.exception("pool %s: recording the request failed", record.pool)
 
 
 def header_limit_problem(limits: RequestLimits, headers: list[tuple[bytes, bytes]]) -> str | None:

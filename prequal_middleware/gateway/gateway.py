@@ -33,20 +33,24 @@ from typing import Any
 
 from starlette.applications import Starlette
 
-from prequal_middleware.config import AdminSettings, Route, UpstreamPool
+from prequal_middleware.config import AccessLogSettings, AdminSettings, Route, UpstreamPool
 from prequal_middleware.core import Member, PolicySnapshot
 from prequal_middleware.core.history import HistorySettings
 from prequal_middleware.exceptions import ConfigurationError
+from prequal_middleware.gateway.access_log import AccessLog
 from prequal_middleware.gateway.discovery import Discovery
+from prequal_middleware.gateway.events import GatewayEvents
 from prequal_middleware.gateway.forwarding import Forwarder, Receive, Scope, Send, send_error
 from prequal_middleware.gateway.history import PoolHistories
 from prequal_middleware.gateway.membership import Membership, RegistryHook
 from prequal_middleware.gateway.metrics import PrequalMetrics
+from prequal_middleware.gateway.observability import Observability
 from prequal_middleware.gateway.pool import PoolRuntime
 from prequal_middleware.gateway.readiness import Readiness, pool_readiness
 from prequal_middleware.gateway.request_target import under_prefix
 from prequal_middleware.gateway.routes import RouteRuntime, longest_first, route_table
 from prequal_middleware.gateway.scheduler import ProbeScheduler
+from prequal_middleware.gateway.tracing import Tracing
 from prequal_middleware.gateway.websocket import forward_websocket
 from prequal_middleware.registry import BackendRecord, Registry
 from prequal_middleware.registry.default import check_registry_fits_workers, default_registry
@@ -95,6 +99,11 @@ class Gateway:
             ``DnsSettings(enabled=False)`` keeps a name one member). See ``gateway.discovery``.
         history: what the status page's charts cover (``HistorySettings``: 5 minutes at 5 s, the 5
             busiest backends of each pool by name); sampled from the metrics by the scheduler.
+        access_log: a line per proxied request (``AccessLogSettings``; ``gateway.access_log``); off by default.
+        request_id_header: the request id header (kept when sound, else made; sent upstream and back to
+            the client; ``gateway.request_id``); ``None`` turns request ids off.
+        tracing: an OpenTelemetry span per proxied request and ``traceparent`` upstream (the ``otel``
+            extra; ``gateway.tracing``): ``True`` for the global tracer provider, or a provider.
     """
 
     def __init__(
@@ -113,6 +122,9 @@ class Gateway:
         via_pseudonym: str | None = None,
         dns: DnsSettings | None = None,
         history: HistorySettings | None = None,
+        access_log: AccessLogSettings | None = None,
+        request_id_header: str | None = "x-request-id",
+        tracing: Any = False,
     ) -> None:
         if via_pseudonym is None:
             # One per gateway (not per process), so two gateways chained in one process are not a loop.
@@ -120,6 +132,14 @@ class Gateway:
         elif not isinstance(via_pseudonym, str) or not _TOKEN.fullmatch(via_pseudonym):
             raise ConfigurationError(f"Gateway.via_pseudonym must be an HTTP token (RFC 9110), got {via_pseudonym!r}")
         self.via_pseudonym = via_pseudonym.encode("ascii")
+        if request_id_header is not None and (
+            not isinstance(request_id_header, str) or not _TOKEN.fullmatch(request_id_header)
+        ):
+            raise ConfigurationError(
+                f"Gateway.request_id_header must be None or an HTTP header name, got {request_id_header!r}"
+            )
+        if access_log is not None and not isinstance(access_log, AccessLogSettings):
+            raise ConfigurationError(f"Gateway.access_log must be None or AccessLogSettings, got {access_log!r}")
         table = route_table(pools, routes)
         rng = rng if rng is not None else random.Random()
         # Pools by name (what registrations and metrics use), routes by prefix.
@@ -134,8 +154,21 @@ class Gateway:
         self.admin = admin if admin is not None else AdminSettings()
         self.allow_list = AllowList(self.admin.allowed_upstreams)
         self.registry: Registry = registry if registry is not None else default_registry()
+        self.events = GatewayEvents(clock)
+        self.observe = Observability(
+            access_log=AccessLog(access_log) if access_log is not None else None,
+            tracing=None if tracing is False or tracing is None else Tracing(None if tracing is True else tracing),
+            request_id=request_id_header.lower().encode("ascii") if request_id_header is not None else None,
+            events=self.events,
+        )
         self.membership = Membership(
-            self.pools, self.registry, self.metrics, clock, on_register=on_register, on_unregister=on_unregister
+            self.pools,
+            self.registry,
+            self.metrics,
+            clock,
+            on_register=on_register,
+            on_unregister=on_unregister,
+            events=self.events,
         )
         self.discovery = Discovery(self.membership, dns if dns is not None else DnsSettings())
         self._scheduler: ProbeScheduler | None = None
@@ -173,10 +206,14 @@ class Gateway:
         await self.registry.start()
         await self.membership.refresh()
         await self.discovery.resolve_all()  # before serving: a pool named by DNS is not empty at first
-        scheduler = ProbeScheduler(list(self.pools.values()), transport, self.metrics, self.clock, history=self.history)
+        scheduler = ProbeScheduler(
+            list(self.pools.values()), transport, self.metrics, self.clock, history=self.history, events=self.events
+        )
         await scheduler.start(self.membership, self.discovery)
         self._scheduler = scheduler
-        self._forwarder = Forwarder(transport, self.metrics, self.clock, via_pseudonym=self.via_pseudonym)
+        self._forwarder = Forwarder(
+            transport, self.metrics, self.clock, via_pseudonym=self.via_pseudonym, observe=self.observe
+        )
         self.state = GatewayState.RUNNING
         logger.info(
             "gateway started: %s",
@@ -243,6 +280,7 @@ class Gateway:
             transport,  # type: ignore[arg-type]
             self.clock,
             via_pseudonym=self.via_pseudonym,
+            observe=self.observe,
         )
 
     # --- registration (the admin routes call these) ----------------------------------------------

@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from prequal_middleware.core import Member
+from prequal_middleware.gateway.events import GatewayEvents
 from prequal_middleware.gateway.metrics import PrequalMetrics
 from prequal_middleware.gateway.pool import PoolRuntime
 from prequal_middleware.registry import BackendRecord, Registry
@@ -47,6 +48,7 @@ class Membership:
         metrics: counts registry events and staleness.
         clock: monotonic seconds (for the policies); ``wall`` is epoch seconds (for leases).
         on_register / on_unregister: hooks called after a change went through.
+        events: where registrations, unregistrations and lease expiries are logged.
     """
 
     def __init__(
@@ -58,8 +60,10 @@ class Membership:
         wall: Callable[[], float] = time.time,
         on_register: RegistryHook | None = None,
         on_unregister: RegistryHook | None = None,
+        events: GatewayEvents | None = None,
     ) -> None:
         self.pools = pools
+        self.events = events
         self.registry = registry
         self.metrics = metrics
         self.clock = clock
@@ -94,6 +98,8 @@ class Membership:
             await self.refresh()
         if pool is not None and present:
             pool.announce([stored.url])  # registered again while present: revisit what we learnt of it
+        if self.events is not None:
+            self.events.registered(stored.pool, stored.url, again=present, ttl_s=req.ttl_s)
         await _call(self.on_register, stored)
         return stored
 
@@ -123,6 +129,10 @@ class Membership:
             self._count("unregister")
             if not in_step:
                 await self.refresh()
+            if self.events is not None:
+                pool = self.pools.get(req.pool)
+                draining = pool.backend_in_flight.get(req.url, 0) if pool is not None else 0
+                self.events.unregistered(req.pool, req.url, draining)
             if record is not None:
                 await _call(self.on_unregister, record)
         return existed
@@ -166,6 +176,8 @@ class Membership:
             raise first_error  # the caller (the registry loop, an admin write) reports it
 
     def _apply_pool(self, prefix: str, pool: PoolRuntime, records: Mapping[str, BackendRecord], now: float) -> None:
+        if self.events is not None:
+            self._expired(prefix, records)
         self.records[prefix] = dict(records)
         members: dict[str, Member] = {url: Member(url) for url in self._static_of(prefix, pool)}
         for url, record in records.items():
@@ -179,6 +191,16 @@ class Membership:
                 if url not in members:
                     self.metrics.forget_backend(prefix, url)
             pool.set_members(members.values(), now)
+
+    def _expired(self, prefix: str, records: Mapping[str, BackendRecord]) -> None:
+        """Log the records that left because their lease ran out (an unregistration is logged where
+        it was received)."""
+        wall = None
+        for url, record in self.records.get(prefix, {}).items():
+            if url not in records and record.lease_expires_at is not None:
+                wall = self.wall() if wall is None else wall
+                if record.lease_expires_at <= wall and self.events is not None:
+                    self.events.lease_expired(prefix, url)
 
     # --- deltas: one write applied in O(1) -------------------------------------------------------
 

@@ -41,6 +41,7 @@ from prequal_middleware.config import Timeouts
 from prequal_middleware.core import Policy
 from prequal_middleware.exceptions import ProbeError, ProbeUnsupported, UpstreamError
 from prequal_middleware.gateway.discovery import Discovery
+from prequal_middleware.gateway.events import GatewayEvents
 from prequal_middleware.gateway.history import PoolHistories
 from prequal_middleware.gateway.membership import Membership
 from prequal_middleware.gateway.metrics import LoopErrorLog, PrequalMetrics
@@ -92,6 +93,8 @@ class ProbeScheduler:
         local_reprobe_initial_s / local_reprobe_max_s: the backoff of re-probes to backends in local
             mode (see ``LOCAL_REPROBE_INITIAL_S``).
         history: the pools' traffic histories, sampled by the gauge loop (the status page's charts).
+        events: told of health changes, and of each pool's state every ``GAUGE_INTERVAL_S`` (returns
+            from ejection, panic).
     """
 
     def __init__(
@@ -104,7 +107,9 @@ class ProbeScheduler:
         local_reprobe_initial_s: float = LOCAL_REPROBE_INITIAL_S,
         local_reprobe_max_s: float = LOCAL_REPROBE_MAX_S,
         history: PoolHistories | None = None,
+        events: GatewayEvents | None = None,
     ) -> None:
+        self._events = events
         if not 0 < local_reprobe_initial_s <= local_reprobe_max_s < math.inf:
             raise ValueError(
                 "need 0 < local_reprobe_initial_s <= local_reprobe_max_s < inf, got "
@@ -469,7 +474,9 @@ class ProbeScheduler:
             healthy = streak > 0
             for policy in pool.clients:
                 policy.set_health(backend, healthy, now)
-            if not healthy:
+            if self._events is not None:
+                self._events.health(pool.name, backend, healthy, settings.rise if healthy else settings.fall)
+            elif not healthy:
                 logger.warning("backend %s of pool %s failed %d health checks", backend, pool.name, settings.fall)
 
     # --- registry ------------------------------------------------------------------------------
@@ -526,6 +533,8 @@ class ProbeScheduler:
             if i == 0:  # every client has the same members; health is per client, the first speaks
                 for backend in snapshot.backends:
                     counts[backend.state] += 1
+                if self._events is not None:
+                    self._events.sample(pool.name, snapshot, now)
             outliers = getattr(policy, "outliers", None)
             ejections += getattr(outliers, "ejections_total", 0)
         for state, count in counts.items():

@@ -18,16 +18,20 @@ from typing import Any
 
 from prequal_middleware.core import Outcome
 from prequal_middleware.exceptions import UpstreamError, UpstreamTimeout
+from prequal_middleware.gateway.access_log import AccessRecord
 from prequal_middleware.gateway.forwarding import (
     Receive,
     Scope,
     Send,
+    finish_record,
     header_limit_problem,
     send_error,
     upstream_target,
 )
 from prequal_middleware.gateway.headers import VIA_PSEUDONYM, upstream_request_headers
+from prequal_middleware.gateway.observability import Observability
 from prequal_middleware.gateway.pool import PoolRuntime
+from prequal_middleware.gateway.request_id import request_id_of, set_request_id, with_request_id
 from prequal_middleware.gateway.routes import RouteRuntime
 from prequal_middleware.transports.base import UpstreamWebSocket, WebSocketTransport, sendable_target
 
@@ -57,8 +61,10 @@ async def forward_websocket(
     clock: Callable[[], float],
     *,
     via_pseudonym: bytes = VIA_PSEUDONYM,
+    observe: Observability | None = None,
 ) -> None:
-    """Relay one client WebSocket on ``route`` to a backend of its pool (``via_pseudonym``: see ``Forwarder``).
+    """Relay one client WebSocket on ``route`` to a backend of its pool (``via_pseudonym``, ``observe``:
+    see ``Forwarder``).
 
     Admission first, as for HTTP: the route's header limits (431), the pool's ``max_in_flight`` (503), then the
     pool's ``max_websockets`` (503). The handshake counts as a request in flight; the open socket
@@ -67,23 +73,57 @@ async def forward_websocket(
     message = await receive()
     if message["type"] != "websocket.connect":
         return
+    observe = observe if observe is not None else _NOTHING_OBSERVED
+    arrived = clock()
+    request_id: str | None = None
+    if observe.request_id is not None:
+        request_id = request_id_of(scope["headers"], observe.request_id)
+        send = with_request_id(send, observe.request_id, request_id)
+    record: AccessRecord | None = None
+    if observe.records:
+        record = AccessRecord(scope, "websocket", route.pool.name, request_id)
+        send = record.counting(send)
+        if observe.tracing is not None:
+            observe.tracing.start(record, "GET", route.prefix)
+    status = 0
+    try:
+        status = await _admit(route, scope, receive, send, transport, clock, via_pseudonym, observe, request_id, record)
+    finally:
+        if record is not None:
+            record.status, record.total_s = status or record.status, clock() - arrived
+            finish_record(observe, record)
+
+
+_NOTHING_OBSERVED = Observability()
+
+
+async def _admit(
+    route: RouteRuntime,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    transport: WebSocketTransport,
+    clock: Callable[[], float],
+    via_pseudonym: bytes,
+    observe: Observability,
+    request_id: str | None,
+    record: AccessRecord | None,
+) -> int:
+    """Admission, then the relay; returns the status the handshake got (101 once accepted)."""
     pool = route.pool
     cfg = pool.config
     too_large = header_limit_problem(route.limits, scope["headers"])
     if too_large is not None:
-        await _deny(scope, send, 431, "headers_too_large", too_large, pool)
-        return
+        return await _deny(scope, send, 431, "headers_too_large", too_large, pool)
     if pool.full():
-        await _deny(scope, send, 503, "pool_overloaded", "the pool is at its concurrency limit", pool)
-        return
+        return await _deny(scope, send, 503, "pool_overloaded", "the pool is at its concurrency limit", pool)
     open_now = _open_websockets.get(pool, 0)
     if open_now >= cfg.max_websockets:
         detail = f"the pool has max_websockets ({cfg.max_websockets}) WebSockets open"
-        await _deny(scope, send, 503, "too_many_websockets", detail, pool)
-        return
+        return await _deny(scope, send, 503, "too_many_websockets", detail, pool)
     _open_websockets[pool] = open_now + 1  # taken before the first await: no check-then-act race
     try:
-        await _forward(route, scope, receive, send, transport, clock, via_pseudonym)
+        return await _forward(route, scope, receive, send, transport, clock, via_pseudonym, observe, request_id, record)
     finally:
         _open_websockets[pool] -= 1
 
@@ -105,7 +145,10 @@ async def _forward(
     transport: WebSocketTransport,
     clock: Callable[[], float],
     via_pseudonym: bytes,
-) -> None:
+    observe: Observability,
+    request_id: str | None,
+    record: AccessRecord | None,
+) -> int:
     pool = route.pool
     client = scope.get("client")
     prepared = upstream_request_headers(
@@ -118,9 +161,12 @@ async def _forward(
     )
     if prepared.looped:
         detail = "the request already passed through this gateway (its Via header names it)"
-        await _deny(scope, send, 508, "loop_detected", detail, pool)
-        return
+        return await _deny(scope, send, 508, "loop_detected", detail, pool)
     headers = [(k, v) for k, v in prepared.headers if k not in _HANDSHAKE]
+    if request_id is not None and observe.request_id is not None:
+        set_request_id(headers, observe.request_id, request_id)
+    if record is not None and record.span is not None and observe.tracing is not None:
+        observe.tracing.inject(record, headers)
     target = upstream_target(route, scope)
     if route.rewrite_path is not None:
         try:
@@ -130,19 +176,18 @@ async def _forward(
                 raise TypeError(f"rewrite_path returned {type(target).__name__}, not a str")
         except Exception:
             logger.exception("pool %s: the rewrite_path hook failed", pool.name)
-            await _deny(scope, send, 502, "hook_error", "the gateway's rewrite_path hook failed", pool)
-            return
+            return await _deny(scope, send, 502, "hook_error", "the gateway's rewrite_path hook failed", pool)
         if not sendable_target(target):
             detail = "the gateway's path rewrite produced an invalid request target"
-            await _deny(scope, send, 500, "invalid_upstream_target", detail, pool)
-            return
+            return await _deny(scope, send, 500, "invalid_upstream_target", detail, pool)
     policy = pool.next_client()
     now = clock()
     selection = pool.select(now, policy=policy)  # its probes go to the pool's sink
     if selection is None:
-        await _deny(scope, send, 503, "no_backend", "no backend is available in this pool", pool)
-        return
+        return await _deny(scope, send, 503, "no_backend", "no backend is available in this pool", pool)
     backend = selection.backend
+    if record is not None:
+        record.backend, record.reason, record.attempts = backend, selection.reason, 1
     # The handshake is the attempt; the open socket is counted by max_websockets alone.
     with pool.attempt(backend, policy, now) as handle:
         outcome = Outcome.CANCELLED
@@ -161,21 +206,30 @@ async def _forward(
                     # doing, not the backend's failure; counted like the same status on HTTP (429
                     # alone is one).
                     outcome = Outcome.from_status(status)
-                    await _deny(scope, send, status, "upstream_refused", "the backend refused the WebSocket", pool)
-                    return
+                    return await _deny(
+                        scope, send, status, "upstream_refused", "the backend refused the WebSocket", pool
+                    )
                 outcome = Outcome.TIMEOUT if isinstance(exc, UpstreamTimeout) else Outcome.CONNECT_ERROR
-                await _deny(scope, send, 502, "upstream_unreachable", "the backend refused the WebSocket", pool)
-                return
+                return await _deny(scope, send, 502, "upstream_unreachable", "the backend refused the WebSocket", pool)
             latency = clock() - started
             outcome = Outcome.SUCCESS
         finally:
-            handle.finish(outcome, latency, clock())
+            now = clock()
+            handle.finish(outcome, latency, now)
+            if record is not None:
+                record.upstream_s = latency
+            if outcome.is_failure and observe.events is not None:
+                observe.events.after_failure(pool.name, handle.policy, backend, now)
+    accept_headers = [] if request_id is None else [(observe.request_id, request_id.encode("ascii"))]
     try:
-        await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol, "headers": []})
-        await _relay(receive, send, upstream)
+        await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol, "headers": accept_headers})
+        if record is not None:
+            record.status = 101
+        await _relay(receive, send, upstream, record)
     finally:
         with contextlib.suppress(Exception):
             await upstream.close()
+    return 101
 
 
 def handshake_status(exc: BaseException) -> int | None:
@@ -195,14 +249,17 @@ def handshake_status(exc: BaseException) -> int | None:
     return None
 
 
-async def _relay(receive: Receive, send: Send, upstream: UpstreamWebSocket) -> None:
+async def _relay(receive: Receive, send: Send, upstream: UpstreamWebSocket, record: AccessRecord | None) -> None:
     async def client_to_upstream() -> None:
         while True:
             message = await receive()
             kind = message["type"]
             if kind == "websocket.receive":
                 text = message.get("text")
-                await upstream.send(text if text is not None else message.get("bytes") or b"")
+                data = text if text is not None else message.get("bytes") or b""
+                if record is not None:
+                    record.bytes_in += len(data.encode("utf-8") if isinstance(data, str) else data)
+                await upstream.send(data)
             elif kind == "websocket.disconnect":
                 await upstream.close(code=_sendable(message.get("code", 1000)), reason=message.get("reason") or "")
                 return
@@ -236,15 +293,17 @@ async def _relay(receive: Receive, send: Send, upstream: UpstreamWebSocket) -> N
             await upstream.close()
 
 
-async def _deny(scope: Scope, send: Send, status: int, error: str, detail: str, pool: PoolRuntime) -> None:
+async def _deny(scope: Scope, send: Send, status: int, error: str, detail: str, pool: PoolRuntime) -> int:
     """Refuse the handshake: our JSON error when the server supports denial responses, else a close
-    before accept (the server answers it with 403): 1013 "try again later" for a 503, 1008 for a 4xx."""
+    before accept (the server answers it with 403): 1013 "try again later" for a 503, 1008 for a 4xx.
+    Returns ``status``."""
     if "websocket.http.response" in scope.get("extensions", {}):
         wrapped_send = _as_denial(send)
         await send_error(wrapped_send, status, error, detail, pool)
     else:
         code = 1013 if status == 503 else 1008 if 400 <= status < 500 else 1011
         await send({"type": "websocket.close", "code": code})
+    return status
 
 
 def _as_denial(send: Send) -> Send:
