@@ -17,7 +17,10 @@ PACKAGE = ROOT / "prequal_middleware"
 # Declared but not imported by the package, and why.
 NOT_IMPORTED: dict[str, str] = {}
 # Imported only by a module that needs an extra, and the extra.
-EXTRAS = {"redis": "redis", "fastapi": "fastapi"}
+EXTRAS = {"redis": "redis", "fastapi": "fastapi", "opentelemetry-api": "otel"}
+# Namespace packages several distributions install into, and the one whose modules we import
+# (``opentelemetry.trace`` and ``opentelemetry.propagate`` are the API's; the SDK is the user's choice).
+NAMESPACES = {"opentelemetry": "opentelemetry-api"}
 
 
 def _requirement_name(spec: str) -> str:
@@ -45,7 +48,11 @@ def _imported_distributions() -> set[str]:
                 modules.add(node.module.split(".")[0])
     third_party = {m for m in modules if m not in sys.stdlib_module_names and m != "prequal_middleware"}
     mapping = packages_distributions()
-    return {dist.lower().replace("_", "-") for module in third_party for dist in mapping.get(module, [module])}
+    return {
+        dist.lower().replace("_", "-")
+        for module in third_party
+        for dist in ([NAMESPACES[module]] if module in NAMESPACES else mapping.get(module, [module]))
+    }
 
 
 def test_every_third_party_import_is_declared() -> None:

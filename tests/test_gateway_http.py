@@ -176,7 +176,8 @@ def test_nothing_is_invented_upstream(fleet: Fleet) -> None:
 
     headers = json.loads(body)["headers"]
     names = {k for k, _ in headers}
-    assert names == {"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "via"}, names
+    # x-request-id: made by the gateway when the client sent none (gateway.request_id), for the logs.
+    assert names == {"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "via", "x-request-id"}, names
     via = next(v for k, v in headers if k == "via")
     assert via.startswith("1.1 prequal-"), "RFC 9110 section 7.6.3: a pseudonym, nothing about the host"
 

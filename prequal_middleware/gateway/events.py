@@ -143,7 +143,7 @@ class GatewayEvents:
         lease = f"{ttl_s:g} s lease" if ttl_s is not None else "no lease"
         self._log(
             logging.INFO,
-            ("registered", pool, url),
+            ("registered", pool, url, again),
             "backend %s registered%s in pool %s (%s)",
             url,
             " again" if again else "",
