@@ -192,7 +192,7 @@ async def test_control_characters_from_a_lax_server_are_escaped() -> None:
     assert all(c >= " " and c != "\x7f" and c.isascii() for c in line), repr(line)
     match = PLAIN.fullmatch(line)
     assert match is not None, line
-    assert match["path"].startswith('/api/x\\x0d\\x0a127.0.0.1:1 http \\"GET /admin\\" 200 pool=/api\\x00\\x1b[31m\\xff')
+    assert match["path"].startswith('/api/x\\x0d\\x0a127.0.0.1:1 http \\"GET /admin\\" 200 pool=/api\\x00')
     assert match["path"].endswith("..."), "bounded"
     assert len(match["path"]) <= 64 + 3
     assert match["client"] == "127.0.0.1:5000"
