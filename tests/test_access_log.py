@@ -102,7 +102,12 @@ def test_json_lines_say_what_each_request_did_field_by_field() -> None:
     ] * 4, "the documented fields, in order"
     for i, (record, reply) in enumerate(zip(records, replies, strict=True)):
         assert re.fullmatch(r"127\.0\.0\.1:\d+", record["client"])
-        assert (record["kind"], record["method"], record["path"], record["status"]) == ("http", "POST", "/api/echo?q=1", 200)
+        assert (record["kind"], record["method"], record["path"], record["status"]) == (
+            "http",
+            "POST",
+            "/api/echo?q=1",
+            200,
+        )
         assert (record["pool"], record["backend"]) == ("/api", backend.url), "the last attempt's backend"
         assert record["bytes_in"] == len(upload)
         assert record["bytes_out"] == len(reply.content)
@@ -125,7 +130,12 @@ def test_plain_lines_in_the_documented_order_and_gateway_errors_too() -> None:
     first = PLAIN.fullmatch(found[0])
     assert first is not None, found[0]
     assert first["client"] == f"127.0.0.1:{port}"
-    assert (first["kind"], first["method"], first["path"], first["status"]) == ("http", "GET", "/api/download/300", "200")
+    assert (first["kind"], first["method"], first["path"], first["status"]) == (
+        "http",
+        "GET",
+        "/api/download/300",
+        "200",
+    )
     assert (first["pool"], first["backend"], first["attempts"]) == ("/api", backend.url, "1")
     assert (first["bytes_in"], first["bytes_out"]) == ("0", "300")
     assert HEX32.fullmatch(first["request_id"]), "made by the gateway: the client sent none"
