@@ -19,6 +19,7 @@ from prequal_middleware.gateway.middleware import PrequalMiddleware
 # isort: split
 # --- settings --------------------------------------------------------------------------------------
 from prequal_middleware.config import (
+    AccessLogSettings,
     AdminSettings,
     HealthSettings,
     ProbeSettings,
@@ -89,6 +90,7 @@ if TYPE_CHECKING:
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "AccessLogSettings",
     "AdminSettings",
     "AiohttpTransport",
     "BackendRecord",
