@@ -130,3 +130,21 @@ def test_registrations_unregistrations_and_expiry() -> None:
     # The fourth registration (after the unregistration) is a first one again, within the interval: held back.
     assert len(_matching(lines, rf"^backend {url} registered in pool /api")) == 1
     assert gateway.events.throttle.held(("registered", "/api", backend.url, False)) == 1
+
+
+def test_admin_refusals_are_escaped_and_held_back() -> None:
+    """Ready for the admin routes (the call there lands with their rewrite): one line per status and
+    client per interval, a hostile path escaped."""
+    now = [0.0]
+    gateway = Gateway([UpstreamPool("/api", health=HealthSettings(path=None))], clock=lambda: now[0])
+    with captured(LOGGER) as lines:
+        gateway.events.admin_refused(401, "unauthorized", "POST", '/_prequal/register\r\nforged "x"', "127.0.0.1")
+        gateway.events.admin_refused(401, "unauthorized", "POST", "/_prequal/register", "127.0.0.1")
+        gateway.events.admin_refused(429, "too_many_writes", "POST", "/_prequal/register", "127.0.0.1")
+        now[0] = 11.0
+        gateway.events.admin_refused(401, "unauthorized", "POST", "/_prequal/heartbeat", "127.0.0.1")
+    assert lines.messages == [
+        'admin POST /_prequal/register\\x0d\\x0aforged \\"x\\" refused with 401 unauthorized for client 127.0.0.1',
+        "admin POST /_prequal/register refused with 429 too_many_writes for client 127.0.0.1",
+        "admin POST /_prequal/heartbeat refused with 401 unauthorized for client 127.0.0.1 (suppressed 1 similar)",
+    ]
