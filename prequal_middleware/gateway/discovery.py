@@ -48,6 +48,15 @@ class Discovery:
 
     async def resolve(self, pool: str, upstream: str) -> float:
         """Look ``upstream`` up once and apply the answer; the seconds until the next lookup."""
+        members = await self.lookup(pool, upstream)
+        if members is not None and self.membership.set_discovered(pool, upstream, members):
+            logger.info("pool %s: %s is now %d members", pool, upstream, len(members))
+        return self._next[(pool, upstream)]
+
+    async def lookup(self, pool: str, upstream: str) -> tuple[str, ...] | None:
+        """Look ``upstream`` up once without applying the answer (``Gateway.reconfigure`` applies it with
+        the new pools): the members it stands for, or None when the lookup failed (logged, retried by
+        its loop after ``failure_retry_s``)."""
         self.lookups += 1
         try:
             expansion = await self.resolver.expand(upstream)
@@ -57,14 +66,12 @@ class Discovery:
                 logger.warning("pool %s: %s; keeping its %d members", pool, exc, self._count(pool, upstream))
                 self.failing.add((pool, upstream))
             self._next[(pool, upstream)] = self.settings.failure_retry_s
-            return self.settings.failure_retry_s
+            return None
         self._next[(pool, upstream)] = expansion.ttl_s
         if (pool, upstream) in self.failing:
             self.failing.discard((pool, upstream))
             logger.info("pool %s: %s resolves again", pool, upstream)
-        if self.membership.set_discovered(pool, upstream, expansion.members):
-            logger.info("pool %s: %s is now %d members", pool, upstream, len(expansion.members))
-        return expansion.ttl_s
+        return expansion.members
 
     async def resolve_all(self) -> None:
         """Every name once, concurrently (startup): within about ``timeout_s``."""

@@ -21,13 +21,15 @@ reverse order and leaves no task or connection behind. A stopped gateway can be 
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import enum
 import logging
 import random
 import re
 import secrets
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -51,7 +53,7 @@ from prequal_middleware.gateway.request_target import under_prefix
 from prequal_middleware.gateway.routes import RouteRuntime, longest_first, route_table
 from prequal_middleware.gateway.scheduler import ProbeScheduler
 from prequal_middleware.gateway.tracing import Tracing
-from prequal_middleware.gateway.websocket import forward_websocket
+from prequal_middleware.gateway.websocket import forward_websocket, open_websockets
 from prequal_middleware.registry import BackendRecord, Registry
 from prequal_middleware.registry.default import check_registry_fits_workers, default_registry
 from prequal_middleware.registry.dns import DnsSettings
@@ -141,7 +143,7 @@ class Gateway:
         if access_log is not None and not isinstance(access_log, AccessLogSettings):
             raise ConfigurationError(f"Gateway.access_log must be None or AccessLogSettings, got {access_log!r}")
         table = route_table(pools, routes)
-        rng = rng if rng is not None else random.Random()
+        rng = self._rng = rng if rng is not None else random.Random()
         # Pools by name (what registrations and metrics use), routes by prefix.
         self.pools: dict[str, PoolRuntime] = {p.name: PoolRuntime(p, rng, clock) for p in pools}
         self.routes: dict[str, RouteRuntime] = {r.prefix: RouteRuntime(r, self.pools[r.pool]) for r in table}
@@ -173,6 +175,7 @@ class Gateway:
         self.discovery = Discovery(self.membership, dns if dns is not None else DnsSettings())
         self._scheduler: ProbeScheduler | None = None
         self._forwarder: Forwarder | None = None
+        self._reconfiguring = asyncio.Lock()  # one reload at a time (a signal and a file change may race)
         self.state = GatewayState.CREATED
         now = clock()
         for name, runtime in self.pools.items():
@@ -241,6 +244,93 @@ class Gateway:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.shutdown()
+
+    # --- reload --------------------------------------------------------------------------------
+
+    async def reconfigure(
+        self, pools: Sequence[UpstreamPool], routes: Sequence[Route] = (), *, drain_timeout_s: float | None = None
+    ) -> Reconfigured:
+        """Serve a new set of pools and routes without dropping a request.
+
+        The whole configuration is checked first (as ``Gateway(pools, routes)`` would): a
+        ``ConfigurationError`` leaves everything as it was. Then, in one step no request can see
+        half of, the routing table is swapped: new requests take the new routes at once.
+
+        A pool whose settings are unchanged is kept, with its members (registered ones included),
+        Prequal state and counts; a change of its upstreams or of its routes' defaults is applied to
+        it (a removed upstream drains). A pool with other changed settings is replaced by a fresh one;
+        the replaced and the removed pools finish the requests they have in flight (their attempt
+        handles and connections stay valid), and their probes and health checks stop once those
+        drained, or after ``drain_timeout_s`` (by default the longest a request on their routes may
+        wait without a byte: connect + response headers + idle read timeouts).
+        """
+        async with self._reconfiguring:
+            table = route_table(pools, routes)
+            configs = {p.name: p for p in pools}
+            old_pools = self.pools
+            new_pools: dict[str, PoolRuntime] = {}
+            replaced: dict[str, PoolRuntime] = {}
+            for name, config in configs.items():
+                current = old_pools.get(name)
+                if current is not None and _same_pool(current.config, config):
+                    new_pools[name] = current
+                else:
+                    new_pools[name] = PoolRuntime(config, self._rng, self.clock)  # may refuse the policy
+                    if current is not None:
+                        replaced[name] = current
+            new_routes = {r.prefix: RouteRuntime(r, new_pools[r.pool], configs[r.pool]) for r in table}
+            removed = {name: pool for name, pool in old_pools.items() if name not in configs}
+            discovered: dict[tuple[str, str], tuple[str, ...]] = {}
+            if self.running:
+                # Upstreams new to a pool that DNS expands are looked up before the swap, so that a new
+                # pool is not empty at first (as at startup). Nothing changed yet: this await is safe.
+                known = set(self.discovery.names())
+                wanted = [
+                    (name, url)
+                    for name, config in configs.items()
+                    for url in config.upstreams
+                    if self.discovery.settings.enabled and self.membership.resolves(url) and (name, url) not in known
+                ]
+                answers = await asyncio.gather(*(self.discovery.lookup(n, u) for n, u in wanted))
+                discovered = {key: members for key, members in zip(wanted, answers, strict=True) if members is not None}
+            grace = {name: _drain_bound(pool, self.routes.values()) for name, pool in (replaced | removed).items()}
+            result = Reconfigured(
+                added=tuple(n for n in configs if n not in old_pools),
+                removed=tuple(removed),
+                replaced=tuple(replaced),
+                updated=tuple(n for n, p in new_pools.items() if p is old_pools.get(n) and p.config != configs[n]),
+            )
+
+            # The swap: no await from here to the scheduler's part, so no request sees a half-applied table.
+            for name, pool in new_pools.items():
+                if pool is old_pools.get(name):
+                    pool.config = configs[name]
+            self.pools = new_pools
+            self.routes = new_routes
+            self._by_length = longest_first(new_routes)  # what match() reads, once per request
+            self.membership.replace_pools(new_pools, discovered)
+            try:
+                self.membership.apply()
+            except Exception:  # a policy's bug in one pool: the others are applied, the registry loop retries
+                logger.exception("applying the members after a reload failed")
+            scheduler = self._scheduler
+            if scheduler is not None:
+                for name, old in (replaced | removed).items():
+                    timeout = drain_timeout_s if drain_timeout_s is not None else grace[name]
+                    scheduler.retire(old, timeout, _busy, forget=name in removed)
+                for name, pool in new_pools.items():
+                    if pool is not old_pools.get(name):
+                        scheduler.add_pool(pool, replaces=replaced.get(name))
+                names = self.discovery.names()
+                for pool_name, upstream in names:
+                    scheduler.start_discovery(self.discovery, pool_name, upstream)
+                await scheduler.stop_discovery(keep=names)
+            logger.info(
+                "gateway reconfigured: %s (%s)",
+                ", ".join(f"{r.prefix} -> {r.pool.name}" for r in new_routes.values()) or "no routes",
+                result,
+            )
+            return result
 
     # --- requests ------------------------------------------------------------------------------
 
@@ -345,3 +435,41 @@ class Gateway:
                 "clients": clients,
             }
         return {"state": self.state.value, "pools": pools}
+
+
+@dataclasses.dataclass(frozen=True)
+class Reconfigured:
+    """What ``Gateway.reconfigure`` did, by pool name."""
+
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    replaced: tuple[str, ...] = ()  # new settings: a fresh pool; the old one drained
+    updated: tuple[str, ...] = ()  # kept with its state: new upstreams or route defaults
+
+    def __str__(self) -> str:
+        parts = [f"{what} {', '.join(names)}" for what, names in dataclasses.asdict(self).items() if names]
+        return "; ".join(parts) or "no pool changed"
+
+
+# The UpstreamPool settings its routes read (a pool keeps its state when only these and its upstreams change).
+_ROUTE_SETTINGS = frozenset(f.name for f in dataclasses.fields(Route)) - {"pool"}
+
+
+def _same_pool(old: UpstreamPool, new: UpstreamPool) -> bool:
+    """Whether ``new`` differs from ``old`` only in its upstreams and its routes' settings."""
+    carried = {name: getattr(new, name) for name in _ROUTE_SETTINGS}
+    return dataclasses.replace(old, upstreams=new.upstreams, **carried) == new
+
+
+def _drain_bound(pool: PoolRuntime, routes: Iterable[RouteRuntime]) -> float:
+    """The longest a request on ``pool``'s routes may go without a byte: how long its retirement waits."""
+    bounds = [
+        t.connect_s + t.response_headers_s + t.read_idle_s for t in (r.timeouts for r in routes if r.pool is pool)
+    ]
+    t = pool.config.timeouts
+    return max(bounds, default=t.connect_s + t.response_headers_s + t.read_idle_s)
+
+
+def _busy(pool: PoolRuntime) -> int:
+    """What a retired pool still serves: attempts in flight and open WebSockets."""
+    return pool.in_flight + open_websockets(pool)

@@ -202,6 +202,35 @@ class Membership:
                 if record.lease_expires_at <= wall and self.events is not None:
                     self.events.lease_expired(prefix, url)
 
+    def replace_pools(
+        self, pools: Mapping[str, PoolRuntime], discovered: Mapping[tuple[str, str], tuple[str, ...]] | None = None
+    ) -> None:
+        """Serve a new set of pools (``Gateway.reconfigure``); then ``apply()`` fills them.
+
+        What is kept per pool name: the registry's records (they belong to the name, not to one
+        configuration) and what DNS said of the upstreams still configured; the draining members of a
+        pool kept as it was. ``discovered`` adds the answers for upstreams new to a pool.
+        """
+        old = self.pools
+        for name in list(self._draining):
+            if pools.get(name) is not old.get(name):
+                del self._draining[name]  # the old pool keeps its members while it drains; the new one starts clean
+        for name in list(self._discovered):
+            pool = pools.get(name)
+            upstreams = set(pool.config.upstreams) if pool is not None else set()
+            kept = {u: m for u, m in self._discovered[name].items() if u in upstreams}
+            if kept:
+                self._discovered[name] = kept
+            else:
+                del self._discovered[name]
+        for (name, upstream), members in (discovered or {}).items():
+            self._discovered.setdefault(name, {})[upstream] = members
+        for name in [n for n in self.records if n not in pools]:
+            del self.records[name]
+        self._static.clear()  # recomputed from the new configurations
+        self.pools = pools
+        self._applied = None  # the next refresh applies in full
+
     # --- deltas: one write applied in O(1) -------------------------------------------------------
 
     async def _sweep(self) -> int | None:
@@ -297,12 +326,14 @@ class Membership:
     def set_discovered(self, prefix: str, upstream: str, members: tuple[str, ...]) -> bool:
         """What one upstream named by DNS stands for now; re-applies the pool when that changed (O(n)
         in its members, as often as DNS changes). ``True`` if it did."""
+        pool = self.pools.get(prefix)
+        if pool is None:
+            return False  # the pool left in a reload while its name was being looked up
         known = self._discovered.setdefault(prefix, {})
         if known.get(upstream) == members:
             return False
         known[upstream] = members
         self._static.pop(prefix, None)
-        pool = self.pools[prefix]
         self._apply_pool(prefix, pool, self.records.get(prefix, {}), self.clock())
         return True
 

@@ -27,6 +27,8 @@ class RouteRuntime:
     Parameters:
         config: the route as configured (the short spelling's route for a pool's own prefix).
         pool: the pool it sends requests to.
+        defaults: the pool configuration whose settings fill the route's ``None`` ones; by default
+            ``pool.config`` (a reload builds routes for a pool before the pool takes its new configuration).
     """
 
     __slots__ = (
@@ -45,8 +47,9 @@ class RouteRuntime:
         "on_response",
     )
 
-    def __init__(self, config: Route, pool: PoolRuntime) -> None:
-        defaults = pool.config
+    def __init__(self, config: Route, pool: PoolRuntime, defaults: UpstreamPool | None = None) -> None:
+        if defaults is None:
+            defaults = pool.config
         self.config = config
         self.pool = pool
         self.prefix = config.prefix

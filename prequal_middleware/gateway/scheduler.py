@@ -17,6 +17,10 @@
   row mark a member unhealthy, ``rise`` successes healthy again. A 2xx or 3xx is a success, and so is a
   404 (the backend has no health endpoint but answers HTTP); a 5xx, an error or a timeout is a failure.
 
+Pools come and go while it runs (``Gateway.reconfigure``): ``add_pool`` starts a pool's probe client,
+health loop and probes; ``retire`` takes a replaced pool out of the gauges while its requests drain;
+``remove_pool`` stops what belongs to it (its tasks, timers and probe connections) and nothing else.
+
 On ``aclose()`` every task is cancelled and awaited and the probe connections are closed. The probe
 clients it owns run one short task per connection they open (to connect); ``aclose()`` cancels those too.
 
@@ -67,6 +71,9 @@ REGISTRY_REFRESH_S = 1.0
 # signal for 30 s at most.
 LOCAL_REPROBE_INITIAL_S = 1.0
 LOCAL_REPROBE_MAX_S = 30.0
+# How often a pool replaced by a reload is looked at while its requests drain: a retired pool's
+# tasks may run this much longer than needed, and nothing on the request path is touched for it.
+DRAIN_POLL_S = 0.1
 # The least a loop waits after an iteration that raised (the registry loop is woken by events, not a timer).
 LOOP_ERROR_PAUSE_S = 1.0
 
@@ -125,9 +132,14 @@ class ProbeScheduler:
         self._clock = clock
         self._ejections_seen: dict[int, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._pool_tasks: dict[int, set[asyncio.Task[Any]]] = {}  # id(pool) -> its health loop and checks
+        self._discovery_tasks: dict[tuple[str, str], asyncio.Task[Any]] = {}  # (pool name, upstream) -> loop
+        self._retiring: set[int] = set()  # id(pool) of replaced pools draining their requests
         self._probe_clients: dict[int, ProbeClient] = {}
-        self._health_streaks: dict[tuple[str, str], int] = {}  # (pool, backend) -> +ok / -failed in a row
-        self._confirmed: set[tuple[str, str]] = set()  # (pool, backend) seen passing a health check
+        # Keyed by the pool object's id, not its name: a reload may run a replaced pool and its
+        # successor side by side under one name, and each must earn its own verdicts.
+        self._health_streaks: dict[tuple[int, str], int] = {}  # (pool, backend) -> +ok / -failed in a row
+        self._confirmed: set[tuple[int, str]] = set()  # (pool, backend) seen passing a health check
         self._running = False
         self.errors = LoopErrorLog(metrics, clock, logger)
         self.probes_sent = 0
@@ -140,30 +152,132 @@ class ProbeScheduler:
         ``discovery``) the DNS lookups of upstreams named by DNS."""
         self._running = True
         for pool in self._pools:
-            probes = pool.config.probes
-            # As many idle connections per backend as probes may be in flight: fewer, and under load
-            # most probes would open a connection, ask once and close it (measured: 3x the CPU).
-            self._probe_clients[id(pool)] = ProbeClient(
-                path=probes.path, timeout_s=probes.timeout_s, max_idle_per_backend=probes.max_in_flight
-            )
-            pool.add_listener(self._members_changed)
-            pool.probe_sink = self.send_probes  # the probes the pool's selections ask for
-            try:
-                self._adopt_local_mode(pool)
-            except Exception as exc:  # a policy's bug must not stop the gateway from starting
-                self.errors.failed("start", exc)
-        idle = [c for pool in self._pools for c in pool.clients]
-        if idle:
-            self._spawn(self._idle_loop())
+            self._attach(pool)
+        self._spawn(self._idle_loop())
         for pool in self._pools:
             if pool.config.health.path is not None:
-                self._spawn(self._health_loop(pool))
+                self._spawn(self._health_loop(pool), pool)
         self._spawn(self._gauge_loop())
         if membership is not None:
             self._spawn(self._registry_loop(membership))
         if discovery is not None:
             for pool_name, upstream in discovery.names():
-                self._spawn(discovery.loop(pool_name, upstream))
+                self.start_discovery(discovery, pool_name, upstream)
+
+    def _attach(self, pool: PoolRuntime) -> None:
+        probes = pool.config.probes
+        # As many idle connections per backend as probes may be in flight: fewer, and under load
+        # most probes would open a connection, ask once and close it (measured: 3x the CPU).
+        self._probe_clients[id(pool)] = ProbeClient(
+            path=probes.path, timeout_s=probes.timeout_s, max_idle_per_backend=probes.max_in_flight
+        )
+        pool.add_listener(self._members_changed)
+        pool.probe_sink = self.send_probes  # the probes the pool's selections ask for
+        try:
+            self._adopt_local_mode(pool)
+        except Exception as exc:  # a policy's bug must not stop the gateway from starting
+            self.errors.failed("start", exc)
+
+    # --- pools joining and leaving while running (``Gateway.reconfigure``) ----------------------
+
+    @property
+    def pools(self) -> list[PoolRuntime]:
+        """The pools served now, those draining after a reload included."""
+        return list(self._pools)
+
+    def add_pool(self, pool: PoolRuntime, replaces: PoolRuntime | None = None) -> None:
+        """Start serving ``pool``. When it ``replaces`` a pool with the same health settings, the health
+        verdicts on the members they share carry over: a backend does not get sicker or healthier by a
+        reload, and a registered member would otherwise get no traffic until its next check passes."""
+        if not self._running:
+            raise RuntimeError("add_pool on a scheduler that is not running")
+        self._pools.append(pool)
+        if replaces is not None and replaces.config.health == pool.config.health:
+            self._carry_health(replaces, pool)
+        self._attach(pool)
+        if pool.config.health.path is not None:
+            self._spawn(self._health_loop(pool), pool)
+
+    def _carry_health(self, old: PoolRuntime, new: PoolRuntime) -> None:
+        now = self._clock()
+        unhealthy = {b.id for b in old.clients[0].snapshot(now).backends if b.state == "unhealthy"}
+        for backend in old.members.keys() & new.members.keys():
+            key = (id(old), backend)
+            if key in self._health_streaks:
+                self._health_streaks[(id(new), backend)] = self._health_streaks[key]
+            if key in self._confirmed:
+                self._confirmed.add((id(new), backend))
+                for policy in new.clients:
+                    policy.set_health(backend, backend not in unhealthy, now)
+
+    def retire(
+        self, pool: PoolRuntime, timeout_s: float, busy: Callable[[PoolRuntime], int], *, forget: bool = False
+    ) -> None:
+        """``pool`` was replaced or removed: it leaves the gauges to its successor at once, and is removed
+        (``remove_pool``) once ``busy(pool)`` (its requests in flight) is 0, or ``timeout_s`` passed.
+        ``forget``: drop its members' metric series too (its name is gone)."""
+        self._retiring.add(id(pool))
+        self._spawn(self._drain_then_remove(pool, timeout_s, busy, forget))
+
+    async def _drain_then_remove(
+        self, pool: PoolRuntime, timeout_s: float, busy: Callable[[PoolRuntime], int], forget: bool
+    ) -> None:
+        try:
+            async with asyncio.timeout(timeout_s):
+                while busy(pool) > 0:
+                    await asyncio.sleep(DRAIN_POLL_S)
+        except TimeoutError:
+            logger.warning(
+                "pool %s (replaced or removed by a reload): %d requests still in flight after %g s; "
+                "stopping its probes and health checks, they finish on their connections",
+                pool.name,
+                busy(pool),
+                timeout_s,
+            )
+        await self.remove_pool(pool)
+        if forget:
+            for backend in pool.members:
+                self._metrics.forget_backend(pool.name, backend)
+
+    async def remove_pool(self, pool: PoolRuntime) -> None:
+        """Stop everything that belongs to ``pool``: its health loop and checks, re-probe timers and
+        probe connections. Its requests still in flight keep their upstream connections (the transport's)."""
+        if pool in self._pools:
+            self._pools.remove(pool)
+        self._retiring.discard(id(pool))
+        pool.remove_listener(self._members_changed)
+        if pool.probe_sink == self.send_probes:
+            pool.probe_sink = drop_probes
+        for key in [k for k in self._local if k[0] == id(pool)]:
+            timer = self._local.pop(key).timer
+            if timer is not None:
+                timer.cancel()
+        for key in [k for k in self._health_streaks if k[0] == id(pool)]:
+            del self._health_streaks[key]
+        self._confirmed = {k for k in self._confirmed if k[0] != id(pool)}
+        self._ejections_seen.pop(id(pool), None)
+        await _cancel(self._pool_tasks.pop(id(pool), set()))
+        client = self._probe_clients.pop(id(pool), None)
+        if client is not None:
+            await client.aclose()
+
+    def start_discovery(self, discovery: Discovery, pool_name: str, upstream: str) -> None:
+        """Keep one upstream named by DNS in step (a no-op when its loop already runs)."""
+        key = (pool_name, upstream)
+        if key not in self._discovery_tasks:
+            task = self._spawn(discovery.loop(pool_name, upstream))
+            self._discovery_tasks[key] = task
+            task.add_done_callback(partial(self._discovery_ended, key))
+
+    def _discovery_ended(self, key: tuple[str, str], task: asyncio.Task[Any]) -> None:
+        if self._discovery_tasks.get(key) is task:
+            del self._discovery_tasks[key]
+
+    async def stop_discovery(self, keep: Iterable[tuple[str, str]]) -> None:
+        """Stop the DNS loops of every (pool name, upstream) not in ``keep``."""
+        wanted = set(keep)
+        stopping = {self._discovery_tasks.pop(k) for k in list(self._discovery_tasks) if k not in wanted}
+        await _cancel(stopping)
 
     async def aclose(self) -> None:
         self._running = False
@@ -175,22 +289,26 @@ class ProbeScheduler:
             if state.timer is not None:
                 state.timer.cancel()
         self._local.clear()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await _cancel(set(self._tasks))
         self._tasks.clear()
+        self._pool_tasks.clear()
+        self._discovery_tasks.clear()
+        self._retiring.clear()
         clients = list(self._probe_clients.values())
         self._probe_clients.clear()
         for client in clients:
             await client.aclose()
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None], pool: PoolRuntime | None = None) -> asyncio.Task[None]:
+        """Run ``coro`` as a task of this scheduler (and of ``pool``: ``remove_pool`` stops it)."""
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)  # a strong reference, or the task may be garbage-collected mid-flight
         task.add_done_callback(self._tasks.discard)
+        if pool is not None:
+            own = self._pool_tasks.setdefault(id(pool), set())
+            own.add(task)
+            task.add_done_callback(own.discard)
+        return task
 
     # --- probes --------------------------------------------------------------------------------
 
@@ -346,7 +464,7 @@ class ProbeScheduler:
     def _members_changed(self, pool: PoolRuntime, joined: Sequence[str], left: Sequence[str]) -> None:
         client = self._probe_clients.get(id(pool))
         for backend in left:
-            self._confirmed.discard((pool.name, backend))  # one that comes back proves itself again
+            self._confirmed.discard((id(pool), backend))  # one that comes back proves itself again
             if client is not None:
                 client.forget(backend)  # closes its idle probe connections; busy ones close after use
             state = self._local.pop((id(pool), backend), None)
@@ -357,7 +475,7 @@ class ProbeScheduler:
             # check each newcomer now, and again soon while it fails, rather than at the next round, up
             # to ``interval_s`` away (a backend that registers during its own startup is not listening yet).
             for backend in joined:
-                self._spawn(self._prove(pool, backend))
+                self._spawn(self._prove(pool, backend), pool)
         for backend in joined:
             state = self._local.get((id(pool), backend))
             if state is not None:  # announced again while in local mode: look now, back off from the start
@@ -366,11 +484,13 @@ class ProbeScheduler:
                     self._schedule_reprobe(pool, backend, state, 0.0)
 
     async def _idle_loop(self) -> None:
-        tick = IDLE_TICK_SHARE * min(pool.config.prequal.max_idle_s for pool in self._pools)
         while True:
+            # Read each round: a reload may add a pool that wants a faster tick.
+            pools = list(self._pools)
+            tick = IDLE_TICK_SHARE * min((p.config.prequal.max_idle_s for p in pools), default=2 * GAUGE_INTERVAL_S)
             await asyncio.sleep(tick)
             now = self._clock()
-            for pool in self._pools:
+            for pool in pools:
                 for policy in pool.clients:
                     try:
                         targets = policy.idle_probes(now)
@@ -395,7 +515,7 @@ class ProbeScheduler:
             await asyncio.sleep(max(settings.interval_s, 0.0))
 
     async def _health_round(self, pool: PoolRuntime, path: str, timeouts: Timeouts) -> None:
-        for key in [k for k in self._health_streaks if k[0] == pool.name and k[1] not in pool.members]:
+        for key in [k for k in self._health_streaks if k[0] == id(pool) and k[1] not in pool.members]:
             del self._health_streaks[key]  # forget members that left
             self._confirmed.discard(key)
         await self._check_members(pool, list(pool.members), path, timeouts)
@@ -406,7 +526,7 @@ class ProbeScheduler:
         Failures here are counted but do not make a streak: a backend still starting is not failing.
         """
         settings = pool.config.health
-        key = (pool.name, backend)
+        key = (id(pool), backend)
         t = settings.timeout_s
         timeouts = Timeouts(connect_s=t, response_headers_s=t, read_idle_s=t)
         delay = PROVE_FIRST_RETRY_S
@@ -459,7 +579,7 @@ class ProbeScheduler:
     def _record_health(self, pool: PoolRuntime, backend: str, ok: bool) -> None:
         self._metrics.child(self._metrics.health_checks, pool.name, "ok" if ok else "failed").inc()
         settings = pool.config.health
-        key = (pool.name, backend)
+        key = (id(pool), backend)
         streak = self._health_streaks.get(key, 0)
         streak = (max(streak, 0) + 1) if ok else (min(streak, 0) - 1)
         self._health_streaks[key] = streak
@@ -516,7 +636,9 @@ class ProbeScheduler:
     def update_gauges(self) -> None:
         """Members by state, probe-pool occupancy and ejections, from every pool's policies."""
         now = self._clock()
-        for pool in self._pools:
+        for pool in list(self._pools):
+            if id(pool) in self._retiring:
+                continue  # its successor, under the same name, owns the gauges
             try:
                 self._pool_gauges(pool, now)
             except Exception as exc:  # this pool's gauges wait for the next round; the others update now
@@ -550,3 +672,13 @@ class ProbeScheduler:
         if new > 0:
             metrics.child(metrics.ejections, pool.name).inc(new)
         self._ejections_seen[id(pool)] = ejections
+
+
+async def _cancel(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """Cancel ``tasks`` and wait for them to end (whatever they raise on the way out)."""
+    tasks = list(tasks)
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
