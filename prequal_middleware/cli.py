@@ -34,6 +34,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -169,7 +170,14 @@ def check(env: Mapping[str, str]) -> str:
 
 
 def create_app() -> Any:
-    """The app ``prequal-gateway`` serves, from the environment (a uvicorn factory, one per worker)."""
+    """The app ``prequal-gateway`` serves, from the environment (a uvicorn factory, one per worker).
+
+    It reads the configuration file as it is now (a worker may start long after ``main``, when uvicorn
+    replaces it) and reloads the pools and routes on SIGHUP and when the file changes (``reload``).
+    """
+    from collections.abc import AsyncIterator
+    from contextlib import asynccontextmanager
+
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response
@@ -177,14 +185,33 @@ def create_app() -> Any:
 
     from prequal_middleware.gateway.gateway import Gateway
     from prequal_middleware.gateway.middleware import PrequalMiddleware
+    from prequal_middleware.reload import ConfigSource, Read, Reloader, poll_interval
 
-    gateway = Gateway.from_env()
+    source = ConfigSource.from_environ()
+    try:
+        current = source.read()
+    except ConfigurationError as exc:
+        # Only a worker started after an edit gets here (main validated the file): it serves what was
+        # validated at start rather than failing (uvicorn would start it again and again).
+        logging.getLogger("prequal_middleware.reload").warning(
+            "the configuration file is invalid, serving the configuration validated at start: %s", exc
+        )
+        current = Read(dict(os.environ), {}, source.fingerprint())
+    gateway = Gateway.from_env(current.env)
+    reloader = Reloader(gateway, source, current, poll_s=poll_interval(current.env))
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with reloader.running():  # the gateway is running here: PrequalMiddleware started it
+            yield
 
     async def not_found(request: Request, exc: Exception) -> Response:
         return JSONResponse({"error": "not_found", "detail": "no pool or route serves this path"}, status_code=404)
 
-    admin_path = os.environ.get("PREQUAL_ADMIN_PATH", DEFAULT_ADMIN_PATH)
-    app = Starlette(routes=[Mount(admin_path, gateway.admin_app())], exception_handlers={404: not_found})
+    admin_path = current.env.get("PREQUAL_ADMIN_PATH", DEFAULT_ADMIN_PATH)
+    app = Starlette(
+        routes=[Mount(admin_path, gateway.admin_app())], exception_handlers={404: not_found}, lifespan=lifespan
+    )
     return PrequalMiddleware(app, gateway=gateway)
 
 
@@ -231,14 +258,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigurationError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
         env["PREQUAL_WORKERS"] = str(workers)
         summary = check(env)
+        from prequal_middleware.reload import poll_interval
+
+        poll_interval(env)
     except ConfigurationError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     if args.check:
         print(f"{PROG}: configuration ok: {summary}")
         return 0
+    from prequal_middleware.reload import remember
+
+    remember(args.config, file_env, os.environ)  # what a reload reads again: the file, and which variables it set
     os.environ.update(env)  # the workers (and create_app in each) read it
     import uvicorn
+
+    if hasattr(signal, "SIGHUP") and workers == 1:
+        # Until the app's lifespan listens for it, a SIGHUP would end the server (the default action).
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
     logging.getLogger("prequal_middleware").setLevel(log_level.upper())
     uvicorn.run(
