@@ -13,7 +13,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,11 +212,7 @@ def test_a_registered_member_survives_a_reload(tmp_path: Path) -> None:
                     answer = client.post(gw.url + "/_prequal/register", json={"pool": pool, "url": up["late"].url})
                     assert answer.status_code in (200, 201), answer.text
             for pool in ("/kept", "/changed"):
-                wait_for(
-                    lambda p=pool: "late" in {backend_of(gw.url, f"{p}/x") for _ in range(20)},  # type: ignore[misc]
-                    timeout_s=10,
-                    what=f"the registered member to serve {pool}",
-                )
+                wait_for(_serves(gw.url, pool, "late"), timeout_s=10, what=f"the registered member to serve {pool}")
             # /kept is unchanged; /changed gets another policy (a fresh pool); /c is added.
             config.write_text(
                 f'[pools."/kept"]\nupstreams = ["{up["a"].url}"]\n\n'
@@ -231,6 +227,10 @@ def test_a_registered_member_survives_a_reload(tmp_path: Path) -> None:
             described = httpx.get(gw.url + "/_prequal/backends").json()
             listed = {p["prefix"]: {m["url"] for m in p["members"]} for p in described["pools"]}
             assert listed["/kept"] == listed["/changed"] == {up["a"].url, up["late"].url}, listed
+
+
+def _serves(url: str, pool: str, name: str) -> Callable[[], bool]:
+    return lambda: name in {backend_of(url, f"{pool}/x") for _ in range(20)}
 
 
 def test_every_worker_applies_a_change(tmp_path: Path) -> None:
