@@ -194,3 +194,16 @@ async def test_a_gateway_not_running_is_reconfigured_too() -> None:
     assert list(gateway.pools) == ["/b"] and list(gateway.pools["/b"].members) == [B]
     async with asyncio.timeout(10), gateway:
         assert [p.name for p in _scheduler(gateway).pools] == ["/b"]
+
+
+async def test_a_replaced_pool_keeps_the_health_verdicts_of_the_members_it_shares() -> None:
+    from prequal_middleware.registry.registration import RegistrationRequest
+
+    gateway = _gateway(UpstreamPool("/b"))  # members only by registration: each awaits a passing check
+    async with asyncio.timeout(10), gateway:
+        await gateway.register(RegistrationRequest(pool="/b", url=B))
+        await _until(lambda: gateway.pools["/b"].select(gateway.clock()) is not None)
+        await gateway.reconfigure([UpstreamPool("/b", policy="round_robin")])
+        # Checked before the new pool's first health check could run: eligible at once.
+        selection = gateway.pools["/b"].select(gateway.clock())
+        assert selection is not None and selection.backend == B

@@ -250,3 +250,34 @@ def test_every_worker_applies_a_change(tmp_path: Path) -> None:
                     vias.add(dict(response.json()["headers"])["via"])
             assert seen == ["b"] * 40, seen
             assert len(vias) >= 2, f"both workers served the new pool: {vias}"
+
+
+def test_sighup_to_the_supervisor_replaces_the_workers_without_failing_a_request(tmp_path: Path) -> None:
+    config = tmp_path / "prequal.toml"
+    with backends("a", "b") as up:
+        write(config, {"/a": [up["a"].url]})
+        env = {"PREQUAL_REGISTRY_PATH": str(tmp_path / "registry.db"), "PREQUAL_CONFIG_POLL_S": "0"}
+        with gateway(config, "--workers", "2", **env) as gw:
+            outcomes: list[str | int] = []
+            stop = threading.Event()
+
+            def steady_loop() -> None:
+                while not stop.is_set():
+                    try:
+                        outcomes.append(backend_of(gw.url, "/a/x"))
+                    except httpx.HTTPError as exc:
+                        outcomes.append(repr(exc))
+
+            loop = threading.Thread(target=steady_loop)
+            loop.start()
+            try:
+                write(config, {"/a": [up["b"].url]})
+                time.sleep(0.5)
+                gw.process.send_signal(signal.SIGHUP)  # uvicorn replaces the workers one by one
+                wait_for(lambda: outcomes[-30:] == ["b"] * 30, timeout_s=30, what="every worker to serve b")
+            finally:
+                stop.set()
+                loop.join(timeout=15)
+            assert gw.process.poll() is None
+    errors = [o for o in outcomes if o not in ("a", "b")]
+    assert errors == [], f"{len(errors)} of {len(outcomes)} requests failed: {errors[:5]}"
