@@ -26,6 +26,9 @@ workers share membership (``registry.default``: a SQLite file unless a registry 
 
 A configuration error is one line on stderr naming the variable or key and what is wrong, and exit
 status 2; ``--check`` validates and exits (0 when the configuration is good).
+
+On SIGHUP and when the file changes, each worker reloads its pools and routes without dropping a
+request (``reload``, ``Gateway.reconfigure``).
 """
 
 from __future__ import annotations
