@@ -27,6 +27,7 @@ from prequal_middleware.config import (
     RetrySettings,
     Route,
     Timeouts,
+    UpstreamTLS,
 )
 from prequal_middleware.core import HistorySettings, LoadTrackerSettings, OutlierSettings, PrequalSettings
 
@@ -82,6 +83,7 @@ from prequal_middleware.exceptions import (
     UpstreamError,
     UpstreamProtocolError,
     UpstreamTimeout,
+    UpstreamTLSError,
 )
 
 if TYPE_CHECKING:
@@ -142,6 +144,8 @@ __all__ = [
     "UpstreamProtocolError",
     "UpstreamRequest",
     "UpstreamResponse",
+    "UpstreamTLS",
+    "UpstreamTLSError",
     "UpstreamTimeout",
     "__version__",
     "create_policy",

@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import KW_ONLY, dataclass, field
+from os import PathLike
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -378,6 +380,83 @@ class AccessLogSettings:
         )
 
 
+TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class UpstreamTLS:
+    """How a pool's ``https://`` members are reached over TLS: whom to trust, what to present.
+
+    One ``ssl.SSLContext`` is built from it per pool (``transports.tls``) and used for that pool's
+    requests, probes, health checks and WebSockets, whatever the transport. Files are read here, so a
+    missing or unreadable file, a bad PEM or a key that does not match its certificate fails when the
+    settings are made, naming the field, not at the first request. ``http://`` members ignore it.
+
+    Parameters:
+        ca_file: a PEM bundle of the CAs to trust *instead of* the system's (a private CA). None: the
+            system's CA store.
+        cert_file: a PEM client certificate (chain) to present, for backends that require one (mTLS).
+        key_file: its private key (PEM, unencrypted); None when ``cert_file`` holds the key too.
+        server_name: the name sent in SNI and checked against the backend's certificate, instead of
+            the member's host (or, for a DNS-pinned member, the name it was resolved from).
+        verify: check the backend's certificate and name (the default). ``False`` accepts *any*
+            certificate: anyone on the path can then read and change the traffic, credentials
+            included. Only for a test bench; never in production.
+        min_version: the lowest TLS version accepted, ``"TLSv1.2"`` or ``"TLSv1.3"`` (None: Python's
+            default, TLS 1.2).
+    """
+
+    ca_file: str | PathLike[str] | None = None
+    cert_file: str | PathLike[str] | None = None
+    key_file: str | PathLike[str] | None = None
+    server_name: str | None = None
+    verify: bool = True
+    min_version: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("ca_file", "cert_file", "key_file"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, (str, PathLike)) or not os.fspath(value):
+                raise ConfigurationError(f"UpstreamTLS.{name} must be a file path, got {value!r}")
+            if not os.path.isfile(value):
+                raise ConfigurationError(f"UpstreamTLS.{name} must name an existing file, got {os.fspath(value)!r}")
+        server_name = self.server_name
+        if server_name is not None:
+            if isinstance(server_name, str):
+                server_name = server_name.lower().removesuffix(".")
+                object.__setattr__(self, "server_name", server_name)
+            _check(
+                self,
+                [
+                    (
+                        "server_name",
+                        isinstance(server_name, str) and _HOST_NAME.fullmatch(server_name) is not None,
+                        "None or a host name (letters, digits, '-' and '.')",
+                    )
+                ],
+            )
+        _check(
+            self,
+            [
+                ("verify", isinstance(self.verify, bool), "True or False"),
+                (
+                    "min_version",
+                    self.min_version is None or self.min_version in TLS_VERSIONS,
+                    "None, " + " or ".join(repr(v) for v in TLS_VERSIONS),
+                ),
+                ("key_file", self.key_file is None or self.cert_file is not None, "None unless cert_file is set"),
+                # A CA file with verification off would look configured and protect nothing.
+                ("ca_file", self.ca_file is None or self.verify, "None when verify is False"),
+            ],
+        )
+        # Loaded once now, by the one builder the gateway uses at startup: what passes here loads there.
+        from prequal_middleware.transports.tls import client_context
+
+        client_context(self)
+
+
 def valid_prefix(prefix: object) -> bool:
     """A route prefix: a path starting with ``/``, not ending with ``/`` (unless it is ``/``), no ``?``."""
     return (
@@ -542,6 +621,8 @@ class UpstreamPool:
             only by registration is not, since its backends register through a gateway that is ready
             (a readiness-gated load balancer in front of the gateway would otherwise keep them out).
             ``True`` on such a pool makes the gateway wait for its first registration.
+        tls: how the pool's ``https://`` members are reached: trusted CAs, a client certificate, the
+            name to verify (``UpstreamTLS``). None: the system's CAs and each member's own name.
     """
 
     prefix: str | None = None
@@ -569,6 +650,7 @@ class UpstreamPool:
     on_request: RequestHook | None = None
     on_response: ResponseHook | None = None
     required_for_ready: bool | None = None
+    tls: UpstreamTLS | None = None
 
     def __post_init__(self) -> None:
         p = self.prefix
@@ -662,6 +744,8 @@ class UpstreamPool:
         ):
             if not isinstance(getattr(self, name), cls):
                 raise ConfigurationError(f"UpstreamPool.{name} must be a {cls.__name__}, got {getattr(self, name)!r}")
+        if self.tls is not None and not isinstance(self.tls, UpstreamTLS):
+            raise ConfigurationError(f"UpstreamPool.tls must be None or an UpstreamTLS, got {self.tls!r}")
 
     def matches(self, path: str) -> bool:
         """True when ``path`` falls under this pool's own prefix (on a path-segment boundary)."""

@@ -16,6 +16,7 @@
     │   └── ProbeFailed                          connect error, timeout, malformed answer or header
     └── UpstreamError                            talking to a backend failed
         ├── UpstreamConnectError                 never reached it: refused, unreachable (nothing sent)
+        │   └── UpstreamTLSError                 the TLS handshake failed: certificate or name not trusted
         ├── UpstreamTimeout                      connect, response headers or body read took too long
         └── UpstreamProtocolError                sent, then the connection broke or the reply was malformed
 
@@ -134,6 +135,11 @@ class UpstreamConnectError(UpstreamError):
     """The connection could not be made; nothing was sent."""
 
     sent = False
+
+
+class UpstreamTLSError(UpstreamConnectError):
+    """The TLS handshake failed (the backend's certificate is not trusted or does not name it, or it
+    refused ours); nothing was sent. Usually a configuration matter (``UpstreamTLS``), so it is told apart."""
 
 
 class UpstreamTimeout(UpstreamError):

@@ -11,6 +11,7 @@ a body larger than ``max_body_bytes``                      413     ``body_too_la
 no eligible backend, or every backend at its limit         503     ``no_backend``
 the pool at its concurrency limit                          503     ``pool_overloaded``
 connect failed on every attempt                            502     ``upstream_unreachable``
+the last attempt's TLS handshake failed (``UpstreamTLS``)  502     ``upstream_tls_error``
 sent, then the exchange failed before a response           502     ``upstream_error``
 connect, response-header or body-read timeout              504     ``upstream_timeout``
 the gateway not running                                    503     ``gateway_not_running``
@@ -46,6 +47,7 @@ from prequal_middleware.exceptions import (
     UpstreamError,
     UpstreamProtocolError,
     UpstreamTimeout,
+    UpstreamTLSError,
 )
 from prequal_middleware.gateway.access_log import AccessRecord
 from prequal_middleware.gateway.headers import (
@@ -437,6 +439,7 @@ class Forwarder:
                 except Exception:
                     exchange.status = await self._hook_failed(exchange.send, "on_request", pool)
                     return
+            request.tls = pool.ssl_context  # the pool's, set after the hook: a replacement cannot drop it
             if not sendable_target(request.target):
                 # Only a path rewrite or a request hook can get here (the middleware admitted the
                 # client's target): the gateway's own bug, not a backend's failure, and never sent.
@@ -670,6 +673,7 @@ async def _apply_hook(hook: Callable[[Any], Any], value: Any) -> Any:
 _UPSTREAM_ERRORS = {
     "timeout": (504, "upstream_timeout", "the backend did not answer in time"),
     "connect": (502, "upstream_unreachable", "no backend could be reached"),
+    "tls": (502, "upstream_tls_error", "the TLS handshake with the backend failed"),
     "protocol": (502, "upstream_error", "the backend failed to answer"),
 }
 
@@ -677,6 +681,8 @@ _UPSTREAM_ERRORS = {
 def _error_kind(exc: UpstreamError) -> str:
     if isinstance(exc, UpstreamTimeout):
         return "timeout"
+    if isinstance(exc, UpstreamTLSError):
+        return "tls"
     if isinstance(exc, UpstreamConnectError):
         return "connect"
     return "protocol"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import random
+import ssl
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from types import TracebackType
@@ -25,6 +26,7 @@ from prequal_middleware.config import UpstreamPool
 from prequal_middleware.core import Member, Outcome, Policy, Selection, create_policy
 from prequal_middleware.core.retry_budget import RetryBudget
 from prequal_middleware.exceptions import ConfigurationError
+from prequal_middleware.transports.tls import client_context
 
 logger = logging.getLogger("prequal_middleware.gateway.pool")
 
@@ -65,6 +67,8 @@ class PoolRuntime:
         self.probes_in_flight = 0
         self.probes_skipped = 0
         self.probe_sink: ProbeSink = drop_probes  # the scheduler's while it runs
+        # The pool's one TLS context: its requests, probes, health checks and WebSockets all use it.
+        self.ssl_context: ssl.SSLContext | None = None if config.tls is None else client_context(config.tls)
         self._listeners: list[MembersListener] = []
 
     def _new_policy(self, rng: random.Random) -> Policy:

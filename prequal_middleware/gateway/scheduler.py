@@ -169,7 +169,10 @@ class ProbeScheduler:
         # As many idle connections per backend as probes may be in flight: fewer, and under load
         # most probes would open a connection, ask once and close it (measured: 3x the CPU).
         self._probe_clients[id(pool)] = ProbeClient(
-            path=probes.path, timeout_s=probes.timeout_s, max_idle_per_backend=probes.max_in_flight
+            path=probes.path,
+            timeout_s=probes.timeout_s,
+            max_idle_per_backend=probes.max_in_flight,
+            ssl=pool.ssl_context,  # the pool's one context: probes trust what its requests trust
         )
         pool.add_listener(self._members_changed)
         pool.probe_sink = self.send_probes  # the probes the pool's selections ask for
@@ -532,7 +535,7 @@ class ProbeScheduler:
         delay = PROVE_FIRST_RETRY_S
         try:
             while self._running and backend in pool.members and key not in self._confirmed:
-                ok = await self._check(backend, settings.path or "/", timeouts)
+                ok = await self._check(pool, backend, settings.path or "/", timeouts)
                 if backend not in pool.members:
                     return
                 if ok:
@@ -549,7 +552,7 @@ class ProbeScheduler:
     async def _check_members(self, pool: PoolRuntime, members: list[str], path: str, timeouts: Timeouts) -> None:
         if not members:
             return
-        results = await asyncio.gather(*(self._check(b, path, timeouts) for b in members))
+        results = await asyncio.gather(*(self._check(pool, b, path, timeouts) for b in members))
         for backend, ok in zip(members, results, strict=True):
             if backend not in pool.members:
                 continue  # left while it was being checked
@@ -558,8 +561,8 @@ class ProbeScheduler:
             except Exception as exc:  # the other members' verdicts still count
                 self.errors.failed("health", exc)
 
-    async def _check(self, backend: str, path: str, timeouts: Timeouts) -> bool:
-        request = UpstreamRequest("GET", backend, path, [])
+    async def _check(self, pool: PoolRuntime, backend: str, path: str, timeouts: Timeouts) -> bool:
+        request = UpstreamRequest("GET", backend, path, [], tls=pool.ssl_context)  # the pool's TLS, as its requests
         try:
             async with asyncio.timeout(timeouts.connect_s + timeouts.response_headers_s):
                 response = await self._transport.send(request, timeouts)

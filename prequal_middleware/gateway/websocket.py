@@ -196,7 +196,12 @@ async def _forward(
         try:
             try:
                 upstream = await transport.connect_websocket(
-                    backend, target, headers, list(scope.get("subprotocols", [])), route.timeouts
+                    backend,
+                    target,
+                    headers,
+                    list(scope.get("subprotocols", [])),
+                    route.timeouts,
+                    tls=pool.ssl_context,
                 )
             except UpstreamError as exc:
                 latency = clock() - started

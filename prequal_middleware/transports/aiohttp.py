@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import ssl
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import TYPE_CHECKING, Any, cast
 
@@ -38,7 +39,13 @@ from aiohttp.http_exceptions import BadHttpMessage
 from aiohttp.streams import StreamReader
 from yarl import URL
 
-from prequal_middleware.exceptions import UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
+from prequal_middleware.exceptions import (
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+    UpstreamTLSError,
+)
 from prequal_middleware.transports.base import (
     RawHeaders,
     UpstreamRequest,
@@ -115,6 +122,8 @@ class AiohttpTransport:
         max_response_header_bytes: the longest upstream response header line accepted.
         max_response_headers: the most upstream response headers accepted.
         ssl: passed to aiohttp for https backends (an ``ssl.SSLContext``, or False to skip verification).
+            A request's own context (``UpstreamRequest.tls``, a pool's ``UpstreamTLS``) wins; aiohttp
+            keys its connections by context, so one made for a pool is never lent to another.
     """
 
     def __init__(
@@ -172,6 +181,7 @@ class AiohttpTransport:
         url = _url(request.backend, request.target, websocket=False)
         headers = _pinned_headers(request.backend, request.headers)
         server_hostname = _server_hostname(request.backend)
+        tls = True if request.tls is None else request.tls  # True: the session's own
         # aiohttp starts sock_read once the request is fully written and re-arms it on every read:
         # exactly the response-headers timeout. The upload's idle timeout is ours (the deadline).
         limits = aiohttp.ClientTimeout(
@@ -194,6 +204,7 @@ class AiohttpTransport:
                     allow_redirects=False,
                     timeout=limits,
                     server_hostname=server_hostname,
+                    ssl=tls,
                 )
             else:
                 async with deadline:
@@ -206,6 +217,7 @@ class AiohttpTransport:
                         allow_redirects=False,
                         timeout=limits,
                         server_hostname=server_hostname,
+                        ssl=tls,
                     )
         except TimeoutError as exc:
             if isinstance(exc, aiohttp.ClientError):  # aiohttp's own timeouts are TimeoutErrors too
@@ -231,7 +243,14 @@ class AiohttpTransport:
         return UpstreamResponse(response.status, list(response.raw_headers), _read_body(response), close)
 
     async def connect_websocket(
-        self, backend: str, target: str, headers: RawHeaders, subprotocols: list[str], timeouts: Timeouts
+        self,
+        backend: str,
+        target: str,
+        headers: RawHeaders,
+        subprotocols: list[str],
+        timeouts: Timeouts,
+        *,
+        tls: ssl.SSLContext | None = None,
     ) -> UpstreamWebSocket:
         session = self._session or self._open()
         url = _url(backend, target, websocket=True)
@@ -241,6 +260,7 @@ class AiohttpTransport:
                     url,
                     headers=_pinned_headers(backend, headers),
                     server_hostname=_server_hostname(backend),
+                    ssl=True if tls is None else tls,
                     protocols=subprotocols,
                     autoclose=False,
                     autoping=True,
@@ -295,6 +315,8 @@ def _upstream_error(exc: BaseException, what: str) -> UpstreamError:
         return UpstreamTimeout(f"{what}: connect timed out", phase="connect")
     if isinstance(exc, aiohttp.SocketTimeoutError):
         return UpstreamTimeout(f"{what}: no response headers in time", phase="headers")
+    if isinstance(exc, aiohttp.ClientSSLError):  # the certificate or the handshake: nothing was sent
+        return UpstreamTLSError(f"{what}: TLS handshake failed: {exc}")
     if isinstance(exc, aiohttp.ClientConnectorError):
         return UpstreamConnectError(f"{what}: cannot connect: {exc}")
     return UpstreamProtocolError(f"{what}: {type(exc).__name__}: {exc}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import re
+import ssl
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -105,9 +106,11 @@ class UpstreamRequest:
         headers: raw header pairs, names lower-case, duplicates kept, hop-by-hop ones already removed.
         body: the body as a stream of chunks, or ``None`` for none.
         content_length: the body's length when the client declared it, else ``None`` (chunked).
+        tls: the pool's TLS context for an ``https://`` backend (``UpstreamPool.tls``, built once per
+            pool); ``None``: the transport's own (the system's CAs). The gateway sets it, after hooks.
     """
 
-    __slots__ = ("method", "backend", "target", "headers", "body", "content_length")
+    __slots__ = ("method", "backend", "target", "headers", "body", "content_length", "tls")
 
     def __init__(
         self,
@@ -117,6 +120,7 @@ class UpstreamRequest:
         headers: RawHeaders,
         body: AsyncIterable[bytes] | None = None,
         content_length: int | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.method = method
         self.backend = backend
@@ -124,6 +128,7 @@ class UpstreamRequest:
         self.headers = headers
         self.body = body
         self.content_length = content_length
+        self.tls = tls
 
     def __repr__(self) -> str:
         return f"UpstreamRequest({self.method} {self.backend} {self.target})"
@@ -193,7 +198,9 @@ class Transport(Protocol):
     Every byte a backend sends belongs to one exchange: a transport never hands a response, or header
     fields, that arrived outside the exchange they answer (on an idle connection, after the response's
     end, in its trailers) to a request; it closes that connection instead. The forwarder relays only
-    final statuses from 200 to 599.
+    final statuses from 200 to 599. A request's ``tls`` context, when set, is the one its TLS
+    connection is made with, and a connection made with one context never serves another's request
+    (two pools may trust different CAs or present different client certificates to one backend).
     """
 
     async def send(self, request: UpstreamRequest, timeouts: Timeouts) -> UpstreamResponse:
@@ -207,9 +214,17 @@ class WebSocketTransport(Transport, Protocol):
     """A transport that can also open WebSockets upstream."""
 
     async def connect_websocket(
-        self, backend: str, target: str, headers: RawHeaders, subprotocols: list[str], timeouts: Timeouts
+        self,
+        backend: str,
+        target: str,
+        headers: RawHeaders,
+        subprotocols: list[str],
+        timeouts: Timeouts,
+        *,
+        tls: ssl.SSLContext | None = None,
     ) -> UpstreamWebSocket:
-        """Open a WebSocket to ``target`` on ``backend`` (``ws://`` for ``http://``, ``wss://`` for ``https://``)."""
+        """Open a WebSocket to ``target`` on ``backend`` (``ws://`` for ``http://``, ``wss://`` for ``https://``),
+        over the pool's TLS context ``tls`` when it has one (as ``UpstreamRequest.tls``)."""
 
 
 PathRewriteHook = Callable[[str], str | Awaitable[str]]

@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from prequal_middleware.exceptions import UpstreamConnectError, UpstreamTimeout
+from prequal_middleware.exceptions import UpstreamConnectError, UpstreamTimeout, UpstreamTLSError
 from prequal_middleware.transports.base import upstream_origin
 from prequal_middleware.transports.h1_connection import H1Connection
 
@@ -202,7 +202,10 @@ class H1Pool(Generic[Conn]):
         except TimeoutError:
             conn.abort()
             raise UpstreamTimeout(f"{origin.url}: connect timed out", phase="connect") from None
-        except (OSError, ssl_module.SSLError) as exc:
+        except ssl_module.SSLError as exc:  # before OSError, its base: a TLS failure is told apart
+            conn.abort()
+            raise UpstreamTLSError(f"{origin.url}: TLS handshake failed ({exc})") from None
+        except OSError as exc:
             conn.abort()
             raise UpstreamConnectError(f"{origin.url}: connect failed ({exc})") from None
         except BaseException:

@@ -18,7 +18,9 @@ and ``Transfer-Encoding: chunked`` for a body of unknown length), the target sen
 - Errors, as ``UpstreamError`` subclasses with ``sent`` told right: a refused connection or a connect
   timeout was never sent; anything after the first request byte was. A reused idle connection that the
   backend had closed is retried once on a fresh one for an idempotent request without a body.
-- ``https://`` backends use TLS (``ssl.create_default_context()`` unless you pass a context).
+- ``https://`` backends use TLS: the request's own context (``UpstreamRequest.tls``, a pool's
+  ``UpstreamTLS``) when it has one, else the transport's (``ssl.create_default_context()`` unless you
+  pass one). Each context has its own connections, so one made for a pool is never lent to another.
 - WebSockets go through an ``AiohttpTransport`` this transport owns (opened on first use, with this
   transport's TLS context, closed with it). Deliberately not on this engine: a WebSocket is a second
   protocol after the ``101`` (the upgrade handshake with its key check and subprotocol choice, then
@@ -233,27 +235,38 @@ class H1Transport:
         self.keepalive_s = keepalive_s
         self.max_response_header_bytes = max_response_header_bytes
         self.max_response_headers = max_response_headers
-        self._pool: H1Pool[_Connection] = H1Pool(
-            _Connection,
-            limit_per_origin=limit_per_backend,
-            max_idle_per_origin=limit_per_backend,
-            keepalive_s=keepalive_s,
-            max_headers=max_response_headers,
-            max_header_bytes=max_response_header_bytes,
-            # The head and each trailer section as a whole, not only line by line.
-            max_head_bytes=max_response_headers * max_response_header_bytes,
-            ssl=ssl,
-        )
+        self._pool = self._new_pool(ssl)
         self._origins = self._pool.origins
+        # A pool's own TLS context gets connections of its own: one engine pool per context.
+        self._tls_pools: dict[ssl_module.SSLContext, H1Pool[_Connection]] = {}
         self._websockets: AiohttpTransport | None = None
+
+    def _new_pool(self, tls: ssl_module.SSLContext | None) -> H1Pool[_Connection]:
+        return H1Pool(
+            _Connection,
+            limit_per_origin=self.limit_per_backend,
+            max_idle_per_origin=self.limit_per_backend,
+            keepalive_s=self.keepalive_s,
+            max_headers=self.max_response_headers,
+            max_header_bytes=self.max_response_header_bytes,
+            # The head and each trailer section as a whole, not only line by line.
+            max_head_bytes=self.max_response_headers * self.max_response_header_bytes,
+            ssl=tls,
+        )
+
+    def _pool_for(self, tls: ssl_module.SSLContext) -> H1Pool[_Connection]:
+        pool = self._tls_pools.get(tls)
+        if pool is None:
+            pool = self._tls_pools[tls] = self._new_pool(tls)
+        return pool
 
     # --- Transport -----------------------------------------------------------------------------
 
     async def send(self, request: UpstreamRequest, timeouts: Timeouts) -> UpstreamResponse:
-        pool = self._pool
-        if pool.closed:
+        if self._pool.closed:
             raise UpstreamConnectError("the transport is closed")
-        origin = self._origins.get(request.backend) or pool.origin(request.backend)
+        pool = self._pool if request.tls is None else self._pool_for(request.tls)
+        origin = pool.origins.get(request.backend) or pool.origin(request.backend)
         loop = asyncio.get_running_loop()
         head, chunked = self._head(request, origin)
         head_only = request.method == "HEAD"
@@ -273,15 +286,23 @@ class H1Transport:
         return await self._exchange(conn, request, head, chunked, head_only, timeouts, loop)
 
     async def connect_websocket(
-        self, backend: str, target: str, headers: RawHeaders, subprotocols: list[str], timeouts: Timeouts
+        self,
+        backend: str,
+        target: str,
+        headers: RawHeaders,
+        subprotocols: list[str],
+        timeouts: Timeouts,
+        *,
+        tls: ssl_module.SSLContext | None = None,
     ) -> UpstreamWebSocket:
         if self._websockets is None:
-            tls = self._pool.ssl
-            self._websockets = AiohttpTransport(ssl=tls if tls is not None else True)
-        return await self._websockets.connect_websocket(backend, target, headers, subprotocols, timeouts)
+            default = self._pool.ssl
+            self._websockets = AiohttpTransport(ssl=default if default is not None else True)
+        return await self._websockets.connect_websocket(backend, target, headers, subprotocols, timeouts, tls=tls)
 
     async def aclose(self) -> None:
-        self._pool.close(lambda: UpstreamConnectError("the transport is closed"))
+        for pool in (self._pool, *self._tls_pools.values()):
+            pool.close(lambda: UpstreamConnectError("the transport is closed"))
         websockets, self._websockets = self._websockets, None
         if websockets is not None:
             await websockets.aclose()
@@ -356,7 +377,7 @@ class H1Transport:
             if timer is not None:
                 timer.cancel()
         if conn.complete and not conn.chunks:
-            self._pool.release(conn, loop.time())  # no body (HEAD, 204, 304, empty): the connection is free now
+            conn.pool.release(conn, loop.time())  # no body (HEAD, 204, 304, empty): the connection is free now
             return UpstreamResponse(conn.status, conn.headers, _empty())
         return UpstreamResponse(
             conn.status, conn.headers, self._body(conn, request, timeouts.read_idle_s, loop), _Closer(conn)
@@ -425,7 +446,7 @@ class H1Transport:
             finally:
                 timer.cancel()
                 conn.data_waiter = None
-        self._pool.release(conn, loop.time())
+        conn.pool.release(conn, loop.time())
 
 
 class _Closer:

@@ -14,18 +14,24 @@ turns readable while idle (a late stray response), and the forwarder refuses a 1
 to the next request on that connection (reaching it takes httpcore's private attributes,
 encode/httpcore#872); interim answers other than 100/103 are skipped rather than refused, and an
 early error answer arrives only once the whole request body was sent. Use it with backends you trust.
+
+An httpx client has one TLS configuration, so a request with a context of its own (``UpstreamRequest.tls``,
+a pool's ``UpstreamTLS``) goes through a client made for that context (``tls_client(context)``, by
+default ``httpx.AsyncClient(verify=context)``), one per context, owned and closed by this transport.
+Requests without one use your client.
 """
 
 from __future__ import annotations
 
 import asyncio
 import http.cookiejar
-from collections.abc import AsyncIterable, AsyncIterator
+import ssl
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 import httpx
 
-from prequal_middleware.exceptions import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
+from prequal_middleware.exceptions import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout, UpstreamTLSError
 from prequal_middleware.transports.base import UpstreamRequest, UpstreamResponse, sendable_target, upstream_origin
 
 if TYPE_CHECKING:
@@ -45,16 +51,39 @@ class HttpxTransport:
     Parameters:
         client: the client to use. Its base headers, cookies and redirect setting are ignored.
         close_client: close the client in ``aclose()`` (default False: you own it).
+        tls_client: makes the client for the requests of a pool with its own TLS context (see the
+            module docstring); give one for HTTP/2, limits or proxies on those. Such clients are
+            closed by ``aclose()``.
     """
 
-    def __init__(self, client: httpx.AsyncClient, *, close_client: bool = False) -> None:
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        *,
+        close_client: bool = False,
+        tls_client: Callable[[ssl.SSLContext], httpx.AsyncClient] | None = None,
+    ) -> None:
         self.client = client
         self._close_client = close_client
+        self._tls_client = tls_client if tls_client is not None else _client_for
+        self._tls_clients: dict[ssl.SSLContext, httpx.AsyncClient] = {}
         client.cookies.jar.set_policy(_RejectAll())
 
     async def aclose(self) -> None:
+        clients, self._tls_clients = list(self._tls_clients.values()), {}
+        for client in clients:
+            await client.aclose()
         if self._close_client:
             await self.client.aclose()
+
+    def _client(self, tls: ssl.SSLContext | None) -> httpx.AsyncClient:
+        if tls is None:
+            return self.client
+        client = self._tls_clients.get(tls)
+        if client is None:
+            client = self._tls_clients[tls] = self._tls_client(tls)
+            client.cookies.jar.set_policy(_RejectAll())
+        return client
 
     async def send(self, request: UpstreamRequest, timeouts: Timeouts) -> UpstreamResponse:
         loop = asyncio.get_running_loop()
@@ -81,18 +110,36 @@ class HttpxTransport:
         )
         try:
             async with asyncio.timeout_at(loop.time() + timeouts.connect_s + first_wait):
-                response = await self.client.send(built, stream=True, follow_redirects=False)
+                response = await self._client(request.tls).send(built, stream=True, follow_redirects=False)
         except TimeoutError:
             raise UpstreamTimeout(f"{request!r}: no response headers in time", phase="headers") from None
         except (httpx.ConnectTimeout, httpx.PoolTimeout):
             raise UpstreamTimeout(f"{request!r}: connect timed out", phase="connect") from None
         except httpx.ConnectError as exc:
+            if _tls_failure(exc):
+                raise UpstreamTLSError(f"{request!r}: TLS handshake failed: {exc}") from None
             raise UpstreamConnectError(f"{request!r}: cannot connect: {exc}") from None
         except httpx.TimeoutException:
             raise UpstreamTimeout(f"{request!r}: timed out", phase="headers") from None
         except (httpx.HTTPError, OSError) as exc:
             raise UpstreamProtocolError(f"{request!r}: {type(exc).__name__}: {exc}") from None
         return UpstreamResponse(response.status_code, list(response.headers.raw), _body(response), response.aclose)
+
+
+def _client_for(tls: ssl.SSLContext) -> httpx.AsyncClient:
+    return httpx.AsyncClient(verify=tls)
+
+
+def _tls_failure(exc: BaseException) -> bool:
+    """Whether an ssl error is among the causes httpx chained under its ``ConnectError``."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # httpx -> httpcore -> ssl: a few links, never a loop
+        if seen is None:
+            return False
+        if isinstance(seen, ssl.SSLError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _url(backend: str, target: str) -> httpx.URL:

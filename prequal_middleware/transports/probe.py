@@ -36,15 +36,17 @@ validated here, the one place where a backend's load report enters the gateway:
 - anything else (an exception in the parser's callbacks included) is a ``ProbeFailed``: the policy
   hears of a failed probe and no value reaches its pool.
 
-``https://`` backends are probed over TLS with ``ssl.create_default_context()`` (certificates verified);
-a base path in the URL (``http://h:1/svc``) prefixes the probe path. Idle connections are closed after
-``keepalive_s`` by the engine's sweep. One client belongs to one event loop.
+``https://`` backends are probed over TLS with the ``ssl`` context given (the gateway gives each pool's
+client that pool's context, the one its requests and health checks use), else
+``ssl.create_default_context()``. A base path in the URL (``http://h:1/svc``) prefixes the probe path.
+Idle connections are closed after ``keepalive_s`` by the engine's sweep. One client belongs to one event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl as ssl_module
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -245,6 +247,7 @@ class ProbeClient:
         timeout_s: budget for one probe, connect and answer included.
         max_idle_per_backend: idle keep-alive connections kept per backend; extra ones are closed.
         keepalive_s: how long an idle connection is kept (the engine's sweep closes it soon after).
+        ssl: the TLS context for ``https://`` backends (default: ``ssl.create_default_context()``).
     """
 
     def __init__(
@@ -254,6 +257,7 @@ class ProbeClient:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         max_idle_per_backend: int = DEFAULT_MAX_IDLE_PER_BACKEND,
         keepalive_s: float = DEFAULT_KEEPALIVE_S,
+        ssl: ssl_module.SSLContext | None = None,
     ) -> None:
         if not path.startswith("/") or not path.isascii():
             raise ValueError(f"path must be ASCII and start with '/', got {path!r}")
@@ -277,6 +281,7 @@ class ProbeClient:
             max_header_bytes=MAX_HEAD_BYTES,
             max_head_bytes=MAX_HEAD_BYTES,
             max_body_bytes=MAX_BODY_BYTES,
+            ssl=ssl,
             closed_message=CLOSED,
         )
         self._backends = self._pool.origins
