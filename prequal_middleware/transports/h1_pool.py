@@ -204,7 +204,7 @@ class H1Pool(Generic[Conn]):
             raise UpstreamTimeout(f"{origin.url}: connect timed out", phase="connect") from None
         except ssl_module.SSLError as exc:  # before OSError, its base: a TLS failure is told apart
             conn.abort()
-            raise UpstreamTLSError(f"{origin.url}: TLS handshake failed ({exc})") from None
+            raise UpstreamTLSError(f"{origin.url}: connect failed in the TLS handshake ({exc})") from None
         except OSError as exc:
             conn.abort()
             raise UpstreamConnectError(f"{origin.url}: connect failed ({exc})") from None

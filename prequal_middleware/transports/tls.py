@@ -13,6 +13,7 @@ DNS-pinned member's name, never its address).
 from __future__ import annotations
 
 import ssl
+from os import PathLike
 from typing import TYPE_CHECKING, Any
 
 from prequal_middleware.exceptions import ConfigurationError
@@ -61,7 +62,7 @@ def client_context(settings: UpstreamTLS) -> UpstreamSSLContext:
             raise ConfigurationError(
                 f"UpstreamTLS.ca_file: cannot load {settings.ca_file!r} as PEM CA certificates ({exc})"
             ) from None
-        if not context.get_ca_certs():
+        if not context.cert_store_stats()["x509"]:
             raise ConfigurationError(f"UpstreamTLS.ca_file: no CA certificate in {settings.ca_file!r}")
     if settings.cert_file is not None:
         _load_client_certificate(context, settings)
@@ -82,13 +83,8 @@ def _load_client_certificate(context: ssl.SSLContext, settings: UpstreamTLS) -> 
     except ConfigurationError:
         raise
     except (ssl.SSLError, OSError, ValueError) as exc:
-        # Blame the file that is wrong: a certificate file without a certificate, else the key.
-        try:
-            with open(cert, "rb") as f:
-                has_certificate = b"-----BEGIN CERTIFICATE-----" in f.read()
-        except OSError:
-            has_certificate = False
-        if not has_certificate:
+        # Blame the file that is wrong: the certificate file if no certificate loads from it, else the key.
+        if not _holds_certificates(cert):
             what = f"cannot load {cert!r} as a PEM certificate"
             raise ConfigurationError(f"UpstreamTLS.cert_file: {what} ({exc})") from None
         if key is None:
@@ -96,3 +92,13 @@ def _load_client_certificate(context: ssl.SSLContext, settings: UpstreamTLS) -> 
             raise ConfigurationError(f"UpstreamTLS.cert_file: {what} ({exc})") from None
         what = f"cannot load {key!r} as the PEM private key of {cert!r}"
         raise ConfigurationError(f"UpstreamTLS.key_file: {what} ({exc})") from None
+
+
+def _holds_certificates(path: str | PathLike[str]) -> bool:
+    """Whether ``path`` is a PEM file of certificates (any, CA or not: all a trust store asks)."""
+    try:
+        probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        probe.load_verify_locations(cafile=path)
+    except (ssl.SSLError, OSError, ValueError):
+        return False
+    return bool(probe.cert_store_stats()["x509"])
