@@ -261,6 +261,26 @@ async def test_a_backend_requiring_a_client_certificate_gets_the_pools(kind: str
     assert mutual.state.requests == before + 2
 
 
+@pytest.mark.parametrize("kind", sorted(TRANSPORTS))
+async def test_a_connection_made_for_one_pool_is_not_lent_to_another(kind: str, pki: Pki, mutual: Backend) -> None:
+    # Two pools on one backend: one presents the client certificate, one does not. A kept-alive
+    # connection the first made must not carry the second's requests past the backend's check.
+    trusted = UpstreamTLS(ca_file=pki.ca, cert_file=pki.client_cert, key_file=pki.client_key)
+    pools = [
+        UpstreamPool("/good", upstreams=[mutual.url], tls=trusted, health=HealthSettings(path=None)),
+        UpstreamPool(
+            "/bare", upstreams=[mutual.url], tls=UpstreamTLS(ca_file=pki.ca), health=HealthSettings(path=None)
+        ),
+    ]
+    gateway = Gateway(pools=pools, transport=TRANSPORTS[kind]())
+    async with gateway:
+        asgi = httpx.ASGITransport(app=gateway_app(gateway))
+        async with httpx.AsyncClient(transport=asgi, base_url="http://gateway", timeout=10) as client:
+            for _ in range(2):
+                assert (await client.get("/good/echo")).status_code == 200
+                assert (await client.get("/bare/echo")).status_code == 502
+
+
 # --- (d) server_name replaces the name verified -------------------------------------------------------
 
 
