@@ -62,8 +62,6 @@ def client_context(settings: UpstreamTLS) -> UpstreamSSLContext:
             raise ConfigurationError(
                 f"UpstreamTLS.ca_file: cannot load {settings.ca_file!r} as PEM CA certificates ({exc})"
             ) from None
-        if not context.cert_store_stats()["x509"]:
-            raise ConfigurationError(f"UpstreamTLS.ca_file: no CA certificate in {settings.ca_file!r}")
     if settings.cert_file is not None:
         _load_client_certificate(context, settings)
     return context
