@@ -44,10 +44,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
+from prequal_middleware import config_schema
 from prequal_middleware.exceptions import ConfigurationError
 
 PROG = "prequal-gateway"
-DEFAULT_ADMIN_PATH = "/_prequal"
+DEFAULT_ADMIN_PATH = config_schema.DEFAULT_ADMIN_PATH
 
 # The uvicorn settings we recommend in front of untrusted clients. uvicorn has no timeout for reading a
 # request's headers (its keep-alive timer stops at a connection's first byte, so a client sending a byte
@@ -72,37 +75,14 @@ SERVER_SETTINGS: dict[str, Any] = {
 
 # [gateway] keys: the PREQUAL_* variables envconfig reads, lower case without the prefix. Lists are
 # joined with commas (the variables' own format); booleans become true/false.
-GATEWAY_KEYS = frozenset(
-    {
-        "policy",
-        "health_path",
-        "probe_path",
-        "registry",
-        "registry_path",
-        "registration_token",
-        "allowed_upstreams",
-        "lease_ttl_s",
-        "admin_trust_loopback",
-        "admin_allowed_hosts",
-        "ready_while_stale_s",
-        "via_pseudonym",
-        "transport",
-        "dns",
-        "dns_nameservers",
-        "dns_refresh_s",
-        "register_hook",
-        "unregister_hook",
-        "path_rewrite_hook",
-        "request_hook",
-        "response_hook",
-    }
-)
-SERVER_KEYS = {"host": str, "port": int, "workers": int, "log_level": str, "admin_path": str}
-LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+GATEWAY_KEYS = config_schema.GATEWAY_KEYS
+SERVER_KEYS = tuple(config_schema.ServerTable.model_fields)
+LOG_LEVELS = config_schema.LOG_LEVELS
 
 
 def environ_from_file(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
-    """The ``PREQUAL_*`` variables and the ``[server]`` settings a TOML file describes."""
+    """The ``PREQUAL_*`` variables and the ``[server]`` settings a TOML file describes (validated by
+    ``config_schema.ConfigFile``; an error names the file and the key)."""
     where = str(path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -112,42 +92,15 @@ def environ_from_file(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
         raise ConfigurationError(f"{where}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigurationError(f"{where}: invalid TOML ({exc})") from None
-    unknown = sorted(set(data) - {"server", "gateway", "pools"})
-    if unknown:
-        raise ConfigurationError(f"{where}: unknown table {unknown[0]!r}; known: gateway, pools, server")
-    env: dict[str, str] = {}
-    server = _table(data, "server", where)
-    for key, value in server.items():
-        kind = SERVER_KEYS.get(key)
-        if kind is None:
-            raise ConfigurationError(f"{where}: [server] has an unknown key {key!r}; known: {', '.join(SERVER_KEYS)}")
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise ConfigurationError(f"{where}: [server].{key} must be a {kind.__name__}, got {value!r}")
-    for key, value in _table(data, "gateway", where).items():
-        if key not in GATEWAY_KEYS:
-            known = ", ".join(sorted(GATEWAY_KEYS))
-            raise ConfigurationError(f"{where}: [gateway] has an unknown key {key!r}; known: {known}")
-        env["PREQUAL_" + key.upper()] = _variable_text(value, f"{where}: [gateway].{key}")
+    try:
+        described = config_schema.ConfigFile.model_validate(data)
+    except ValidationError as exc:
+        raise config_schema.config_error(exc, config_schema.file_where(where), an_object="a table") from None
+    env = {"PREQUAL_" + key.upper(): value for key, value in described.gateway.items()}
     if "pools" in data:
-        env["PREQUAL_POOLS"] = json.dumps(_table(data, "pools", where))
-    return env, server
-
-
-def _table(data: Mapping[str, Any], name: str, where: str) -> dict[str, Any]:
-    value = data.get(name, {})
-    if not isinstance(value, dict):
-        raise ConfigurationError(f"{where}: {name} must be a table ([{name}])")
-    return value
-
-
-def _variable_text(value: Any, where: str) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str | int | float):
-        return str(value)
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return ",".join(value)
-    raise ConfigurationError(f"{where} must be a string, number, boolean or list of strings, got {value!r}")
+        # Validated with the environment's PREQUAL_POOLS (which overrides it); TOML dates go as text.
+        env["PREQUAL_POOLS"] = json.dumps(described.pools, default=str)
+    return env, described.server.model_dump(exclude_unset=True)
 
 
 def check(env: Mapping[str, str]) -> str:
@@ -157,9 +110,7 @@ def check(env: Mapping[str, str]) -> str:
 
     kwargs = gateway_kwargs_from_env(env)
     check_registry_fits_workers(kwargs["registry"], env, argv=())
-    admin_path = env.get("PREQUAL_ADMIN_PATH", DEFAULT_ADMIN_PATH)
-    if not (admin_path.startswith("/") and not admin_path.endswith("/") and len(admin_path) > 1):
-        raise ConfigurationError(f"admin_path must be a path like /_prequal, got {admin_path!r}")
+    admin_path = env.get("PREQUAL_ADMIN_PATH", DEFAULT_ADMIN_PATH)  # checked by gateway_kwargs_from_env
     routes: dict[str, list[str]] = {}
     for route in kwargs["routes"]:
         routes.setdefault(route.pool, []).append(route.prefix)

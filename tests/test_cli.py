@@ -50,7 +50,10 @@ def test_check_accepts_a_good_environment(module: bool) -> None:
     [
         ({"PREQUAL_POOLS": "{not json"}, "PREQUAL_POOLS is not valid JSON"),
         ({"PREQUAL_POOLS": '{"/api": ["ftp://x"]}'}, "PREQUAL_POOLS['/api']: UpstreamPool('/api').upstreams[0]"),
-        ({"PREQUAL_ADMIN_TRUST_LOOPBACK": "maybe"}, "PREQUAL_ADMIN_TRUST_LOOPBACK must be one of"),
+        (
+            {"PREQUAL_ADMIN_TRUST_LOOPBACK": "maybe"},
+            "PREQUAL_ADMIN_TRUST_LOOPBACK must be a boolean (true/false, 1/0, yes/no, on/off), got 'maybe'",
+        ),
         ({"PREQUAL_TRANSPORT": "carrier-pigeon"}, "PREQUAL_TRANSPORT must be 'h1' or 'aiohttp'"),
         ({"PREQUAL_REGISTRY": "memory", "PREQUAL_WORKERS": "3"}, "the server runs 3 workers"),
         ({"PREQUAL_WORKERS": "zero"}, "PREQUAL_WORKERS must be a whole number"),
@@ -100,14 +103,20 @@ def test_check_reads_a_toml_file_and_the_environment_wins(tmp_path: Path) -> Non
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("[server]\nport = 'eighty'\n", "[server].port must be a int"),
+        ("[server]\nport = 'eighty'\n", "[server].port must be an integer, got 'eighty'"),
         ("[server]\nthreads = 4\n", "[server] has an unknown key 'threads'"),
         ("[gateway]\nregistery = 'memory'\n", "[gateway] has an unknown key 'registery'"),
         ("[gateway]\npolicy = { name = 1 }\n", "[gateway].policy must be a string, number, boolean or list"),
         ("[gatway]\n", "unknown table 'gatway'"),
         ("[pools.\"/api\"]\nupstreams = 'http://x:1'\n", "PREQUAL_POOLS['/api'].upstreams must be a list"),
         ("[server\nport = 1\n", "invalid TOML"),
-        ("[server]\nworkers = 0\n", "workers must be a whole number >= 1"),
+        ("[server]\nworkers = 0\n", "[server].workers must be >= 1, got 0"),
+        ("[server]\nport = true\n", "[server].port must be an integer, got True"),
+        ("[server]\nport = 70000\n", "[server].port must be <= 65535, got 70000"),
+        ("[server]\nlog_level = 'loud'\n", "[server].log_level must be 'critical', 'error', 'warning', 'info' or"),
+        ("[server]\nadmin_path = 'admin'\n", "[server].admin_path must be a path like /_prequal, got 'admin'"),
+        ("server = 5\n", "[server] must be a table, got 5"),
+        ("[pools.\"/api\"]\nstrip_prefix = 'yes please'\n", "PREQUAL_POOLS['/api'].strip_prefix must be a boolean"),
     ],
 )
 def test_a_bad_file_is_one_line_naming_the_key(tmp_path: Path, text: str, message: str) -> None:

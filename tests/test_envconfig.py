@@ -78,7 +78,10 @@ def test_redis_registry_from_a_url() -> None:
         ({"PREQUAL_POOLS": '{"api": []}'}, r"PREQUAL_POOLS\['api'\].*prefix must be"),
         ({"PREQUAL_POOLS": '{"/api": ["ftp://x"]}'}, r"PREQUAL_POOLS\['/api'\].*http or https"),
         ({"PREQUAL_POOLS": '{"/api": {"upstream": []}}'}, r"unknown setting 'upstream'"),
-        ({"PREQUAL_POOLS": '{"/api": {"timeouts": {"connect": 1}}}'}, r"timeouts has unknown settings"),
+        (
+            {"PREQUAL_POOLS": '{"/api": {"timeouts": {"connect": 1}}}'},
+            r"\['/api'\]\.timeouts has an unknown setting 'connect'",
+        ),
         ({"PREQUAL_POOLS": '{"/api": {"prequal": {"q_rif": 2}}}'}, r"prequal: q_rif must be"),
         ({"PREQUAL_POLICY": "fastest"}, r"PREQUAL_POLICY must be one of"),
         ({"PREQUAL_POLICY": "no_such_module_x:Policy"}, r"PREQUAL_POLICY: cannot import module"),
@@ -103,3 +106,78 @@ def test_transport_is_chosen_by_name() -> None:
     assert isinstance(Gateway.from_env({"PREQUAL_TRANSPORT": "aiohttp"})._transport, AiohttpTransport)
     assert Gateway.from_env({})._transport is None  # the gateway's default, opened at startup
     assert Gateway.from_env({"PREQUAL_TRANSPORT": " "})._transport is None
+
+
+def test_booleans_are_read_deliberately() -> None:
+    # pydantic's lax booleans: JSON false, "false", "off", 0 are False; anything else is an error naming the key.
+    pools = pools_from_env(
+        {
+            "PREQUAL_POOLS": '{"/a": {"strip_prefix": "false"}, "/b": {"strip_prefix": 0, "websockets": "off"},'
+            ' "/c": {"preserve_host": "TRUE"}}'
+        }
+    )
+    assert [(p.strip_prefix, p.websockets, p.preserve_host) for p in pools] == [
+        (False, True, False),
+        (False, False, False),
+        (True, True, True),
+    ]
+    assert gateway_kwargs_from_env({"PREQUAL_ADMIN_TRUST_LOOPBACK": " Yes "})["admin"].trust_loopback is True
+    assert gateway_kwargs_from_env({"PREQUAL_ADMIN_TRUST_LOOPBACK": "off"})["admin"].trust_loopback is False
+
+
+@pytest.mark.parametrize(
+    ("pools", "message"),
+    [
+        (
+            '{"/api": {"strip_prefix": "yes please"}}',
+            "PREQUAL_POOLS['/api'].strip_prefix must be a boolean (true/false, 1/0, yes/no, on/off), got 'yes please'",
+        ),
+        (
+            '{"u": {"routes": [{"prefix": "/v1", "websockets": "nah"}]}}',
+            "PREQUAL_POOLS['u'].routes[0].websockets must be a boolean (true/false, 1/0, yes/no, on/off), got 'nah'",
+        ),
+        (
+            '{"/api": {"timeouts": {"connect_s": true}}}',
+            "PREQUAL_POOLS['/api'].timeouts.connect_s must be a number, not a boolean, got True",
+        ),
+        ('{"/api": {"max_in_flight": true}}', "PREQUAL_POOLS['/api'].max_in_flight must be an integer, not a boolean"),
+        ('{"/api": {"max_in_flight": 2.5}}', "PREQUAL_POOLS['/api'].max_in_flight must be an integer, got 2.5"),
+        ('{"/api": {"timeouts": 5}}', "PREQUAL_POOLS['/api'].timeouts must be an object, got 5"),
+        ('{"/api": 5}', "PREQUAL_POOLS['/api'] must be a list of URLs or an object, got 5"),
+        ('{"/api": ["http://127.0.0.1:1", 1]}', "PREQUAL_POOLS['/api'].upstreams[1] must be a string, got 1"),
+        (
+            '{"/api": {"prequal": {"fallback": "best"}}}',
+            "PREQUAL_POOLS['/api'].prequal.fallback must be 'least_in_flight' or 'random', got 'best'",
+        ),
+    ],
+)
+def test_wrong_types_name_the_key(pools: str, message: str) -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        pools_from_env({"PREQUAL_POOLS": pools})
+    assert str(raised.value).startswith(message)
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"PREQUAL_LEASE_TTL_S": "inf"}, "PREQUAL_LEASE_TTL_S: AdminSettings.default_ttl_s must be a finite number"),
+        ({"PREQUAL_ADMIN_PATH": "admin/"}, "PREQUAL_ADMIN_PATH must be a path like /_prequal, got 'admin/'"),
+        ({"PREQUAL_PROBE_PATH": "probe"}, "PREQUAL_PROBE_PATH: ProbeSettings.path must be a path starting with '/'"),
+        ({"PREQUAL_DNS": "perhaps"}, "PREQUAL_DNS must be a boolean"),
+    ],
+)
+def test_more_bad_variables(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        gateway_kwargs_from_env(env)
+    assert str(raised.value).startswith(message)
+
+
+def test_only_the_given_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    # pydantic-settings reads os.environ by default: a mapping passed in must be the whole environment.
+    monkeypatch.setenv("PREQUAL_TRANSPORT", "carrier-pigeon")
+    monkeypatch.setenv("PREQUAL_POOLS", '{"/from-os": []}')
+    assert [p.prefix for p in pools_from_env({})] == ["/api"]
+    assert "transport" not in gateway_kwargs_from_env({})
+    with pytest.raises(ConfigurationError, match="PREQUAL_TRANSPORT must be"):
+        gateway_kwargs_from_env()  # None: the process environment
