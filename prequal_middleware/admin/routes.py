@@ -18,6 +18,11 @@
 never a route's prefix: every route to the pool is served by the backends registered under it; an
 unknown pool is a 400 naming the field.
 
+One table of routes (``admin_table``), two wrappings of the same handlers: ``admin_app()`` is a plain
+Starlette app (no FastAPI import), ``admin_router()`` an ``APIRouter`` of ``APIRoute``s carrying the
+request and answer models of ``admin.schemas`` for OpenAPI. Either way the handlers read the body
+themselves (auth, rate limit and size cap before any parsing; our error answers, not FastAPI's 422).
+
 The routes only read and change the ``Gateway``'s state. Writes need the bearer token when one is
 configured, else a loopback client (see ``registration``); every refusal is a 4xx JSON error naming
 the field or the reason, and nothing is half-applied.
@@ -27,6 +32,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
@@ -34,6 +41,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from prequal_middleware.admin import schemas
 from prequal_middleware.admin.status import DEFAULT_MEMBER_LIMIT, MAX_MEMBER_LIMIT, describe, record_json
 from prequal_middleware.admin.status_page import status_page
 from prequal_middleware.exceptions import RegistrationError, RegistryUnavailable
@@ -71,8 +79,39 @@ def _query_int(raw: str | None, name: str, default: int, low: int, high: int) ->
     return int(raw)
 
 
-def admin_routes(gateway: Gateway) -> list[BaseRoute]:
-    """The admin routes of ``gateway``, for a ``Mount`` or an app of their own."""
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+@dataclass(frozen=True)
+class AdminRoute:
+    """One admin route: its handler, and what OpenAPI says of it (only ``admin_router`` reads that part)."""
+
+    path: str
+    method: str
+    endpoint: Endpoint
+    summary: str
+    answer: type[Any] | None = None  # the model of the success answer
+    status: int = 200
+    errors: dict[int, str] = field(default_factory=dict)  # status -> when
+    error_answer: type[Any] = schemas.Error  # the model of the error answers
+    body: type[Any] | None = None  # the request body's model
+    media_type: str = "application/json"
+    query: tuple[dict[str, Any], ...] = ()  # OpenAPI parameters the handler reads itself
+
+
+_WRITE_ERRORS = {
+    400: "a bad body: the field is named",
+    401: "no valid bearer token",
+    403: "refused: no token and no loopback trust, a proxied or browser request, or a forbidden upstream",
+    413: "the body is too large",
+    415: "the body is not application/json",
+    429: "too many admin writes; see Retry-After",
+    503: "the registry cannot be written now; see Retry-After",
+}
+
+
+def admin_table(gateway: Gateway) -> list[AdminRoute]:
+    """The admin routes of ``gateway``: the one implementation both wrappings serve."""
     settings = gateway.admin
     allow = gateway.allow_list
     rate = WriteRate(settings.max_writes_per_s)
@@ -145,7 +184,7 @@ def admin_routes(gateway: Gateway) -> list[BaseRoute]:
             limit = _query_int(query.get("limit"), "limit", DEFAULT_MEMBER_LIMIT, 1, MAX_MEMBER_LIMIT)
         except RegistrationError as exc:
             return _json(exc.body(), exc.status)
-        return _json(describe(gateway, pool=pool, offset=offset, limit=limit))
+        return _json(describe(gateway, pool=pool, offset=offset, limit=limit).model_dump())
 
     async def healthz(request: Request) -> Response:
         if not gateway.running:
@@ -161,15 +200,81 @@ def admin_routes(gateway: Gateway) -> list[BaseRoute]:
         return Response(body, media_type=content_type, headers={"cache-control": "no-store"})
 
     return [
-        Route("/", status_page, methods=["GET"]),
-        Route("/register", register, methods=["POST"]),
-        Route("/heartbeat", heartbeat, methods=["POST"]),
-        Route("/unregister", unregister, methods=["POST"]),
-        Route("/backends", backends, methods=["GET"]),
-        Route("/healthz", healthz, methods=["GET"]),
-        Route("/readyz", readyz, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
+        AdminRoute("/", "GET", status_page, "The status page (HTML)", media_type="text/html"),
+        AdminRoute(
+            "/register",
+            "POST",
+            register,
+            "Register a backend, or update it in place",
+            schemas.Record,
+            201,
+            {**_WRITE_ERRORS, 409: "the pool is full"},
+            schemas.RegisterBody,
+        ),
+        AdminRoute(
+            "/heartbeat",
+            "POST",
+            heartbeat,
+            "Renew a backend's lease",
+            schemas.Record,
+            200,
+            {**_WRITE_ERRORS, 404: "no such backend: register again"},
+            schemas.HeartbeatBody,
+        ),
+        AdminRoute(
+            "/unregister",
+            "POST",
+            unregister,
+            "Unregister a backend; it drains",
+            schemas.Unregistered,
+            200,
+            {**_WRITE_ERRORS, 404: "no such backend", 409: "a static upstream cannot be unregistered"},
+            schemas.UnregisterBody,
+        ),
+        AdminRoute(
+            "/backends",
+            "GET",
+            backends,
+            "Pools, members by state, and a page of members",
+            schemas.GatewayStatus,
+            200,
+            {400: "a bad query parameter: the parameter is named"},
+            query=_BACKENDS_QUERY,
+        ),
+        AdminRoute(
+            "/healthz", "GET", healthz, "Alive", schemas.Health, 200, {503: "stopped"}, error_answer=schemas.Health
+        ),
+        AdminRoute(
+            "/readyz",
+            "GET",
+            readyz,
+            "Ready to serve",
+            schemas.Readiness,
+            200,
+            {503: "not ready, with the reasons"},
+            error_answer=schemas.Readiness,
+        ),
+        AdminRoute("/metrics", "GET", metrics, "Prometheus exposition", media_type="text/plain"),
     ]
+
+
+_BACKENDS_QUERY = tuple(
+    {"name": name, "in": "query", "required": False, "description": text, "schema": schema}
+    for name, text, schema in (
+        ("pool", "only this pool (its name)", {"type": "string"}),
+        ("offset", "the first member listed", {"type": "integer", "minimum": 0, "default": 0}),
+        (
+            "limit",
+            "members listed per pool",
+            {"type": "integer", "minimum": 1, "maximum": MAX_MEMBER_LIMIT, "default": DEFAULT_MEMBER_LIMIT},
+        ),
+    )
+)
+
+
+def admin_routes(gateway: Gateway) -> list[BaseRoute]:
+    """The admin routes of ``gateway`` as Starlette routes, for a ``Mount`` or an app of their own."""
+    return [Route(r.path, r.endpoint, methods=[r.method], name=r.endpoint.__name__) for r in admin_table(gateway)]
 
 
 def admin_app(gateway: Gateway) -> Starlette:
@@ -178,9 +283,33 @@ def admin_app(gateway: Gateway) -> Starlette:
 
 
 def admin_router(gateway: Gateway) -> Any:
-    """A FastAPI ``APIRouter`` of the admin routes (requires FastAPI)."""
+    """A FastAPI ``APIRouter`` of ``APIRoute``s: the admin routes, with their models, in the app's OpenAPI
+    schema (requires FastAPI). The handlers are ``admin_app()``'s; FastAPI validates nothing itself."""
     try:
         from fastapi import APIRouter
+        from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise RuntimeError("admin_router() needs FastAPI: pip install fastapi, or mount admin_app()") from exc
-    return APIRouter(routes=admin_routes(gateway))
+    classes = {"text/html": HTMLResponse, "text/plain": PlainTextResponse}
+    router = APIRouter(tags=["prequal admin"])
+    for r in admin_table(gateway):
+        extra: dict[str, Any] = {}
+        if r.body is not None:
+            # Documented, not parsed by FastAPI: the handler authenticates and caps the size first.
+            schema = r.body.model_json_schema(ref_template="#/components/schemas/{model}")
+            extra["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}
+        if r.query:
+            extra["parameters"] = list(r.query)
+        router.add_api_route(
+            r.path,
+            r.endpoint,
+            methods=[r.method],
+            name=r.endpoint.__name__,
+            summary=r.summary,
+            status_code=r.status,
+            response_model=r.answer,
+            response_class=classes.get(r.media_type, JSONResponse),
+            responses={code: {"model": r.error_answer, "description": when} for code, when in r.errors.items()},
+            openapi_extra=extra or None,
+        )
+    return router

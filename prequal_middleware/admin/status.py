@@ -1,4 +1,5 @@
-"""The one status model: the gateway's state as JSON (``GET /backends``, the status page, write answers).
+"""The one status model: the gateway's state (``GET /backends``, the status page, write answers), as the
+pydantic models of ``admin.schemas``.
 
 Every pool (by name, with the prefixes of the routes to it) with its policy, in-flight count,
 probe-pool occupancy, RIF threshold, selections by reason, and each member's state, probe mode, last
@@ -12,6 +13,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+from prequal_middleware.admin.schemas import GatewayStatus, Record
 from prequal_middleware.core import PolicySnapshot
 from prequal_middleware.registry import BackendRecord
 
@@ -29,8 +31,9 @@ MAX_MEMBER_LIMIT = 1000
 
 def describe(
     gateway: Gateway, *, pool: str | None = None, offset: int = 0, limit: int = DEFAULT_MEMBER_LIMIT
-) -> dict[str, Any]:
-    """The gateway's state: every pool (or only ``pool``), each with its members ``offset`` to ``offset + limit``."""
+) -> GatewayStatus:
+    """The gateway's state: every pool (or only ``pool``), each with its members ``offset`` to ``offset + limit``
+    (validated by the model, so what is sent is what the OpenAPI schema says)."""
     now = gateway.clock()
     snapshot = gateway.registry.snapshot()
     stale_for = None if snapshot.stale_since is None else round(max(0.0, now - snapshot.stale_since), 3)
@@ -39,16 +42,18 @@ def describe(
         if pool is not None and name != pool:
             continue
         pools.append(_describe_pool(gateway, name, runtime, now, offset, limit))
-    return {
-        "state": gateway.state.value,
-        "registry": {
-            "kind": getattr(gateway.registry, "kind", type(gateway.registry).__name__),
-            "version": snapshot.version,
-            "stale": snapshot.stale_since is not None,
-            "stale_for_s": stale_for,
-        },
-        "pools": pools,
-    }
+    return GatewayStatus.model_validate(
+        {
+            "state": gateway.state.value,
+            "registry": {
+                "kind": getattr(gateway.registry, "kind", type(gateway.registry).__name__),
+                "version": snapshot.version,
+                "stale": snapshot.stale_since is not None,
+                "stale_for_s": stale_for,
+            },
+            "pools": pools,
+        }
+    )
 
 
 def _describe_pool(
@@ -112,14 +117,14 @@ def _describe_pool(
 
 def record_json(record: BackendRecord) -> dict[str, Any]:
     """A registry record as the admin routes answer a write: its lease as a wall-clock time and as seconds left."""
-    return {
-        "pool": record.pool,
-        "url": record.url,
-        "weight": record.weight,
-        "metadata": dict(record.metadata),
-        "lease_expires_at": record.lease_expires_at,
-        "ttl_s": None if record.lease_expires_at is None else round(record.lease_expires_at - time.time(), 3),
-    }
+    return Record(
+        pool=record.pool,
+        url=record.url,
+        weight=record.weight,
+        metadata=dict(record.metadata),
+        lease_expires_at=record.lease_expires_at,
+        ttl_s=None if record.lease_expires_at is None else round(record.lease_expires_at - time.time(), 3),
+    ).model_dump()
 
 
 def _round(value: float | None) -> float | None:

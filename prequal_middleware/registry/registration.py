@@ -9,6 +9,7 @@ gateway will call whatever URL it is given. So:
   ``X-Real-IP``), an ``Origin`` or a ``Host`` naming another machine is refused (``authorize``);
 - URLs must be http or https with a host and an explicit port, no credentials, no query; with an
   allow-list, the host must be listed (a name, a ``*.suffix`` wildcard, or an IP network in CIDR form);
+- bodies are checked by the pydantic models of ``schemas`` (strict JSON types, no unknown field);
 - every refusal is a ``RegistrationError`` with a status, an error code and the offending field.
 """
 
@@ -17,20 +18,14 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
-from prequal_middleware.config import AdminSettings, validate_upstream_url
+from prequal_middleware.config import AdminSettings
 from prequal_middleware.exceptions import ConfigurationError, RegistrationError
 
 _PROXY_HEADERS = frozenset({b"x-forwarded-for", b"forwarded", b"x-real-ip", b"x-forwarded-host"})
-_REGISTER_FIELDS = frozenset({"url", "pool", "weight", "metadata", "ttl_s"})
-_HEARTBEAT_FIELDS = frozenset({"url", "pool", "ttl_s"})
-_UNREGISTER_FIELDS = frozenset({"url", "pool"})
-MAX_WEIGHT = 1000.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,131 +222,26 @@ def validate(
     allow: AllowList,
     routes: Mapping[str, str] | None = None,
 ) -> RegistrationRequest:
-    """Check a register / heartbeat / unregister body; raise ``RegistrationError`` naming the field.
+    """Check a register / heartbeat / unregister body (``schemas``); raise ``RegistrationError`` naming the field.
 
     ``pool`` names a pool by its name (one of ``pools``); ``routes`` (prefix -> pool name) only makes
     the error for a route's prefix say which pool to name instead.
     """
-    allowed_fields = {"register": _REGISTER_FIELDS, "heartbeat": _HEARTBEAT_FIELDS, "unregister": _UNREGISTER_FIELDS}[
-        kind
-    ]
-    for key in body:
-        if key not in allowed_fields:
-            raise RegistrationError(400, "unknown_field", f"unknown field {key!r}", field=str(key))
-    url = _url(body.get("url"), allow)
-    pool = _pool(body.get("pool"), pools, routes or {})
-    weight = 1.0
-    metadata: dict[str, Any] | None = None
-    ttl_s: float | None = None
-    if kind == "register":
-        weight = _number(body.get("weight", 1.0), "weight", low=0.0, high=MAX_WEIGHT, low_open=True)
-        metadata = _metadata(body.get("metadata"), settings)
-    if kind in ("register", "heartbeat"):
-        raw_ttl = body.get("ttl_s")
-        ttl_s = (
-            settings.default_ttl_s
-            if raw_ttl is None
-            else _number(raw_ttl, "ttl_s", low=0.0, high=settings.max_ttl_s, low_open=True)
-        )
-    return RegistrationRequest(pool=pool, url=url, weight=weight, metadata=metadata, ttl_s=ttl_s)
+    # Imported here, not at the top: the gateway imports this module, and pydantic is for admin time.
+    from pydantic import ValidationError
 
+    from prequal_middleware.registry.schemas import BODIES, Context, refusal
 
-def _url(value: object, allow: AllowList) -> str:
-    if not isinstance(value, str) or not value:
-        raise RegistrationError(400, "invalid_field", "url must be a non-empty string", field="url")
-    if len(value) > 2048:
-        raise RegistrationError(400, "invalid_field", "url is too long (2048 characters at most)", field="url")
+    context = Context(pools=pools, settings=settings, allow=allow, routes=routes or {})
     try:
-        url = validate_upstream_url(value)
-    except ConfigurationError as exc:
-        raise RegistrationError(400, "invalid_field", str(exc), field="url") from None
-    parts = urlsplit(url)
-    if parts.port is None:
-        raise RegistrationError(400, "invalid_field", "url must include a port (http://host:port)", field="url")
-    host = parts.hostname or ""
-    if allow and not allow.allows(host):
-        raise RegistrationError(403, "forbidden_upstream", f"the host {host!r} is not in the allow-list", field="url")
-    _refuse_special_address(host, allow)
-    return url
-
-
-# Addresses a registration may not name unless the allow-list lists a network inside the range itself:
-# link-local (cloud metadata services live at 169.254.169.254), unspecified (0.0.0.0 and :: reach this
-# host's every interface), multicast and broadcast.
-_SPECIAL_RANGES = (
-    ("169.254.0.0/16", "a link-local address"),
-    ("fe80::/10", "a link-local address"),
-    ("0.0.0.0/8", "an unspecified address"),
-    ("::/128", "an unspecified address"),
-    ("224.0.0.0/4", "a multicast address"),
-    ("ff00::/8", "a multicast address"),
-    ("255.255.255.255/32", "the broadcast address"),
-)
-
-
-def _refuse_special_address(host: str, allow: AllowList) -> None:
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return  # a name: the allow-list is where names are restricted
-    for network, what in _SPECIAL_RANGES:
-        special = ipaddress.ip_network(network)
-        if address.version == special.version and address in special and not allow.names_network_of(address, network):
-            raise RegistrationError(
-                403,
-                "forbidden_upstream",
-                f"the host {host!r} is {what}; allow it by listing {network} (or a network inside it) "
-                "in allowed_upstreams",
-                field="url",
-            )
-
-
-def _pool(value: object, pools: list[str], routes: Mapping[str, str]) -> str:
-    if value is None:
-        if len(pools) == 1:
-            return pools[0]
-        raise RegistrationError(
-            400, "invalid_field", f"pool is required: the gateway has the pools {', '.join(pools)}", field="pool"
-        )
-    if isinstance(value, str) and value not in pools and value in routes:
-        raise RegistrationError(
-            400,
-            "invalid_field",
-            f"pool must name a pool, not a route: {value!r} is a route of the pool {routes[value]!r}",
-            field="pool",
-        )
-    if not isinstance(value, str) or value not in pools:
-        raise RegistrationError(
-            400, "invalid_field", f"pool must be one of {', '.join(pools) or '(none)'}, got {value!r}", field="pool"
-        )
-    return value
-
-
-def _number(value: object, field: str, *, low: float, high: float, low_open: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RegistrationError(400, "invalid_field", f"{field} must be a finite number", field=field)
-    try:  # JSON integers are unbounded: 1 followed by 400 zeros overflows a float
-        x = float(value)
-    except OverflowError:
-        x = math.inf
-    if not math.isfinite(x):
-        raise RegistrationError(400, "invalid_field", f"{field} must be a finite number", field=field)
-    if (x <= low if low_open else x < low) or x > high:
-        raise RegistrationError(400, "invalid_field", f"{field} must be in ({low:g}, {high:g}], got {x:g}", field=field)
-    return x
-
-
-def _metadata(value: object, settings: AdminSettings) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise RegistrationError(400, "invalid_field", "metadata must be a JSON object", field="metadata")
-    try:
-        encoded = json.dumps(value, separators=(",", ":"), allow_nan=False)
-    except (ValueError, TypeError, RecursionError):
-        raise RegistrationError(400, "invalid_field", "metadata must be plain, finite JSON", field="metadata") from None
-    if len(encoded) > settings.max_metadata_bytes:
-        raise RegistrationError(
-            400, "invalid_field", f"metadata is larger than {settings.max_metadata_bytes} bytes", field="metadata"
-        )
-    return dict(value)
+        parsed = BODIES[kind].model_validate(body, context=context)
+    except ValidationError as exc:
+        raise refusal(exc) from None
+    fields = parsed.model_dump()
+    return RegistrationRequest(
+        pool=fields["pool"],
+        url=fields["url"],
+        weight=fields.get("weight", 1.0),
+        metadata=fields.get("metadata"),
+        ttl_s=fields.get("ttl_s"),
+    )
