@@ -138,3 +138,59 @@ def test_importing_the_package_loads_no_admin_module() -> None:
     code = "import sys, prequal_middleware; print([m for m in sys.modules if m.startswith(f'{sys.argv[1]}.admin')])"
     out = subprocess.run([sys.executable, "-c", code, ROOT], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+VALIDATION = ("pydantic", "pydantic_core", "pydantic_settings", "fastapi")
+
+_SERVE_ONE_REQUEST = """
+import sys
+import httpx
+from starlette.applications import Starlette
+from prequal_middleware import Gateway, PrequalMiddleware, UpstreamPool
+from prequal_middleware.testing import CannedResponse, MockTransport
+from tests.servers import serve
+
+backend = "http://a.invalid:80"
+transport = MockTransport({backend: CannedResponse(200, [(b"content-type", b"text/plain")], b"hi")})
+gateway = Gateway(pools=[UpstreamPool("/api", upstreams=[backend])], transport=transport)
+with serve(PrequalMiddleware(Starlette(), gateway=gateway)) as server:
+    assert httpx.get(server.url + "/api/x").text == "hi"
+print(sorted(m for m in sys.modules if m.split(".")[0] in sys.argv[1:]))
+"""
+
+
+def test_the_request_path_never_loads_pydantic() -> None:
+    # pydantic validates configuration and admin bodies; a gateway built in code and serving requests
+    # never loads it (nor FastAPI), so the request path cannot pay for it.
+    out = subprocess.run(
+        [sys.executable, "-c", _SERVE_ONE_REQUEST, *VALIDATION],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=PACKAGE.parent,
+    ).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("subpackage", ["core", "transports", "gateway", "backend"])
+def test_the_request_path_modules_import_no_validation_library(subpackage: str) -> None:
+    # The rule behind the test above, for every module (a lazy import there would only load on some path).
+    found = [
+        f"{path.relative_to(PACKAGE)} imports {alias}"
+        for path in modules(subpackage)
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for alias in ([a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""])
+        if alias.split(".")[0] in VALIDATION
+    ]
+    assert found == []
+
+
+def test_admin_app_needs_no_fastapi() -> None:
+    # admin_app() is plain Starlette: a Starlette user mounts it without FastAPI installed.
+    code = (
+        "import sys; from prequal_middleware import Gateway, UpstreamPool; "
+        "Gateway(pools=[UpstreamPool('/api')]).admin_app(); print('fastapi' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -209,7 +209,7 @@ def admin_table(gateway: Gateway) -> list[AdminRoute]:
             schemas.Record,
             201,
             {**_WRITE_ERRORS, 409: "the pool is full"},
-            schemas.RegisterBody,
+            body=schemas.RegisterBody,
         ),
         AdminRoute(
             "/heartbeat",
@@ -219,7 +219,7 @@ def admin_table(gateway: Gateway) -> list[AdminRoute]:
             schemas.Record,
             200,
             {**_WRITE_ERRORS, 404: "no such backend: register again"},
-            schemas.HeartbeatBody,
+            body=schemas.HeartbeatBody,
         ),
         AdminRoute(
             "/unregister",
@@ -229,7 +229,7 @@ def admin_table(gateway: Gateway) -> list[AdminRoute]:
             schemas.Unregistered,
             200,
             {**_WRITE_ERRORS, 404: "no such backend", 409: "a static upstream cannot be unregistered"},
-            schemas.UnregisterBody,
+            body=schemas.UnregisterBody,
         ),
         AdminRoute(
             "/backends",
