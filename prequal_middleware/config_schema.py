@@ -53,7 +53,7 @@ DEFAULT_ADMIN_PATH = "/_prequal"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
-class Refused(ValueError):
+class _Refused(ConfigurationError):
     """A validation error whose message reads after the field's name ("must be ...", "has ...")."""
 
     def __init__(self, message: str, key: str | None = None) -> None:
@@ -61,9 +61,9 @@ class Refused(ValueError):
         self.key = key  # the error is about this key inside the field
 
 
-def refuse(message: str, key: str | None = None) -> Refused:
+def refuse(message: str, key: str | None = None) -> _Refused:
     """Raised in a validator, pydantic reports it as a ``value_error`` carrying it (``config_error`` reads it)."""
-    return Refused(message, key)
+    return _Refused(message, key)
 
 
 def shown(value: object) -> str:
@@ -101,7 +101,7 @@ def config_error(
     kind = error["type"]
     got = f", got {shown(error['input'])}"
     refused = ctx.get("error")
-    if kind == "value_error" and isinstance(refused, Refused):
+    if kind == "value_error" and isinstance(refused, _Refused):
         return ConfigurationError(f"{where(loc if refused.key is None else (*loc, refused.key))} {refused}")
     place = where(loc)
     if kind == "value_error":  # a dataclass's own check (ConfigurationError) or ours: its text says it all

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo
 
 from prequal_middleware.config import AdminSettings, validate_upstream_url
-from prequal_middleware.exceptions import ConfigurationError, RegistrationError
+from prequal_middleware.exceptions import ConfigurationError, PrequalError, RegistrationError
 
 if TYPE_CHECKING:
     from prequal_middleware.registry.registration import AllowList
@@ -29,8 +29,9 @@ MAX_WEIGHT = 1000.0
 MAX_URL_LENGTH = 2048
 
 
-class Refused(ValueError):
-    """A refusal decided in a validator: its status, error code and detail reach the client as they are."""
+class _Refused(PrequalError, ValueError):
+    """A refusal decided in a validator (a ``ValueError``, so pydantic carries it): its status, error code
+    and detail reach the client as they are."""
 
     def __init__(self, detail: str, *, status: int = 400, error: str = "invalid_field") -> None:
         super().__init__(detail)
@@ -60,16 +61,16 @@ def _url(value: str, info: ValidationInfo) -> str:
     try:
         url = validate_upstream_url(value)
     except ConfigurationError as exc:
-        raise Refused(str(exc)) from None
+        raise _Refused(str(exc)) from None
     parts = urlsplit(url)
     if parts.port is None:
-        raise Refused("url must include a port (http://host:port)")
+        raise _Refused("url must include a port (http://host:port)")
     context = _context(info)
     if context is None:
         return url
     host = parts.hostname or ""
     if context.allow and not context.allow.allows(host):
-        raise Refused(f"the host {host!r} is not in the allow-list", status=403, error="forbidden_upstream")
+        raise _Refused(f"the host {host!r} is not in the allow-list", status=403, error="forbidden_upstream")
     _refuse_special_address(host, context.allow)
     return url
 
@@ -96,7 +97,7 @@ def _refuse_special_address(host: str, allow: AllowList) -> None:
     for network, what in _SPECIAL_RANGES:
         special = ipaddress.ip_network(network)
         if address.version == special.version and address in special and not allow.names_network_of(address, network):
-            raise Refused(
+            raise _Refused(
                 f"the host {host!r} is {what}; allow it by listing {network} (or a network inside it) "
                 "in allowed_upstreams",
                 status=403,
@@ -112,11 +113,13 @@ def _pool(value: str | None, info: ValidationInfo) -> str | None:
     if value is None:
         if len(pools) == 1:
             return pools[0]
-        raise Refused(f"pool is required: the gateway has the pools {', '.join(pools)}")
+        raise _Refused(f"pool is required: the gateway has the pools {', '.join(pools)}")
     if value not in pools and value in context.routes:
-        raise Refused(f"pool must name a pool, not a route: {value!r} is a route of the pool {context.routes[value]!r}")
+        raise _Refused(
+            f"pool must name a pool, not a route: {value!r} is a route of the pool {context.routes[value]!r}"
+        )
     if value not in pools:
-        raise Refused(f"pool must be one of {', '.join(pools) or '(none)'}, got {value!r}")
+        raise _Refused(f"pool must be one of {', '.join(pools) or '(none)'}, got {value!r}")
     return value
 
 
@@ -127,7 +130,7 @@ def _ttl(value: float | None, info: ValidationInfo) -> float | None:
     if value is None:
         return context.settings.default_ttl_s
     if value > context.settings.max_ttl_s:
-        raise Refused(f"ttl_s must be in (0, {context.settings.max_ttl_s:g}], got {value:g}")
+        raise _Refused(f"ttl_s must be in (0, {context.settings.max_ttl_s:g}], got {value:g}")
     return value
 
 
@@ -138,9 +141,9 @@ def _metadata(value: dict[str, Any] | None, info: ValidationInfo) -> dict[str, A
     try:
         encoded = json.dumps(value, separators=(",", ":"), allow_nan=False)
     except (ValueError, TypeError, RecursionError):
-        raise Refused("metadata must be plain, finite JSON") from None
+        raise _Refused("metadata must be plain, finite JSON") from None
     if context is not None and len(encoded) > context.settings.max_metadata_bytes:
-        raise Refused(f"metadata is larger than {context.settings.max_metadata_bytes} bytes")
+        raise _Refused(f"metadata is larger than {context.settings.max_metadata_bytes} bytes")
     return value
 
 
@@ -221,7 +224,7 @@ def refusal(exc: ValidationError) -> RegistrationError:
     if error["type"] == "extra_forbidden":
         return RegistrationError(400, "unknown_field", f"unknown field {field!r}", field=field)
     refused = (error.get("ctx") or {}).get("error")
-    if error["type"] == "value_error" and isinstance(refused, Refused):
+    if error["type"] == "value_error" and isinstance(refused, _Refused):
         return RegistrationError(refused.status, refused.error, refused.detail, field=field)
     ctx = error.get("ctx") or {}
     if error["type"] == "greater_than":
