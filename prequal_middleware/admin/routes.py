@@ -193,7 +193,8 @@ def admin_table(gateway: Gateway) -> list[AdminRoute]:
 
     async def readyz(request: Request) -> Response:
         report = gateway.readiness()
-        return _json(report.as_json(), 200 if report.ready else 503)
+        answer = schemas.Readiness.model_validate(report.as_json()).model_dump()  # what the schema documents
+        return _json(answer, 200 if report.ready else 503)
 
     async def metrics(request: Request) -> Response:
         body, content_type = gateway.metrics.render()

@@ -21,10 +21,12 @@ __all__ = [
     "Health",
     "HeartbeatBody",
     "MemberStatus",
+    "PoolReadiness",
     "PoolStatus",
     "Readiness",
     "Record",
     "RegisterBody",
+    "RegistryReadiness",
     "RegistryStatus",
     "UnregisterBody",
     "Unregistered",
@@ -69,11 +71,28 @@ class Health(_Answer):
     status: Literal["ok", "stopped"]
 
 
+class PoolReadiness(_Answer):
+    """One pool's part in readiness (``UpstreamPool.required_for_ready``)."""
+
+    required: bool
+    why: str
+    ready: bool
+    members: int
+    healthy: int
+
+
+class RegistryReadiness(_Answer):
+    stale_for_s: float | None
+    ready_while_stale_s: float
+
+
 class Readiness(_Answer):
-    """``GET /readyz``: 200 ``ready``, or 503 ``not_ready`` with the reasons."""
+    """``GET /readyz``: 200 ``ready``, or 503 ``not_ready`` with the reasons; each pool's part."""
 
     status: Literal["ready", "not_ready"]
-    problems: list[str] | None = None
+    problems: list[str]
+    pools: dict[str, PoolReadiness]
+    registry: RegistryReadiness
 
 
 class MemberStatus(_Answer):
@@ -114,6 +133,9 @@ class PoolStatus(_Answer):
     member_states: dict[str, int]
     members_offset: int
     members: list[MemberStatus]
+    history: dict[str, Any] | None = Field(
+        description="the last minutes for the page's charts (rps, p99, backends' shares); null until sampled"
+    )
 
 
 class RegistryStatus(_Answer):
