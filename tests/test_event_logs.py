@@ -148,3 +148,20 @@ def test_admin_refusals_are_escaped_and_held_back() -> None:
         "admin POST /_prequal/register refused with 429 too_many_writes for client 127.0.0.1",
         "admin POST /_prequal/heartbeat refused with 401 unauthorized for client 127.0.0.1 (suppressed 1 similar)",
     ]
+
+
+def test_admin_routes_log_their_refusals() -> None:
+    # Through the real admin routes: a write without the token, a bad body, a registration of an unknown
+    # pool; the same refusal again from the same client is held back.
+    gateway = Gateway([UpstreamPool("/api", health=HealthSettings(path=None))], admin=AdminSettings(token=TOKEN))
+    with captured(LOGGER) as lines, serve(gateway_app(gateway)) as g, httpx.Client() as client:
+        assert client.post(g.url + "/_prequal/register", json={"url": "http://127.0.0.1:9"}).status_code == 401
+        assert client.post(g.url + "/_prequal/heartbeat", json={"url": "http://127.0.0.1:9"}).status_code == 401
+        auth = {"authorization": f"Bearer {TOKEN}"}
+        bad = client.post(g.url + "/_prequal/register", json={"url": "http://127.0.0.1:9", "pool": "nope"}, headers=auth)
+        assert bad.status_code == 400
+    assert lines.messages == [
+        "admin POST /_prequal/register refused with 401 unauthorized for client 127.0.0.1",
+        "admin POST /_prequal/register refused with 400 invalid_field for client 127.0.0.1",
+    ]
+    assert gateway.events.throttle.held(("admin", 401, "127.0.0.1")) == 1

@@ -147,7 +147,6 @@ def test_check_then_run_from_the_installed_console_script(installed: Path) -> No
                 process.wait(timeout=5)
 
 
-@pytest.mark.xfail(strict=True, reason="admin_router() wraps Starlette routes: not in the schema yet")
 def test_fastapi_app_on_the_installed_package_lists_the_admin_routes(installed: Path) -> None:
     program = textwrap.dedent(
         """

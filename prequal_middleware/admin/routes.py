@@ -10,7 +10,7 @@
 | ``POST /unregister`` | ``{"url", "pool"?}`` -> 200; the backend drains: no new requests, in-flight ones finish |
 | ``GET /backends`` | pools, members counted by state, a page of members (``?pool=&offset=&limit=``, 100) |
 | ``GET /healthz`` | 200 while the gateway runs |
-| ``GET /readyz`` | 200 when every pool has a healthy member and the registry is fresh, else 503 with reasons |
+| ``GET /readyz`` | 200 when every pool that must have members has a healthy one (``UpstreamPool.required_for_ready``) and the registry is fresh, else 503 with reasons; each pool's part |
 | ``GET /metrics`` | Prometheus exposition |
 | ``GET /`` | the status page |
 
@@ -155,6 +155,10 @@ def admin_table(gateway: Gateway) -> list[AdminRoute]:
             return _json({"pool": req.pool, "url": req.url, "unregistered": True, "draining": True})
         except RegistrationError as exc:
             gateway.metrics.child(gateway.metrics.registry_events, "rejected").inc()
+            client = request.scope.get("client")
+            gateway.events.admin_refused(
+                exc.status, exc.error, request.method, request.url.path, client[0] if client else None
+            )
             retry = {"retry-after": str(math.ceil(exc.retry_after_s))} if exc.retry_after_s is not None else None
             return _json(exc.body(), exc.status, retry)
         except RegistryUnavailable:
