@@ -70,7 +70,7 @@ def test_even_count_median_averages_the_middle_two() -> None:
 
 
 def test_only_fresh_samples_count() -> None:
-    tracker = LoadTracker(LoadTrackerSettings(window_s=1.0))
+    tracker = LoadTracker(LoadTrackerSettings(window_s=1.0, window_service_times=0.0))  # a fixed window
     for _ in range(3):
         complete(tracker, 0, 0.500, now=1.0)
     complete(tracker, 0, 0.010, now=2.5)
@@ -119,7 +119,17 @@ def test_error_completions_are_not_sampled() -> None:
     assert tracker.estimate(1.0001) == 0.0
 
 
-@pytest.mark.parametrize(("field", "value"), [("window_s", 0.0), ("samples_per_bucket", 0), ("max_widen", -1)])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("window_s", 0.0),
+        ("window_service_times", -1.0),
+        ("max_window_s", 0.0),
+        ("service_samples", 0),
+        ("samples_per_bucket", 0),
+        ("max_widen", -1),
+    ],
+)
 def test_invalid_settings_name_the_field(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=rf"^{field} must be"):
         LoadTrackerSettings(**{field: value})  # type: ignore[arg-type]

@@ -226,7 +226,7 @@ def test_the_top_bucket_widens_without_reading_past_the_end() -> None:
 
 
 def test_stale_samples_are_excluded_at_exactly_the_window_edge() -> None:
-    tracker = LoadTracker(LoadTrackerSettings(window_s=1.0, min_samples=1, max_widen=0))
+    tracker = LoadTracker(LoadTrackerSettings(window_s=1.0, window_service_times=0.0, min_samples=1, max_widen=0))
     sample(tracker, 0, 0.300, finished_at=1.0)
     sample(tracker, 0, 0.100, finished_at=2.0)
     # now=3.0: horizon 2.0. Finished exactly window_s ago is still fresh; 1.0 is stale.
@@ -236,7 +236,7 @@ def test_stale_samples_are_excluded_at_exactly_the_window_edge() -> None:
 
 
 def test_stale_samples_do_not_count_towards_min_samples() -> None:
-    tracker = LoadTracker(LoadTrackerSettings(window_s=1.0, min_samples=2, max_widen=1))
+    tracker = LoadTracker(LoadTrackerSettings(window_s=1.0, window_service_times=0.0, min_samples=2, max_widen=1))
     sample(tracker, 2, 0.700, finished_at=1.0)  # stale at 2.5
     sample(tracker, 2, 0.700, finished_at=1.0)  # stale at 2.5
     sample(tracker, 2, 0.010, finished_at=2.0)  # fresh, exact

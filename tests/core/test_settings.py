@@ -41,6 +41,9 @@ CASES: list[tuple[type[Any], str, list[Any], list[Any], str]] = [
         "'least_in_flight' or 'random'",
     ),
     (LoadTrackerSettings, "window_s", [TINY, 1e9], [0.0, math.inf], FINITE_POSITIVE),
+    (LoadTrackerSettings, "window_service_times", [0.0, 1e9], [-TINY, math.inf], "a finite number >= 0"),
+    (LoadTrackerSettings, "max_window_s", [TINY, 1e9], [0.0, math.inf], FINITE_POSITIVE),
+    (LoadTrackerSettings, "service_samples", [1], [0], INT_AT_LEAST_1),
     (LoadTrackerSettings, "samples_per_bucket", [1], [0], INT_AT_LEAST_1),
     (LoadTrackerSettings, "exact_buckets", [1], [0], INT_AT_LEAST_1),
     (LoadTrackerSettings, "min_samples", [1], [0], INT_AT_LEAST_1),
@@ -95,3 +98,4 @@ def test_defaults() -> None:
     assert (p.max_idle_s, p.fallback_below, p.fallback) == (0.5, 2, "least_in_flight")
     t = LoadTrackerSettings()
     assert (t.window_s, t.samples_per_bucket, t.exact_buckets, t.min_samples, t.max_widen) == (1.0, 16, 32, 3, 2)
+    assert (t.window_service_times, t.max_window_s, t.service_samples) == (8.0, 60.0, 32)

@@ -1,8 +1,9 @@
 """Fixtures of the reliability suite: the figures report, a log directory, and a watchdog per test.
 
-- ``report`` (session): every case records its figures there; at the end of the session
-  docs/reliability.md is rewritten, in case order, only if every reliability test that was collected
-  passed (or failed as an expected, reported bug) and every case recorded its figures.
+- ``report`` (session): every case records its figures there; at the end of the session the page is
+  rendered, in case order, into ``report.result_path()`` (build/, never docs/: tests only check) only
+  if every reliability test that was collected passed (or failed as an expected, reported bug) and
+  every case recorded its figures. ``python -m benchmarks.reliability`` puts it in docs/.
 - A watchdog per test (``@pytest.mark.budget(seconds)``, default 120 s): past it, every thread's
   traceback is dumped and the run exits, rather than hang CI (child processes die with it:
   ``PR_SET_PDEATHSIG``).
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.report import CASES, DOC, Report
+from tests.reliability.report import CASES, DOC, WRITE_COMMAND, Report, result_path
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_BUDGET_S = 120.0
@@ -75,14 +76,16 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     missing = sorted(set(CASES) - report.cases())
     if unfinished or missing:
         reason = f"{len(unfinished)} test(s) did not pass" if unfinished else f"no figures for cases {missing}"
-        sys.stderr.write(f"\nreliability: {DOC.name} left as it was ({reason})\n")
+        sys.stderr.write(f"\nreliability: no page rendered ({reason})\n")
         return
     seconds: list[float] = config.stash[_seconds_key]
     runtime = sum(seconds)
+    # The committed page is only read: its long soak section is carried over into the new one.
     previous = DOC.read_text() if DOC.exists() else None
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(report.render(runtime, previous))
-    sys.stderr.write(f"\nreliability: wrote {DOC}\n")
+    out = result_path()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report.render(runtime, previous))
+    sys.stderr.write(f"\nreliability: rendered {out}; `{WRITE_COMMAND}` writes {DOC.name} into docs/\n")
 
 
 @pytest.fixture(scope="session")
