@@ -24,6 +24,9 @@ bounded graceful shutdown), an app that proxies the configured pools, serves the
 ``admin_path`` (``/_prequal``) and answers anything else with a JSON 404. Under ``--workers N`` the
 workers share membership (``registry.default``: a SQLite file unless a registry is named).
 
+Logs: uvicorn's and the ``prequal_middleware`` loggers on stderr at the log level; the access log
+(``PREQUAL_ACCESS_LOG``) on stdout, one line per proxied request; uvicorn's access log is off (``log_config``).
+
 A configuration error is one line on stderr naming the variable or key and what is wrong, and exit
 status 2; ``--check`` validates and exits (0 when the configuration is good).
 
@@ -34,6 +37,7 @@ request (``reload``, ``Gateway.reconfigure``).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -47,6 +51,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from prequal_middleware import config_schema
+from prequal_middleware.config import AccessLogSettings
 from prequal_middleware.exceptions import ConfigurationError
 
 PROG = "prequal-gateway"
@@ -78,6 +83,25 @@ SERVER_SETTINGS: dict[str, Any] = {
 GATEWAY_KEYS = config_schema.GATEWAY_KEYS
 SERVER_KEYS = tuple(config_schema.ServerTable.model_fields)
 LOG_LEVELS = config_schema.LOG_LEVELS
+ACCESS_LOGGER = AccessLogSettings().logger  # what PREQUAL_ACCESS_LOG writes to
+
+
+def log_config(log_level: str) -> dict[str, Any]:
+    """uvicorn's logging configuration plus our loggers: ``prequal_middleware`` (events, startup, reloads) on
+    stderr at ``log_level`` in uvicorn's format; the access log on stdout, one bare line per request (a JSON
+    line stays parseable), whatever ``log_level`` says: ``PREQUAL_ACCESS_LOG`` alone turns it on and off."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["formatters"]["prequal_access"] = {"format": "%(message)s"}
+    config["handlers"]["prequal_access"] = {
+        "class": "logging.StreamHandler",
+        "formatter": "prequal_access",
+        "stream": "ext://sys.stdout",  # where uvicorn's access log goes
+    }
+    config["loggers"]["prequal_middleware"] = {"handlers": ["default"], "level": log_level.upper(), "propagate": False}
+    config["loggers"][ACCESS_LOGGER] = {"handlers": ["prequal_access"], "level": "INFO", "propagate": False}
+    return config
 
 
 def environ_from_file(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
@@ -212,9 +236,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigurationError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
         env["PREQUAL_WORKERS"] = str(workers)
         summary = check(env)
-        from prequal_middleware.reload import poll_interval
-
-        poll_interval(env)
     except ConfigurationError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
@@ -231,7 +252,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Until the app's lifespan listens for it, a SIGHUP would end the server (the default action).
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
-    logging.getLogger("prequal_middleware").setLevel(log_level.upper())
     uvicorn.run(
         "prequal_middleware.cli:create_app",
         factory=True,
@@ -239,7 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         port=port,
         workers=workers,
         log_level=log_level,
-        access_log=False,
+        log_config=log_config(log_level),  # applied by uvicorn in each worker too
+        access_log=False,  # PREQUAL_ACCESS_LOG is the access log: uvicorn's would be a second line per request
         **SERVER_SETTINGS,
     )
     return 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import re
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal
 
@@ -26,6 +27,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainValidator,
+    PrivateAttr,
     StrictInt,
     StrictStr,
     ValidationError,
@@ -43,6 +45,7 @@ from prequal_middleware.config import (
     RetrySettings,
     Timeouts,
     UpstreamPool,
+    UpstreamTLS,
 )
 from prequal_middleware.core import OutlierSettings, PrequalSettings
 from prequal_middleware.core.policies import POLICY_CLASSES
@@ -102,7 +105,8 @@ def config_error(
     got = f", got {shown(error['input'])}"
     refused = ctx.get("error")
     if kind == "value_error" and isinstance(refused, _Refused):
-        return ConfigurationError(f"{where(loc if refused.key is None else (*loc, refused.key))} {refused}")
+        gap = "" if str(refused).startswith(":") else " "
+        return ConfigurationError(f"{where(loc if refused.key is None else (*loc, refused.key))}{gap}{refused}")
     place = where(loc)
     if kind == "value_error":  # a dataclass's own check (ConfigurationError) or ours: its text says it all
         return ConfigurationError(f"{place}: {ctx['error']}")
@@ -258,6 +262,38 @@ class RouteSpec(_Spec):
         return value
 
 
+# "UpstreamTLS.ca_file must name an existing file, ..." or "UpstreamTLS.ca_file: cannot load ...".
+_TLS_ERROR = re.compile(r"UpstreamTLS\.(\w+)(.*)", re.DOTALL)
+
+
+class TLSSpec(_Spec):
+    """A pool's ``tls`` object: the ``UpstreamTLS`` settings (paths relative to the working directory)."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    server_name: str | None = None
+    verify: bool = True
+    min_version: str | None = None  # UpstreamTLS says which
+    _built: UpstreamTLS = PrivateAttr()
+
+    @model_validator(mode="after")
+    def _loads(self) -> TLSSpec:
+        # Built (and its files read) here, so --check fails on a missing file or a bad PEM, naming the key.
+        try:
+            self._built = UpstreamTLS(**self.given())
+        except ConfigurationError as exc:
+            found = _TLS_ERROR.fullmatch(str(exc))
+            if found is None or found.group(1) not in type(self).model_fields:
+                raise
+            raise refuse(found.group(2).lstrip(" "), key=found.group(1)) from None
+        return self
+
+    def settings(self) -> UpstreamTLS:
+        """The ``UpstreamTLS`` it describes."""
+        return self._built
+
+
 def _pool_default(name: str) -> Any:
     spec = UpstreamPool.__dataclass_fields__[name]
     if spec.default_factory is not dataclasses.MISSING:
@@ -288,6 +324,7 @@ class PoolSpec(_Spec):
     health: Annotated[HealthSettings, _settings_of(HealthSettings)] = _pool_default("health")
     retry: Annotated[RetrySettings, _settings_of(RetrySettings)] = _pool_default("retry")
     limits: Annotated[RequestLimits, _settings_of(RequestLimits)] = _pool_default("limits")
+    tls: TLSSpec | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -340,9 +377,38 @@ def _registry_spec(value: str | None) -> str | None:
     raise refuse(f"must be 'memory', 'sqlite:PATH', a redis:// URL or 'module:Class', got {value!r}")
 
 
+OFF = "off"
+# An HTTP field name (RFC 9110 token).
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_OFF_WORDS = frozenset({"", "off", "false", "no", "0", "none"})
+_ON_WORDS = frozenset({"on", "true", "yes", "1"})
+
+
+def _header_or_off(value: object) -> object:
+    """``PREQUAL_REQUEST_ID_HEADER``: a header name; empty or ``off`` (``false``, ``no``, ...): no request ids
+    (an empty variable is not "unset" here, as with ``PREQUAL_HEALTH_PATH``); ``on``: the default header."""
+    if not isinstance(value, str):
+        return value
+    word = value.strip().lower()
+    if word in _OFF_WORDS:
+        return OFF
+    if word in _ON_WORDS:
+        return None
+    if not _TOKEN.fullmatch(word):
+        raise refuse(f"must be a header name, or off, got {value!r}")
+    return word
+
+
+def _lower(value: object) -> object:
+    value = _blank_is_unset(value)
+    return value.lower() if isinstance(value, str) else value
+
+
 Text = Annotated[str | None, BeforeValidator(_blank_is_unset)]
 Flag = Annotated[bool | None, BeforeValidator(_blank_is_unset)]
 Seconds = Annotated[float | None, BeforeValidator(_blank_is_unset)]
+Interval = Annotated[Annotated[float, Field(ge=0, allow_inf_nan=False)] | None, BeforeValidator(_blank_is_unset)]
+Integer = Annotated[int | None, BeforeValidator(_blank_is_unset)]
 Commas = Annotated[tuple[str, ...] | None, BeforeValidator(_commas)]
 AdminPath = Annotated[str, AfterValidator(_admin_path)]
 
@@ -390,6 +456,14 @@ class EnvSettings(BaseSettings):
     request_hook: Hook = None
     response_hook: Hook = None
     admin_path: AdminPath = DEFAULT_ADMIN_PATH
+    access_log: Annotated[Literal["off", "json", "plain"] | None, BeforeValidator(_lower)] = None
+    # None: unset (the default header); OFF: no request ids; else the header, lower case.
+    request_id_header: Annotated[str | None, BeforeValidator(_header_or_off)] = None
+    tracing: Flag = None
+    history_window_s: Seconds = None
+    history_step_s: Seconds = None
+    history_max_backends: Integer = None
+    config_poll_s: Interval = None  # read by reload.poll_interval; 0: no file watch
 
     @classmethod
     def settings_customise_sources(

@@ -32,6 +32,13 @@
 - ``PREQUAL_TRANSPORT``: ``h1`` (default, ``H1Transport``, our HTTP/1.1 client) or ``aiohttp``
   (``AiohttpTransport``). ``HttpxTransport`` is not offered here: it wraps an ``httpx.AsyncClient`` you
   build yourself, so pass it to ``Gateway(transport=...)`` in code.
+- ``PREQUAL_ACCESS_LOG``: ``off`` (default), ``json`` or ``plain`` (``AccessLogSettings(format=...)``).
+- ``PREQUAL_REQUEST_ID_HEADER``: the request id header (default ``x-request-id``); empty or ``off``: none.
+- ``PREQUAL_TRACING``: a span per proxied request (``Gateway(tracing=True)``, the ``otel`` extra).
+- ``PREQUAL_HISTORY_WINDOW_S``, ``PREQUAL_HISTORY_STEP_S``, ``PREQUAL_HISTORY_MAX_BACKENDS``: the status
+  page's charts (``HistorySettings``).
+- A pool's ``tls`` object in ``PREQUAL_POOLS``: the ``UpstreamTLS`` settings (``ca_file``, ``cert_file``,
+  ``key_file``, ``server_name``, ``verify``, ``min_version``); its files are read at validation.
 - Hooks, each ``module:function``: ``PREQUAL_REGISTER_HOOK``, ``PREQUAL_UNREGISTER_HOOK`` (called with
   the registry record), ``PREQUAL_PATH_REWRITE_HOOK``, ``PREQUAL_REQUEST_HOOK``, ``PREQUAL_RESPONSE_HOOK``
   (every pool's, unless a pool sets its own).
@@ -43,6 +50,7 @@ read by pydantic-settings into ``config_schema.EnvSettings`` and ``PREQUAL_POOLS
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -51,9 +59,17 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from prequal_middleware.config import AdminSettings, HealthSettings, ProbeSettings, Route, UpstreamPool
+from prequal_middleware.config import (
+    AccessLogSettings,
+    AdminSettings,
+    HealthSettings,
+    ProbeSettings,
+    Route,
+    UpstreamPool,
+)
 from prequal_middleware.config_schema import (
     DEFAULT_POOLS,
+    OFF,
     POOLS_SCHEMA,
     EnvSettings,
     PoolSpec,
@@ -62,6 +78,7 @@ from prequal_middleware.config_schema import (
     pools_where,
     variable,
 )
+from prequal_middleware.core.history import HistorySettings
 from prequal_middleware.exceptions import ConfigurationError
 
 __all__ = [
@@ -160,6 +177,8 @@ def _build(key: str, spec: PoolSpec, defaults: dict[str, Any]) -> tuple[Upstream
     """One ``PREQUAL_POOLS`` entry as its pool and the routes it lists."""
     where = pools_where((key,))
     kwargs = {**defaults, **spec.given("routes")}
+    if spec.tls is not None:
+        kwargs["tls"] = spec.tls.settings()
     try:
         pool = UpstreamPool(key, **kwargs) if key.startswith("/") else UpstreamPool(name=key, **kwargs)
     except (ConfigurationError, TypeError, ValueError) as exc:
@@ -196,7 +215,7 @@ _DNS_VARIABLES = {
 }
 
 
-def _named(exc: ConfigurationError, owner: str, variables: dict[str, str]) -> ConfigurationError:
+def _named(exc: ValueError, owner: str, variables: dict[str, str]) -> ConfigurationError:
     """``exc`` (a dataclass's check) prefixed with the variable behind the setting it names."""
     found = re.search(rf"{owner}\.(\w+)", str(exc))
     name = variables.get(found.group(1), "") if found else ""
@@ -243,11 +262,60 @@ def gateway_kwargs_from_env(environ: Mapping[str, str] | None = None) -> dict[st
         from prequal_middleware.transports.aiohttp import AiohttpTransport
 
         kwargs["transport"] = AiohttpTransport()
+    kwargs.update(_observability(settings))
+    history = _history(settings)
+    if history is not None:
+        kwargs["history"] = history
     if settings.register_hook is not None:
         kwargs["on_register"] = settings.register_hook
     if settings.unregister_hook is not None:
         kwargs["on_unregister"] = settings.unregister_hook
     return kwargs
+
+
+def _observability(settings: EnvSettings) -> dict[str, Any]:
+    """The access log, request id header and tracing the variables ask for (unset: the defaults)."""
+    kwargs: dict[str, Any] = {}
+    if settings.access_log not in (None, OFF):
+        kwargs["access_log"] = AccessLogSettings(format=settings.access_log)
+    if settings.request_id_header is not None:
+        kwargs["request_id_header"] = None if settings.request_id_header == OFF else settings.request_id_header
+    if settings.tracing:
+        try:  # what gateway.tracing imports: found missing before serving, not in each worker's startup
+            importlib.import_module("opentelemetry.trace")
+            importlib.import_module("opentelemetry.propagate")
+        except ImportError:
+            raise ConfigurationError(
+                "PREQUAL_TRACING is on but OpenTelemetry is not installed: pip install 'prequal-middleware[otel]'"
+            ) from None
+        kwargs["tracing"] = True
+    return kwargs
+
+
+_HISTORY_VARIABLES = {
+    "window_s": "PREQUAL_HISTORY_WINDOW_S",
+    "step_s": "PREQUAL_HISTORY_STEP_S",
+    "max_backends": "PREQUAL_HISTORY_MAX_BACKENDS",
+}
+
+
+def _history(settings: EnvSettings) -> HistorySettings | None:
+    """The status page's charts (``PREQUAL_HISTORY_*``); None when no variable is set."""
+    given: dict[str, Any] = {
+        setting: value
+        for setting, value in (
+            ("window_s", settings.history_window_s),
+            ("step_s", settings.history_step_s),
+            ("max_backends", settings.history_max_backends),
+        )
+        if value is not None
+    }
+    if not given:
+        return None
+    try:
+        return HistorySettings(**given)
+    except ValueError as exc:
+        raise _named(exc, "HistorySettings", _HISTORY_VARIABLES) from None
 
 
 def dns_from_env(env: Mapping[str, str]) -> Any:

@@ -38,7 +38,6 @@ logger = logging.getLogger("prequal_middleware.reload")
 # How often the configuration file is looked at; PREQUAL_CONFIG_POLL_S changes it, 0 turns the watch off
 # (reload on SIGHUP only: for tools that write the file in several steps).
 POLL_S = 1.0
-POLL_VARIABLE = "PREQUAL_CONFIG_POLL_S"
 # Where ``main`` leaves, for the workers, the file and the variables that came from it (JSON). Not a
 # PREQUAL_* name: it is not configuration.
 STATE_VARIABLE = "_PREQUAL_GATEWAY_SOURCE"
@@ -68,17 +67,11 @@ def remember(config: Path | None, file_env: Mapping[str, str], environ: dict[str
 
 
 def poll_interval(env: Mapping[str, str]) -> float:
-    """How often the file is looked at (``PREQUAL_CONFIG_POLL_S``); 0: never."""
-    raw = env.get(POLL_VARIABLE, "").strip()
-    if not raw:
-        return POLL_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise ConfigurationError(f"{POLL_VARIABLE} must be a number of seconds >= 0 (0: no watch), got {raw!r}")
-    return value
+    """How often the file is looked at (``PREQUAL_CONFIG_POLL_S``, ``[gateway] config_poll_s``); 0: never."""
+    from prequal_middleware.config_schema import EnvSettings
+
+    value = EnvSettings.read(env).config_poll_s  # validated there with the other variables
+    return POLL_S if value is None else value
 
 
 @dataclass(frozen=True)

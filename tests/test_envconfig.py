@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import shutil
+import textwrap
+from pathlib import Path
+
 import pytest
 
-from prequal_middleware import ConfigurationError, Gateway, MemoryRegistry, RoundRobinPolicy
+from prequal_middleware import (
+    ConfigurationError,
+    Gateway,
+    HistorySettings,
+    MemoryRegistry,
+    RoundRobinPolicy,
+    UpstreamTLS,
+)
+from prequal_middleware.cli import environ_from_file
 from prequal_middleware.envconfig import gateway_kwargs_from_env, pools_from_env
+from prequal_middleware.reload import poll_interval
+from tests.test_upstream_tls import _ca as make_ca
 
 
 def seen_hook(record: object) -> None:
@@ -181,3 +195,96 @@ def test_only_the_given_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> 
     assert "transport" not in gateway_kwargs_from_env({})
     with pytest.raises(ConfigurationError, match="PREQUAL_TRANSPORT must be"):
         gateway_kwargs_from_env()  # None: the process environment
+
+
+@pytest.mark.parametrize(
+    ("value", "fmt"), [(None, None), ("", None), ("off", None), ("json", "json"), (" Plain ", "plain")]
+)
+def test_the_access_log_variable(value: str | None, fmt: str | None) -> None:
+    gateway = Gateway.from_env({} if value is None else {"PREQUAL_ACCESS_LOG": value})
+    access_log = gateway.observe.access_log
+    assert (access_log.settings.format if access_log is not None else None) == fmt
+
+
+@pytest.mark.parametrize(
+    ("value", "header"),
+    [(None, b"x-request-id"), ("on", b"x-request-id"), ("", None), ("off", None), ("false", None),
+     ("X-Correlation-ID", b"x-correlation-id")],
+)  # fmt: skip
+def test_the_request_id_variable(value: str | None, header: bytes | None) -> None:
+    gateway = Gateway.from_env({} if value is None else {"PREQUAL_REQUEST_ID_HEADER": value})
+    assert gateway.observe.request_id == header
+
+
+def test_tracing_and_history_variables() -> None:
+    gateway = Gateway.from_env(
+        {
+            "PREQUAL_TRACING": "yes",
+            "PREQUAL_HISTORY_WINDOW_S": "60",
+            "PREQUAL_HISTORY_STEP_S": "2",
+            "PREQUAL_HISTORY_MAX_BACKENDS": "3",
+        }
+    )
+    assert gateway.observe.tracing is not None
+    assert gateway.history.settings == HistorySettings(window_s=60, step_s=2, max_backends=3)
+    assert Gateway.from_env({"PREQUAL_TRACING": "off"}).observe.tracing is None
+    assert Gateway.from_env({}).history.settings == HistorySettings()
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"PREQUAL_ACCESS_LOG": "xml"}, "PREQUAL_ACCESS_LOG must be 'off', 'json' or 'plain', got 'xml'"),
+        ({"PREQUAL_REQUEST_ID_HEADER": "x id"}, "PREQUAL_REQUEST_ID_HEADER must be a header name, or off, got 'x id'"),
+        ({"PREQUAL_TRACING": "sometimes"}, "PREQUAL_TRACING must be a boolean"),
+        ({"PREQUAL_HISTORY_STEP_S": "0"}, "PREQUAL_HISTORY_STEP_S: HistorySettings.step_s must be a number >= 0.1"),
+        ({"PREQUAL_HISTORY_MAX_BACKENDS": "2.5"}, "PREQUAL_HISTORY_MAX_BACKENDS must be an integer, got '2.5'"),
+        ({"PREQUAL_HISTORY_MAX_BACKENDS": "99"}, "PREQUAL_HISTORY_MAX_BACKENDS: HistorySettings.max_backends must be"),
+        ({"PREQUAL_CONFIG_POLL_S": "-1"}, "PREQUAL_CONFIG_POLL_S must be >= 0"),
+        ({"PREQUAL_CONFIG_POLL_S": "inf"}, "PREQUAL_CONFIG_POLL_S must be a finite number, got 'inf'"),
+    ],
+)
+def test_bad_values_of_the_new_variables(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        gateway_kwargs_from_env(env)
+    assert str(raised.value).startswith(message)
+
+
+def test_the_config_poll_interval() -> None:
+    assert poll_interval({}) == 1.0
+    assert poll_interval({"PREQUAL_CONFIG_POLL_S": "0"}) == 0.0
+    assert poll_interval({"PREQUAL_CONFIG_POLL_S": " 2.5 "}) == 2.5
+
+
+def test_the_new_keys_in_the_file_are_their_variables(tmp_path: Path) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl CLI")
+    make_ca(tmp_path, "ca")
+    ca = tmp_path / "ca.pem"
+    config = tmp_path / "prequal.toml"
+    config.write_text(
+        textwrap.dedent(f"""
+            [gateway]
+            access_log = "plain"
+            request_id_header = false
+            tracing = true
+            config_poll_s = 0
+            history_step_s = 1
+            history_window_s = 120
+
+            [pools."/api"]
+            upstreams = ["https://127.0.0.1:8443"]
+            required_for_ready = false
+            tls = {{ ca_file = "{ca}", server_name = "api.internal", min_version = "TLSv1.3" }}
+        """)
+    )
+    env, _ = environ_from_file(config)
+    gateway = Gateway.from_env(env)
+    assert gateway.observe.access_log is not None and gateway.observe.access_log.settings.format == "plain"
+    assert gateway.observe.request_id is None
+    assert gateway.observe.tracing is not None
+    assert poll_interval(env) == 0.0
+    assert gateway.history.settings == HistorySettings(window_s=120, step_s=1)
+    pool = gateway.pools["/api"].config
+    assert pool.required_for_ready is False
+    assert pool.tls == UpstreamTLS(ca_file=str(ca), server_name="api.internal", min_version="TLSv1.3")

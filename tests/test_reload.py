@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.apps import make_backend
 from tests.helpers import consecutive_free_ports, wait_for, wait_http
@@ -110,12 +111,19 @@ def test_a_changed_file_is_applied_pool_added_upstreams_changed_pool_removed(tmp
     assert took < APPLIED_WITHIN_S
 
 
-def test_sighup_applies_a_change_the_watch_was_told_to_ignore(tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", ["environment", "file"])
+def test_sighup_applies_a_change_the_watch_was_told_to_ignore(tmp_path: Path, where: str) -> None:
     config = tmp_path / "prequal.toml"
+    no_watch = "[gateway]\nconfig_poll_s = 0\n\n" if where == "file" else ""  # no watch: only SIGHUP reloads
+
+    def write_pool(upstream: str) -> None:
+        write(config, {"/a": [upstream]})
+        config.write_text(no_watch + config.read_text())
+
     with backends("a", "b") as up:
-        write(config, {"/a": [up["a"].url]})
-        with gateway(config, PREQUAL_CONFIG_POLL_S="0") as gw:  # no watch: only SIGHUP reloads
-            write(config, {"/a": [up["b"].url]})
+        write_pool(up["a"].url)
+        with gateway(config, **({"PREQUAL_CONFIG_POLL_S": "0"} if where == "environment" else {})) as gw:
+            write_pool(up["b"].url)
             time.sleep(2.5)
             assert backend_of(gw.url, "/a/x") == "a", "without SIGHUP nothing changed"
             gw.process.send_signal(signal.SIGHUP)
