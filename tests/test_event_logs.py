@@ -158,7 +158,9 @@ def test_admin_routes_log_their_refusals() -> None:
         assert client.post(g.url + "/_prequal/register", json={"url": "http://127.0.0.1:9"}).status_code == 401
         assert client.post(g.url + "/_prequal/heartbeat", json={"url": "http://127.0.0.1:9"}).status_code == 401
         auth = {"authorization": f"Bearer {TOKEN}"}
-        bad = client.post(g.url + "/_prequal/register", json={"url": "http://127.0.0.1:9", "pool": "nope"}, headers=auth)
+        bad = client.post(
+            g.url + "/_prequal/register", json={"url": "http://127.0.0.1:9", "pool": "nope"}, headers=auth
+        )
         assert bad.status_code == 400
     assert lines.messages == [
         "admin POST /_prequal/register refused with 401 unauthorized for client 127.0.0.1",
