@@ -10,7 +10,7 @@
 | ``POST /unregister`` | ``{"url", "pool"?}`` -> 200; the backend drains: no new requests, in-flight ones finish |
 | ``GET /backends`` | pools, members counted by state, a page of members (``?pool=&offset=&limit=``, 100) |
 | ``GET /healthz`` | 200 while the gateway runs |
-| ``GET /readyz`` | 200 when each pool that must have members (``required_for_ready``) has a healthy one |
+| ``GET /readyz`` | 200 when each required pool has a healthy member and the registry is fresh, else 503 |
 | ``GET /metrics`` | Prometheus exposition |
 | ``GET /`` | the status page |
 
