@@ -31,7 +31,9 @@ the others in flight, as ``LoadReportingMiddleware`` sends it; a liar's is 0 / 0
 
 Policies: any name of ``POLICY_CLASSES``; ``prequal_nocheck``: Prequal with
 ``PrequalSettings.cross_check`` off (reports pooled as they come); ``prequal_probeall``: Prequal with
-``report_max_age_s=0`` (every probe on the network, piggybacked reports unused: the paper's rule).
+``report_max_age_s=0`` (every probe on the network, piggybacked reports unused: the paper's rule);
+``oracle``: one dispatcher that sees every replica's true queue and speed and sends each query where it
+would finish soonest (``sim_oracle.py``): the bound of this fleet model, constructible only here.
 
 Randomness: one ``random.Random(seed)`` derives separate streams for arrivals, client choice, work,
 the fleet, timer phases and each client's policy, so every policy of a run sees the same arrivals,
@@ -54,13 +56,16 @@ from prequal_middleware.core.policies import POLICY_CLASSES, create_policy
 from prequal_middleware.core.policy import BasePolicy
 from prequal_middleware.core.prequal import PrequalPolicy
 from prequal_middleware.core.sim_fleet import Fleet, SimConfig, build_fleet, draw_work
+from prequal_middleware.core.sim_oracle import OracleView, oracle_choose
 from prequal_middleware.core.types import Member, Outcome
 
-__all__ = ["SIM_POLICIES", "Fleet", "RunResult", "SimConfig", "fleet_for", "percentile", "simulate"]
+__all__ = ["ORACLE", "SIM_POLICIES", "Fleet", "RunResult", "SimConfig", "fleet_for", "percentile", "simulate"]
 
 # The simulator's policy names: the built-in ones, Prequal without the probe cross-check, and Prequal
-# that probes every target it draws (no piggybacked reports).
-SIM_POLICIES: tuple[str, ...] = (*POLICY_CLASSES, "prequal_nocheck", "prequal_probeall")
+# that probes every target it draws (no piggybacked reports), and the oracle (sim_oracle.py), which no
+# gateway can build: it reads the replicas' true state.
+ORACLE = "oracle"
+SIM_POLICIES: tuple[str, ...] = (*POLICY_CLASSES, "prequal_nocheck", "prequal_probeall", ORACLE)
 
 # Event kinds; an event is the tuple (time, sequence number, kind, a, b).
 _ARRIVAL, _AT_REPLICA, _COMPLETE, _RESPONSE, _DEADLINE, _PROBE, _PROBE_REPLY, _IDLE, _SPEED, _SAMPLE = range(10)
@@ -83,9 +88,10 @@ class _Query:
 
 
 class _Replica:
-    __slots__ = ("tracker", "free", "queue", "busy", "speed", "allocation", "fast_speed", "liar")
+    __slots__ = ("index", "tracker", "free", "queue", "busy", "speed", "allocation", "fast_speed", "liar")
 
-    def __init__(self, allocation: float, fast_speed: float, slots: int, liar: bool = False) -> None:
+    def __init__(self, index: int, allocation: float, fast_speed: float, slots: int, liar: bool = False) -> None:
+        self.index = index
         self.liar = liar
         self.tracker = LoadTracker()
         self.free = slots
@@ -161,9 +167,14 @@ def simulate(config: SimConfig, policy: str, load: float) -> RunResult:
     rate = load * fleet.capacity_qps
     ids = [spec.id for spec in fleet.replicas]
     index_of = {backend: i for i, backend in enumerate(ids)}
-    replicas = [_Replica(spec.allocation, spec.fast_speed, config.slots, spec.liar) for spec in fleet.replicas]
+    replicas = [
+        _Replica(i, spec.allocation, spec.fast_speed, config.slots, spec.liar) for i, spec in enumerate(fleet.replicas)
+    ]
     members = [Member(backend) for backend in ids]
-    policies = [_policy(policy, config, random.Random(s)) for s in policy_seeds]
+    # The oracle replaces the clients' policies: one dispatcher for the fleet, seeded like client 0's policy.
+    oracle = policy == ORACLE
+    oracle_rng = random.Random(policy_seeds[0])
+    policies = [] if oracle else [_policy(policy, config, random.Random(s)) for s in policy_seeds]
     for p in policies:
         p.set_members(members, 0.0)
     prequals = [p for p in policies if isinstance(p, PrequalPolicy)]
@@ -191,6 +202,7 @@ def simulate(config: SimConfig, policy: str, load: float) -> RunResult:
             else:
                 push(heap, (t, next(seq), _SPEED, replica, delta))
         replica.speed = replica.allocation if replica.busy > 0 else replica.fast_speed
+    views = [OracleView(config.slots, replica.speed) for replica in replicas] if oracle else []
     for c in range(n_clients):
         push(heap, (timer_rng.uniform(0.0, tick), next(seq), _IDLE, c, None))
     push(heap, (warm, next(seq), _SAMPLE, None, None))
@@ -211,7 +223,7 @@ def simulate(config: SimConfig, policy: str, load: float) -> RunResult:
         if t >= end and pending == 0:
             break
         events += 1
-        if kind == _PROBE_REPLY:
+        if kind == _PROBE_REPLY:  # no probes with the oracle
             policies[a].on_probe(ids[b[0]], t, b[1], b[2])
             if t >= warm:
                 answers += 1
@@ -225,10 +237,19 @@ def simulate(config: SimConfig, policy: str, load: float) -> RunResult:
             c = int(client_rng.random() * n_clients)
             measured = t >= warm
             q = _Query(c, t, draw_work(work_rng, mu), measured)
-            client = policies[c]
-            sel = client.select(t)
             if measured:
                 requests += 1
+            if oracle:
+                r = q.replica = oracle_choose(views, t, t + delay, q.work, oracle_rng)
+                views[r].route(q, t, t + delay, q.work)
+                if measured:
+                    routed[r] += 1
+                pending += 1
+                push(heap, (t + delay, next(seq), _AT_REPLICA, q, None))
+                push(heap, (t + deadline, next(seq), _DEADLINE, q, None))
+                continue
+            client = policies[c]
+            sel = client.select(t)
             if sel is None:
                 if measured:
                     no_backend += 1
@@ -255,10 +276,14 @@ def simulate(config: SimConfig, policy: str, load: float) -> RunResult:
                 replica.free -= 1
                 a.started = True
                 push(heap, (t + a.work / replica.speed, next(seq), _COMPLETE, a, replica))
+                if oracle:
+                    views[a.replica].start(a, t + a.work / replica.speed)
             else:
                 replica.queue.append(a)
         elif kind == _COMPLETE:
             b.tracker.finish(a.ticket, t, a.outcome == _PENDING)
+            if oracle:
+                views[a.replica].finish(a)
             if a.outcome == _PENDING:
                 report = (0, 0.0) if b.liar else b.tracker.report(t)
                 push(heap, (t + delay, next(seq), _RESPONSE, a, report))
@@ -268,6 +293,8 @@ def simulate(config: SimConfig, policy: str, load: float) -> RunResult:
                 if nxt.outcome == _PENDING:
                     nxt.started = True
                     push(heap, (t + nxt.work / b.speed, next(seq), _COMPLETE, nxt, b))
+                    if oracle:
+                        views[nxt.replica].start(nxt, t + nxt.work / b.speed)
                     break
             else:
                 b.free += 1
@@ -277,9 +304,10 @@ def simulate(config: SimConfig, policy: str, load: float) -> RunResult:
             a.outcome = _OK
             pending -= 1
             latency = t - a.sent
-            backend_id = ids[a.replica]
-            policies[a.client].on_report(backend_id, t, b[0], b[1])
-            policies[a.client].on_finish(backend_id, t, latency, success)
+            if not oracle:
+                backend_id = ids[a.replica]
+                policies[a.client].on_report(backend_id, t, b[0], b[1])
+                policies[a.client].on_finish(backend_id, t, latency, success)
             if a.measured:
                 latencies.append(latency)
         elif kind == _DEADLINE:
@@ -287,13 +315,17 @@ def simulate(config: SimConfig, policy: str, load: float) -> RunResult:
                 continue
             a.outcome = _TIMED_OUT
             pending -= 1
-            policies[a.client].on_finish(ids[a.replica], t, deadline, timeout)
+            if oracle:
+                if not a.started:
+                    views[a.replica].drop(a)
+            else:
+                policies[a.client].on_finish(ids[a.replica], t, deadline, timeout)
             if a.measured:
                 deadline_errors += 1
             if a.ticket is not None and not a.started:  # queued: dropped now, skipped when dequeued
                 replicas[a.replica].tracker.finish(a.ticket, t, False)
         elif kind == _IDLE:
-            if t >= end:
+            if t >= end or oracle:
                 continue
             probes = policies[a].idle_probes(t)
             for target in probes:
@@ -304,6 +336,8 @@ def simulate(config: SimConfig, policy: str, load: float) -> RunResult:
         elif kind == _SPEED:
             a.busy += b
             a.speed = a.allocation if a.busy > 0 else a.fast_speed
+            if oracle:
+                views[a.index].set_speed(a.speed)
         elif kind == _SAMPLE:
             if t >= end:
                 continue
