@@ -11,6 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+# The oracle (the simulator's bound) in every plot: black and dashed, the floor the policies are read against.
+ORACLE_STYLE: dict[str, Any] = {"color": "black", "linestyle": "--"}
+
 
 def have_matplotlib() -> bool:
     """Whether matplotlib is installed (without importing it)."""

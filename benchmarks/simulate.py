@@ -7,6 +7,12 @@ table to stdout, and ``--json PATH`` writes ``{"config": {...}, "results": [...]
     python -m benchmarks.simulate --load 0.7,0.9,1.2 --json benchmarks/results/sim.json
     python -m benchmarks.simulate --quick
     python -m benchmarks.simulate --policies prequal,prequal_nocheck,round_robin --liars 5 --load 0.7,0.9
+    python -m benchmarks.simulate --plot docs/img/sim-oracle.png --from-json docs/results/sim-oracle-seed*.json
+
+With ``oracle`` among the policies (the fleet model's bound, ``core/sim_oracle.py``), every run's p99 and
+p99.9 are also given as their excess over the oracle's, and per load the share of the best peer's excess
+that Prequal removes: ``1 - (prequal - oracle) / (best_peer - oracle)``, the best peer being the lowest
+of the policies that are neither Prequal nor the oracle (``limit`` in the JSON).
 """
 
 from __future__ import annotations
@@ -14,14 +20,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks import plotting
 from prequal_middleware.core import PrequalSettings
-from prequal_middleware.core.simulator import SIM_POLICIES, RunResult, SimConfig, fleet_for, simulate
+from prequal_middleware.core.simulator import ORACLE, SIM_POLICIES, RunResult, SimConfig, fleet_for, simulate
 
 DEFAULT_POLICIES = "prequal,round_robin,random,least_request,peak_ewma"
 # --quick: a small fleet and a short run. The pool is 8 there, not 16: with m=16 of n=20 replicas Eq. 1
@@ -83,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--liar-slowdown", type=float, default=defaults.liar_slowdown, help=f"[{defaults.liar_slowdown:g}]")
     p.add_argument("--quick", action="store_true", help="a small fleet and a short run (a few seconds)")
     p.add_argument("--json", metavar="PATH", help="also write the config and results as JSON")
+    p.add_argument("--plot", metavar="PNG", help="p99 and p99.9 against load per policy (needs matplotlib)")
+    p.add_argument(
+        "--from-json",
+        metavar="PATH",
+        nargs="+",
+        help="plot these --json outputs (e.g. one per seed: median and min-max) instead of simulating",
+    )
     return p
 
 
@@ -126,12 +141,102 @@ def _rate(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
 
 
+# --- the limit: excess over the oracle and the share of the best peer's excess Prequal removes -----------
+
+PREQUAL = "prequal"
+LIMIT_METRICS = ("p99_ms", "p999_ms")
+
+
+def is_peer(policy: str) -> bool:
+    """A policy Prequal is compared with: neither a Prequal variant nor the oracle."""
+    return policy != ORACLE and not policy.startswith(PREQUAL)
+
+
+def removed_share(prequal: float, best_peer: float, oracle: float) -> float | None:
+    """``1 - (prequal - oracle) / (best_peer - oracle)``; ``None`` (n/a) when the best peer is not above the oracle."""
+    gap = best_peer - oracle
+    if not gap > 0:
+        return None
+    return 1.0 - (prequal - oracle) / gap
+
+
+def excess_over_oracle(results: Sequence[RunResult]) -> dict[tuple[str, float], dict[str, float]]:
+    """Per (policy, load) of a run with the oracle: ``{"p99_ms": policy - oracle, "p999_ms": ...}``."""
+    oracles = {r.load: r for r in results if r.policy == ORACLE}
+    return {
+        (r.policy, r.load): {m: getattr(r, m) - getattr(oracles[r.load], m) for m in LIMIT_METRICS}
+        for r in results
+        if r.load in oracles
+    }
+
+
+def limit_rows(results: Sequence[RunResult], deadline_ms: float) -> list[dict[str, Any]]:
+    """Per load and metric with an oracle, Prequal and a peer: the figures, excesses and Prequal's share.
+
+    A best peer at the deadline is censored (its true percentile is at least that): its excess, hence the
+    share, is then a lower bound (``censored``).
+    """
+    rows: list[dict[str, Any]] = []
+    for load in dict.fromkeys(r.load for r in results):
+        at = {r.policy: r for r in results if r.load == load}
+        peers = [r for r in at.values() if is_peer(r.policy)]
+        if ORACLE not in at or PREQUAL not in at or not peers:
+            continue
+        for metric in LIMIT_METRICS:
+            oracle = getattr(at[ORACLE], metric)
+            prequal = getattr(at[PREQUAL], metric)
+            best = min(peers, key=lambda r: float(getattr(r, metric)))
+            best_value = getattr(best, metric)
+            rows.append(
+                {
+                    "load": load,
+                    "metric": metric,
+                    "oracle_ms": oracle,
+                    "prequal_ms": prequal,
+                    "best_peer": best.policy,
+                    "best_peer_ms": best_value,
+                    "prequal_excess_ms": prequal - oracle,
+                    "best_peer_excess_ms": best_value - oracle,
+                    "share_removed": removed_share(prequal, best_value, oracle),
+                    "censored": best_value >= deadline_ms,
+                }
+            )
+    return rows
+
+
+def _share(row: dict[str, Any]) -> str:
+    share = row["share_removed"]
+    if share is None:
+        return "n/a"
+    return ("≥" if row["censored"] else "") + f"{100 * share:.0f}%"
+
+
+def format_limit(rows: Sequence[dict[str, Any]]) -> str:
+    """The table of Prequal's share of the best peer's excess over the oracle."""
+    header = (
+        f"{'load':>5} {'metric':<7} {'oracle':>7} {'prequal':>8} {'best_peer':<14} {'peer_ms':>8} "
+        f"{'prequal-or':>10} {'peer-or':>8} {'share':>6}"
+    )
+    lines = ["share of the best peer's excess over the oracle that Prequal removes", header, "-" * len(header)]
+    for row in rows:
+        lines.append(
+            f"{row['load']:>5.2f} {row['metric'][:-3]:<7} {row['oracle_ms']:>7.0f} {row['prequal_ms']:>8.0f} "
+            f"{row['best_peer']:<14} {row['best_peer_ms']:>8.0f} {row['prequal_excess_ms']:>10.0f} "
+            f"{row['best_peer_excess_ms']:>8.0f} {_share(row):>6}"
+        )
+    return "\n".join(lines)
+
+
 def format_table(results: Sequence[RunResult], config: SimConfig) -> str:
     deadline_ms = 1000.0 * config.deadline_s
+    excess = excess_over_oracle(results)
     header = (
         f"{'policy':<14} {'load':>5} {'requests':>9} {'errors':>7} {'p50_ms':>7} {'p90_ms':>7} {'p99_ms':>7} "
-        f"{'p999_ms':>8} {'probes/q':>8} {'fallback':>8} {'pool':>5} {'rif_p99':>7} {'share_x_n':>11} {'corr':>5}"
+        f"{'p999_ms':>8}"
     )
+    if excess:
+        header += f" {'p99-or':>7} {'p999-or':>8}"
+    header += f" {'probes/q':>8} {'fallback':>8} {'pool':>5} {'rif_p99':>7} {'share_x_n':>11} {'corr':>5}"
     liars = config.liars > 0
     if liars:
         header += f" {'liar_share':>10}"
@@ -141,10 +246,12 @@ def format_table(results: Sequence[RunResult], config: SimConfig) -> str:
         n = len(r.replica_share)
         share = f"{min(r.replica_share) * n:.2f}-{max(r.replica_share) * n:.2f}"
         pool = "-" if r.mean_pool_size is None else f"{r.mean_pool_size:.1f}"
+        over = excess.get((r.policy, r.load))
         lines.append(
             f"{r.policy:<14} {r.load:>5.2f} {r.requests:>9} {r.errors:>7} {_ms(r.p50_ms, deadline_ms):>7} "
-            f"{_ms(r.p90_ms, deadline_ms):>7} {_ms(r.p99_ms, deadline_ms):>7} {_ms(r.p999_ms, deadline_ms):>8} "
-            f"{r.probes_per_query:>8.2f} {100 * r.fallback_rate:>7.1f}% {pool:>5} {r.rif_p99:>7.0f} {share:>11} "
+            f"{_ms(r.p90_ms, deadline_ms):>7} {_ms(r.p99_ms, deadline_ms):>7} {_ms(r.p999_ms, deadline_ms):>8}"
+            + (f" {over['p99_ms']:>+7.0f} {over['p999_ms']:>+8.0f}" if over else "")
+            + f" {r.probes_per_query:>8.2f} {100 * r.fallback_rate:>7.1f}% {pool:>5} {r.rif_p99:>7.0f} {share:>11} "
             f"{r.share_speed_corr:>5.2f}"
             + (f" {100 * r.liar_share:>9.1f}%" if liars else "")
             + f" {_rate(r.rif_correction_rate):>7} {_rate(r.latency_correction_rate):>7}"
@@ -152,8 +259,54 @@ def format_table(results: Sequence[RunResult], config: SimConfig) -> str:
     return "\n".join(lines)
 
 
+def plot_limit(documents: Sequence[dict[str, Any]], path: Path) -> Path:
+    """p99 and p99.9 against load, one line per policy (median and min-max over ``documents``, e.g. seeds).
+
+    The oracle is drawn black and dashed: the floor the others are read against.
+    """
+    plt = plotting.pyplot()
+    deadline_ms = 1000.0 * float(documents[0]["config"]["deadline_s"])
+    policies = list(dict.fromkeys(r["policy"] for d in documents for r in d["results"]))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, metric, title in zip(axes, LIMIT_METRICS, ("p99", "p99.9"), strict=True):
+        highest = 0.0
+        for policy in policies:
+            cells: dict[float, list[float]] = {}
+            for d in documents:
+                for r in d["results"]:
+                    if r["policy"] == policy:
+                        cells.setdefault(float(r["load"]), []).append(float(r[metric]))
+            xs = sorted(cells)
+            median = [statistics.median(cells[x]) for x in xs]
+            low = [min(cells[x]) for x in xs]
+            high = [max(cells[x]) for x in xs]
+            highest = max(highest, *high)
+            style: dict[str, Any] = plotting.ORACLE_STYLE if policy == ORACLE else {}
+            plotting.band(ax, xs, median, low, high, label=policy, **style)
+        plotting.deadline_line(ax, deadline_ms, highest)
+        ax.set_title(f"{title} (ms)")
+        ax.set_xlabel("load (fraction of the allocation)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    seeds = sorted({int(d["config"]["seed"]) for d in documents})
+    fig.suptitle(
+        f"Simulator, {documents[0]['config']['replicas']} replicas: the policies and the oracle (seeds {seeds})"
+    )
+    return plotting.save(fig, path)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.from_json:
+        if not args.plot:
+            print("error: --from-json needs --plot", file=sys.stderr)
+            return 2
+        documents = [json.loads(Path(p).read_text(encoding="utf-8")) for p in args.from_json]
+        print(plot_limit(documents, Path(args.plot)))
+        return 0
+    if args.plot and not plotting.have_matplotlib():
+        print("error: --plot needs matplotlib (the bench extra)", file=sys.stderr)
+        return 2
     try:
         config = config_from_args(args)
     except ValueError as exc:
@@ -176,21 +329,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             flush=True,
         )
     print(format_table(results, config))
+    limit = limit_rows(results, 1000.0 * config.deadline_s)
+    if limit:
+        print()
+        print(format_limit(limit))
+    excess = excess_over_oracle(results)
+    for result, record in zip(results, records, strict=True):
+        over = excess.get((result.policy, result.load))
+        if over:
+            record["p99_excess_ms"], record["p999_excess_ms"] = over["p99_ms"], over["p999_ms"]
+    document: dict[str, Any] = {
+        "config": {
+            **dataclasses.asdict(config),
+            "policies": args.policies,
+            "loads": args.load,
+            "quick": args.quick,
+            "mean_work_s": config.mean_work_s,
+            "capacity_qps": capacity,
+        },
+        "results": records,
+    }
+    if limit:
+        document["limit"] = limit
     if args.json:
-        document = {
-            "config": {
-                **dataclasses.asdict(config),
-                "policies": args.policies,
-                "loads": args.load,
-                "quick": args.quick,
-                "mean_work_s": config.mean_work_s,
-                "capacity_qps": capacity,
-            },
-            "results": records,
-        }
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    if args.plot:
+        print(plot_limit([document], Path(args.plot)))
     return 0
 
 
