@@ -89,7 +89,7 @@ class OracleView:
     def start(self, query: Hashable, end: float) -> None:
         """``query`` entered service and ends at ``end`` (dropped queries left ``waiting`` already)."""
         head, _, _ = self.waiting.popleft()
-        if head is not query:
+        if head != query:
             raise RuntimeError("the replica started a query out of FIFO order")
         self.running[query] = end
 
@@ -100,7 +100,7 @@ class OracleView:
     def drop(self, query: Hashable) -> None:
         """``query`` timed out before starting: it leaves the FIFO and the projection is rebuilt."""
         for i, (q, _, _) in enumerate(self.waiting):
-            if q is query:
+            if q == query:
                 del self.waiting[i]
                 self.stale = True
                 return
