@@ -148,8 +148,8 @@ LIMIT_METRICS = ("p99_ms", "p999_ms")
 
 
 def is_peer(policy: str) -> bool:
-    """A policy Prequal is compared with: neither a Prequal variant nor the oracle."""
-    return policy != ORACLE and not policy.startswith(PREQUAL)
+    """A policy Prequal is compared with: neither a Prequal variant nor an oracle."""
+    return not policy.startswith((PREQUAL, ORACLE))
 
 
 def removed_share(prequal: float, best_peer: float, oracle: float) -> float | None:
@@ -281,7 +281,9 @@ def plot_limit(documents: Sequence[dict[str, Any]], path: Path) -> Path:
             low = [min(cells[x]) for x in xs]
             high = [max(cells[x]) for x in xs]
             highest = max(highest, *high)
-            style: dict[str, Any] = plotting.ORACLE_STYLE if policy == ORACLE else {}
+            style: dict[str, Any] = {}
+            if policy.startswith(ORACLE):
+                style = plotting.ORACLE_STYLE if policy == ORACLE else {**plotting.ORACLE_STYLE, "color": "grey"}
             plotting.band(ax, xs, median, low, high, label=policy, **style)
         plotting.deadline_line(ax, deadline_ms, highest)
         ax.set_title(f"{title} (ms)")

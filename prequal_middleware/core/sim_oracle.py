@@ -59,12 +59,15 @@ class OracleView:
 
     The projection (``free_at``) is updated in place when a query is routed (exact: the query takes the
     earliest slot); a speed change or a dropped query makes it stale, and it is rebuilt on the next use.
+    With ``exact=False`` the works routed here are guesses (the mean), so each start, which reveals the
+    true end, makes it stale too.
     """
 
-    __slots__ = ("slots", "speed", "running", "waiting", "free_at", "stale")
+    __slots__ = ("slots", "speed", "exact", "running", "waiting", "free_at", "stale")
 
-    def __init__(self, slots: int, speed: float) -> None:
+    def __init__(self, slots: int, speed: float, *, exact: bool = True) -> None:
         self.slots = slots
+        self.exact = exact
         self.speed = speed
         self.running: dict[Hashable, float] = {}  # query -> end time
         self.waiting: deque[tuple[Hashable, float, float]] = deque()  # (query, arrival, work), FIFO
@@ -92,6 +95,8 @@ class OracleView:
         if head != query:
             raise RuntimeError("the replica started a query out of FIFO order")
         self.running[query] = end
+        if not self.exact:
+            self.stale = True
 
     def finish(self, query: Hashable) -> None:
         """``query`` ended at the time its start fixed: the projection already has it."""

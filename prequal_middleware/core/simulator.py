@@ -33,7 +33,9 @@ Policies: any name of ``POLICY_CLASSES``; ``prequal_nocheck``: Prequal with
 ``PrequalSettings.cross_check`` off (reports pooled as they come); ``prequal_probeall``: Prequal with
 ``report_max_age_s=0`` (every probe on the network, piggybacked reports unused: the paper's rule);
 ``oracle``: one dispatcher that sees every replica's true queue and speed and sends each query where it
-would finish soonest (``sim_oracle.py``): the bound of this fleet model, constructible only here.
+would finish soonest (``sim_oracle.py``): the bound of this fleet model, constructible only here;
+``oracle_meanwork``: the same without the works of the queries not yet started (the new one and those
+queued), each taken as the mean: how much of the bound is the knowledge of sizes no balancer has.
 
 Randomness: one ``random.Random(seed)`` derives separate streams for arrivals, client choice, work,
 the fleet, timer phases and each client's policy, so every policy of a run sees the same arrivals,
@@ -59,13 +61,24 @@ from prequal_middleware.core.sim_fleet import Fleet, SimConfig, build_fleet, dra
 from prequal_middleware.core.sim_oracle import OracleView, oracle_choose
 from prequal_middleware.core.types import Member, Outcome
 
-__all__ = ["ORACLE", "SIM_POLICIES", "Fleet", "RunResult", "SimConfig", "fleet_for", "percentile", "simulate"]
+__all__ = [
+    "ORACLE",
+    "ORACLE_MEANWORK",
+    "SIM_POLICIES",
+    "Fleet",
+    "RunResult",
+    "SimConfig",
+    "fleet_for",
+    "percentile",
+    "simulate",
+]
 
 # The simulator's policy names: the built-in ones, Prequal without the probe cross-check, and Prequal
 # that probes every target it draws (no piggybacked reports), and the oracle (sim_oracle.py), which no
 # gateway can build: it reads the replicas' true state.
 ORACLE = "oracle"
-SIM_POLICIES: tuple[str, ...] = (*POLICY_CLASSES, "prequal_nocheck", "prequal_probeall", ORACLE)
+ORACLE_MEANWORK = "oracle_meanwork"
+SIM_POLICIES: tuple[str, ...] = (*POLICY_CLASSES, "prequal_nocheck", "prequal_probeall", ORACLE, ORACLE_MEANWORK)
 
 # Event kinds; an event is the tuple (time, sequence number, kind, a, b).
 _ARRIVAL, _AT_REPLICA, _COMPLETE, _RESPONSE, _DEADLINE, _PROBE, _PROBE_REPLY, _IDLE, _SPEED, _SAMPLE = range(10)
@@ -172,7 +185,8 @@ def simulate(config: SimConfig, policy: str, load: float) -> RunResult:
     ]
     members = [Member(backend) for backend in ids]
     # The oracle replaces the clients' policies: one dispatcher for the fleet, seeded like client 0's policy.
-    oracle = policy == ORACLE
+    oracle = policy in (ORACLE, ORACLE_MEANWORK)
+    mean_work = config.mean_work_s if policy == ORACLE_MEANWORK else None
     oracle_rng = random.Random(policy_seeds[0])
     policies = [] if oracle else [_policy(policy, config, random.Random(s)) for s in policy_seeds]
     for p in policies:
@@ -202,7 +216,7 @@ def simulate(config: SimConfig, policy: str, load: float) -> RunResult:
             else:
                 push(heap, (t, next(seq), _SPEED, replica, delta))
         replica.speed = replica.allocation if replica.busy > 0 else replica.fast_speed
-    views = [OracleView(config.slots, replica.speed) for replica in replicas] if oracle else []
+    views = [OracleView(config.slots, replica.speed, exact=mean_work is None) for replica in replicas] if oracle else []
     for c in range(n_clients):
         push(heap, (timer_rng.uniform(0.0, tick), next(seq), _IDLE, c, None))
     push(heap, (warm, next(seq), _SAMPLE, None, None))
@@ -240,8 +254,9 @@ def simulate(config: SimConfig, policy: str, load: float) -> RunResult:
             if measured:
                 requests += 1
             if oracle:
-                r = q.replica = oracle_choose(views, t, t + delay, q.work, oracle_rng)
-                views[r].route(q, t, t + delay, q.work)
+                work = q.work if mean_work is None else mean_work
+                r = q.replica = oracle_choose(views, t, t + delay, work, oracle_rng)
+                views[r].route(q, t, t + delay, work)
                 if measured:
                     routed[r] += 1
                 pending += 1

@@ -15,7 +15,7 @@ from benchmarks import plotting
 from benchmarks.simulate import format_limit, is_peer, limit_rows, main, removed_share
 from prequal_middleware.core import POLICY_CLASSES, PrequalSettings, create_policy
 from prequal_middleware.core.sim_oracle import OracleView, oracle_choose, project_slots
-from prequal_middleware.core.simulator import ORACLE, SIM_POLICIES, RunResult, SimConfig, simulate
+from prequal_middleware.core.simulator import ORACLE, ORACLE_MEANWORK, SIM_POLICIES, RunResult, SimConfig, simulate
 
 RNG = random.Random(0)
 
@@ -100,9 +100,10 @@ def test_ties_are_broken_at_random_by_the_seeded_rng() -> None:
 
 def test_the_oracle_is_only_constructible_in_the_simulator() -> None:
     # It reads the replicas' true queues and speeds: no gateway policy can, so it is no gateway policy.
-    assert ORACLE in SIM_POLICIES and ORACLE not in POLICY_CLASSES
-    with pytest.raises(ValueError, match="policy must be one of"):
-        create_policy(ORACLE)
+    for name in (ORACLE, ORACLE_MEANWORK):
+        assert name in SIM_POLICIES and name not in POLICY_CLASSES
+        with pytest.raises(ValueError, match="policy must be one of"):
+            create_policy(name)
     assert not any("oracle" in name.lower() for name in core.__all__)
 
 
@@ -138,7 +139,7 @@ def test_oracle_p99_is_below_every_policy_on_a_seeded_run() -> None:
     # requests; across seeds a policy's p99 moves by about 10% at this size, and the oracle is more than
     # 25% below the best policy at each load, so noise cannot order them and a weakened oracle fails.
     for load in (0.5, 1.1):
-        results = {p: simulate(SMALL, p, load) for p in SIM_POLICIES}
+        results = {p: simulate(SMALL, p, load) for p in SIM_POLICIES if p != ORACLE_MEANWORK}
         oracle = results.pop(ORACLE)
         assert oracle.errors == 0 and oracle.probes_per_query == 0.0
         assert {r.requests for r in results.values()} == {oracle.requests}  # common random numbers
@@ -198,7 +199,8 @@ def test_limit_rows_take_the_best_peer_among_non_prequal_non_oracle_policies() -
         _result("prequal", 1.2, 700.0, 1000.0),
         _result("round_robin", 1.2, 600.0, 900.0),
     ]
-    assert [is_peer(p) for p in ("oracle", "prequal", "prequal_nocheck", "round_robin")] == [0, 0, 0, 1]
+    names = ("oracle", "oracle_meanwork", "prequal", "prequal_nocheck", "round_robin")
+    assert [p for p in names if is_peer(p)] == ["round_robin"]
     rows = limit_rows(results, deadline_ms=5000.0)
     by = {(r["load"], r["metric"]): r for r in rows}
     assert set(by) == {(0.9, "p99_ms"), (0.9, "p999_ms"), (1.2, "p99_ms"), (1.2, "p999_ms")}
@@ -256,3 +258,16 @@ def test_cli_plots_the_oracle_from_json_files(tmp_path: Path) -> None:
 
 def test_cli_from_json_needs_a_plot_path(tmp_path: Path) -> None:
     assert main(["--from-json", str(tmp_path / "none.json")]) == 2
+
+
+def test_the_size_blind_oracle_guesses_the_mean_and_corrects_at_each_start() -> None:
+    # It routes on the mean work; each start reveals the true end, and the projection is rebuilt from it.
+    view = OracleView(1, 1.0, exact=False)
+    view.route("a", 0.0, 0.0, 1.0)  # guessed 1, truly 3
+    assert view.finish_at(0.0, 0.0, 1.0) == 2.0
+    view.start("a", 3.0)
+    assert view.finish_at(0.0, 0.0, 1.0) == 4.0
+    blind = simulate(SMALL, ORACLE_MEANWORK, 0.9)
+    seeing = simulate(SMALL, ORACLE, 0.9)
+    assert blind.requests == seeing.requests and blind.errors == 0
+    assert seeing.p99_ms < blind.p99_ms  # the sizes are worth something
