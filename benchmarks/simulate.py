@@ -291,9 +291,9 @@ def plot_limit(documents: Sequence[dict[str, Any]], path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     seeds = sorted({int(d["config"]["seed"]) for d in documents})
-    fig.suptitle(
-        f"Simulator, {documents[0]['config']['replicas']} replicas: the policies and the oracle (seeds {seeds})"
-    )
+    c = documents[0]["config"]
+    where = f"{c['replicas']} replicas x {c['clients']} clients, {c['seconds']:g} s"
+    fig.suptitle(f"Simulator, {where}: the policies and the oracle (seeds {seeds})")
     return plotting.save(fig, path)
 
 
