@@ -13,9 +13,11 @@ import pytest
 import prequal_middleware.core as core
 from benchmarks import plotting
 from benchmarks.simulate import format_limit, is_peer, limit_rows, main, removed_share
+from prequal_middleware.config import UpstreamPool
 from prequal_middleware.core import POLICY_CLASSES, PrequalSettings, create_policy
 from prequal_middleware.core.sim_oracle import OracleView, oracle_choose, project_slots
 from prequal_middleware.core.simulator import ORACLE, ORACLE_MEANWORK, SIM_POLICIES, RunResult, SimConfig, simulate
+from prequal_middleware.exceptions import ConfigurationError
 
 RNG = random.Random(0)
 
@@ -104,6 +106,8 @@ def test_the_oracle_is_only_constructible_in_the_simulator() -> None:
         assert name in SIM_POLICIES and name not in POLICY_CLASSES
         with pytest.raises(ValueError, match="policy must be one of"):
             create_policy(name)
+        with pytest.raises(ConfigurationError, match="policy must be one of"):
+            UpstreamPool(prefix="/", upstreams=["http://127.0.0.1:1"], policy=name)
     assert not any("oracle" in name.lower() for name in core.__all__)
 
 
