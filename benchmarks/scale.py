@@ -68,7 +68,7 @@ PREFIXES = (1, 10, 100)
 MEMBERS_PER_PREFIX = 10
 STEP_S = 0.001  # simulated time per request: 1,000 requests per second
 SEED = 1
-SANSIO_OPS = ("cycle", "on_probe", "join_leave", "health_flip", "set_members")
+SANSIO_OPS = ("cycle", "fallback", "on_probe", "join_leave", "health_flip", "set_members")
 
 
 def backend_url(i: int) -> str:
@@ -259,6 +259,7 @@ class SansIoCase:
     members: int
     now: float = 1000.0
     impl: Policy | None = None
+    fallback: Policy | None = None
     urls: list[str] = field(default_factory=list)
     extra: int = 0
     probes: int = 0
@@ -274,6 +275,8 @@ class SansIoCase:
             LOADS[url] = load_of(i)
         self.impl = create_policy(self.policy, rng=random.Random(SEED))
         self.impl.set_members([Member(u) for u in self.urls], self.now)
+        self.fallback = create_policy(self.policy, rng=random.Random(SEED))
+        self.fallback.set_members([Member(u) for u in self.urls], self.now)
 
     def op(self, name: str, count: int) -> float:
         """CPU µs per ``name`` operation, ``count`` of them."""
@@ -297,6 +300,18 @@ class SansIoCase:
                 policy.on_report(backend, now, rif, latency_s)
                 policy.on_finish(backend, now, 0.002, Outcome.SUCCESS)
             self.cycles += count
+        elif name == "fallback":
+            # A policy whose probe pool is empty (startup, after an idle second, probes capped or failing):
+            # Prequal's fallback chooses; no probe is answered and no report kept, so it stays empty.
+            fallback = self.fallback
+            assert fallback is not None
+            for _ in range(count):
+                self.now += STEP_S
+                now = self.now
+                selection = fallback.select(now)
+                assert selection is not None
+                fallback.on_start(selection.backend, now)
+                fallback.on_finish(selection.backend, now, 0.002, Outcome.SUCCESS)
         elif name == "on_probe":
             n = len(urls)
             for i in range(count):
@@ -390,7 +405,7 @@ def measure_sansio(rounds: int, count: int, progress: Callable[[str], None]) -> 
     for case in cases:
         case.build()
         case.op("cycle", max(count, 3 * case.members))  # warm: the probe pool and RIF history filled
-    counts = {"cycle": count, "on_probe": count, "join_leave": max(1, count // 10), "health_flip": max(1, count // 10),
+    counts = {"cycle": count, "fallback": max(1, count // 10), "on_probe": count, "join_leave": max(1, count // 10), "health_flip": max(1, count // 10),
               "set_members": max(1, count // 100)}
     per_round: dict[tuple[str, str], list[float]] = {(c.key, op): [] for c in cases for op in SANSIO_OPS}
     probes0 = {c.key: (c.probes, c.cycles) for c in cases}

@@ -82,6 +82,9 @@ class OutlierDetector:
     def __init__(self, settings: OutlierSettings | None = None) -> None:
         self.settings = settings or OutlierSettings()
         self._health: dict[BackendId, _Health] = {}
+        # The backends with a failure rate above 0 (every other one is never averse): lets a caller
+        # skip asking about each member while none has failed (``may_be_averse``).
+        self._rated: set[BackendId] = set()
         self.ejections_total = 0
 
     def add(self, backend: BackendId) -> None:
@@ -89,6 +92,7 @@ class OutlierDetector:
 
     def remove(self, backend: BackendId) -> None:
         self._health.pop(backend, None)
+        self._rated.discard(backend)
 
     # --- outcomes ------------------------------------------------------------------------------
 
@@ -99,6 +103,8 @@ class OutlierDetector:
         h.consecutive = 0
         h.probation = False
         self._update_rate(h, 0.0, now)
+        if h.rate == 0.0:
+            self._rated.discard(backend)
         # Forgive one step of backoff once the backend has behaved for as long as it was last out.
         if h.ejections and now - h.ejected_until >= h.last_ejection_s:
             h.ejections -= 1
@@ -114,6 +120,7 @@ class OutlierDetector:
             return False
         h.consecutive += 1
         self._update_rate(h, 1.0, now)
+        self._rated.add(backend)
         s = self.settings
         # On probation (back from an ejection with no success since) one failure is enough: its failure
         # rate faded while it was out, so a fast failer would otherwise be everyone's favourite again.
@@ -170,6 +177,10 @@ class OutlierDetector:
     def penalty(self, backend: BackendId, now: float) -> float:
         """A cost multiplier >= 1 for load-aware policies: ``1 / (1 - failure_rate)``, at most 20."""
         return 1.0 / max(0.05, 1.0 - self.failure_rate(backend, now))
+
+    def may_be_averse(self) -> bool:
+        """False when no member has a failure rate above 0, so that ``is_averse`` is False for every one."""
+        return bool(self._rated)
 
     def is_averse(self, backend: BackendId, now: float) -> bool:
         h = self._health.get(backend)

@@ -162,6 +162,9 @@ class BasePolicy:
         self._weights: dict[float, int] = {}
         self.selections: dict[str, int] = dict.fromkeys(SELECTION_REASONS, 0)
         self.probes_requested = 0
+        # Members that missed a probe since we last looked (some may have answered since): while it is
+        # empty, ``_trusted`` need not ask each candidate, and the fallback is not O(n) twice over.
+        self._missed_probes: set[BackendId] = set()
 
     # --- membership and health -----------------------------------------------------------------
 
@@ -344,6 +347,7 @@ class BasePolicy:
         b = self._backends.get(backend)
         if b is not None:
             b.probe_failures += 1
+            self._missed_probes.add(backend)
 
     def _record_failure(self, backend: BackendId, now: float) -> None:
         if self.outliers.record_failure(backend, now, len(self._backends)):
@@ -420,8 +424,14 @@ class BasePolicy:
         fast is never its own tie-breaker.
         """
         backends, outliers = self._backends, self.outliers
-        good = [c for c in candidates if not outliers.is_averse(c, now)]
-        answering = [c for c in good if backends[c].probe_failures == 0]
+        # Each filter runs only when something can fail it: with no failure rate above 0 and no probe
+        # missed, both keep every candidate, and the fallback costs no scan of the members here.
+        good = [c for c in candidates if not outliers.is_averse(c, now)] if outliers.may_be_averse() else candidates
+        missed = self._missed_probes
+        if missed:
+            # Forget those that answered or left since (an answered probe resets the count elsewhere).
+            missed.intersection_update([b for b in missed if b in backends and backends[b].probe_failures])
+        answering = [c for c in good if backends[c].probe_failures == 0] if missed else good
         return answering or good or candidates
 
     def _weighted_choice(self, candidates: Sequence[BackendId]) -> BackendId:
