@@ -218,7 +218,6 @@ class GatewayCase:
         """µs per call of each background loop's work at this size (gauges, history, an idle-probe round)."""
         assert self.gateway is not None and self.gateway._scheduler is not None
         scheduler = self.gateway._scheduler
-        now = self.clock.now
         pools = list(self.gateway.pools.values())
 
         def idle_round() -> None:
@@ -240,7 +239,7 @@ class GatewayCase:
             for _ in range(repeats):
                 fn()
             out[name] = (time.thread_time() - started) / repeats * 1e6
-        del now
+
         return out
 
     async def stop(self) -> None:
