@@ -21,8 +21,13 @@ happen to encounter in the wild":
   RIF 0 and latency 0 whatever their load, and serve ``liar_slowdown`` times slower than their draw
   (both speeds divided). Their draws are the same as an honest fleet's, so the honest replicas of a
   lying fleet are exactly those of the honest fleet with the same seed.
-- Capacity (load 1.0) is ``sum_i slots * a_i / mean_work`` (a liar's ``a_i`` after the slowdown): what
-  the fleet guarantees with every antagonist busy. Above 1.0 the fleet is overloaded against its
+- Sinkholes (``sinkholes``, default 0; issue 15): the *last* ``sinkholes`` replicas answer every query
+  with a 5xx ``sinkhole_fail_s`` after it arrives, hold no slot, and report RIF 0 and latency 0 in
+  probes and piggybacked reports. They add nothing to the capacity, and their draws come after the
+  others', so a fleet of ``n`` with ``k`` sinkholes has the arrivals and honest replicas of the fleet of
+  ``n - k`` with the same seed: its baseline.
+- Capacity (load 1.0) is ``sum_i slots * a_i / mean_work`` (a liar's ``a_i`` after the slowdown, no
+  sinkhole's): what the fleet guarantees with every antagonist busy. Above 1.0 the fleet is overloaded against its
   allocation but can still cope if the balancer routes around the replicas whose antagonist is busy.
 
 Standard library only, like the rest of ``prequal_middleware.core``.
@@ -32,9 +37,10 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from prequal_middleware.core.load_tracker import LoadTrackerSettings
 from prequal_middleware.core.probe_pool import PrequalSettings
 
 # E[X | X > 0] for X ~ Normal(mu, mu) is mu * (1 + phi(1) / Phi(1)) ~= 1.2876 * mu.
@@ -60,6 +66,14 @@ class SimConfig:
         slots, work_mu_s, allocation_*, headroom_*, antagonist_*, burst_*: the fleet model (module docstring).
         liars: how many replicas lie in their probe answers (module docstring); the first ones.
         liar_slowdown: how much slower a liar serves than its drawn speeds.
+        sinkholes: how many replicas fail every query fast while reporting idle (module docstring); the last ones.
+        sinkhole_fail_s: how long after a query reaches it a sinkhole answers its 5xx.
+        attempts: the most attempts per request, the first included (the gateway's ``RetrySettings``):
+            a 5xx is retried on a replica not tried yet while the client's retry budget allows; a
+            deadline is never retried (the gateway does not resend a request that may have run).
+        retry_budget_ratio, retry_budget_min_per_s, retry_budget_window_s: each client's ``RetryBudget``
+            (the gateway's ``RetrySettings`` defaults).
+        tracker: the settings of every replica's ``LoadTracker``.
         prequal: the settings of every ``prequal`` client.
     """
 
@@ -87,6 +101,13 @@ class SimConfig:
     burst_max_s: float = 1.5
     liars: int = 0
     liar_slowdown: float = 3.0
+    sinkholes: int = 0
+    sinkhole_fail_s: float = 0.001
+    attempts: int = 1
+    retry_budget_ratio: float = 0.2
+    retry_budget_min_per_s: float = 10.0
+    retry_budget_window_s: float = 10.0
+    tracker: LoadTrackerSettings = field(default_factory=LoadTrackerSettings)
     prequal: PrequalSettings = field(default_factory=PrequalSettings)
 
     def __post_init__(self) -> None:
@@ -101,6 +122,12 @@ class SimConfig:
             ("sample_interval_s", 0 < self.sample_interval_s < math.inf),
             ("liars", 0 <= self.liars <= self.replicas),
             ("liar_slowdown", 1.0 <= self.liar_slowdown < math.inf),
+            ("sinkholes", 0 <= self.sinkholes < self.replicas and self.liars + self.sinkholes <= self.replicas),
+            ("sinkhole_fail_s", 0 <= self.sinkhole_fail_s < self.deadline_s),
+            ("attempts", self.attempts >= 1),
+            ("retry_budget_ratio", 0 <= self.retry_budget_ratio < math.inf),
+            ("retry_budget_min_per_s", 0 <= self.retry_budget_min_per_s < math.inf),
+            ("retry_budget_window_s", 1 <= self.retry_budget_window_s < math.inf),
             *replica_model_checks(self),
         )
         for name, ok in checks:
@@ -128,6 +155,7 @@ class ReplicaSpec:
     fast_speed: float  # speed per slot while the antagonist is idle
     busy: tuple[tuple[float, float], ...]  # antagonist busy intervals (may overlap), clipped to [0, horizon]
     liar: bool = False  # answers every probe with RIF 0 and latency 0
+    sinkhole: bool = False  # fails every query fast, reports RIF 0 and latency 0
 
     def speed_changes(self) -> list[tuple[float, int]]:
         """``(time, +1 / -1)`` steps of the antagonist's busy count, in time order."""
@@ -180,9 +208,34 @@ def build_fleet(config: SimConfig, rng: random.Random) -> Fleet:
         liar = i < config.liars
         if liar:
             allocation /= config.liar_slowdown
-        specs.append(ReplicaSpec(i, f"replica-{i:03d}", allocation, allocation * headroom, tuple(busy), liar))
-    capacity = sum(config.slots * s.allocation for s in specs) / config.mean_work_s
+        sinkhole = i >= config.replicas - config.sinkholes
+        specs.append(ReplicaSpec(i, f"replica-{i:03d}", allocation, allocation * headroom, tuple(busy), liar, sinkhole))
+    capacity = sum(config.slots * s.allocation for s in specs if not s.sinkhole) / config.mean_work_s
     return Fleet(tuple(specs), capacity)
+
+
+def time_scaled(config: SimConfig, factor: float) -> SimConfig:
+    """``config`` with the service's time constants multiplied by ``factor``: a slower service, same shape.
+
+    Scaled: the work, the deadline, the antagonist's periods and bursts (the burst rate divided), and the
+    simulated seconds (so a run has the same arrivals). Not scaled: what belongs to the clients or the
+    network, not to the service (the idle-probe tick, the probes' and reports' ages, the network delay,
+    the sampling), the sinkholes' fast failure, and the replicas' ``LoadTracker`` settings: the point of
+    a slow fleet is to see how the estimator's window copes with it.
+    """
+    if not 0 < factor < math.inf:
+        raise ValueError(f"the time scale must be a finite number > 0, got {factor!r}")
+    return replace(
+        config,
+        seconds=config.seconds * factor,
+        deadline_s=config.deadline_s * factor,
+        work_mu_s=config.work_mu_s * factor,
+        antagonist_period_min_s=config.antagonist_period_min_s * factor,
+        antagonist_period_max_s=config.antagonist_period_max_s * factor,
+        burst_rate_hz=config.burst_rate_hz / factor,
+        burst_min_s=config.burst_min_s * factor,
+        burst_max_s=config.burst_max_s * factor,
+    )
 
 
 class ReplicaModel(Protocol):

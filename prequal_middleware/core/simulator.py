@@ -15,6 +15,14 @@ and lands in ``policy.on_probe`` one network delay later (a liar answers RIF 0 a
 its state: ``SimConfig.liars``). Every ``idle_tick_s`` each client sends the
 probes ``policy.idle_probes(now)`` asks for.
 
+Sinkholes (``SimConfig.sinkholes``): a query reaching one is answered with a 5xx ``sinkhole_fail_s``
+later, without a slot or the tracker, and every report it gives (probe or piggybacked) is RIF 0 and
+latency 0. The client hands the report to ``on_report`` and calls ``on_finish(..., Outcome.FAILURE)``;
+then, as the gateway's ``RetrySettings`` would for a retryable failure, it retries the request on a
+replica it has not tried (``select(now, exclude=tried)``) if ``attempts`` allow and its
+``RetryBudget`` has a retry; otherwise the client sees the failure. The deadline runs from the first
+send. Every attempt is counted in ``replica_share`` and ``sinkhole_attempts``.
+
 Deadline: ``deadline_s`` after sending, a query not yet answered is an error; the client calls
 ``on_finish(..., Outcome.TIMEOUT)``. The replica learns the deadline with the query (as gRPC deadline
 propagation does): a query still queued is dropped at once (``tracker.finish(ok=False)``); one in
@@ -53,11 +61,12 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from prequal_middleware.core.load_tracker import LoadTracker, RequestTicket
+from prequal_middleware.core.load_tracker import LoadTracker, LoadTrackerSettings, RequestTicket
 from prequal_middleware.core.policies import POLICY_CLASSES, create_policy
 from prequal_middleware.core.policy import BasePolicy
 from prequal_middleware.core.prequal import PrequalPolicy
-from prequal_middleware.core.sim_fleet import Fleet, SimConfig, build_fleet, draw_work
+from prequal_middleware.core.retry_budget import RetryBudget
+from prequal_middleware.core.sim_fleet import Fleet, SimConfig, build_fleet, draw_work, time_scaled
 from prequal_middleware.core.sim_oracle import OracleView, oracle_choose
 from prequal_middleware.core.types import Member, Outcome
 
@@ -71,6 +80,7 @@ __all__ = [
     "fleet_for",
     "percentile",
     "simulate",
+    "time_scaled",
 ]
 
 # The simulator's policy names: the built-in ones, Prequal without the probe cross-check, and Prequal
@@ -81,18 +91,35 @@ ORACLE_MEANWORK = "oracle_meanwork"
 SIM_POLICIES: tuple[str, ...] = (*POLICY_CLASSES, "prequal_nocheck", "prequal_probeall", ORACLE, ORACLE_MEANWORK)
 
 # Event kinds; an event is the tuple (time, sequence number, kind, a, b).
-_ARRIVAL, _AT_REPLICA, _COMPLETE, _RESPONSE, _DEADLINE, _PROBE, _PROBE_REPLY, _IDLE, _SPEED, _SAMPLE = range(10)
+_ARRIVAL, _AT_REPLICA, _COMPLETE, _RESPONSE, _DEADLINE, _PROBE, _PROBE_REPLY, _IDLE, _SPEED, _SAMPLE, _FAILED = range(
+    11
+)
 # Query outcomes.
-_PENDING, _OK, _TIMED_OUT = 0, 1, 2
+_PENDING, _OK, _TIMED_OUT, _FAILED_OUT = 0, 1, 2, 3
 
 
 class _Query:
-    __slots__ = ("client", "replica", "sent", "work", "ticket", "outcome", "started", "measured")
+    """One request; its current attempt's replica, send time and ticket (a retry reuses it)."""
+
+    __slots__ = (
+        "client",
+        "replica",
+        "sent",
+        "attempt_sent",
+        "tried",
+        "work",
+        "ticket",
+        "outcome",
+        "started",
+        "measured",
+    )
 
     def __init__(self, client: int, sent: float, work: float, measured: bool) -> None:
         self.client = client
         self.replica = -1
         self.sent = sent
+        self.attempt_sent = sent
+        self.tried: tuple[str, ...] = ()  # the backends of the failed attempts, for the retry's exclude
         self.work = work
         self.ticket: RequestTicket | None = None
         self.outcome = _PENDING
@@ -101,12 +128,22 @@ class _Query:
 
 
 class _Replica:
-    __slots__ = ("index", "tracker", "free", "queue", "busy", "speed", "allocation", "fast_speed", "liar")
+    __slots__ = ("index", "tracker", "free", "queue", "busy", "speed", "allocation", "fast_speed", "liar", "sinkhole")
 
-    def __init__(self, index: int, allocation: float, fast_speed: float, slots: int, liar: bool = False) -> None:
+    def __init__(
+        self,
+        index: int,
+        allocation: float,
+        fast_speed: float,
+        slots: int,
+        liar: bool = False,
+        sinkhole: bool = False,
+        tracker: LoadTrackerSettings | None = None,
+    ) -> None:
         self.index = index
         self.liar = liar
-        self.tracker = LoadTracker()
+        self.sinkhole = sinkhole
+        self.tracker = LoadTracker(tracker)
         self.free = slots
         self.queue: deque[_Query] = deque()
         self.busy = 0  # the antagonist's busy count
@@ -124,7 +161,7 @@ class RunResult:
     rate_qps: float
     requests: int  # measured: sent after the warm-up
     successes: int
-    errors: int  # deadline_errors + no_backend_errors
+    errors: int  # deadline_errors + no_backend_errors + failed
     deadline_errors: int
     no_backend_errors: int
     p50_ms: float
@@ -138,7 +175,7 @@ class RunResult:
     rif_p50: float  # replica RIF sampled every sample_interval_s
     rif_p99: float
     rif_max: int
-    replica_share: tuple[float, ...]  # share of measured requests routed to each replica
+    replica_share: tuple[float, ...]  # share of measured attempts routed to each replica
     share_speed_corr: float  # Pearson correlation of replica_share with each replica's mean speed
     events: int
     liar_share: float = 0.0  # share of measured requests routed to lying replicas
@@ -146,6 +183,18 @@ class RunResult:
     # reported RIF to the client's own in flight, and the reported latency to measured / ratio.
     rif_correction_rate: float | None = None
     latency_correction_rate: float | None = None
+    # Sinkholes and retries (all over measured requests): attempts made, retries among them, attempts
+    # that reached a sinkhole, and requests whose failure the client saw (in ``errors`` too).
+    attempts: int = 0
+    retries: int = 0
+    sinkhole_attempts: int = 0
+    failed: int = 0
+    p99_ok_ms: float = 0.0  # over the successful requests only
+    p999_ok_ms: float = 0.0
+    # Probe answers from honest replicas after the warm-up, and the share of them with latency 0 (no
+    # fresh sample near the replica's RIF: the estimator's window).
+    honest_answers: int = 0
+    zero_latency_share: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -181,8 +230,11 @@ def simulate(config: SimConfig, policy: str, load: float) -> RunResult:
     ids = [spec.id for spec in fleet.replicas]
     index_of = {backend: i for i, backend in enumerate(ids)}
     replicas = [
-        _Replica(i, spec.allocation, spec.fast_speed, config.slots, spec.liar) for i, spec in enumerate(fleet.replicas)
+        _Replica(i, spec.allocation, spec.fast_speed, config.slots, spec.liar, spec.sinkhole, config.tracker)
+        for i, spec in enumerate(fleet.replicas)
     ]
+    lies = [spec.liar or spec.sinkhole for spec in fleet.replicas]
+    honest = config.replicas - config.sinkholes  # the sinkholes are the last replicas
     members = [Member(backend) for backend in ids]
     # The oracle replaces the clients' policies: one dispatcher for the fleet, seeded like client 0's policy.
     oracle = policy in (ORACLE, ORACLE_MEANWORK)
@@ -191,6 +243,15 @@ def simulate(config: SimConfig, policy: str, load: float) -> RunResult:
     policies = [] if oracle else [_policy(policy, config, random.Random(s)) for s in policy_seeds]
     for p in policies:
         p.set_members(members, 0.0)
+    max_attempts = config.attempts
+    budgets = (
+        [
+            RetryBudget(config.retry_budget_ratio, config.retry_budget_min_per_s, config.retry_budget_window_s)
+            for _ in policies
+        ]
+        if max_attempts > 1
+        else []
+    )
     prequals = [p for p in policies if isinstance(p, PrequalPolicy)]
     prequal_pools = [p.pool for p in prequals]
     corrections_at_warm: tuple[int, int] | None = None
@@ -224,6 +285,7 @@ def simulate(config: SimConfig, policy: str, load: float) -> RunResult:
 
     latencies: list[float] = []
     deadline_errors = no_backend = requests = probes_sent = fallbacks = 0
+    attempts = retries = failed = honest_answers = zero_answers = 0
     routed = [0] * len(replicas)
     rif_samples: list[int] = []
     pool_samples: list[int] = []
@@ -231,6 +293,25 @@ def simulate(config: SimConfig, policy: str, load: float) -> RunResult:
     events = 0
     success = Outcome.SUCCESS
     timeout = Outcome.TIMEOUT
+    failure = Outcome.FAILURE
+    fail_s = config.sinkhole_fail_s
+
+    def dispatch(q: _Query, client: BasePolicy, sel: Any, t: float) -> None:
+        """Send an attempt of ``q`` where ``sel`` says, with its probes, as the gateway does."""
+        nonlocal probes_sent, fallbacks, attempts
+        backend = sel.backend
+        r = q.replica = index_of[backend]
+        q.attempt_sent = t
+        client.on_start(backend, t)
+        for target in sel.probes:
+            push(heap, (t + delay, next(seq), _PROBE, q.client, index_of[target]))
+        if q.measured:
+            routed[r] += 1
+            attempts += 1
+            probes_sent += len(sel.probes)
+            if sel.reason == "fallback":
+                fallbacks += 1
+        push(heap, (t + delay, next(seq), _AT_REPLICA, q, None))
 
     while heap:
         t, _, kind, a, b = pop(heap)
@@ -242,7 +323,13 @@ def simulate(config: SimConfig, policy: str, load: float) -> RunResult:
             if t >= warm:
                 answers += 1
         elif kind == _PROBE:
-            rif, latency = (0, 0.0) if replicas[b].liar else replicas[b].tracker.report(t)
+            if lies[b]:
+                rif, latency = 0, 0.0
+            else:
+                rif, latency = replicas[b].tracker.report(t)
+                if t >= warm:
+                    honest_answers += 1
+                    zero_answers += latency == 0.0
             push(heap, (t + delay, next(seq), _PROBE_REPLY, a, (b, rif, latency)))
         elif kind == _ARRIVAL:
             if t >= end:
@@ -254,38 +341,35 @@ def simulate(config: SimConfig, policy: str, load: float) -> RunResult:
             if measured:
                 requests += 1
             if oracle:
+                # It knows which replicas are sinkholes (the last ones) and never sends there.
                 work = q.work if mean_work is None else mean_work
-                r = q.replica = oracle_choose(views, t, t + delay, work, oracle_rng)
+                r = q.replica = oracle_choose(views[:honest], t, t + delay, work, oracle_rng)
                 views[r].route(q, t, t + delay, work)
                 if measured:
                     routed[r] += 1
+                    attempts += 1
                 pending += 1
                 push(heap, (t + delay, next(seq), _AT_REPLICA, q, None))
                 push(heap, (t + deadline, next(seq), _DEADLINE, q, None))
                 continue
             client = policies[c]
+            if budgets:
+                budgets[c].record_request(t)
             sel = client.select(t)
             if sel is None:
                 if measured:
                     no_backend += 1
                 continue
-            backend = sel.backend
-            r = q.replica = index_of[backend]
-            client.on_start(backend, t)
-            for target in sel.probes:
-                push(heap, (t + delay, next(seq), _PROBE, c, index_of[target]))
-            if measured:
-                routed[r] += 1
-                probes_sent += len(sel.probes)
-                if sel.reason == "fallback":
-                    fallbacks += 1
+            dispatch(q, client, sel, t)
             pending += 1
-            push(heap, (t + delay, next(seq), _AT_REPLICA, q, None))
             push(heap, (t + deadline, next(seq), _DEADLINE, q, None))
         elif kind == _AT_REPLICA:
             if a.outcome != _PENDING:
                 continue
             replica = replicas[a.replica]
+            if replica.sinkhole:
+                push(heap, (t + fail_s + delay, next(seq), _FAILED, a, a.replica))
+                continue
             a.ticket = replica.tracker.start(t)
             if replica.free:
                 replica.free -= 1
@@ -300,7 +384,7 @@ def simulate(config: SimConfig, policy: str, load: float) -> RunResult:
             if oracle:
                 views[a.replica].finish(a)
             if a.outcome == _PENDING:
-                report = (0, 0.0) if b.liar else b.tracker.report(t)
+                report = (0, 0.0) if b.liar else b.tracker.report(t)  # a sinkhole completes nothing
                 push(heap, (t + delay, next(seq), _RESPONSE, a, report))
             queue = b.queue
             while queue:
@@ -325,6 +409,25 @@ def simulate(config: SimConfig, policy: str, load: float) -> RunResult:
                 policies[a.client].on_finish(backend_id, t, latency, success)
             if a.measured:
                 latencies.append(latency)
+        elif kind == _FAILED:  # a sinkhole's 5xx reached the client
+            if a.outcome != _PENDING:
+                continue  # the deadline came first
+            client = policies[a.client]
+            backend_id = ids[b]
+            client.on_report(backend_id, t, 0, 0.0)
+            client.on_finish(backend_id, t, t - a.attempt_sent, failure)
+            a.tried += (backend_id,)
+            if len(a.tried) < max_attempts and budgets[a.client].try_withdraw(t):
+                sel = client.select(t, a.tried)
+                if sel is not None:
+                    if a.measured:
+                        retries += 1
+                    dispatch(a, client, sel, t)
+                    continue
+            a.outcome = _FAILED_OUT
+            pending -= 1
+            if a.measured:
+                failed += 1
         elif kind == _DEADLINE:
             if a.outcome != _PENDING:
                 continue
@@ -364,9 +467,9 @@ def simulate(config: SimConfig, policy: str, load: float) -> RunResult:
                 pool_samples.append(sum(1 for e in pool if e.received_at >= horizon))
             push(heap, (t + config.sample_interval_s, next(seq), _SAMPLE, None, None))
 
-    errors = deadline_errors + no_backend
-    ordered = sorted(latencies)
-    ordered.extend([deadline] * errors)
+    errors = deadline_errors + no_backend + failed
+    ok = sorted(latencies)
+    ordered = ok + [deadline] * errors
     rif_samples.sort()
     total_routed = sum(routed)
     share = tuple(n / total_routed if total_routed else 0.0 for n in routed)
@@ -402,6 +505,14 @@ def simulate(config: SimConfig, policy: str, load: float) -> RunResult:
         liar_share=sum(n for n, spec in zip(share, fleet.replicas, strict=True) if spec.liar),
         rif_correction_rate=rif_rate,
         latency_correction_rate=latency_rate,
+        attempts=attempts,
+        retries=retries,
+        sinkhole_attempts=sum(n for n, spec in zip(routed, fleet.replicas, strict=True) if spec.sinkhole),
+        failed=failed,
+        p99_ok_ms=1000.0 * percentile(ok, 0.99),
+        p999_ok_ms=1000.0 * percentile(ok, 0.999),
+        honest_answers=honest_answers,
+        zero_latency_share=zero_answers / honest_answers if honest_answers else 0.0,
     )
 
 
