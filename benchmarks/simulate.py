@@ -13,6 +13,11 @@ With ``oracle`` among the policies (the fleet model's bound, ``core/sim_oracle.p
 p99.9 are also given as their excess over the oracle's, and per load the share of the best peer's excess
 that Prequal removes: ``1 - (prequal - oracle) / (best_peer - oracle)``, the best peer being the lowest
 of the policies that are neither Prequal nor the oracle (``limit`` in the JSON).
+
+With ``--sinkholes K`` the last K replicas fail every request fast while reporting idle, and every
+policy is also run on the fleet without them (the first n - K replicas, same seed: the same arrivals)
+for the baseline of its successful requests' p99 (``sinkholes`` in the JSON, ``sinkhole_rows``).
+``--time-scale F`` multiplies the service's time constants by F (``time_scaled``): a slow service.
 """
 
 from __future__ import annotations
@@ -29,7 +34,17 @@ from typing import Any
 
 from benchmarks import plotting
 from prequal_middleware.core import PrequalSettings
-from prequal_middleware.core.simulator import ORACLE, SIM_POLICIES, RunResult, SimConfig, fleet_for, simulate
+from prequal_middleware.core.load_tracker import LoadTrackerSettings
+from prequal_middleware.core.outliers import OutlierSettings
+from prequal_middleware.core.simulator import (
+    ORACLE,
+    SIM_POLICIES,
+    RunResult,
+    SimConfig,
+    fleet_for,
+    simulate,
+    time_scaled,
+)
 
 DEFAULT_POLICIES = "prequal,round_robin,random,least_request,peak_ewma"
 # --quick: a small fleet and a short run. The pool is 8 there, not 16: with m=16 of n=20 replicas Eq. 1
@@ -89,6 +104,47 @@ def build_parser() -> argparse.ArgumentParser:
         "--liars", type=int, default=defaults.liars, help=f"replicas that report RIF 0 / latency 0 [{defaults.liars}]"
     )
     p.add_argument("--liar-slowdown", type=float, default=defaults.liar_slowdown, help=f"[{defaults.liar_slowdown:g}]")
+    p.add_argument(
+        "--sinkholes",
+        type=int,
+        default=defaults.sinkholes,
+        help=f"replicas that fail fast, reporting idle [{defaults.sinkholes}]",
+    )
+    p.add_argument(
+        "--sinkhole-fail-s", type=float, default=defaults.sinkhole_fail_s, help=f"[{defaults.sinkhole_fail_s:g}]"
+    )
+    p.add_argument(
+        "--attempts",
+        type=int,
+        default=defaults.attempts,
+        help=f"attempts per request, a 5xx retried on another replica within the retry budget [{defaults.attempts}]",
+    )
+    p.add_argument(
+        "--warmup-fraction",
+        type=float,
+        default=defaults.warmup_fraction,
+        help=f"share of the run not measured [{defaults.warmup_fraction:g}]",
+    )
+    p.add_argument(
+        "--time-scale",
+        type=float,
+        default=1.0,
+        help="multiply the work, deadline, antagonist periods and bursts, and --seconds by this [1]",
+    )
+    tracker = defaults.tracker
+    p.add_argument(
+        "--window-service-times",
+        type=float,
+        default=tracker.window_service_times,
+        help=f"replicas' estimator window in median latencies; 0: fixed [{tracker.window_service_times:g}]",
+    )
+    outliers = defaults.outliers
+    p.add_argument(
+        "--consecutive-failures",
+        type=int,
+        default=outliers.consecutive_failures,
+        help=f"failures in a row that eject a replica (OutlierSettings) [{outliers.consecutive_failures}]",
+    )
     p.add_argument("--quick", action="store_true", help="a small fleet and a short run (a few seconds)")
     p.add_argument("--json", metavar="PATH", help="also write the config and results as JSON")
     p.add_argument("--plot", metavar="PNG", help="p99 and p99.9 against load per policy (needs matplotlib)")
@@ -119,7 +175,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         fallback=args.fallback,
         report_max_age_s=args.report_max_age_s,
     )
-    return SimConfig(
+    config = SimConfig(
         replicas=pick("replicas", base.replicas),
         clients=pick("clients", base.clients),
         seconds=pick("seconds", base.seconds),
@@ -129,8 +185,15 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         work_mu_s=args.work_mu_s,
         liars=args.liars,
         liar_slowdown=args.liar_slowdown,
+        sinkholes=args.sinkholes,
+        sinkhole_fail_s=args.sinkhole_fail_s,
+        attempts=args.attempts,
+        warmup_fraction=args.warmup_fraction,
+        tracker=dataclasses.replace(LoadTrackerSettings(), window_service_times=args.window_service_times),
+        outliers=dataclasses.replace(OutlierSettings(), consecutive_failures=args.consecutive_failures),
         prequal=prequal,
     )
+    return config if args.time_scale == 1.0 else time_scaled(config, args.time_scale)
 
 
 def _ms(value: float, deadline_ms: float) -> str:
@@ -204,6 +267,84 @@ def limit_rows(results: Sequence[RunResult], deadline_ms: float) -> list[dict[st
     return rows
 
 
+# --- sinkholes: what each policy avoided, what the clients saw, and the rest's p99 against no sinkholes --
+
+
+def avoided_share(sinkhole_attempts: int, requests: int, sinkholes: int, replicas: int) -> float | None:
+    """``1 - sinkhole_attempts / (requests * sinkholes / replicas)``: the share avoided of what round robin
+    (without outlier detection: an even share) would send the sinkholes; ``None`` with no reference."""
+    expected = requests * sinkholes / replicas
+    return 1.0 - sinkhole_attempts / expected if expected > 0 else None
+
+
+def baseline_config(config: SimConfig) -> SimConfig:
+    """The same fleet without its sinkholes: the first ``replicas - sinkholes``, the same arrivals."""
+    return dataclasses.replace(config, replicas=config.replicas - config.sinkholes, sinkholes=0)
+
+
+def sinkhole_rows(
+    results: Sequence[RunResult], baseline: Sequence[RunResult], config: SimConfig
+) -> list[dict[str, Any]]:
+    """Per (policy, load): sinkhole attempts, the avoided share (against an even share and against our
+    ``round_robin``, which ejects), client-visible failures, and p99 / p99.9 of the successes against the
+    baseline's."""
+    base = {(r.policy, r.load): r for r in baseline}
+    rr = {r.load: r for r in results if r.policy == "round_robin"}
+    rows: list[dict[str, Any]] = []
+    for r in results:
+        b = base.get((r.policy, r.load))
+        ours_rr = rr.get(r.load)
+        rows.append(
+            {
+                "policy": r.policy,
+                "load": r.load,
+                "requests": r.requests,
+                "attempts": r.attempts,
+                "retries": r.retries,
+                "sinkhole_attempts": r.sinkhole_attempts,
+                "even_share_attempts": r.requests * config.sinkholes / config.replicas,
+                "avoided": avoided_share(r.sinkhole_attempts, r.requests, config.sinkholes, config.replicas),
+                "avoided_vs_round_robin": (
+                    1.0 - r.sinkhole_attempts / ours_rr.sinkhole_attempts
+                    if ours_rr is not None and ours_rr.sinkhole_attempts
+                    else None
+                ),
+                "failed": r.failed,
+                "failed_share": r.failed / r.requests if r.requests else 0.0,
+                "p99_ok_ms": r.p99_ok_ms,
+                "p999_ok_ms": r.p999_ok_ms,
+                "baseline_p99_ms": b.p99_ok_ms if b else None,
+                "baseline_p999_ms": b.p999_ok_ms if b else None,
+                "p99_change": r.p99_ok_ms / b.p99_ok_ms - 1.0 if b and b.p99_ok_ms else None,
+            }
+        )
+    return rows
+
+
+def _pct(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{100 * value:.{digits}f}%"
+
+
+def format_sinkholes(rows: Sequence[dict[str, Any]]) -> str:
+    """The sinkhole table."""
+    header = (
+        f"{'policy':<14} {'load':>5} {'requests':>9} {'sink_att':>8} {'avoided':>8} {'vs_rr':>7} {'retries':>7} "
+        f"{'failed':>7} {'fail%':>7} {'p99_ok':>7} {'base':>7} {'change':>7} {'p999_ok':>8} {'base':>7}"
+    )
+    lines = ["sinkholes: avoided share of an even share, client-visible failures, successes' p99 vs none", header]
+    lines.append("-" * len(header))
+    for row in rows:
+        base99, base999 = row["baseline_p99_ms"], row["baseline_p999_ms"]
+        lines.append(
+            f"{row['policy']:<14} {row['load']:>5.2f} {row['requests']:>9} {row['sinkhole_attempts']:>8} "
+            f"{_pct(row['avoided'], 2):>8} {_pct(row['avoided_vs_round_robin']):>7} {row['retries']:>7} "
+            f"{row['failed']:>7} {_pct(row['failed_share'], 3):>7} {row['p99_ok_ms']:>7.0f} "
+            f"{'-' if base99 is None else f'{base99:.0f}':>7} {_pct(row['p99_change']):>7} "
+            f"{row['p999_ok_ms']:>8.0f} {'-' if base999 is None else f'{base999:.0f}':>7}"
+        )
+    return "\n".join(lines)
+
+
 def _share(row: dict[str, Any]) -> str:
     share = row["share_removed"]
     if share is None:
@@ -240,7 +381,7 @@ def format_table(results: Sequence[RunResult], config: SimConfig) -> str:
     liars = config.liars > 0
     if liars:
         header += f" {'liar_share':>10}"
-    header += f" {'rif_fix':>7} {'lat_fix':>7}"
+    header += f" {'rif_fix':>7} {'lat_fix':>7} {'lat0':>6}"
     lines = [header, "-" * len(header)]
     for r in results:
         n = len(r.replica_share)
@@ -255,6 +396,7 @@ def format_table(results: Sequence[RunResult], config: SimConfig) -> str:
             f"{r.share_speed_corr:>5.2f}"
             + (f" {100 * r.liar_share:>9.1f}%" if liars else "")
             + f" {_rate(r.rif_correction_rate):>7} {_rate(r.latency_correction_rate):>7}"
+            + f" {_pct(r.zero_latency_share):>6}"
         )
     return "\n".join(lines)
 
@@ -331,6 +473,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             flush=True,
         )
     print(format_table(results, config))
+    sinkholes: list[dict[str, Any]] = []
+    if config.sinkholes:
+        base_config = baseline_config(config)
+        baseline = []
+        for i, (load, policy) in enumerate(runs, 1):
+            baseline.append(simulate(base_config, policy, load))
+            print(f"[baseline {i}/{len(runs)}] {policy} load={load:g}", file=sys.stderr, flush=True)
+        sinkholes = sinkhole_rows(results, baseline, config)
+        print()
+        print(format_sinkholes(sinkholes))
     limit = limit_rows(results, 1000.0 * config.deadline_s)
     if limit:
         print()
@@ -346,6 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "policies": args.policies,
             "loads": args.load,
             "quick": args.quick,
+            "time_scale": args.time_scale,
             "mean_work_s": config.mean_work_s,
             "capacity_qps": capacity,
         },
@@ -353,6 +506,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     if limit:
         document["limit"] = limit
+    if sinkholes:
+        document["sinkholes"] = sinkholes
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)

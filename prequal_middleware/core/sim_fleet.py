@@ -41,6 +41,7 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from prequal_middleware.core.load_tracker import LoadTrackerSettings
+from prequal_middleware.core.outliers import OutlierSettings
 from prequal_middleware.core.probe_pool import PrequalSettings
 
 # E[X | X > 0] for X ~ Normal(mu, mu) is mu * (1 + phi(1) / Phi(1)) ~= 1.2876 * mu.
@@ -74,6 +75,7 @@ class SimConfig:
         retry_budget_ratio, retry_budget_min_per_s, retry_budget_window_s: each client's ``RetryBudget``
             (the gateway's ``RetrySettings`` defaults).
         tracker: the settings of every replica's ``LoadTracker``.
+        outliers: every client policy's passive health settings (ejection, error aversion).
         prequal: the settings of every ``prequal`` client.
     """
 
@@ -108,6 +110,7 @@ class SimConfig:
     retry_budget_min_per_s: float = 10.0
     retry_budget_window_s: float = 10.0
     tracker: LoadTrackerSettings = field(default_factory=LoadTrackerSettings)
+    outliers: OutlierSettings = field(default_factory=OutlierSettings)
     prequal: PrequalSettings = field(default_factory=PrequalSettings)
 
     def __post_init__(self) -> None:

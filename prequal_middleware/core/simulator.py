@@ -517,11 +517,12 @@ def simulate(config: SimConfig, policy: str, load: float) -> RunResult:
 
 
 def _policy(name: str, config: SimConfig, rng: random.Random) -> BasePolicy:
+    outliers = config.outliers
     if name == "prequal_nocheck":
-        return PrequalPolicy(replace(config.prequal, cross_check=False), rng=rng)
+        return PrequalPolicy(replace(config.prequal, cross_check=False), rng=rng, outliers=outliers)
     if name == "prequal_probeall":
-        return PrequalPolicy(replace(config.prequal, report_max_age_s=0.0), rng=rng)
-    return create_policy(name, rng=rng, prequal=config.prequal)
+        return PrequalPolicy(replace(config.prequal, report_max_age_s=0.0), rng=rng, outliers=outliers)
+    return create_policy(name, rng=rng, prequal=config.prequal, outliers=outliers)
 
 
 def _corrections(prequals: Sequence[PrequalPolicy]) -> tuple[int, int]:
