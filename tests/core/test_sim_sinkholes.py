@@ -12,8 +12,7 @@ import pytest
 
 from benchmarks.simulate import avoided_share, baseline_config, main, sinkhole_rows
 from prequal_middleware.config import RetrySettings
-from prequal_middleware.core import PrequalSettings
-from prequal_middleware.core import simulator as sim
+from prequal_middleware.core import PrequalSettings, simulator as sim
 from prequal_middleware.core.load_tracker import LoadTracker, LoadTrackerSettings
 from prequal_middleware.core.outliers import OutlierSettings
 from prequal_middleware.core.policy import BasePolicy
@@ -52,8 +51,7 @@ class _Recording(PrequalPolicy):
     seen: list[tuple[str, float, Any]] = []
 
     def on_probe(self, backend: BackendId, now: float, rif: int, latency_s: float) -> None:
-        if backend == SINKHOLE:
-            self.seen.append(("probe", 0.0, (rif, latency_s)))
+        self.seen.append(("probe" if backend == SINKHOLE else "honest probe", 0.0, (rif, latency_s)))
         super().on_probe(backend, now, rif, latency_s)
 
     def on_report(self, backend: BackendId, now: float, rif: int, latency_s: float) -> None:
@@ -74,11 +72,15 @@ def test_a_sinkhole_fails_every_request_fast_and_reports_idle(monkeypatch: pytes
         return _Recording(config.prequal, rng=rng, outliers=config.outliers)
 
     monkeypatch.setattr(sim, "_policy", recording)
-    config = _small(sinkhole_fail_s=0.003, network_delay_s=0.001)
+    config = _small(sinkhole_fail_s=0.003, network_delay_s=0.001, warmup_fraction=0.0)
     result = simulate(config, "prequal", 0.3)
     finishes = [(latency, outcome) for kind, latency, outcome in _Recording.seen if kind == "finish"]
     answers = {value for kind, _, value in _Recording.seen if kind in ("probe", "report")}
-    assert len(finishes) > 20
+    reports = sum(1 for kind, _, _ in _Recording.seen if kind == "report")
+    honest = sum(1 for kind, _, _ in _Recording.seen if kind == "honest probe")
+    assert len(finishes) > 20 and reports == len(finishes)  # every failure carries its report
+    # The latency-0 diagnostic counts the honest replicas' answers only (a few may be on the wire at the end).
+    assert honest <= result.honest_answers <= honest + 10
     # Every attempt there fails, one fail time and two network delays after it was sent.
     assert {outcome for _, outcome in finishes} == {Outcome.FAILURE}
     assert all(latency == pytest.approx(0.005) for latency, _ in finishes)
@@ -86,7 +88,7 @@ def test_a_sinkhole_fails_every_request_fast_and_reports_idle(monkeypatch: pytes
     assert result.sinkhole_attempts > 0 and result.failed == result.sinkhole_attempts  # no retries by default
 
 
-@pytest.mark.parametrize("policy", ["round_robin", "prequal"])
+@pytest.mark.parametrize("policy", ["round_robin", "random", "prequal"])
 def test_a_failed_attempt_is_retried_on_another_replica_and_counted(policy: str) -> None:
     without = simulate(_small(attempts=1), policy, 0.5)
     assert without.retries == 0 and without.attempts == without.requests
