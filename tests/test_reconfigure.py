@@ -179,12 +179,12 @@ async def test_an_invalid_configuration_changes_nothing(
 ) -> None:
     gateway = _gateway(UpstreamPool("/a", upstreams=[A]), UpstreamPool("/b", upstreams=[B]))
     async with asyncio.timeout(10), gateway:
-        state = (gateway.pools, gateway.routes, gateway._by_length, dict(gateway.pools["/a"].members))
+        state = (gateway.pools, gateway.routes, gateway._route_table, dict(gateway.pools["/a"].members))
         scheduled = _scheduler(gateway).pools
         with pytest.raises(ConfigurationError, match=message):
             await gateway.reconfigure(pools, routes)
-        assert (gateway.pools, gateway.routes, gateway._by_length, dict(gateway.pools["/a"].members)) == state
-        assert gateway.pools is state[0] and gateway._by_length is state[2]
+        assert (gateway.pools, gateway.routes, gateway._route_table, dict(gateway.pools["/a"].members)) == state
+        assert gateway.pools is state[0] and gateway._route_table is state[2]
         assert _scheduler(gateway).pools == scheduled
 
 

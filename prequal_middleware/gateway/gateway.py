@@ -49,8 +49,7 @@ from prequal_middleware.gateway.metrics import PrequalMetrics
 from prequal_middleware.gateway.observability import Observability
 from prequal_middleware.gateway.pool import PoolRuntime
 from prequal_middleware.gateway.readiness import Readiness, pool_readiness
-from prequal_middleware.gateway.request_target import under_prefix
-from prequal_middleware.gateway.routes import RouteRuntime, longest_first, route_table
+from prequal_middleware.gateway.routes import RouteRuntime, RouteTable, route_table
 from prequal_middleware.gateway.scheduler import ProbeScheduler
 from prequal_middleware.gateway.tracing import Tracing
 from prequal_middleware.gateway.websocket import forward_websocket, open_websockets
@@ -148,7 +147,7 @@ class Gateway:
         self.pools: dict[str, PoolRuntime] = {p.name: PoolRuntime(p, rng, clock) for p in pools}
         self.routes: dict[str, RouteRuntime] = {r.prefix: RouteRuntime(r, self.pools[r.pool]) for r in table}
         # Longest prefix first, so the first match wins; matched against the raw path, byte for byte.
-        self._by_length = longest_first(self.routes)
+        self._route_table = RouteTable(self.routes)
         self.clock = clock
         self._transport = transport
         self.metrics = metrics if metrics is not None else PrequalMetrics()
@@ -307,7 +306,7 @@ class Gateway:
                     pool.config = configs[name]
             self.pools = new_pools
             self.routes = new_routes
-            self._by_length = longest_first(new_routes)  # what match() reads, once per request
+            self._route_table = RouteTable(new_routes)  # what match() reads, once per request
             self.membership.replace_pools(new_pools, discovered)
             try:
                 self.membership.apply()
@@ -339,10 +338,7 @@ class Gateway:
 
         The raw path is matched byte for byte (``request_target``): ``/%61pi`` is not under ``/api``.
         """
-        for prefix, route in self._by_length:
-            if under_prefix(raw_path, prefix):
-                return route
-        return None
+        return self._route_table.match(raw_path)
 
     async def handle_http(self, route: RouteRuntime, scope: Scope, receive: Receive, send: Send) -> None:
         forwarder = self._forwarder
