@@ -44,22 +44,86 @@ backend's recovery as well). With reports, the network carries at most about one
 per ``report_max_age_s`` per client, whatever the request rate.
 
 Weights: Prequal balances on measured load, so member weights do not bias its choices.
+
+Sync mode (``PrequalSettings.mode = "sync"``, the paper's section 4): per query, ``sync_plan`` draws
+``sync_probes`` distinct, uniformly random candidates; the caller probes them on the network, feeds
+every answer to ``on_probe`` as usual (pool, RIF history), waits for all but one answer or
+``sync_wait_s``, and asks ``select_sync``, which applies HCL to those answers (``sync_choice``). With
+fewer than two answers it returns ``None`` and the caller makes the asynchronous choice (``select``).
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Container, Sequence
+from collections.abc import Collection, Container, Sequence
+from dataclasses import dataclass
 
 from prequal_middleware.core.outliers import OutlierSettings
 from prequal_middleware.core.policy import BasePolicy, _Backend
-from prequal_middleware.core.probe_pool import PrequalSettings, ProbePool, valid_report
+from prequal_middleware.core.probe_pool import PrequalSettings, ProbePool, RifHistory, valid_report
 from prequal_middleware.core.types import BackendId, PolicySnapshot, Selection, SelectionReason
 
 # A probe we sent and heard nothing of for this long is no longer "in flight" for the sampler: a probe
 # skipped by the scheduler's cap, or lost, never calls back. Far above any probe timeout (50 ms default).
 PROBE_PENDING_S = 0.5
+
+
+# Sync mode chooses among at least this many answers; with fewer there is no choice to make.
+SYNC_MIN_ANSWERS = 2
+
+
+@dataclass(frozen=True, slots=True)
+class SyncAnswer:
+    """One backend's load as a sync-mode query sees it: RIF (with our requests since) and latency."""
+
+    backend: BackendId
+    rif: int
+    latency_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class SyncPlan:
+    """What one sync-mode query asks for (``PrequalPolicy.sync_plan``).
+
+    ``probes`` go on the network now; ``local`` are drawn backends in local mode, answered from this
+    client's own view; the query waits for ``wait_for`` of the network answers (0: no wait at all).
+    ``started`` tells this round's answers from older reports.
+    """
+
+    started: float
+    probes: tuple[BackendId, ...]
+    local: tuple[BackendId, ...]
+    wait_for: int
+
+
+def sync_choice(
+    answers: Sequence[SyncAnswer],
+    now: float,
+    history: RifHistory,
+    q_rif: float,
+    rng: random.Random,
+    min_answers: int = SYNC_MIN_ANSWERS,
+) -> tuple[BackendId, SelectionReason] | None:
+    """HCL over one query's sync answers; ``None`` below ``min_answers`` (the caller falls back).
+
+    The same rule as the pool's (``ProbePool.pick``): hot means RIF above the ``q_rif`` quantile of the
+    RIF history; all hot: the lowest (RIF, latency); else the cold answer with the lowest (latency,
+    RIF); remaining ties uniformly at random.
+    """
+    if len(answers) < min_answers:
+        return None
+    theta = history.threshold(q_rif, now)
+    cold = [a for a in answers if a.rif <= theta]
+    reason: SelectionReason = "cold" if cold else "hot"
+    keys: list[tuple[float, float]] = (
+        [(a.latency_s, a.rif) for a in cold] if cold else [(a.rif, a.latency_s) for a in answers]
+    )
+    among = cold or answers
+    best = min(keys)
+    ties = [a for a, k in zip(among, keys, strict=True) if k == best]
+    chosen = ties[0] if len(ties) == 1 else ties[int(rng.random() * len(ties))]
+    return chosen.backend, reason
 
 
 class _Report:
@@ -111,6 +175,8 @@ class PrequalPolicy(BasePolicy):
         self.rif_corrections = 0
         self.latency_corrections = 0
         self.reports_ignored = 0  # out of range
+        self.sync_choices = 0  # sync mode: queries chosen among their answers
+        self.sync_fallbacks = 0  # sync mode: too few answers in time, the asynchronous choice decided
 
     # --- selection -----------------------------------------------------------------------------
 
@@ -203,6 +269,74 @@ class PrequalPolicy(BasePolicy):
             else:
                 pool.add_valid(target, rif, latency_s, now, n)
         return tuple(remote)
+
+    # --- sync mode ------------------------------------------------------------------------------
+
+    def sync_plan(self, now: float, exclude: Container[BackendId] = frozenset()) -> SyncPlan:
+        """Draw ``sync_probes`` distinct, uniformly random candidates not in ``exclude`` for one query.
+
+        It waits for all but one (at least two: one answer is no choice); fewer than two candidates
+        need no probe. Backends in local mode answer at once from this client's own view.
+        """
+        candidates = self.candidates(now)
+        if exclude:
+            candidates = [c for c in candidates if c not in exclude]
+        k = min(self.settings.sync_probes, len(candidates))
+        if k < SYNC_MIN_ANSWERS:
+            return SyncPlan(now, (), (), 0)
+        targets = self.rng.sample(candidates, k)
+        backends = self._backends
+        local = tuple(t for t in targets if backends[t].probe_mode == "local")
+        probes = tuple(t for t in targets if backends[t].probe_mode != "local")
+        for target in probes:
+            self._probing[target] = now
+        self.probes_requested += len(probes)
+        wanted = min(k, max(k - 1, SYNC_MIN_ANSWERS))
+        return SyncPlan(now, probes, local, max(0, wanted - len(local)))
+
+    def select_sync(
+        self, plan: SyncPlan, answered: Collection[BackendId], now: float, exclude: Container[BackendId] = frozenset()
+    ) -> Selection | None:
+        """HCL among ``plan``'s answers, or ``None`` (too few: the caller makes the asynchronous choice).
+
+        ``answered``: the backends of ``plan.probes`` whose answers came in time, already given to
+        ``on_probe``; their values are read back from there (cross-checked, plus the requests this client
+        sent since, e.g. by concurrent queries). Answers of backends no longer candidates, in ``exclude``,
+        or whose probes error aversion ignores do not count. The chosen backend's pooled probe, if any,
+        is charged as the pool charges a query sent on it.
+        """
+        candidates = self.candidates(now)
+        allowed = self._candidate_set
+        is_averse = self.outliers.is_averse
+        answers: list[SyncAnswer] = []
+        for backend in plan.local:
+            b = self._backends.get(backend)
+            if b is not None and b.probe_mode == "local":
+                answers.append(SyncAnswer(backend, b.in_flight, b.latency_s or 0.0))
+        for backend in answered:
+            report = self._reports.get(backend)
+            if report is not None and report.at >= plan.started:  # this round's answer, not an older report
+                answers.append(SyncAnswer(backend, report.rif + report.sent_since, report.latency_s))
+        answers = [
+            a for a in answers if a.backend in allowed and a.backend not in exclude and not is_averse(a.backend, now)
+        ]
+        picked = sync_choice(answers, now, self.pool.history, self.settings.q_rif, self.rng)
+        if picked is None:
+            self.sync_fallbacks += 1
+            return None
+        chosen, reason = picked
+        if exclude:
+            candidates = [c for c in candidates if c not in exclude]
+        backend = self._slow_start(chosen, candidates, now)
+        entry = self.pool.get(backend)
+        if entry is not None and backend == chosen:
+            self.pool.use(entry)  # the pooled value now misses this query, as after a pool choice
+        self._last_activity = now
+        self.sync_choices += 1
+        if self._panic:
+            reason = "panic"
+        self.selections[reason] += 1
+        return Selection(backend, reason)
 
     def on_start(self, backend: BackendId, now: float) -> None:
         super().on_start(backend, now)

@@ -81,6 +81,21 @@ class PrequalSettings:
         report_max_age_s: how fresh a backend's latest report (piggybacked on a response, or a probe
             answer) must be to answer a probe the sampler draws instead of a probe on the network
             (``core.prequal``: every draw still pools one entry). 0 sends every probe, the paper's rule.
+        mode: ``"async"`` (default): each query is routed on the pool and its probes are sent without
+            waiting. ``"sync"``: the paper's sync mode (section 4): at each query, ``sync_probes``
+            probes go to distinct, uniformly random candidates and the query waits for all but one
+            answer (at most ``sync_wait_s``), then HCL chooses among the answers; with fewer than two
+            answers in time, the asynchronous choice (the pool, or the fallback) decides. It adds a
+            probe round trip to every request (measured in docs/benchmarks.md, "Sync mode").
+        sync_probes: ``d``, the probes per query in sync mode (>= 2). 3 (the paper: typically 3 to 5;
+            YouTube used 5): the fewest that still leaves a choice between two answers after dropping
+            the slowest, the same probe load per query as the asynchronous ``r_probe``; every extra
+            probe adds to the wait (the (d-1)-th answer of d comes later) and to a small fleet's share
+            of probes (5 of 12 backends per request).
+        sync_wait_s: the longest a query waits for its sync answers; it bounds the latency sync mode
+            may add. 10 ms: the paper's deployment had a 3 ms probe timeout inside a datacenter; a
+            Python gateway on a busy host answers loopback probes in well under 1 ms at its median
+            but not at its tail. Answers that come later still feed the pool and the RIF history.
     """
 
     pool_size: int = 16
@@ -99,6 +114,9 @@ class PrequalSettings:
     cross_check_ratio: float = 2.0
     cross_check_slack_s: float = 0.005
     report_max_age_s: float = 0.02
+    mode: Literal["async", "sync"] = "async"
+    sync_probes: int = 3
+    sync_wait_s: float = 0.01
 
     @classmethod
     def paper(cls) -> PrequalSettings:
@@ -147,6 +165,9 @@ class PrequalSettings:
             ("cross_check_ratio", 1.0 < self.cross_check_ratio < math.inf, "a finite number > 1"),
             ("cross_check_slack_s", 0 <= self.cross_check_slack_s < math.inf, "a finite number >= 0"),
             ("report_max_age_s", 0 <= self.report_max_age_s < math.inf, "a finite number >= 0"),
+            ("mode", self.mode in ("async", "sync"), "'async' or 'sync'"),
+            ("sync_probes", _is_int(self.sync_probes) and self.sync_probes >= 2, "an integer >= 2"),
+            ("sync_wait_s", 0 < self.sync_wait_s < math.inf, "a finite number > 0"),
         )
         _check(self, checks)
 
@@ -171,6 +192,10 @@ def valid_report(rif: object, latency_s: object) -> bool:
     except OverflowError:  # an int too large for a float
         return False
     return math.isfinite(latency) and latency >= 0.0
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check(settings: object, checks: tuple[tuple[str, bool, str], ...]) -> None:

@@ -419,7 +419,11 @@ class Forwarder:
         failed: UpstreamError | None = None  # the last attempt's error, when retrying
         for attempt in range(cfg.retry.attempts):
             exchange.attempt = attempt + 1
-            selection = pool.select(now, exclude, policy)  # its probes go to the pool's sink
+            if pool.sync:  # sync mode: the request waits for its probes' answers
+                selection = await pool.select_sync(now, exclude, policy)
+                now = self._clock()  # the wait is not the backend's latency
+            else:
+                selection = pool.select(now, exclude, policy)  # its probes go to the pool's sink
             if selection is None:
                 if failed is not None:  # every other backend was tried: the real cause, not a 503
                     status, error, detail = _UPSTREAM_ERRORS[_error_kind(failed)]

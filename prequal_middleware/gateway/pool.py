@@ -11,6 +11,8 @@ It is the one owner of what a request does to that state. ``select`` asks a poli
 hands the probes the policy wants to the pool's ``probe_sink`` (the scheduler installs it while it
 runs), so the request path never calls the scheduler. ``attempt`` returns an ``Attempt``: the one
 handle through which an upstream attempt is counted in flight, reported on and finished, exactly once.
+In sync mode (``PrequalSettings.mode = "sync"``) the request awaits ``select_sync`` instead: the policy
+plans the probes, the pool's ``sync_prober`` (the scheduler's) sends them and waits for the answers.
 """
 
 from __future__ import annotations
@@ -19,11 +21,11 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from types import TracebackType
 
 from prequal_middleware.config import UpstreamPool
-from prequal_middleware.core import Member, Outcome, Policy, Selection, create_policy
+from prequal_middleware.core import Member, Outcome, Policy, PrequalPolicy, Selection, create_policy
 from prequal_middleware.core.retry_budget import RetryBudget
 from prequal_middleware.exceptions import ConfigurationError
 from prequal_middleware.transports.tls import client_context
@@ -41,6 +43,18 @@ ProbeSink = Callable[["PoolRuntime", Policy, Sequence[str]], None]
 
 def drop_probes(pool: PoolRuntime, policy: Policy, targets: Sequence[str]) -> None:
     """The sink of a pool nobody probes for (no scheduler running): the probes are dropped."""
+
+
+SyncProber = Callable[["PoolRuntime", Policy, Sequence[str], int, float], Awaitable[Sequence[str]]]
+"""Told ``(pool, policy, targets, wait_for, wait_s)``: probe ``targets`` for ``policy`` now and return the
+backends that answered, once ``wait_for`` did or after ``wait_s`` (the scheduler's ``probe_and_wait``)."""
+
+
+async def no_sync_probes(
+    pool: PoolRuntime, policy: Policy, targets: Sequence[str], wait_for: int, wait_s: float
+) -> Sequence[str]:
+    """The sync prober of a pool nobody probes for: no answers (the asynchronous choice decides)."""
+    return ()
 
 
 class PoolRuntime:
@@ -67,6 +81,9 @@ class PoolRuntime:
         self.probes_in_flight = 0
         self.probes_skipped = 0
         self.probe_sink: ProbeSink = drop_probes  # the scheduler's while it runs
+        self.sync_prober: SyncProber = no_sync_probes  # the scheduler's while it runs
+        # Sync mode needs Prequal's policy; a custom policy keeps choosing synchronously.
+        self.sync = config.prequal.mode == "sync" and all(isinstance(c, PrequalPolicy) for c in self.clients)
         # The pool's one TLS context: its requests, probes, health checks and WebSockets all use it.
         self.ssl_context: ssl.SSLContext | None = None if config.tls is None else client_context(config.tls)
         self._listeners: list[MembersListener] = []
@@ -114,6 +131,29 @@ class PoolRuntime:
         if selection is not None and selection.probes:
             self.probe_sink(self, policy, selection.probes)
         return selection
+
+    async def select_sync(
+        self, now: float, exclude: Collection[str] = frozenset(), policy: Policy | None = None
+    ) -> Selection | None:
+        """``select`` in sync mode: probe the policy's plan, wait for its answers, choose among them.
+
+        The wait is at most ``PrequalSettings.sync_wait_s``; with too few answers by then, ``select``
+        (the asynchronous choice) decides. ``now`` is when the request came; the choice is made at the
+        clock's time after the wait.
+        """
+        if policy is None:
+            policy = self.next_client()
+        if not isinstance(policy, PrequalPolicy):
+            return self.select(now, exclude, policy)
+        avoid = set(exclude) | self.at_limit if self.at_limit else exclude
+        plan = policy.sync_plan(now, avoid)
+        answered: Sequence[str] = ()
+        if plan.probes:
+            answered = await self.sync_prober(self, policy, plan.probes, plan.wait_for, policy.settings.sync_wait_s)
+            now = self.clock()
+            avoid = set(exclude) | self.at_limit if self.at_limit else exclude  # may have changed meanwhile
+        selection = policy.select_sync(plan, answered, now, avoid)
+        return selection if selection is not None else self.select(now, exclude, policy)
 
     def attempt(self, backend: str, policy: Policy, now: float) -> Attempt:
         """The handle of one attempt on ``backend`` chosen by ``policy`` at ``now``; see ``Attempt``."""

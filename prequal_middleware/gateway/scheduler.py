@@ -49,7 +49,7 @@ from prequal_middleware.gateway.events import GatewayEvents
 from prequal_middleware.gateway.history import PoolHistories
 from prequal_middleware.gateway.membership import Membership
 from prequal_middleware.gateway.metrics import LoopErrorLog, PrequalMetrics
-from prequal_middleware.gateway.pool import PoolRuntime, drop_probes
+from prequal_middleware.gateway.pool import PoolRuntime, drop_probes, no_sync_probes
 from prequal_middleware.transports.base import Transport, UpstreamRequest
 from prequal_middleware.transports.probe import ProbeClient, ProbeResult
 
@@ -176,6 +176,7 @@ class ProbeScheduler:
         )
         pool.add_listener(self._members_changed)
         pool.probe_sink = self.send_probes  # the probes the pool's selections ask for
+        pool.sync_prober = self.probe_and_wait  # sync mode's probes, awaited by the request
         try:
             self._adopt_local_mode(pool)
         except Exception as exc:  # a policy's bug must not stop the gateway from starting
@@ -251,6 +252,8 @@ class ProbeScheduler:
         pool.remove_listener(self._members_changed)
         if pool.probe_sink == self.send_probes:
             pool.probe_sink = drop_probes
+        if pool.sync_prober == self.probe_and_wait:
+            pool.sync_prober = no_sync_probes
         for key in [k for k in self._local if k[0] == id(pool)]:
             timer = self._local.pop(key).timer
             if timer is not None:
@@ -288,6 +291,8 @@ class ProbeScheduler:
             pool.remove_listener(self._members_changed)
             if pool.probe_sink == self.send_probes:
                 pool.probe_sink = drop_probes
+            if pool.sync_prober == self.probe_and_wait:
+                pool.sync_prober = no_sync_probes
         for state in self._local.values():
             if state.timer is not None:
                 state.timer.cancel()
@@ -330,6 +335,55 @@ class ProbeScheduler:
             self.probes_sent += 1
             # No task per probe: the client calls back from its connection's callbacks.
             client.send(backend, partial(self._probe_done, pool, policy, backend, self._clock()))
+
+    async def probe_and_wait(
+        self, pool: PoolRuntime, policy: Policy, targets: Sequence[str], wait_for: int, wait_s: float
+    ) -> list[str]:
+        """Sync mode: probe ``targets`` for ``policy`` now; return those that answered, once ``wait_for``
+        did, every probe ended, or ``wait_s`` passed.
+
+        The probes are ordinary ones (the in-flight cap, metrics, ``on_probe``: the pool and the RIF
+        history). No task: the waiter is a future the probes' callbacks resolve. Probes still out when
+        the wait ends are left to finish (within the probe timeout) and feed the pool: aborting one
+        would close its keep-alive connection, and the next probe to that backend would pay a connect.
+        """
+        answered: list[str] = []
+        client = self._probe_clients.get(id(pool))
+        if not self._running or client is None or wait_for <= 0:
+            return answered
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        outstanding = 0
+        sending = True
+
+        def done(backend: str, started: float, result: ProbeResult | None, error: ProbeError | None) -> None:
+            nonlocal outstanding
+            outstanding -= 1
+            self._probe_done(pool, policy, backend, started, result, error)
+            if waiter.done():
+                return  # late: it fed the pool like any probe answer
+            if result is not None:
+                answered.append(backend)
+            if len(answered) >= wait_for or (outstanding == 0 and not sending):
+                waiter.set_result(None)
+
+        cap = pool.config.probes.max_in_flight
+        for backend in targets:
+            if pool.probes_in_flight >= cap:
+                pool.probes_skipped += 1
+                self._metrics.child(self._metrics.probes, pool.name, "skipped").inc()
+                continue
+            pool.probes_in_flight += 1
+            self.probes_sent += 1
+            outstanding += 1
+            client.send(backend, partial(done, backend, self._clock()))
+        sending = False
+        if outstanding > 0 and not waiter.done():
+            try:
+                async with asyncio.timeout(wait_s):
+                    await waiter
+            except TimeoutError:
+                pass
+        return list(answered)  # a copy: a late answer must not change the choice
 
     def _probe_done(
         self,
