@@ -56,7 +56,7 @@ def tasks(server: ServerThread) -> set[asyncio.Task[Any]]:
     """The tasks alive on ``server``'s event loop (but the one asking)."""
 
     async def alive() -> set[asyncio.Task[Any]]:
-        return asyncio.all_tasks() - {asyncio.current_task()}  # type: ignore[operator]
+        return asyncio.all_tasks() - {asyncio.current_task()}
 
     assert server.loop is not None
     return asyncio.run_coroutine_threadsafe(alive(), server.loop).result(5.0)

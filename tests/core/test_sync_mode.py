@@ -145,12 +145,12 @@ def test_requests_sent_since_the_answer_count() -> None:
     # Two concurrent queries see the same answers: the second sees the first's request.
     policy = make_policy(n=2, sync_probes=2, q_rif=0.0)
     plan = policy.sync_plan(0.0)
-    got = answer(policy, plan, {"b0": (0, 0.001), "b1": (0, 0.001)}, 0.001)
+    got = answer(policy, plan, {"b0": (0, 0.001), "b1": (0, 0.002)}, 0.001)
     first = policy.select_sync(plan, got, 0.002)
-    assert first is not None
-    policy.on_start(first.backend, 0.002)
+    assert first is not None and first.backend == "b0"
+    policy.on_start("b0", 0.002)
     second = policy.select_sync(plan, got, 0.003)
-    assert second is not None and second.backend != first.backend
+    assert second is not None and second.backend == "b1", "b0's answer plus our request: now hot"
 
 
 def test_the_chosen_backends_pooled_probe_is_charged() -> None:
