@@ -179,6 +179,12 @@ TARGETS: list[Target] = [
         python_target("gateway_prequal"),
     ),
     Target(
+        "gateway_prequal_sync",
+        "Gateway + PrequalMiddleware, policy='prequal', PrequalSettings(mode='sync'): requests wait for probes",
+        python_target("gateway_prequal_sync"),
+        default=False,
+    ),
+    Target(
         "gateway_round_robin_aiohttp",
         "Gateway + PrequalMiddleware, policy='round_robin', transport=AiohttpTransport()",
         python_target("gateway_round_robin_aiohttp"),
@@ -1017,6 +1023,7 @@ def _report_rates(args: argparse.Namespace, settings: Settings, samples: list[An
 
     results = overhead_rates.summarize_rates(samples, settings)
     versus = overhead_rates.rates_against_baseline_rev(samples, settings)
+    sync = overhead_rates.sync_against_async(samples, settings)
     config = {
         **common,
         **overhead_rates.config_json(settings),
@@ -1027,11 +1034,16 @@ def _report_rates(args: argparse.Namespace, settings: Settings, samples: list[An
     out: dict[str, Any] = {"config": config, "results": results}
     if versus:
         out["versus_baseline_rev"] = versus
+    if sync:
+        out["sync_vs_async"] = sync
     args.json.write_text(json.dumps(out, indent=2) + "\n")
     print(overhead_rates.rates_table(results))
     if versus:
         print()
         print(overhead_rates.versus_table(versus))
+    if sync:
+        print()
+        print(overhead_rates.sync_table(sync))
     flagged = [f"{r['target']} at {r['rate']:g} req/s" for r in results if r["flagged"]]
     if flagged:
         print(

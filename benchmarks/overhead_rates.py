@@ -11,7 +11,8 @@ upstreams (4 by default), and reports, per (target, rate), medians over rounds o
 - the backends' CPU per proxied request (all of them together), and the probes they answered per request;
 - the ratios Prequal / round robin of both (``gateway_prequal*`` against ``gateway_round_robin*`` of the
   same transport and revision, median of the per-round ratios), and with ``--baseline-rev`` current /
-  baseline of both;
+  baseline of both; with ``gateway_prequal_sync`` beside ``gateway_prequal``, latency p50 / p99 of sync mode
+  over the asynchronous default (median of the per-round ratios, and the milliseconds added);
 - the load generator's own CPU per request (measured apart, never counted), its lateness (lag p99) and
   the rate it achieved; latency p50 / p99 from the scheduled time; errors.
 
@@ -433,6 +434,54 @@ def rates_against_baseline_rev(samples: list[RateSample], settings: oh.Settings)
                 }
             )
     return out
+
+
+def async_twin(name: str) -> str | None:
+    """The asynchronous Prequal target a sync-mode one is compared with: same revision."""
+    base, at, rev = name.partition("@")
+    if "prequal_sync" not in base:
+        return None
+    return base.replace("prequal_sync", "prequal", 1) + at + rev
+
+
+def sync_against_async(samples: list[RateSample], settings: oh.Settings) -> list[dict[str, Any]]:
+    """Per sync-mode target and rate: latency p50 and p99 as (sync / async), the median of the ratios of
+    rounds where both ran (interleaved, same arrivals), and the added milliseconds likewise."""
+    out: list[dict[str, Any]] = []
+    for name in settings.targets:
+        twin = async_twin(name)
+        if twin is None or twin not in settings.targets:
+            continue
+        for rate in settings.rates:
+            ours = [s for s in samples if s.target == name and s.rate == rate]
+            theirs = {s.round: s for s in samples if s.target == twin and s.rate == rate}
+            row: dict[str, Any] = {"target": name, "vs": twin, "rate": rate}
+            for key in ("p50_ms", "p99_ms"):
+                ratios, added = [], []
+                for s in ours:
+                    a, b = getattr(s, key), getattr(theirs[s.round], key) if s.round in theirs else None
+                    if a is not None and b:
+                        ratios.append(a / b)
+                        added.append(a - b)
+                row[key.replace("_ms", "_ratio")] = statistics.median(ratios) if ratios else None
+                row[key.replace("_ms", "_added_ms")] = statistics.median(added) if added else None
+            row["rounds"] = len([s for s in ours if s.round in theirs])
+            out.append(row)
+    return out
+
+
+def sync_table(rows: Sequence[dict[str, Any]]) -> str:
+    lines = [
+        "| target vs async | req/s | p50 sync / async | p50 added ms | p99 sync / async | p99 added ms | rounds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['target']} vs {r['vs']} | {r['rate']:,.0f} | {_f(r['p50_ratio'], '.2f')} "
+            f"| {_f(r['p50_added_ms'], '.2f')} | {_f(r['p99_ratio'], '.2f')} | {_f(r['p99_added_ms'], '.2f')} "
+            f"| {r['rounds']} |"
+        )
+    return "\n".join(lines)
 
 
 def rates_table(results: Sequence[dict[str, Any]]) -> str:

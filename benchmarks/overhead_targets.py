@@ -45,7 +45,7 @@ import uvicorn
 from starlette.applications import Starlette
 from yarl import URL
 
-from prequal_middleware import Gateway, PrequalMiddleware, UpstreamPool
+from prequal_middleware import Gateway, PrequalMiddleware, PrequalSettings, UpstreamPool
 from prequal_middleware.backend.load_reporting import DEFAULT_PROBE_PATH, LoadReportingMiddleware
 from prequal_middleware.transports.aiohttp import AiohttpTransport
 from prequal_middleware.transports.base import Transport
@@ -235,8 +235,11 @@ def aiohttp_raw_app(upstreams: list[str]) -> ASGIApp:
 # --- our gateway -------------------------------------------------------------------------------------
 
 
-def gateway_app(upstreams: list[str], policy: str, transport: Transport | None = None) -> ASGIApp:
-    gateway = Gateway(pools=[UpstreamPool("/", upstreams=upstreams, policy=policy)], transport=transport)
+def gateway_app(
+    upstreams: list[str], policy: str, transport: Transport | None = None, prequal: PrequalSettings | None = None
+) -> ASGIApp:
+    pool = UpstreamPool("/", upstreams=upstreams, policy=policy, prequal=prequal or PrequalSettings())
+    gateway = Gateway(pools=[pool], transport=transport)
 
     @contextlib.asynccontextmanager
     async def report_probe_stats(app: Starlette) -> AsyncIterator[None]:
@@ -262,6 +265,10 @@ def gateway_round_robin_app(upstreams: list[str]) -> ASGIApp:
 
 def gateway_prequal_app(upstreams: list[str]) -> ASGIApp:
     return gateway_app(upstreams, "prequal")
+
+
+def gateway_prequal_sync_app(upstreams: list[str]) -> ASGIApp:
+    return gateway_app(upstreams, "prequal", prequal=PrequalSettings(mode="sync"))  # the paper's sync mode
 
 
 def gateway_round_robin_aiohttp_app(upstreams: list[str]) -> ASGIApp:
@@ -301,6 +308,7 @@ APPS: dict[str, Callable[[list[str]], ASGIApp]] = {
     "aiohttp_raw": aiohttp_raw_app,
     "gateway_round_robin": gateway_round_robin_app,
     "gateway_prequal": gateway_prequal_app,
+    "gateway_prequal_sync": gateway_prequal_sync_app,
     "gateway_round_robin_aiohttp": gateway_round_robin_aiohttp_app,
     "gateway_prequal_aiohttp": gateway_prequal_aiohttp_app,
     "gateway_round_robin_h1": gateway_round_robin_h1_app,
