@@ -46,6 +46,7 @@ PolicySpec = str | Callable[[], Policy]
 """A built-in policy name (``"prequal"``), or a zero-argument callable (a class) returning a fresh policy."""
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+RETRY_ON_STATUS = frozenset({502, 503, 504})
 
 
 def _check(owner: object, checks: Sequence[tuple[str, bool, str]]) -> None:
@@ -57,6 +58,12 @@ def _check(owner: object, checks: Sequence[tuple[str, bool, str]]) -> None:
 
 def _positive(x: float) -> bool:
     return isinstance(x, (int, float)) and 0 < x < math.inf
+
+
+def _statuses_5xx(statuses: object) -> bool:
+    if isinstance(statuses, (str, bytes)) or not isinstance(statuses, (frozenset, set, list, tuple)):
+        return False
+    return all(type(s) is int and 500 <= s <= 599 for s in statuses)
 
 
 def _optional_count(x: int | None) -> bool:
@@ -160,12 +167,21 @@ class RetrySettings:
     recent requests plus ``budget_min_per_s`` per second (Linkerd's retry budget), so a failing fleet
     is not hit with a retry storm.
 
+    A backend's *answer* with a status in ``retry_on_status`` is retried too, under the same rules as a
+    sent request (an idempotent method, a replayable body, nothing relayed yet, attempts and budget
+    left) and only when another backend can be chosen; its answer is then closed unread. Otherwise the
+    client gets the last backend's answer as it came. The default, 502/503/504, differs from NGINX and
+    Envoy (opt-in): in a pool of replicas these say "this replica cannot serve it now", and a replica
+    failing fast looks idle to load-aware policies (a sinkhole); 500 is left out (usually the request's
+    own fault, the same on every replica). ``frozenset()`` relays every answer.
+
     Parameters:
         attempts: the most attempts per request, the first included (1 disables retries).
         idempotent_methods: methods safe to resend after they may have reached a backend.
         budget_ratio: retries allowed per request, on average over ``budget_window_s``.
         budget_min_per_s: retries always allowed per second, whatever the traffic.
         budget_window_s: the window the budget is counted over.
+        retry_on_status: backend answers (500-599) retried on another backend; see above.
     """
 
     attempts: int = 3
@@ -173,6 +189,7 @@ class RetrySettings:
     budget_ratio: float = 0.2
     budget_min_per_s: float = 10.0
     budget_window_s: float = 10.0
+    retry_on_status: frozenset[int] = RETRY_ON_STATUS
 
     def __post_init__(self) -> None:
         _check(
@@ -182,8 +199,11 @@ class RetrySettings:
                 ("budget_ratio", 0 <= self.budget_ratio < math.inf, "a finite number >= 0"),
                 ("budget_min_per_s", 0 <= self.budget_min_per_s < math.inf, "a finite number >= 0"),
                 ("budget_window_s", _positive(self.budget_window_s), "a finite number > 0"),
+                ("retry_on_status", _statuses_5xx(self.retry_on_status), "a set of 5xx statuses (500-599)"),
             ],
         )
+        # A list or set given in Python is kept as a frozenset: hashable, as the dataclass is frozen.
+        object.__setattr__(self, "retry_on_status", frozenset(self.retry_on_status))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

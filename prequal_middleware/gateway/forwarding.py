@@ -22,7 +22,8 @@ Every gateway-made error has a small JSON body and an ``x-prequal-pool`` header,
 ``Retry-After``; no exception text ever reaches the client. Once response bytes went out, a failure
 can only cut the connection (the client sees a truncated response, never a hang).
 
-A failed attempt is retried on a different backend when that is safe (``RetrySettings``). A client
+A failed attempt is retried on a different backend when that is safe (``RetrySettings``), and so is a
+backend's answer with a status in ``RetrySettings.retry_on_status`` (closed unread). A client
 that disconnects cancels the upstream request: its connection is closed, so the backend sees the
 disconnect too.
 """
@@ -37,7 +38,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from prequal_middleware.config import RequestLimits
-from prequal_middleware.core import Outcome
+from prequal_middleware.core import Outcome, Selection
 from prequal_middleware.core.load_report import read_report
 from prequal_middleware.exceptions import (
     ClientDisconnected,
@@ -417,9 +418,13 @@ class Forwarder:
         pool.retry_budget.record_request(now)
         exclude: set[str] = set()
         failed: UpstreamError | None = None  # the last attempt's error, when retrying
+        chosen: Selection | None = None  # the next backend, chosen while a 5xx answer was still held
         for attempt in range(cfg.retry.attempts):
             exchange.attempt = attempt + 1
-            if pool.sync:  # sync mode: the request waits for its probes' answers
+            selection: Selection | None
+            if chosen is not None:  # chosen while the last answer was held open (``_retry_answer_on``)
+                selection, chosen = chosen, None
+            elif pool.sync:  # sync mode: the request waits for its probes' answers
                 selection = await pool.select_sync(now, exclude, policy)
                 now = self._clock()  # the wait is not the backend's latency
             else:
@@ -455,8 +460,14 @@ class Forwarder:
                 record.backend, record.reason, record.attempts = request.backend, selection.reason, attempt + 1
             try:
                 with pool.attempt(request.backend, policy, now) as handle:
-                    await self._attempt(exchange, handle, request)
+                    await self._attempt(exchange, handle, request, exclude)
                 return
+            except _RetryAnswer as retry_answer:  # a listed 5xx, closed unread; the retry is paid for
+                now = self._clock()
+                metrics.child(metrics.retries, pool.name).inc()
+                exclude.add(request.backend)
+                chosen = retry_answer.selection
+                continue
             except UpstreamError as exc:
                 now = self._clock()
                 retry = attempt + 1 < cfg.retry.attempts and _retryable(
@@ -471,9 +482,10 @@ class Forwarder:
                 exchange.status = await self._error(exchange.send, status, error, detail, pool)
                 return
 
-    async def _attempt(self, exchange: _Exchange, handle: Attempt, request: UpstreamRequest) -> None:
+    async def _attempt(self, exchange: _Exchange, handle: Attempt, request: UpstreamRequest, tried: set[str]) -> None:
         """One upstream attempt, counted in flight by ``handle``; raises ``UpstreamError`` only before
-        any response byte went out."""
+        any response byte went out, and ``_RetryAnswer`` for an answer to retry elsewhere (``tried``:
+        the backends of the earlier attempts)."""
         route = exchange.route
         pool = exchange.pool
         backend = request.backend
@@ -508,6 +520,10 @@ class Forwarder:
                 report = read_report(response.headers)
                 if report is not None:
                     handle.report(report[0], report[1], started + latency)
+            if response.status in pool.config.retry.retry_on_status:
+                selection = self._retry_answer_on(exchange, handle, tried)
+                if selection is not None:
+                    raise _RetryAnswer(selection)  # the finally closes the answer: a failure for the policy
             if route.on_response is not None:
                 response.backend, response.attempt = backend, exchange.attempt
                 response.latency_s, response.outcome = latency, outcome.value
@@ -539,6 +555,32 @@ class Forwarder:
                     exchange.record.upstream_s = latency
                 if outcome.is_failure and self._observe.events is not None:
                     self._observe.events.after_failure(pool.name, handle.policy, backend, now)
+
+    def _retry_answer_on(self, exchange: _Exchange, handle: Attempt, tried: set[str]) -> Selection | None:
+        """The backend to retry a listed 5xx answer on, with the retry paid from the budget; or None:
+        relay the answer.
+
+        Decided while the answer is still open, and in this order: the free checks, then the budget
+        (without spending it), then a selection, and only then the withdrawal. No await in between, so
+        the budget seen is the budget spent; and once the answer is closed there is always a backend to
+        go to: never a gateway-made 503 where a backend's own answer was at hand.
+        """
+        pool = exchange.pool
+        retry = pool.config.retry
+        body = exchange.body
+        if exchange.status or exchange.attempt >= retry.attempts:
+            return None
+        if exchange.scope["method"] not in retry.idempotent_methods:
+            return None
+        if body is not None and body.started:
+            return None  # part of a streamed body went upstream and cannot be replayed (as ``_retryable``)
+        now = self._clock()
+        if pool.retry_budget.available(now) < 1.0:
+            return None
+        selection = pool.select(now, tried | {handle.backend}, handle.policy)
+        if selection is None or not pool.retry_budget.try_withdraw(now):
+            return None
+        return selection
 
     async def _stream(self, exchange: _Exchange, request: UpstreamRequest, response: UpstreamResponse) -> None:
         scope, send, watch = exchange.scope, exchange.send, exchange.watch
@@ -640,6 +682,14 @@ def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
         if name == b"content-length":
             return int(value) if value.isdigit() else None
     return None
+
+
+class _RetryAnswer(Exception):
+    """A backend's answer is retried on ``selection`` (not an ``UpstreamError``: it answered)."""
+
+    def __init__(self, selection: Selection) -> None:
+        super().__init__(selection.backend)
+        self.selection = selection
 
 
 def _outcome_of(exc: UpstreamError) -> Outcome:
