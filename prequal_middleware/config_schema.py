@@ -89,6 +89,8 @@ _EXPECTED = {
     "string_type": "a string",
     "list_type": "a list",
     "tuple_type": "a list",
+    "set_type": "a list",
+    "frozen_set_type": "a list",
 }
 _OBJECT_TYPES = frozenset({"dict_type", "model_type", "model_attributes_type", "dataclass_type"})
 _BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
@@ -203,6 +205,8 @@ def _settings_of(cls: type[Any]) -> BeforeValidator:
                 raise refuse(f"has an unknown setting {key!r}; known: {', '.join(sorted(fields))}")
             if isinstance(item, bool) and not isinstance(fields[key].default, bool):
                 raise refuse(f"must be a number, not a boolean, got {item!r}", key=str(key))
+            if isinstance(item, list) and any(isinstance(x, bool) for x in item):  # lax mode: true is 1
+                raise refuse(f"must be a list without booleans, got {shown(item)}", key=str(key))
         return value
 
     return BeforeValidator(check)
