@@ -233,7 +233,7 @@ def test_pools_accept_the_key_and_a_bad_status_names_it(tmp_path: Path) -> None:
         ("[true]", "PREQUAL_POOLS['/api'].retry.retry_on_status must be a list without booleans"),
     ]:
         with pytest.raises(ConfigurationError) as raised:
-            pools_from_env({"PREQUAL_POOLS": '{"/api": {"retry": {"retry_on_status": %s}}}' % value})
+            pools_from_env({"PREQUAL_POOLS": '{"/api": {"retry": {"retry_on_status": ' + value + "}}}"})
         assert str(raised.value).startswith(message), str(raised.value)
     config = tmp_path / "prequal.toml"
     config.write_text(
