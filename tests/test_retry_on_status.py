@@ -23,9 +23,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from prequal_middleware import Gateway, HealthSettings, OutlierSettings, RetrySettings, UpstreamPool
+from prequal_middleware import ConfigurationError, Gateway, HealthSettings, OutlierSettings, RetrySettings, UpstreamPool
 from prequal_middleware.cli import environ_from_file
-from prequal_middleware.config import ConfigurationError
 from prequal_middleware.core import Outcome
 from prequal_middleware.core.load_report import encode_report
 from prequal_middleware.envconfig import pools_from_env
