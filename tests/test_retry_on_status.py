@@ -44,7 +44,7 @@ class Backend:
         self.name = name
         self.status = status
         self.requests = 0
-        self.app = Starlette(routes=[Route("/{path:path}", self._answer, methods=["GET", "POST"])])
+        self.app = Starlette(routes=[Route("/{path:path}", self._answer, methods=["GET", "POST", "PUT"])])
 
     async def _answer(self, request: Request) -> Response:
         self.requests += 1
@@ -163,6 +163,22 @@ def test_a_post_is_not_retried() -> None:
     for reply in refused:
         assert_sink_answer(reply)
     assert retries(gateway) == 0 and ok.requests == 2
+
+
+def test_a_put_is_retried_only_while_its_body_can_be_replayed() -> None:
+    sink, ok = sink_and_honest()
+    with serve(sink.app) as s, serve(ok.app) as o:
+        gateway = gateway_of([s, o], ON_503)
+        with serve(gateway_app(gateway), proxy_headers=False) as g, httpx.Client(base_url=g.url, timeout=5) as client:
+            small = [client.put("/api/x", content=b"small") for _ in range(2)]  # read whole before sending
+            sink_small = sink.requests
+            big = b"x" * 300_000  # beyond buffer_body_bytes (64 KiB): streamed upstream, read once
+            streamed = [client.put("/api/x", content=big) for _ in range(2)]
+            settled(gateway)
+    assert [r.status_code for r in small] == [200, 200] and sink_small >= 1
+    assert retries(gateway) == sink_small, "every small PUT the sinkhole got was retried; no streamed one"
+    assert sorted(r.status_code for r in streamed) == [200, 503]
+    assert_sink_answer(next(r for r in streamed if r.status_code == 503))
 
 
 @pytest.mark.parametrize(("sinks", "attempts"), [(2, 3), (3, 2)], ids=["no-other-backend", "last-attempt"])
