@@ -165,6 +165,16 @@ def test_a_post_is_not_retried() -> None:
     assert retries(gateway) == 0 and ok.requests == 2
 
 
+def test_a_status_not_listed_is_relayed() -> None:
+    sink, ok = Backend("sink", 502), Backend("ok", 200)
+    with serve(sink.app) as s, serve(ok.app) as o:
+        gateway = gateway_of([s, o], ON_503)
+        with serve(gateway_app(gateway), proxy_headers=False) as g, httpx.Client(base_url=g.url, timeout=5) as client:
+            replies = [client.get(f"/api/{i}") for i in range(4)]
+            settled(gateway)
+    assert sorted(r.status_code for r in replies) == [200, 200, 502, 502] and retries(gateway) == 0
+
+
 def test_a_put_is_retried_only_while_its_body_can_be_replayed() -> None:
     sink, ok = sink_and_honest()
     with serve(sink.app) as s, serve(ok.app) as o:
