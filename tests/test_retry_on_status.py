@@ -24,12 +24,13 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from prequal_middleware import ConfigurationError, Gateway, HealthSettings, OutlierSettings, RetrySettings, UpstreamPool
+from prequal_middleware.backend.load_reporting import LoadReportingMiddleware
 from prequal_middleware.cli import environ_from_file
-from prequal_middleware.core import Outcome
+from prequal_middleware.core import Outcome, PrequalSettings
 from prequal_middleware.core.load_report import encode_report
 from prequal_middleware.envconfig import pools_from_env
 from prequal_middleware.transports.base import UpstreamResponse
-from tests.helpers import gateway_app
+from tests.helpers import gateway_app, wait_for
 from tests.servers import ServerThread, serve
 from tests.test_attempt_handle import Recording, RecordingRoundRobin, settled
 
@@ -129,6 +130,25 @@ def test_a_sinkhole_503_is_retried_on_the_other_backend() -> None:
     assert len(reports) == sink.requests and {c[3] for c in reports} == {0}, "its reports still read"
     assert len(seen) == 8 and {b for b, _ in seen} == {o.url}, "on_response only on the answer relayed"
     assert sorted({n for _, n in seen}) == [1, 2], "a retried request's answer is its second attempt"
+
+
+def test_in_sync_mode_the_retry_is_chosen_the_sync_way() -> None:
+    sink, ok = sink_and_honest()
+    with serve(LoadReportingMiddleware(sink.app)) as s, serve(LoadReportingMiddleware(ok.app)) as o:
+        pool = UpstreamPool(
+            "/api",
+            upstreams=[s.url, o.url],
+            health=OFF,
+            outliers=NO_EJECTION,
+            retry=ON_503,
+            prequal=PrequalSettings(mode="sync", sync_probes=2, sync_wait_s=0.2),
+        )
+        gateway = Gateway(pools=[pool])
+        with serve(gateway_app(gateway), proxy_headers=False) as g, httpx.Client(base_url=g.url, timeout=5) as client:
+            assert [client.get(f"/api/{i}").status_code for i in range(10)] == [200] * 10
+            runtime = gateway.pools["/api"]
+            wait_for(lambda: runtime.in_flight == 0, what="in flight back to 0")
+    assert sink.requests >= 1 and retries(gateway) == sink.requests
 
 
 def test_the_default_retries_502_503_504_of_idempotent_requests() -> None:

@@ -521,7 +521,7 @@ class Forwarder:
                 if report is not None:
                     handle.report(report[0], report[1], started + latency)
             if response.status in pool.config.retry.retry_on_status:
-                selection = self._retry_answer_on(exchange, handle, tried)
+                selection = await self._retry_answer_on(exchange, handle, tried)
                 if selection is not None:
                     raise _RetryAnswer(selection)  # the finally closes the answer: a failure for the policy
             if route.on_response is not None:
@@ -556,14 +556,14 @@ class Forwarder:
                 if outcome.is_failure and self._observe.events is not None:
                     self._observe.events.after_failure(pool.name, handle.policy, backend, now)
 
-    def _retry_answer_on(self, exchange: _Exchange, handle: Attempt, tried: set[str]) -> Selection | None:
+    async def _retry_answer_on(self, exchange: _Exchange, handle: Attempt, tried: set[str]) -> Selection | None:
         """The backend to retry a listed 5xx answer on, with the retry paid from the budget; or None:
         relay the answer.
 
-        Decided while the answer is still open, and in this order: the free checks, then the budget
-        (without spending it), then a selection, and only then the withdrawal. No await in between, so
-        the budget seen is the budget spent; and once the answer is closed there is always a backend to
-        go to: never a gateway-made 503 where a backend's own answer was at hand.
+        Decided while the answer is still open: the free checks, the budget (not yet spent: a selection
+        may send probes), a selection as the attempts loop makes it, and only then the withdrawal. So
+        once the answer is closed there is always a backend to go to and a paid retry: never a
+        gateway-made 503 where a backend's own answer was at hand.
         """
         pool = exchange.pool
         retry = pool.config.retry
@@ -577,9 +577,14 @@ class Forwarder:
         now = self._clock()
         if pool.retry_budget.available(now) < 1.0:
             return None
-        selection = pool.select(now, tried | {handle.backend}, handle.policy)
+        exclude = tried | {handle.backend}
+        if pool.sync:  # the answer stays open during the wait (at most ``sync_wait_s``)
+            selection = await pool.select_sync(now, exclude, handle.policy)
+            now = self._clock()
+        else:
+            selection = pool.select(now, exclude, handle.policy)
         if selection is None or not pool.retry_budget.try_withdraw(now):
-            return None
+            return None  # (in sync mode, another request may have spent the budget during the wait)
         return selection
 
     async def _stream(self, exchange: _Exchange, request: UpstreamRequest, response: UpstreamResponse) -> None:
