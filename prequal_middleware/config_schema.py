@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -225,6 +225,16 @@ Number = Annotated[float, _no_bool("a number")]
 Count = Annotated[int, _no_bool("an integer")]
 
 
+def _refuse_unknown(value: object, known: Collection[str], noun: str, *, ordered: bool = True) -> None:
+    """Refuse the first key of an object ``value`` that is not in ``known``, listing the known ones
+    (sorted, or as ``known`` gives them)."""
+    if isinstance(value, dict):
+        for key in value:
+            if key not in known:
+                listed = sorted(known) if ordered else list(known)
+                raise refuse(f"has an unknown {noun} {key!r}; known: {', '.join(listed)}")
+
+
 class _Spec(BaseModel):
     """An object of settings: an unknown key is an error that lists the known ones."""
 
@@ -233,10 +243,7 @@ class _Spec(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _known_keys(cls, value: Any) -> Any:
-        if isinstance(value, dict):
-            for key in value:
-                if key not in cls.model_fields:
-                    raise refuse(f"has an unknown setting {key!r}; known: {', '.join(sorted(cls.model_fields))}")
+        _refuse_unknown(value, cls.model_fields, "setting")
         return value
 
     def given(self, *leave_out: str) -> dict[str, Any]:
@@ -520,10 +527,7 @@ class _Table(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _known_keys(cls, value: Any) -> Any:
-        if isinstance(value, dict):
-            for key in value:
-                if key not in cls.model_fields:
-                    raise refuse(f"has an unknown key {key!r}; known: {', '.join(cls.model_fields)}")
+        _refuse_unknown(value, cls.model_fields, "key", ordered=False)  # listed as the table declares them
         return value
 
 
@@ -558,10 +562,7 @@ class ConfigFile(BaseModel):
     @field_validator("gateway", mode="before")
     @classmethod
     def _known_variables(cls, value: Any) -> Any:
-        if isinstance(value, dict):
-            for key in value:
-                if key not in GATEWAY_KEYS:
-                    raise refuse(f"has an unknown key {key!r}; known: {', '.join(sorted(GATEWAY_KEYS))}")
+        _refuse_unknown(value, GATEWAY_KEYS, "key")
         return value
 
 
