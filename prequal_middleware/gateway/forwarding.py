@@ -60,7 +60,7 @@ from prequal_middleware.gateway.headers import (
 from prequal_middleware.gateway.metrics import PrequalMetrics, code_class
 from prequal_middleware.gateway.observability import Observability
 from prequal_middleware.gateway.pool import Attempt, PoolRuntime
-from prequal_middleware.gateway.request_id import request_id_of, set_request_id, with_request_id
+from prequal_middleware.gateway.request_id import set_request_id
 from prequal_middleware.gateway.request_target import NOT_ORIGIN_FORM, raw_path
 from prequal_middleware.gateway.routes import RouteRuntime
 from prequal_middleware.transports.base import Transport, UpstreamRequest, UpstreamResponse, sendable_target
@@ -290,16 +290,7 @@ class Forwarder:
         arrived = self._clock()
         status = 0
         observe = self._observe
-        request_id: str | None = None
-        if observe.request_id is not None:
-            request_id = request_id_of(scope["headers"], observe.request_id)
-            send = with_request_id(send, observe.request_id, request_id)
-        record: AccessRecord | None = None
-        if observe.records:
-            record = AccessRecord(scope, "http", name, request_id)
-            send = record.counting(send)
-            if observe.tracing is not None:
-                observe.tracing.start(record, scope["method"], route.prefix)
+        send, request_id, record = observe.begin(scope, send, "http", name, scope["method"], route.prefix)
         try:
             status = await self._http(route, scope, receive, send, request_id, record)
         finally:
@@ -309,7 +300,7 @@ class Forwarder:
             metrics.child(metrics.request_duration, name).observe(elapsed)
             if record is not None:
                 record.status, record.total_s = status, elapsed
-                finish_record(observe, record)
+                observe.finish(record)
 
     async def _http(
         self,
@@ -621,18 +612,6 @@ class Forwarder:
             raise UpstreamProtocolError(f"upstream {request.backend} closed {remaining} bytes short")
         watch.stop()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-
-def finish_record(observe: Observability, record: AccessRecord) -> None:
-    """The request ended: end its span and write its access log line. Never raises: a logging
-    handler's or exporter's bug must not turn into the client's error after the response went out."""
-    try:
-        if observe.tracing is not None:
-            observe.tracing.finish(record)
-        if observe.access_log is not None:
-            observe.access_log.write(record)
-    except Exception:
-        logger.exception("pool %s: recording the request failed", record.pool)
 
 
 def header_limit_problem(limits: RequestLimits, headers: list[tuple[bytes, bytes]]) -> str | None:

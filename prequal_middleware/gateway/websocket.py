@@ -23,7 +23,6 @@ from prequal_middleware.gateway.forwarding import (
     Receive,
     Scope,
     Send,
-    finish_record,
     header_limit_problem,
     send_error,
     upstream_target,
@@ -31,7 +30,7 @@ from prequal_middleware.gateway.forwarding import (
 from prequal_middleware.gateway.headers import VIA_PSEUDONYM, upstream_request_headers
 from prequal_middleware.gateway.observability import Observability
 from prequal_middleware.gateway.pool import PoolRuntime
-from prequal_middleware.gateway.request_id import request_id_of, set_request_id, with_request_id
+from prequal_middleware.gateway.request_id import set_request_id
 from prequal_middleware.gateway.routes import RouteRuntime
 from prequal_middleware.transports.base import UpstreamWebSocket, WebSocketTransport, sendable_target
 
@@ -75,23 +74,14 @@ async def forward_websocket(
         return
     observe = observe if observe is not None else _NOTHING_OBSERVED
     arrived = clock()
-    request_id: str | None = None
-    if observe.request_id is not None:
-        request_id = request_id_of(scope["headers"], observe.request_id)
-        send = with_request_id(send, observe.request_id, request_id)
-    record: AccessRecord | None = None
-    if observe.records:
-        record = AccessRecord(scope, "websocket", route.pool.name, request_id)
-        send = record.counting(send)
-        if observe.tracing is not None:
-            observe.tracing.start(record, "GET", route.prefix)
+    send, request_id, record = observe.begin(scope, send, "websocket", route.pool.name, "GET", route.prefix)
     status = 0
     try:
         status = await _admit(route, scope, receive, send, transport, clock, via_pseudonym, observe, request_id, record)
     finally:
         if record is not None:
             record.status, record.total_s = status or record.status, clock() - arrived
-            finish_record(observe, record)
+            observe.finish(record)
 
 
 _NOTHING_OBSERVED = Observability()
