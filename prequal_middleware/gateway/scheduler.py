@@ -327,14 +327,20 @@ class ProbeScheduler:
         cap = pool.config.probes.max_in_flight
         client = self._probe_clients[id(pool)]
         for backend in targets:
-            if pool.probes_in_flight >= cap:
-                pool.probes_skipped += 1
-                self._metrics.child(self._metrics.probes, pool.name, "skipped").inc()
-                continue
-            pool.probes_in_flight += 1
-            self.probes_sent += 1
-            # No task per probe: the client calls back from its connection's callbacks.
-            client.send(backend, partial(self._probe_done, pool, policy, backend, self._clock()))
+            if self._take_probe_slot(pool, cap):
+                # No task per probe: the client calls back from its connection's callbacks.
+                client.send(backend, partial(self._probe_done, pool, policy, backend, self._clock()))
+
+    def _take_probe_slot(self, pool: PoolRuntime, cap: int) -> bool:
+        """Count one probe in flight for ``pool``, or, at its cap, count it skipped (a queued probe would
+        be stale by the time it went out)."""
+        if pool.probes_in_flight >= cap:
+            pool.probes_skipped += 1
+            self._metrics.child(self._metrics.probes, pool.name, "skipped").inc()
+            return False
+        pool.probes_in_flight += 1
+        self.probes_sent += 1
+        return True
 
     async def probe_and_wait(
         self, pool: PoolRuntime, policy: Policy, targets: Sequence[str], wait_for: int, wait_s: float
@@ -368,14 +374,9 @@ class ProbeScheduler:
 
         cap = pool.config.probes.max_in_flight
         for backend in targets:
-            if pool.probes_in_flight >= cap:
-                pool.probes_skipped += 1
-                self._metrics.child(self._metrics.probes, pool.name, "skipped").inc()
-                continue
-            pool.probes_in_flight += 1
-            self.probes_sent += 1
-            outstanding += 1
-            client.send(backend, partial(done, backend, self._clock()))
+            if self._take_probe_slot(pool, cap):
+                outstanding += 1
+                client.send(backend, partial(done, backend, self._clock()))
         sending = False
         if outstanding > 0 and not waiter.done():
             try:
