@@ -28,6 +28,11 @@ from tests.reliability.support import by_status, ms, pools_env, seconds_until
 TIMEOUT_S = 1.0
 TOLERANCE = 0.10
 LIMIT = 4
+# The limit of a pool shared with healthy backends. Twice the frozen one's: 150 req/s of 5 ms requests
+# keep ~1 in flight per healthy backend, but a stall of the shared 2-core machine (a full suite's
+# neighbours) let 7 arrivals find every healthy backend at 4 once, and the 503s that followed were the
+# limit doing its job, not the fault under test.
+SHARED_LIMIT = 8
 RATE = 150
 PATH = "/api/echo?ms=5"
 # Other backends' p99 with the hung one in the pool may exceed the baseline's by this factor plus this
@@ -37,12 +42,12 @@ P99_FACTOR = 2.0
 P99_SLACK_S = 0.050
 
 
-def pool(upstreams: Sequence[str]) -> dict[str, object]:
+def pool(upstreams: Sequence[str], limit: int = SHARED_LIMIT) -> dict[str, object]:
     return {
         "/api": {
             "upstreams": list(upstreams),
             "timeouts": {"response_headers_s": TIMEOUT_S},
-            "max_in_flight_per_backend": LIMIT,
+            "max_in_flight_per_backend": limit,
         }
     }
 
@@ -91,7 +96,7 @@ def test_black_hole_backend(log_dir: Path, report: Report, loop: LoopThread) -> 
     report.record(
         2,
         f"black hole (answers probes with zero load, never answers requests) joins 3 healthy backends; "
-        f"timeout {TIMEOUT_S:g} s, max_in_flight_per_backend={LIMIT}",
+        f"timeout {TIMEOUT_S:g} s, max_in_flight_per_backend={SHARED_LIMIT}",
         load=f"{RATE} req/s GET, 5 s baseline then 6 s with the black hole ({len(hung)} requests)",
         happened=(
             f"{len(timeouts)} requests reached it and got 504 after {ms(min(r.elapsed for r in timeouts))}"
@@ -104,20 +109,20 @@ def test_black_hole_backend(log_dir: Path, report: Report, loop: LoopThread) -> 
         figure=(
             f"504 within {worst / TIMEOUT_S:.1%} of the timeout (bound ±{TOLERANCE:.0%}); p99 {ms(p99_hung)} vs "
             f"{ms(p99_base)} (bound ≤ {P99_FACTOR}× + {ms(P99_SLACK_S)}); held at once {hole.max_holding} "
-            f"(bound ≤ {LIMIT})"
+            f"(bound ≤ {SHARED_LIMIT})"
         ),
     )
-    assert hole.requests >= LIMIT, "the black hole got too little traffic for the limit to matter"
+    assert hole.requests >= LIMIT, "the black hole got too little traffic to show anything"
     assert not unexpected, describe_failures(unexpected)
     assert all(timing_ok(r) for r in timeouts), [round(r.elapsed, 3) for r in timeouts if not timing_ok(r)]
     assert p99_hung <= P99_FACTOR * p99_base + P99_SLACK_S, (p99_base, p99_hung)
-    assert hole.max_holding <= LIMIT
+    assert hole.max_holding <= SHARED_LIMIT
 
 
 def test_sigstopped_backend(log_dir: Path, report: Report) -> None:
     backends = [backend_proc(f"b{i}", log_dir) for i in range(4)]
     victim = backends[0]
-    pools = {**pool([b.url for b in backends]), "/solo": pool([victim.url])["/api"]}
+    pools = {**pool([b.url for b in backends]), "/solo": pool([victim.url], LIMIT)["/api"]}
     gateway = gateway_proc("gateway", log_dir, pools_env(pools))
     burst = 10
     with running(*backends), running(gateway, ready_path="/_prequal/healthz"):
@@ -140,14 +145,15 @@ def test_sigstopped_backend(log_dir: Path, report: Report) -> None:
     timeouts = [r for r in results if r.status == 504]
     unexpected = [r for r in results if not r.ok and r.status != 504]
     # The limit is a pool setting: each pool counts its own requests to the backend.
-    overlap = max(max_overlap([(r.start, r.end) for r in hung]), max_overlap([(r.start, r.end) for r in timeouts]))
+    overlap = max_overlap([(r.start, r.end) for r in hung])
+    shared_overlap = max_overlap([(r.start, r.end) for r in timeouts])
     served_again = [r.end for r in results if r.backend == "b0" and r.start > resumed_at]
     worst = max((abs(r.elapsed - TIMEOUT_S) for r in hung + timeouts), default=0.0)
     report.record(
         2,
         f"one of 4 backend processes frozen (SIGSTOP) for 3 s, then SIGCONT; timeout {TIMEOUT_S:g} s, "
-        f"max_in_flight_per_backend={LIMIT}; right after the stop, {burst} requests at once to a pool whose only "
-        "member it is",
+        f"max_in_flight_per_backend={SHARED_LIMIT} ({LIMIT} in the solo pool); right after the stop, "
+        f"{burst} requests at once to a pool whose only member it is",
         load=f"{RATE} req/s GET on the 4-backend pool for 8 s ({len(results)} requests) + the burst",
         happened=(
             f"burst: {len(hung)} hung and got 504 after {ms(min((r.elapsed for r in hung), default=0))}-"
@@ -157,7 +163,8 @@ def test_sigstopped_backend(log_dir: Path, report: Report) -> None:
             + (f"{ms(min(served_again) - resumed_at)} after SIGCONT" if served_again else f"{ms(back_s)} after")
         ),
         figure=f"504 within {worst / TIMEOUT_S:.1%} of the timeout (bound ±{TOLERANCE:.0%}); "
-        f"in flight to it at once, per pool, {overlap} (bound ≤ {LIMIT})",
+        f"in flight to it at once: solo pool {overlap} (bound ≤ {LIMIT}), shared pool {shared_overlap} "
+        f"(bound ≤ {SHARED_LIMIT})",
         order=1,
     )
     assert len(hung) == LIMIT and len(limited) == burst - LIMIT, by_status(solo)
@@ -166,4 +173,4 @@ def test_sigstopped_backend(log_dir: Path, report: Report) -> None:
     assert all(timing_ok(r) for r in hung + timeouts), [
         round(r.elapsed, 3) for r in hung + timeouts if not timing_ok(r)
     ]
-    assert overlap <= LIMIT
+    assert overlap <= LIMIT and shared_overlap <= SHARED_LIMIT
