@@ -221,3 +221,54 @@ def test_fleet_speed_ranges_come_from_the_command_line() -> None:
     for bad in (["--allocation", "1.4,0.6"], ["--headroom", "2"], ["--allocation", "0,1"]):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
+
+
+def test_sinkholes_are_the_last_replicas_and_add_no_capacity() -> None:
+    from benchmarks.testbed.cli import build_parser, options_from_args
+    from benchmarks.testbed.fleet import FleetConfig
+
+    parser = build_parser()
+    fleet = options_from_args(parser.parse_args(["--replicas", "20", "--sinkholes", "2"])).fleet
+    honest = FleetConfig(replicas=18)
+    assert fleet.sinkholes == 2 and fleet.honest == 18
+    assert [fleet.is_sinkhole(i) for i in (0, 17, 18, 19)] == [False, False, True, True]
+    # The first 18 replicas are the 18-replica fleet (the baseline run), and the load refers to them alone.
+    assert fleet.specs[:18] == honest.specs
+    assert fleet.capacity_qps == pytest.approx(honest.capacity_qps)
+    assert FleetConfig.from_dict(fleet.to_dict()) == fleet
+    for bad in (-1, 20):
+        with pytest.raises(ValueError, match="sinkholes"):
+            FleetConfig(replicas=20, sinkholes=bad)
+
+
+def test_a_busy_balancer_cpu_invalidates_a_run_even_when_each_process_is_under_its_limit() -> None:
+    from benchmarks.testbed.cli import build_parser, options_from_args
+    from benchmarks.testbed.runner import cpu_limits_broken
+
+    options = options_from_args(build_parser().parse_args([]))
+    assert (options.max_cpu_pct, options.max_core_pct) == (70.0, 80.0)
+    assert cpu_limits_broken(options, 60.0, 79.0) == []
+    assert cpu_limits_broken(options, 60.0, 90.0) == ["the balancers' CPU was 90% busy (> 80%)"]
+    assert cpu_limits_broken(options, 71.0, 75.0) == ["a balancer process used 71% of a core (> 70%)"]
+    strict = options_from_args(build_parser().parse_args(["--max-core-pct", "50"]))
+    assert len(cpu_limits_broken(strict, 60.0, 55.0)) == 1
+
+
+def test_a_sinkhole_run_counts_the_attempts_that_reached_them(tmp_path: Path) -> None:
+    """Real processes: the sinkhole answers 503 fast; the gateway retries it (retry_on_status), so the
+    client sees no failure, and the JSON and the table say how many attempts reached the sinkhole."""
+    out = tmp_path / "sinkholes.json"
+    command = [sys.executable, "-m", "benchmarks.testbed", "--quick", "--loads", "0.5", "--seconds", "2"]
+    command += ["--warmup", "0", "--sinkholes", "1", "--contenders", "prequal,round_robin", "--no-plots"]
+    command += ["--json", str(out)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=110, check=False)
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    data = json.loads(out.read_text())
+    assert data["config"]["fleet"]["sinkholes"] == 1
+    for result in data["results"]:
+        (run,) = result["runs"]
+        assert run["served_shares"][-1] == 0.0 < run["shares"][-1]  # routed to, never served by, the sinkhole
+        assert result["sinkhole_attempts"] == run["routed_requests"][-1] >= 1  # tried before known to fail
+        assert result["errors"] == 0, result  # every 503 was retried on an honest replica
+        assert result["p99_ok_ms"] > 0
+    assert "sinkholes (1 of 6 replicas)" in done.stdout

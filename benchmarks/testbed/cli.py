@@ -20,7 +20,7 @@ from .contenders import ALL_CONTENDERS, SETTINGS, VARIANT_GRAMMAR, contender, fi
 from .fleet import FleetConfig
 from .metrics import aggregate, cdf_points
 from .procs import TASKSET, Supervisor
-from .report import detail_table, fmt, pivot_table, reports_pair_table, share_range
+from .report import detail_table, fmt, pivot_table, reports_pair_table, share_range, sinkhole_table
 from .runner import Fleet, Options, Runner, TestbedError, options_json, schedule
 
 REPO = Path(__file__).resolve().parents[2]
@@ -111,6 +111,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--balancer-cpu", type=int, default=1, help="CPU the balancers are pinned to [1]")
     p.add_argument("--load-cpu", type=int, default=0, help="CPU of the replicas and load generator [0]")
     p.add_argument("--max-cpu-pct", type=float, default=70.0, help="a balancer process above this is invalid [70]")
+    p.add_argument(
+        "--max-core-pct",
+        type=float,
+        default=80.0,
+        help="the balancer CPU busier than this (all balancer processes plus anything else on it) is invalid [80]",
+    )
+    p.add_argument(
+        "--sinkholes",
+        type=int,
+        default=0,
+        help="the last K replicas fail every request with a 503 in ~1 ms, reporting no load; "
+        "loads are fractions of the honest replicas' capacity [0]",
+    )
     p.add_argument("--fleet-instances", type=int, default=4, help="balancer instances in the fleet setting [4]")
     p.add_argument("--prequal-q-rif", type=float, help="override Prequal's Q_RIF in the gateway [library default]")
     p.add_argument("--no-pin", action="store_true", help="do not use taskset")
@@ -170,6 +183,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         headroom_min=args.headroom[0],
         headroom_max=args.headroom[1],
         seed=args.seed,
+        sinkholes=args.sinkholes,
     )
     contenders = args.contenders or list(QUICK_CONTENDERS if args.quick else ALL_CONTENDERS)
     settings = args.settings or (["single"] if args.quick else list(SETTINGS))
@@ -188,6 +202,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         balancer_cpu=args.balancer_cpu,
         load_cpu=args.load_cpu,
         max_cpu_pct=args.max_cpu_pct,
+        max_core_pct=args.max_core_pct,
         fleet_instances=args.fleet_instances,
         prequal_q_rif=args.prequal_q_rif,
         pin=not args.no_pin,
@@ -266,9 +281,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"[{i}/{len(runs)}] round {round_index + 1} load {load:g} ({result['rate_rps']:.0f} req/s) "
                     f"{setting} {name}: requests={result['requests']} errors={result['errors']} "
                     f"p50={fmt(result['p50_ms'])} p99={fmt(result['p99_ms'])} p99.9={fmt(result['p999_ms'])} ms "
-                    f"cpu={fmt(result['cpu_pct'])}% (max process {fmt(result['max_process_cpu_pct'])}%) "
+                    f"cpu={fmt(result['cpu_pct'])}% (max process {fmt(result['max_process_cpu_pct'])}%, "
+                    f"core {fmt(result['balancer_core_pct'])}%) "
                     f"probes/req={fmt(result['probes_per_req'], 2)} shares x n={share_range(result['shares'])}"
                     + (f" fallback={fmt(result['fallback_pct'], 1)}%" if contender(name).method == "prequal" else "")
+                    + (
+                        f" sinkholes {result['sinkhole_attempts']} ({100 * result['sinkhole_avoided']:.1f}% avoided)"
+                        if result.get("sinkhole_avoided") is not None
+                        else ""
+                    )
                     + f" others on CPUs {options.balancer_cpu}/{options.load_cpu}="
                     + f"{fmt(result['balancer_cpu_interference_pct'])}/{fmt(result['load_cpu_interference_pct'])}%"
                     + f"{'' if result['valid'] else ' INVALID'} [{time.monotonic() - t:.1f} s]"
@@ -323,6 +344,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             table = pivot_table(results, setting, column, deadline_ms)
             if table:
                 print(f"\n{label} ms, {setting} (median of {options.rounds} round(s); errors summed):\n{table}")
+    sinkholes = sinkhole_table(results)
+    if sinkholes:
+        print(f"\nsinkholes ({options.fleet.sinkholes} of {options.fleet.replicas} replicas):\n{sinkholes}")
     pairs = reports_pair_table(results, deadline_ms)
     if pairs:
         print(f"\npiggybacked reports on / off (median of {options.rounds} round(s); ratios per round):\n{pairs}")

@@ -221,6 +221,10 @@ http {{
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_connect_timeout 2s;
+            # A 503 is retried on another server, as our gateway's default retry_on_status does (only the
+            # sinkhole case answers 503; a deadline 504 is not retried).
+            proxy_next_upstream error timeout http_503;
+            proxy_next_upstream_tries 3;
             proxy_read_timeout 30s;
         }}
     }}
@@ -241,6 +245,9 @@ defaults
     timeout server 30s
     timeout http-keep-alive 75s
     http-reuse always
+    retries 2
+    retry-on conn-failure empty-response 503
+    option redispatch 1
 frontend fe
     bind 127.0.0.1:{port}
     default_backend replicas

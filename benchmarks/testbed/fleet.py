@@ -57,11 +57,16 @@ class FleetConfig:
     burst_min_s: float = 0.5
     burst_max_s: float = 1.5
     seed: int = 1
+    # The last ``sinkholes`` replicas fail every request in ~1 ms (a 503) and add no capacity; they are
+    # drawn like the others, after them, so the first ``replicas - sinkholes`` are the same fleet as a
+    # run with that many replicas and no sinkholes (the baseline of "no loss of p99").
+    sinkholes: int = 0
     specs: tuple[ReplicaSpec, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         checks = (
             ("replicas", self.replicas >= 1),
+            ("sinkholes", 0 <= self.sinkholes < self.replicas),
             *replica_model_checks(self),
         )
         for name, ok in checks:
@@ -82,9 +87,17 @@ class FleetConfig:
         return self.work_mu_s * TRUNCATED_MEAN_FACTOR
 
     @property
+    def honest(self) -> int:
+        """The replicas that serve (the first ones); the rest are sinkholes."""
+        return self.replicas - self.sinkholes
+
+    def is_sinkhole(self, index: int) -> bool:
+        return index >= self.honest
+
+    @property
     def capacity_qps(self) -> float:
-        """Load 1.0: what the fleet serves with every antagonist busy."""
-        return sum(self.slots * s.allocation for s in self.specs) / self.mean_work_s
+        """Load 1.0: what the fleet's honest replicas serve with every antagonist busy (sinkholes serve nothing)."""
+        return sum(self.slots * s.allocation for s in self.specs[: self.honest]) / self.mean_work_s
 
     def to_dict(self) -> dict[str, Any]:
         """The parameters as JSON (the drawn replicas included)."""

@@ -47,7 +47,7 @@ def summarize_records(
     measured = [r for r in records if r and start <= r[0] < end]
     deadline_ms = 1000.0 * deadline_s
     latencies: list[float] = []
-    timeouts = connect_errors = http_errors = 0
+    timeouts = connect_errors = http_errors = failed_at_deadline = 0
     served = [0] * replicas
     lags: list[float] = []
     for _t, latency, status, replica, _instance, lag in measured:
@@ -57,14 +57,17 @@ def summarize_records(
             if 0 <= replica < replicas:
                 served[replica] += 1
             continue
-        latencies.append(deadline_ms)
+        failed_at_deadline += 1
         if status == STATUS_TIMEOUT:
             timeouts += 1
         elif status == STATUS_CONNECT_ERROR:
             connect_errors += 1
         else:
             http_errors += 1
-    latencies.sort()
+    # The successes alone (the sinkhole case's "no loss of p99 for the rest"); the CDFs and the headline
+    # percentiles count every error as a latency at the deadline.
+    ok = sorted(latencies)
+    latencies = ok + [deadline_ms] * failed_at_deadline
     lags.sort()
     total_served = sum(served)
     summary: dict[str, Any] = {
@@ -77,6 +80,8 @@ def summarize_records(
         "p90_ms": percentile(latencies, 0.90),
         "p99_ms": percentile(latencies, 0.99),
         "p999_ms": percentile(latencies, 0.999),
+        "p99_ok_ms": percentile(ok, 0.99) if ok else math.nan,
+        "p999_ok_ms": percentile(ok, 0.999) if ok else math.nan,
         "mean_ms": statistics.fmean(latencies) if latencies else math.nan,
         "shares": [n / total_served if total_served else 0.0 for n in served],
         "achieved_rps": len(measured) / (end - start) if end > start else math.nan,
@@ -115,6 +120,10 @@ def aggregate(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
     for key in ("p50_ms", "p90_ms", "p99_ms", "p999_ms", "mean_ms", "cpu_pct", "max_process_cpu_pct"):
         out[key] = _median([r[key] for r in runs])
+    out["http_errors"] = sum(r.get("http_errors", 0) for r in runs)
+    if any("sinkhole_attempts" in r for r in runs):
+        out["sinkhole_attempts"] = sum(r["sinkhole_attempts"] for r in runs)
+        out["sinkhole_avoided"] = [r["sinkhole_avoided"] for r in runs]
     for key in (
         "probes_per_req",
         "fallback_pct",
@@ -126,6 +135,9 @@ def aggregate(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "replicas_cpu_pct",
         "balancer_cpu_interference_pct",
         "load_cpu_interference_pct",
+        "balancer_core_pct",
+        "p99_ok_ms",
+        "p999_ok_ms",
     ):
         out[key] = _median([r[key] for r in runs if r.get(key) is not None])
     for key in ("p99_ms", "p999_ms"):

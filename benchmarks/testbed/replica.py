@@ -4,6 +4,9 @@
 
 Each replica is ``ReplicaFront(LoadReportingMiddleware(ReplicaApp))``:
 
+- A *sinkhole* (``FleetConfig.sinkholes``, the last replicas) answers every query ``503`` after
+  ``SINKHOLE_FAIL_S`` without taking a slot: a crashed handler behind a live ``LoadReportingMiddleware``,
+  so its probe answers and piggybacked reports say RIF ~0 and a latency of ~1 ms.
 - ``ReplicaApp`` serves any path: it reads the query's work (``x-testbed-work``, seconds at speed 1) and
   deadline (``x-testbed-deadline``, Unix time, as gRPC deadline propagation would carry it), waits for one
   of the replica's ``slots`` (a FIFO queue), then sleeps ``work / speed(t)`` and answers ``200 ok``. A query
@@ -53,6 +56,8 @@ DEADLINE_HEADER = b"x-testbed-deadline"
 REPLICA_HEADER = b"x-testbed-replica"
 BIN_S = 0.1
 RIF_SAMPLE_S = 0.05
+SINKHOLE_FAIL_S = 0.001
+BODIES = {200: b"ok", 503: b"sinkhole", 504: b"deadline exceeded"}
 MAX_BINS = 36_000  # one hour of 0.1 s bins; anything later lands in the last bin
 
 
@@ -111,6 +116,7 @@ class Replica:
         self.header_value = str(index).encode()
         self.allocation = spec.allocation
         self.fast_speed = spec.fast_speed
+        self.sinkhole = fleet.is_sinkhole(index)
         self.slots = Slots(fleet.slots)
         self.antagonist = Antagonist((), (), 0.0)  # busy until the first epoch
         self.t0 = time.time()
@@ -150,19 +156,14 @@ class ReplicaApp:
         r.in_flight += 1
         status = 200
         try:
-            await r.slots.acquire()
-            try:
-                now = time.time()
-                if now > deadline:
-                    status = 504
-                    r.expired.add(now - r.t0)
-                elif work > 0.0:
-                    await asyncio.sleep(work / r.speed(now))
-            finally:
-                r.slots.release()
+            if r.sinkhole:
+                status = 503
+                await asyncio.sleep(SINKHOLE_FAIL_S)
+            else:
+                status = await self._serve(work, deadline)
         finally:
             r.in_flight -= 1
-        body = b"ok" if status == 200 else b"deadline exceeded"
+        body = BODIES[status]
         await send(
             {
                 "type": "http.response.start",
@@ -175,6 +176,21 @@ class ReplicaApp:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+    async def _serve(self, work: float, deadline: float) -> int:
+        """Queue for a slot, then work; 504 without service when the deadline passed in the queue."""
+        r = self.replica
+        await r.slots.acquire()
+        try:
+            now = time.time()
+            if now > deadline:
+                r.expired.add(now - r.t0)
+                return 504
+            if work > 0.0:
+                await asyncio.sleep(work / r.speed(now))
+            return 200
+        finally:
+            r.slots.release()
 
 
 class ReplicaFront:

@@ -126,3 +126,29 @@ def reports_pair_table(results: Sequence[dict[str, Any]], deadline_ms: float) ->
             f"| {'yes' if on['valid'] and off['valid'] else 'NO'} |"
         )
     return "\n".join(lines)
+
+
+def sinkhole_table(results: Sequence[dict[str, Any]], baseline: Sequence[dict[str, Any]] = ()) -> str:
+    """The sinkhole case per (setting, load, policy): attempts that reached a sinkhole, the share of
+    round robin's even share avoided (per round), client-visible failures, and the successes' p99 / p99.9
+    beside a ``baseline`` run of the honest replicas alone (same seed, same arrivals), when given."""
+    rows = [r for r in results if "sinkhole_attempts" in r]
+    if not rows:
+        return ""
+    base = {(r["setting"], r["load"], r["policy"]): r for r in baseline}
+    lines = [
+        "| setting | load | policy | sinkhole attempts | avoided (per round) | failures | p99 ok ms | p99.9 ok ms "
+        "| baseline p99 / p99.9 ms | valid |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        b = base.get((r["setting"], r["load"], r["policy"]))
+        failures = 100.0 * r["errors"] / r["requests"] if r["requests"] else math.nan
+        avoided = " / ".join(f"{100.0 * a:.1f}%" for a in r["sinkhole_avoided"] if a is not None)
+        lines.append(
+            f"| {r['setting']} | {r['load']:g} | {r['policy']} | {r['sinkhole_attempts']} | {avoided} | "
+            f"{r['errors']} ({failures:.2f}%) | {fmt(r.get('p99_ok_ms'))} | {fmt(r.get('p999_ok_ms'))} | "
+            + (f"{fmt(b.get('p99_ok_ms'))} / {fmt(b.get('p999_ok_ms'))}" if b else "-")
+            + f" | {'yes' if r['valid'] else 'NO'} |"
+        )
+    return "\n".join(lines)
