@@ -272,3 +272,27 @@ def test_a_sinkhole_run_counts_the_attempts_that_reached_them(tmp_path: Path) ->
         assert result["errors"] == 0, result  # every 503 was retried on an honest replica
         assert result["p99_ok_ms"] > 0
     assert "sinkholes (1 of 6 replicas)" in done.stdout
+
+
+def test_a_slow_fleet_scales_the_service_time_constants_and_the_replicas_get_the_estimator_window() -> None:
+    from benchmarks.testbed.cli import build_parser, options_from_args
+    from benchmarks.testbed.fleet import FleetConfig
+    from benchmarks.testbed.replica import ReplicaProcess
+
+    parser = build_parser()
+    base = options_from_args(parser.parse_args(["--replicas", "6"]))
+    slow_args = ["--replicas", "6", "--time-scale", "10", "--window-service-times", "0"]
+    slow = options_from_args(parser.parse_args(slow_args))
+    f, g = base.fleet, slow.fleet
+    assert g.work_mu_s == pytest.approx(10 * f.work_mu_s) and slow.deadline_s == pytest.approx(10 * base.deadline_s)
+    assert (g.antagonist_period_min_s, g.antagonist_period_max_s) == pytest.approx((50.0, 300.0))
+    assert (g.burst_min_s, g.burst_max_s, g.burst_rate_hz) == pytest.approx((5.0, 15.0, 0.005))
+    assert g.specs == f.specs and g.capacity_qps == pytest.approx(f.capacity_qps / 10)
+    assert (f.window_service_times, g.window_service_times) == (8.0, 0.0)
+    assert FleetConfig.from_dict(g.to_dict()) == g
+    for fleet, window in ((f, 8.0), (g, 0.0)):
+        process = ReplicaProcess(fleet, [0], "127.0.0.1")
+        app = process.app_for(process.replicas[0])
+        assert app.app.tracker.settings.window_service_times == window
+    with pytest.raises(ValueError, match="time scale"):
+        f.time_scaled(0)

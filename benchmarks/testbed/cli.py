@@ -16,6 +16,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from prequal_middleware.core.load_tracker import WINDOW_SERVICE_TIMES
+
 from .contenders import ALL_CONTENDERS, SETTINGS, VARIANT_GRAMMAR, contender, find_binary
 from .fleet import FleetConfig
 from .metrics import aggregate, cdf_points
@@ -108,6 +110,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--headroom", type=_range, default=(1.5, 2.0), help="MIN,MAX speed-up when the antagonist is idle [1.5,2.0]"
     )
     p.add_argument("--deadline-s", type=float, default=5.0, help="client deadline [5]")
+    p.add_argument(
+        "--time-scale",
+        type=float,
+        default=1.0,
+        help="multiply the work, the deadline and the antagonists' periods and bursts by this: a slow service [1]",
+    )
+    p.add_argument(
+        "--window-service-times",
+        type=float,
+        default=WINDOW_SERVICE_TIMES,
+        help=f"replicas' estimator window in median latencies (at least 1 s); 0: fixed 1 s [{WINDOW_SERVICE_TIMES:g}]",
+    )
     p.add_argument("--balancer-cpu", type=int, default=1, help="CPU the balancers are pinned to [1]")
     p.add_argument("--load-cpu", type=int, default=0, help="CPU of the replicas and load generator [0]")
     p.add_argument("--max-cpu-pct", type=float, default=70.0, help="a balancer process above this is invalid [70]")
@@ -184,7 +198,10 @@ def options_from_args(args: argparse.Namespace) -> Options:
         headroom_max=args.headroom[1],
         seed=args.seed,
         sinkholes=args.sinkholes,
+        window_service_times=args.window_service_times,
     )
+    if args.time_scale != 1.0:
+        fleet = fleet.time_scaled(args.time_scale)
     contenders = args.contenders or list(QUICK_CONTENDERS if args.quick else ALL_CONTENDERS)
     settings = args.settings or (["single"] if args.quick else list(SETTINGS))
     loads = args.loads or list(QUICK_LOADS if args.quick else DEFAULT_LOADS)
@@ -196,7 +213,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         warmup_s=pick("warmup"),
         rounds=pick("rounds"),
         seed=args.seed,
-        deadline_s=args.deadline_s,
+        deadline_s=args.deadline_s * args.time_scale,
         fleet=fleet,
         replica_processes=pick("replica_processes"),
         balancer_cpu=args.balancer_cpu,

@@ -27,9 +27,10 @@ from __future__ import annotations
 import bisect
 import math
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from prequal_middleware.core.load_tracker import WINDOW_SERVICE_TIMES
 from prequal_middleware.core.sim_fleet import antagonist_busy, replica_model_checks
 
 # E[X | X > 0] for X ~ Normal(mu, mu) is mu * (1 + phi(1) / Phi(1)) ~= 1.2876 * mu.
@@ -61,12 +62,16 @@ class FleetConfig:
     # drawn like the others, after them, so the first ``replicas - sinkholes`` are the same fleet as a
     # run with that many replicas and no sinkholes (the baseline of "no loss of p99").
     sinkholes: int = 0
+    # The replicas' latency estimator (``LoadTrackerSettings.window_service_times``): its window is this
+    # many median service times (at least 1 s); 0 keeps the fixed 1 s window of before.
+    window_service_times: float = WINDOW_SERVICE_TIMES
     specs: tuple[ReplicaSpec, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         checks = (
             ("replicas", self.replicas >= 1),
             ("sinkholes", 0 <= self.sinkholes < self.replicas),
+            ("window_service_times", 0 <= self.window_service_times < math.inf),
             *replica_model_checks(self),
         )
         for name, ok in checks:
@@ -110,6 +115,21 @@ class FleetConfig:
         """The inverse of ``to_dict`` (the replicas are drawn again from the seed)."""
         fields = {k: v for k, v in data.items() if k != "specs"}
         return cls(**fields)
+
+    def time_scaled(self, factor: float) -> FleetConfig:
+        """This fleet with the service's time constants multiplied by ``factor`` (``sim_fleet.time_scaled``'s
+        rule): the work, the antagonists' periods and bursts (their rate divided); the same replicas."""
+        if not 0 < factor < math.inf:
+            raise ValueError(f"the time scale must be a finite number > 0, got {factor!r}")
+        return replace(
+            self,
+            work_mu_s=self.work_mu_s * factor,
+            antagonist_period_min_s=self.antagonist_period_min_s * factor,
+            antagonist_period_max_s=self.antagonist_period_max_s * factor,
+            burst_rate_hz=self.burst_rate_hz / factor,
+            burst_min_s=self.burst_min_s * factor,
+            burst_max_s=self.burst_max_s * factor,
+        )
 
     def schedule(self, index: int, key: str, horizon_s: float) -> Antagonist:
         """Replica ``index``'s antagonist for the schedule ``key``, over ``[0, horizon_s]``."""

@@ -46,6 +46,7 @@ import uvicorn
 from starlette.types import Receive, Scope, Send
 
 from prequal_middleware import LoadReportingMiddleware
+from prequal_middleware.core.load_tracker import LoadTracker, LoadTrackerSettings
 
 from .fleet import Antagonist, FleetConfig
 
@@ -231,6 +232,12 @@ class ReplicaProcess:
         self.sockets: list[socket.socket] = []
         self.servers: list[uvicorn.Server] = []
 
+    def app_for(self, replica: Replica) -> ReplicaFront:
+        """One replica's ASGI app: the front, the library's load reporting with the fleet's estimator window."""
+        tracker = LoadTracker(LoadTrackerSettings(window_service_times=self.fleet.window_service_times))
+        reporting = LoadReportingMiddleware(ReplicaApp(replica), probe_path=PROBE_PATH, tracker=tracker)
+        return ReplicaFront(reporting, replica)
+
     def bind(self) -> list[int]:
         ports = []
         for _ in self.replicas:
@@ -248,7 +255,7 @@ class ReplicaProcess:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)
         for replica, sock in zip(self.replicas, self.sockets, strict=True):
-            app = ReplicaFront(LoadReportingMiddleware(ReplicaApp(replica), probe_path=PROBE_PATH), replica)
+            app = self.app_for(replica)
             config = uvicorn.Config(
                 app,
                 http="httptools",
