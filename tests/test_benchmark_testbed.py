@@ -121,6 +121,12 @@ def test_quick_run_writes_results_and_leaves_no_process(tmp_path: Path) -> None:
     assert results["prequal"]["probes_per_req"] > 0  # counted at the replicas
     assert results["round_robin"]["probes_per_req"] == 0
     assert "| single | 0.8 | prequal |" in done.stdout  # the summary table
+    # The oracle replayed offline over the very queries the load generator sent (same count), below them.
+    replays = {r["policy"]: r for r in data["replays"]}
+    assert set(replays) == {"oracle", "round_robin"}
+    assert replays["oracle"]["requests"] == results["prequal"]["requests"]
+    assert replays["oracle"]["p99_ms"] <= min(r["p99_ms"] for r in results.values())
+    assert "| single | 0.8 | **oracle** (replay) |" in done.stdout
 
 
 def test_prequal_variants_run_the_gateway_with_their_own_q_rif(tmp_path: Path) -> None:
@@ -296,3 +302,47 @@ def test_a_slow_fleet_scales_the_service_time_constants_and_the_replicas_get_the
         assert app.app.tracker.settings.window_service_times == window
     with pytest.raises(ValueError, match="time scale"):
         f.time_scaled(0)
+
+
+def test_the_oracle_replay_serves_the_fleet_model_and_never_uses_a_sinkhole() -> None:
+    from benchmarks.testbed.fleet import FleetConfig
+    from benchmarks.testbed.loadgen import LoadSpec, schedule
+    from benchmarks.testbed.oracle import replay
+
+    def queries(fleet: FleetConfig, load: float, key: str) -> tuple[list[float], list[float]]:
+        spec = LoadSpec(
+            targets=["-"],
+            rate=load * fleet.capacity_qps,
+            warmup_s=2.0,
+            seconds=20.0,
+            deadline_s=5.0,
+            work_mu_s=fleet.work_mu_s,
+            seed_key=f"1:{key}",
+            out="",
+        )
+        times, _, works = schedule(spec)
+        return times, works
+
+    honest = FleetConfig(replicas=8)
+    with_sinkholes = FleetConfig(replicas=10, sinkholes=2)
+    times, works = queries(honest, 0.9, "k")
+    a = replay(honest, "k", 40.0, times, works, 5.0, (2.0, 22.0))
+    b = replay(with_sinkholes, "k", 40.0, times, works, 5.0, (2.0, 22.0))
+    assert a == b and a.errors == 0 and len(a.latencies_ms) > 1000  # the sinkholes are never chosen
+    rr = replay(honest, "k", 40.0, times, works, 5.0, (2.0, 22.0), policy="round_robin")
+    assert len(rr.latencies_ms) == len(a.latencies_ms)
+    assert a.summary()["p99_ms"] < 0.7 * rr.summary()["p99_ms"]  # it sees queues and speeds; rr does not
+    assert a.summary()["p50_ms"] < rr.summary()["p50_ms"]
+
+    # One replica, one query: served at once for work / speed, the speed of its start.
+    single = FleetConfig(replicas=1)
+    one = replay(single, "k", 40.0, [3.0], [0.1], 5.0, (0.0, 10.0))
+    spec, schedule_ = single.specs[0], single.schedule(0, "k", 40.0)
+    speed = spec.allocation if schedule_.busy(3.0) else spec.fast_speed
+    assert one.latencies_ms == [pytest.approx(100.0 / speed)]
+    # Overload: the queue grows past the deadline; those queries are errors, counted at the deadline.
+    times, works = queries(honest, 3.0, "k")
+    over = replay(honest, "k", 40.0, times, works, 5.0, (2.0, 22.0))
+    assert over.errors > 0 and max(over.latencies_ms) == 5000.0
+    with pytest.raises(ValueError, match="replay policy"):
+        replay(honest, "k", 40.0, times, works, 5.0, (2.0, 22.0), policy="least_request")

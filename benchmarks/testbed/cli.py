@@ -21,8 +21,9 @@ from prequal_middleware.core.load_tracker import WINDOW_SERVICE_TIMES
 from .contenders import ALL_CONTENDERS, SETTINGS, VARIANT_GRAMMAR, contender, find_binary
 from .fleet import FleetConfig
 from .metrics import aggregate, cdf_points
+from .oracle import replay_runs
 from .procs import TASKSET, Supervisor
-from .report import detail_table, fmt, pivot_table, reports_pair_table, share_range, sinkhole_table
+from .report import detail_table, fmt, oracle_table, pivot_table, reports_pair_table, share_range, sinkhole_table
 from .runner import Fleet, Options, Runner, TestbedError, options_json, schedule
 
 REPO = Path(__file__).resolve().parents[2]
@@ -349,7 +350,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             "haproxy_fleet": f"{options.fleet_instances} haproxy processes (nbthread 1), one port each",
         }
     )
-    document = sanitize({"config": config, "results": results})
+    # The oracle (and round robin) replayed offline over each (round, load)'s queries: oracle.py.
+    rounds_run = sorted({r["round"] for r in completed})
+    replays = replay_runs(
+        options.fleet,
+        options.loads,
+        max(rounds_run, default=-1) + 1,
+        options.seed,
+        options.warmup_s,
+        options.seconds,
+        options.deadline_s,
+    )
+    replays = [r for r in replays if r["round"] in rounds_run]
+    document = sanitize({"config": config, "results": results, "replays": replays})
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document, indent=1, allow_nan=False) + "\n", encoding="utf-8")
@@ -361,6 +374,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             table = pivot_table(results, setting, column, deadline_ms)
             if table:
                 print(f"\n{label} ms, {setting} (median of {options.rounds} round(s); errors summed):\n{table}")
+    against = oracle_table(results, replays, deadline_ms)
+    if against:
+        print(f"\nagainst the oracle replayed over the same queries (median of {options.rounds} round(s)):\n{against}")
     sinkholes = sinkhole_table(results)
     if sinkholes:
         print(f"\nsinkholes ({options.fleet.sinkholes} of {options.fleet.replicas} replicas):\n{sinkholes}")

@@ -152,3 +152,51 @@ def sinkhole_table(results: Sequence[dict[str, Any]], baseline: Sequence[dict[st
             + f" | {'yes' if r['valid'] else 'NO'} |"
         )
     return "\n".join(lines)
+
+
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(v for v in values if not math.isnan(v))
+    if not ordered:
+        return math.nan
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+
+
+def oracle_table(results: Sequence[dict[str, Any]], replays: Sequence[dict[str, Any]], deadline_ms: float) -> str:
+    """Each contender's p99 and p99.9 beside the oracle replayed over the same queries (medians over rounds),
+    and, on Prequal's rows, the share of the best other contender's excess over the oracle it removes:
+    ``(peer - prequal) / (peer - oracle)``, the best peer being the lowest valid p99 (p99.9) of the others."""
+    if not replays:
+        return ""
+    bound = {
+        (r["load"], key): _median([x[key] for x in replays if x["policy"] == "oracle" and x["load"] == r["load"]])
+        for r in replays
+        for key in ("p99_ms", "p999_ms")
+    }
+    lines = [
+        "| setting | load | policy | p99 ms | p99 - oracle | p99.9 ms | p99.9 - oracle | "
+        "share of the best peer's excess removed (p99, p99.9) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault((r["setting"], r["load"]), []).append(r)
+    for (setting, load), rows in groups.items():
+        o99, o999 = bound.get((load, "p99_ms"), math.nan), bound.get((load, "p999_ms"), math.nan)
+        lines.append(f"| {setting} | {load:g} | **oracle** (replay) | {fmt(o99)} | 0 | {fmt(o999)} | 0 | |")
+        for r in rows:
+            share = ""
+            if r["policy"] == "prequal":
+                peers = [p for p in rows if p["policy"] != "prequal" and p["valid"]]
+                parts = []
+                for key, floor in (("p99_ms", o99), ("p999_ms", o999)):
+                    best = min((p[key] for p in peers), default=math.nan)
+                    excess = best - floor
+                    parts.append(f"{100.0 * (best - r[key]) / excess:.0f}%" if excess > 0 else "-")
+                share = ", ".join(parts)
+            lines.append(
+                f"| {setting} | {load:g} | {r['policy']}{'' if r['valid'] else ' (invalid)'} | "
+                f"{fmt(r['p99_ms'], 0, deadline_ms)} | {fmt(r['p99_ms'] - o99)} | "
+                f"{fmt(r['p999_ms'], 0, deadline_ms)} | {fmt(r['p999_ms'] - o999)} | {share} |"
+            )
+    return "\n".join(lines)
