@@ -8,6 +8,7 @@ table to stdout, and ``--json PATH`` writes ``{"config": {...}, "results": [...]
     python -m benchmarks.simulate --quick
     python -m benchmarks.simulate --policies prequal,prequal_nocheck,round_robin --liars 5 --load 0.7,0.9
     python -m benchmarks.simulate --plot docs/img/sim-oracle.png --from-json docs/results/sim-oracle-seed*.json
+    python -m benchmarks.simulate --policies prequal,prequal_sync --load 0.9 --sync-probes 3 --sync-wait-s 0.01
 
 With ``oracle`` among the policies (the fleet model's bound, ``core/sim_oracle.py``), every run's p99 and
 p99.9 are also given as their excess over the oracle's, and per load the share of the best peer's excess
@@ -18,6 +19,9 @@ With ``--sinkholes K`` the last K replicas fail every request fast while reporti
 policy is also run on the fleet without them (the first n - K replicas, same seed: the same arrivals)
 for the baseline of its successful requests' p99 (``sinkholes`` in the JSON, ``sinkhole_rows``).
 ``--time-scale F`` multiplies the service's time constants by F (``time_scaled``): a slow service.
+``prequal_sync`` is Prequal in sync mode (``--sync-probes``, ``--sync-wait-s``); its table rows add the
+mean wait for the sync answers per request (``wait_ms``) and the share of sync rounds with too few answers
+in time (``sync_fb``).
 """
 
 from __future__ import annotations
@@ -83,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=defaults.seed, help=f"[{defaults.seed}]")
     p.add_argument("--deadline-s", type=float, default=defaults.deadline_s, help=f"[{defaults.deadline_s:g}]")
+    p.add_argument(
+        "--network-delay-s",
+        type=float,
+        default=defaults.network_delay_s,
+        help=f"one-way delay of every query, response and probe [{defaults.network_delay_s:g}]",
+    )
     p.add_argument("--slots", type=int, default=defaults.slots, help=f"service slots per replica [{defaults.slots}]")
     p.add_argument("--work-mu-s", type=float, default=defaults.work_mu_s, help=f"work mu [{defaults.work_mu_s:g}]")
     p.add_argument("--q-rif", type=float, default=pq.q_rif, help=f"Prequal Q_RIF [{pq.q_rif:g}]")
@@ -97,6 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--removals-per-query", type=float, default=pq.removals_per_query, help=f"[{pq.removals_per_query:g}]"
     )
     p.add_argument("--pool-size", type=int, default=pq.pool_size, help=f"Prequal m [{pq.pool_size}]")
+    p.add_argument(
+        "--sync-probes", type=int, default=pq.sync_probes, help=f"prequal_sync: d, probes per query [{pq.sync_probes}]"
+    )
+    p.add_argument(
+        "--sync-wait-s",
+        type=float,
+        default=pq.sync_wait_s,
+        help=f"prequal_sync: the longest wait for d-1 answers [{pq.sync_wait_s:g}]",
+    )
     p.add_argument("--max-reuse", type=int, default=pq.max_reuse, help=f"Prequal max_reuse [{pq.max_reuse}]")
     fallbacks = ("least_in_flight", "random")
     p.add_argument("--fallback", choices=fallbacks, default=pq.fallback, help=f"Prequal fallback [{pq.fallback}]")
@@ -174,6 +193,8 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         removals_per_query=args.removals_per_query,
         fallback=args.fallback,
         report_max_age_s=args.report_max_age_s,
+        sync_probes=args.sync_probes,
+        sync_wait_s=args.sync_wait_s,
     )
     config = SimConfig(
         replicas=pick("replicas", base.replicas),
@@ -181,6 +202,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         seconds=pick("seconds", base.seconds),
         seed=args.seed,
         deadline_s=args.deadline_s,
+        network_delay_s=args.network_delay_s,
         slots=args.slots,
         work_mu_s=args.work_mu_s,
         liars=args.liars,
@@ -382,6 +404,9 @@ def format_table(results: Sequence[RunResult], config: SimConfig) -> str:
     if liars:
         header += f" {'liar_share':>10}"
     header += f" {'rif_fix':>7} {'lat_fix':>7} {'lat0':>6}"
+    sync = any(r.sync_fallback_rate is not None for r in results)
+    if sync:
+        header += f" {'wait_ms':>7} {'sync_fb':>7}"
     lines = [header, "-" * len(header)]
     for r in results:
         n = len(r.replica_share)
@@ -397,6 +422,7 @@ def format_table(results: Sequence[RunResult], config: SimConfig) -> str:
             + (f" {100 * r.liar_share:>9.1f}%" if liars else "")
             + f" {_rate(r.rif_correction_rate):>7} {_rate(r.latency_correction_rate):>7}"
             + f" {_pct(r.zero_latency_share):>6}"
+            + (f" {r.sync_wait_ms:>7.2f} {_rate(r.sync_fallback_rate):>7}" if sync else "")
         )
     return "\n".join(lines)
 

@@ -43,7 +43,20 @@ Policies: any name of ``POLICY_CLASSES``; ``prequal_nocheck``: Prequal with
 ``oracle``: one dispatcher that sees every replica's true queue and speed and sends each query where it
 would finish soonest (``sim_oracle.py``): the bound of this fleet model, constructible only here;
 ``oracle_meanwork``: the same without the works of the queries not yet started (the new one and those
-queued), each taken as the mean: how much of the bound is the knowledge of sizes no balancer has.
+queued), each taken as the mean: how much of the bound is the knowledge of sizes no balancer has;
+``prequal_sync``: Prequal in sync mode (``PrequalSettings.mode = "sync"``, which ``SimConfig.prequal``
+may also set for every Prequal variant).
+
+Sync mode, as ``PoolRuntime.select_sync`` and the scheduler's ``probe_and_wait`` drive it: at a query's
+arrival (and at a retry) the client asks ``policy.sync_plan(now, exclude=tried)`` and probes its
+backends (one network delay each way, answered from ``tracker.report`` like any probe); every answer
+goes to ``on_probe`` as it lands (pool, RIF history; late ones too). Once ``plan.wait_for`` answers of
+this round came, or ``sync_wait_s`` after the plan, ``policy.select_sync(plan, answered, now, tried)``
+chooses; ``None`` (fewer than two answers) leaves it to ``select``, the asynchronous choice, whose probes
+are sent as usual. A chosen sync query sends no other probe (the real ``select_sync`` asks for none);
+idle probes go on. The query is sent when the round ends: its latency and its deadline run from its
+arrival, so they include the wait; the latency given to ``on_finish`` does not (the gateway's attempt
+starts after the wait). A deadline reached during the wait ends the query without an attempt.
 
 Randomness: one ``random.Random(seed)`` derives separate streams for arrivals, client choice, work,
 the fleet, timer phases and each client's policy, so every policy of a run sees the same arrivals,
@@ -64,7 +77,7 @@ from typing import Any
 from prequal_middleware.core.load_tracker import LoadTracker, LoadTrackerSettings, RequestTicket
 from prequal_middleware.core.policies import POLICY_CLASSES, create_policy
 from prequal_middleware.core.policy import BasePolicy
-from prequal_middleware.core.prequal import PrequalPolicy
+from prequal_middleware.core.prequal import PrequalPolicy, SyncPlan
 from prequal_middleware.core.retry_budget import RetryBudget
 from prequal_middleware.core.sim_fleet import Fleet, SimConfig, build_fleet, draw_work, time_scaled
 from prequal_middleware.core.sim_oracle import OracleView, oracle_choose
@@ -88,18 +101,43 @@ __all__ = [
 # gateway can build: it reads the replicas' true state.
 ORACLE = "oracle"
 ORACLE_MEANWORK = "oracle_meanwork"
-SIM_POLICIES: tuple[str, ...] = (*POLICY_CLASSES, "prequal_nocheck", "prequal_probeall", ORACLE, ORACLE_MEANWORK)
+SIM_POLICIES: tuple[str, ...] = (
+    *POLICY_CLASSES,
+    "prequal_nocheck",
+    "prequal_probeall",
+    "prequal_sync",
+    ORACLE,
+    ORACLE_MEANWORK,
+)
 
 # Event kinds; an event is the tuple (time, sequence number, kind, a, b).
-_ARRIVAL, _AT_REPLICA, _COMPLETE, _RESPONSE, _DEADLINE, _PROBE, _PROBE_REPLY, _IDLE, _SPEED, _SAMPLE, _FAILED = range(
-    11
-)
+(
+    _ARRIVAL,
+    _AT_REPLICA,
+    _COMPLETE,
+    _RESPONSE,
+    _DEADLINE,
+    _PROBE,
+    _PROBE_REPLY,
+    _IDLE,
+    _SPEED,
+    _SAMPLE,
+    _FAILED,
+    _SYNC_PROBE,
+    _SYNC_REPLY,
+    _SYNC_WAIT,
+) = range(14)
 # Query outcomes.
-_PENDING, _OK, _TIMED_OUT, _FAILED_OUT = 0, 1, 2, 3
+_PENDING, _OK, _TIMED_OUT, _FAILED_OUT, _NO_BACKEND = 0, 1, 2, 3, 4
 
 
 class _Query:
-    """One request; its current attempt's replica, send time and ticket (a retry reuses it)."""
+    """One request; its current attempt's replica, send time and ticket (a retry reuses it).
+
+    ``sent`` is the arrival: the sync mode's wait comes before the first attempt. ``plan`` is the sync
+    round being waited for (``None`` otherwise), ``answered`` its backends that answered so far, and
+    ``waited`` the time spent in sync rounds.
+    """
 
     __slots__ = (
         "client",
@@ -112,6 +150,9 @@ class _Query:
         "outcome",
         "started",
         "measured",
+        "plan",
+        "answered",
+        "waited",
     )
 
     def __init__(self, client: int, sent: float, work: float, measured: bool) -> None:
@@ -125,6 +166,9 @@ class _Query:
         self.outcome = _PENDING
         self.started = False
         self.measured = measured
+        self.plan: SyncPlan | None = None
+        self.answered: list[str] = []
+        self.waited = 0.0
 
 
 class _Replica:
@@ -195,6 +239,10 @@ class RunResult:
     # fresh sample near the replica's RIF: the estimator's window).
     honest_answers: int = 0
     zero_latency_share: float = 0.0
+    # Sync mode (``prequal_sync``): the time waited for sync answers, in ms per measured request, and
+    # the share of the measured sync rounds with too few answers in time (the asynchronous choice decided).
+    sync_wait_ms: float = 0.0
+    sync_fallback_rate: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -254,6 +302,9 @@ def simulate(config: SimConfig, policy: str, load: float) -> RunResult:
     )
     prequals = [p for p in policies if isinstance(p, PrequalPolicy)]
     prequal_pools = [p.pool for p in prequals]
+    # Every client runs the same settings; in sync mode every policy is Prequal (``prequals`` is ``policies``).
+    sync = bool(prequals) and prequals[0].settings.mode == "sync"
+    sync_wait = prequals[0].settings.sync_wait_s if sync else 0.0
     corrections_at_warm: tuple[int, int] | None = None
     answers = 0  # probe answers received after the warm-up
 
@@ -286,6 +337,8 @@ def simulate(config: SimConfig, policy: str, load: float) -> RunResult:
     latencies: list[float] = []
     deadline_errors = no_backend = requests = probes_sent = fallbacks = 0
     attempts = retries = failed = honest_answers = zero_answers = 0
+    sync_rounds = sync_fallbacks = 0
+    waited = 0.0  # in sync rounds, over measured requests
     routed = [0] * len(replicas)
     rif_samples: list[int] = []
     pool_samples: list[int] = []
@@ -313,6 +366,59 @@ def simulate(config: SimConfig, policy: str, load: float) -> RunResult:
                 fallbacks += 1
         push(heap, (t + delay, next(seq), _AT_REPLICA, q, None))
 
+    def answer(r: int, t: float) -> tuple[int, float]:
+        """Replica ``r``'s probe answer at ``t`` (a liar's or a sinkhole's is idle and instant)."""
+        nonlocal honest_answers, zero_answers
+        if lies[r]:
+            return 0, 0.0
+        rif, latency = replicas[r].tracker.report(t)
+        if t >= warm:
+            honest_answers += 1
+            zero_answers += latency == 0.0
+        return rif, latency
+
+    def ask_sync(q: _Query, client: PrequalPolicy, t: float) -> None:
+        """Sync mode: probe the plan of an attempt of ``q`` and wait (``PoolRuntime.select_sync``)."""
+        nonlocal probes_sent, sync_rounds
+        plan = q.plan = client.sync_plan(t, q.tried)
+        if q.measured:
+            sync_rounds += 1
+            probes_sent += len(plan.probes)
+        if not plan.probes:  # fewer than two candidates: nothing to wait for
+            settle(q, client, t)
+            return
+        q.answered.clear()  # a retry's round starts afresh
+        for target in plan.probes:
+            push(heap, (t + delay, next(seq), _SYNC_PROBE, q, (plan, index_of[target])))
+        push(heap, (t + sync_wait, next(seq), _SYNC_WAIT, q, plan))
+
+    def settle(q: _Query, client: PrequalPolicy, t: float) -> None:
+        """End ``q``'s sync round at ``t``: HCL on its answers, else the asynchronous choice; send or fail."""
+        nonlocal sync_fallbacks, waited, retries, pending, failed, no_backend
+        plan = q.plan
+        assert plan is not None
+        q.plan = None
+        wait = t - plan.started
+        q.waited += wait
+        sel = client.select_sync(plan, q.answered, t, q.tried)
+        if sel is None:
+            sel = client.select(t, q.tried)
+            sync_fallbacks += q.measured
+        if q.measured:
+            waited += wait
+        if sel is not None:
+            if q.tried and q.measured:
+                retries += 1
+            dispatch(q, client, sel, t)
+            return
+        pending -= 1
+        if q.tried:  # a retry with no replica left: the client sees the failure
+            q.outcome = _FAILED_OUT
+            failed += q.measured
+        else:
+            q.outcome = _NO_BACKEND
+            no_backend += q.measured
+
     while heap:
         t, _, kind, a, b = pop(heap)
         if t >= end and pending == 0:
@@ -323,14 +429,23 @@ def simulate(config: SimConfig, policy: str, load: float) -> RunResult:
             if t >= warm:
                 answers += 1
         elif kind == _PROBE:
-            if lies[b]:
-                rif, latency = 0, 0.0
-            else:
-                rif, latency = replicas[b].tracker.report(t)
-                if t >= warm:
-                    honest_answers += 1
-                    zero_answers += latency == 0.0
+            rif, latency = answer(b, t)
             push(heap, (t + delay, next(seq), _PROBE_REPLY, a, (b, rif, latency)))
+        elif kind == _SYNC_REPLY:  # a = the query, b = (its round, replica, rif, latency)
+            plan, r, rif, latency = b
+            policies[a.client].on_probe(ids[r], t, rif, latency)  # a late answer feeds the pool too
+            if t >= warm:
+                answers += 1
+            if a.plan is plan:
+                a.answered.append(ids[r])
+                if len(a.answered) >= plan.wait_for:
+                    settle(a, prequals[a.client], t)
+        elif kind == _SYNC_PROBE:
+            rif, latency = answer(b[1], t)
+            push(heap, (t + delay, next(seq), _SYNC_REPLY, a, (b[0], b[1], rif, latency)))
+        elif kind == _SYNC_WAIT:
+            if a.plan is b:  # still waiting for this round: its time is up
+                settle(a, prequals[a.client], t)
         elif kind == _ARRIVAL:
             if t >= end:
                 continue
@@ -355,6 +470,11 @@ def simulate(config: SimConfig, policy: str, load: float) -> RunResult:
             client = policies[c]
             if budgets:
                 budgets[c].record_request(t)
+            if sync:
+                pending += 1
+                push(heap, (t + deadline, next(seq), _DEADLINE, q, None))
+                ask_sync(q, prequals[c], t)
+                continue
             sel = client.select(t)
             if sel is None:
                 if measured:
@@ -406,7 +526,7 @@ def simulate(config: SimConfig, policy: str, load: float) -> RunResult:
             if not oracle:
                 backend_id = ids[a.replica]
                 policies[a.client].on_report(backend_id, t, b[0], b[1])
-                policies[a.client].on_finish(backend_id, t, latency, success)
+                policies[a.client].on_finish(backend_id, t, latency - a.waited, success)
             if a.measured:
                 latencies.append(latency)
         elif kind == _FAILED:  # a sinkhole's 5xx reached the client
@@ -418,6 +538,9 @@ def simulate(config: SimConfig, policy: str, load: float) -> RunResult:
             client.on_finish(backend_id, t, t - a.attempt_sent, failure)
             a.tried += (backend_id,)
             if len(a.tried) < max_attempts and budgets[a.client].try_withdraw(t):
+                if sync:
+                    ask_sync(a, prequals[a.client], t)
+                    continue
                 sel = client.select(t, a.tried)
                 if sel is not None:
                     if a.measured:
@@ -436,6 +559,10 @@ def simulate(config: SimConfig, policy: str, load: float) -> RunResult:
             if oracle:
                 if not a.started:
                     views[a.replica].drop(a)
+            elif a.plan is not None:  # still waiting for sync answers: no attempt in flight
+                if a.measured:
+                    waited += t - a.plan.started
+                a.plan = None
             else:
                 policies[a.client].on_finish(ids[a.replica], t, deadline, timeout)
             if a.measured:
@@ -513,6 +640,8 @@ def simulate(config: SimConfig, policy: str, load: float) -> RunResult:
         p999_ok_ms=1000.0 * percentile(ok, 0.999),
         honest_answers=honest_answers,
         zero_latency_share=zero_answers / honest_answers if honest_answers else 0.0,
+        sync_wait_ms=1000.0 * waited / requests if requests else 0.0,
+        sync_fallback_rate=(sync_fallbacks / sync_rounds if sync_rounds else 0.0) if sync else None,
     )
 
 
@@ -522,6 +651,8 @@ def _policy(name: str, config: SimConfig, rng: random.Random) -> BasePolicy:
         return PrequalPolicy(replace(config.prequal, cross_check=False), rng=rng, outliers=outliers)
     if name == "prequal_probeall":
         return PrequalPolicy(replace(config.prequal, report_max_age_s=0.0), rng=rng, outliers=outliers)
+    if name == "prequal_sync":
+        return PrequalPolicy(replace(config.prequal, mode="sync"), rng=rng, outliers=outliers)
     return create_policy(name, rng=rng, prequal=config.prequal, outliers=outliers)
 
 
