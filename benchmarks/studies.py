@@ -1,8 +1,12 @@
 """The paper's evaluation, replayed on the fleet simulator: ``python -m benchmarks.studies``.
 
-Three studies of Prequal, NSDI '24 (prequal-spec.md sections 10.4 and 10.5), each run over several seeds
-and reported as median [min-max]. Every run is one ``prequal_middleware.core.simulator.simulate`` call
-(the model is in docs/simulator.md):
+Three studies of Prequal, NSDI '24 (prequal-spec.md sections 10.4 and 10.5), and one of small fleets, each
+run over several seeds and reported as median [min-max]. Every run is one
+``prequal_middleware.core.simulator.simulate`` call (the model is in docs/simulator.md). Every study also
+runs the simulator's ``oracle`` (core/sim_oracle.py) on the same fleet, seed and load: the floor the
+policies are read against. Its rows are in the JSON's ``results`` and ``summary`` (``variant`` "oracle"),
+in the tables, and black and dashed in the plots; every other record has ``p99_excess_ms`` and
+``p999_excess_ms``, its figure minus the oracle's of the same seed and load.
 
 - ``compare`` (section 5.2, Fig. 7): every policy in ``POLICY_CLASSES``, plus Prequal at the paper's
   Q_RIF of 0.75 for that figure, at 0.7 and 0.9 of capacity.
@@ -13,6 +17,10 @@ and reported as median [min-max]. Every run is one ``prequal_middleware.core.sim
   ``max_reuse`` 32 (Eq. 1's budget uncapped), 2 (the default) and max(2, ceil(2 / r_probe)), at 1.3x the
   allocation (the paper's 1.5x is beyond what this fleet can serve; docs/benchmarks.md, "Simulator
   studies") and at 0.9.
+- ``pool`` (issue 15, section 3): small fleets (6, 12, 20 and 36 replicas) behind few clients (4, a gateway's
+  processes) at 0.7, 0.9 and 1.2: Prequal with the fixed pool of 16 against the pool derived from the fleet
+  size, ``min(16, max(2, n // 3))`` (``fleet_pool_size``). With m = 16, Eq. 1's reuse budget is 1 for
+  n <= 24 (docs/simulator.md, "Small fleets and the pool size").
 
 A progress line per run goes to stderr and the tables to stdout. Each study writes
 ``<json-dir>/studies-<study>.json`` (``{"config": ..., "results": [one per run], "summary": [one per
@@ -21,6 +29,7 @@ cell]}``) and a PNG into ``--img-dir`` (matplotlib is optional: without it the p
     python -m benchmarks.studies --jobs 2                 # all three studies, 100 x 100, seeds 1-5
     python -m benchmarks.studies --studies qrif --paper-rate --seeds 1-3
     python -m benchmarks.studies --quick                  # 40 replicas x 10 clients, 5 s, one seed
+    python -m benchmarks.studies --studies pool --seeds 1-3 --seconds 300
 """
 
 from __future__ import annotations
@@ -39,10 +48,10 @@ from pathlib import Path
 from typing import Any
 
 from prequal_middleware.core import POLICY_CLASSES, PrequalSettings, reuse_budget
-from prequal_middleware.core.simulator import RunResult, SimConfig, fleet_for, simulate
+from prequal_middleware.core.simulator import ORACLE, RunResult, SimConfig, fleet_for, simulate
 
 REPO = Path(__file__).resolve().parents[1]
-STUDIES = ("compare", "qrif", "probes")
+STUDIES = ("compare", "qrif", "probes", "pool")
 
 COMPARE_LOADS = (0.7, 0.9)
 PAPER_COMPARE_Q_RIF = 0.75  # Prequal's Q_RIF in the paper's Fig. 7
@@ -67,6 +76,15 @@ CAP_LABELS = {"eq1": "32 (Eq. 1)", "default": "2 (default)", "scaled": "max(2, â
 # is beyond what the fleet serves. 0.9: a moderate load, for contrast.
 PROBE_LOADS = (1.3, 0.9)
 
+# The pool study: small fleets behind a gateway's few processes. 36 checks the range 25-47, where m = 16
+# gives Eq. 1 a budget above the cap (2) and the derived pool is smaller than 16 too.
+POOL_FLEETS = (6, 12, 20, 36)
+POOL_CLIENTS = 4
+POOL_LOADS = (0.7, 0.9, 1.2)
+POOL_FIXED = 16  # the paper's m, the library's pool size before issue 15
+POOL_RULES = ("fixed", "derived")
+POOL_LABELS = {"fixed": "m = 16", "derived": "m = min(16, max(2, n // 3))"}
+
 QUICK = {"replicas": 40, "clients": 10, "seconds": 5.0}
 QUICK_SEEDS = (1,)
 DEFAULT_SEEDS = (1, 2, 3, 4, 5)
@@ -82,6 +100,10 @@ METRICS = (
     "mean_pool_size",
     "rif_p99",
     "share_speed_corr",
+    "p99_excess_ms",
+    "p999_excess_ms",
+    "p99_vs_fixed_ms",
+    "p999_vs_fixed_ms",
 )
 
 
@@ -178,6 +200,7 @@ def compare_runs(base: SimConfig, seeds: Sequence[int]) -> list[Run]:
         (name, name, base.prequal.q_rif if name == "prequal" else None) for name in POLICY_CLASSES
     ]
     variants.insert(1, (f"prequal q={PAPER_COMPARE_Q_RIF:g}", "prequal", PAPER_COMPARE_Q_RIF))
+    variants.append((ORACLE, ORACLE, None))
     for seed in seeds:
         for load in COMPARE_LOADS:
             for variant, policy, q_rif in variants:
@@ -236,8 +259,17 @@ def qrif_runs(base: SimConfig, seeds: Sequence[int], load: float = QRIF_LOAD) ->
         factor = sum(speeds) / sum(allocations)
         slow = slow_replicas(config)
         for q in PAPER_Q_RIF:
-            fields = {"seed": seed, "load": load, "q_rif": q, "slow_replicas": slow, "capacity_factor": factor}
+            fields = {
+                "seed": seed,
+                "load": load,
+                "variant": "prequal",
+                "q_rif": q,
+                "slow_replicas": slow,
+                "capacity_factor": factor,
+            }
             runs.append(Run("qrif", f"q_rif={q:g}", with_prequal(config, q_rif=q), "prequal", load * factor, fields))
+        fields = {"seed": seed, "load": load, "variant": ORACLE, "q_rif": None, "slow_replicas": slow}
+        runs.append(Run("qrif", ORACLE, config, ORACLE, load * factor, {**fields, "capacity_factor": factor}))
     return runs
 
 
@@ -279,6 +311,7 @@ def probe_runs(base: SimConfig, seeds: Sequence[int], loads: Sequence[float] = P
                     fields = {
                         "seed": seed,
                         "load": load,
+                        "variant": "prequal",
                         "r_probe": r_probe,
                         "r_probe_label": label,
                         "r_remove": PROBE_REMOVALS,
@@ -296,24 +329,117 @@ def probe_runs(base: SimConfig, seeds: Sequence[int], loads: Sequence[float] = P
                     )
                     text = f"r_probe={label} max_reuse={cap} ({'/'.join(r for r, _ in members)}) load={load:g}"
                     runs.append(Run("probes", text, config, "prequal", load, fields, copies))
+            fields = {"seed": seed, "load": load, "variant": ORACLE, "r_probe": None, "r_probe_label": None}
+            fields.update({"cap_rule": None, "max_reuse": None, "b_reuse": None, "shared_run": False})
+            runs.append(
+                Run("probes", f"{ORACLE} load={load:g}", dataclasses.replace(base, seed=seed), ORACLE, load, fields)
+            )
     return runs
+
+
+def fleet_pool_size(n: int) -> int:
+    """The pool size derived from the fleet size: ``min(16, max(2, n // 3))`` (issue 15, section 3).
+
+    With the default rates (r_probe 3, r_remove 1, drift 1, max_reuse 2), n // 3 is the largest pool for
+    which Eq. 1 is defined and within the cap: (1 - m/n) * 3 - 1 >= 1 exactly when m <= n/3. It is 16,
+    the paper's m, from n = 48 up; 2 is the fewest probes HCL chooses between.
+    """
+    return min(POOL_FIXED, max(2, n // 3))
+
+
+def pool_size_for(rule: str, n: int) -> int:
+    """The pool size of a ``POOL_RULES`` rule for a fleet of ``n``."""
+    if rule == "fixed":
+        return POOL_FIXED
+    if rule == "derived":
+        return fleet_pool_size(n)
+    raise ValueError(f"unknown pool rule {rule!r}")
+
+
+def pool_runs(
+    base: SimConfig,
+    seeds: Sequence[int],
+    fleets: Sequence[int] = POOL_FLEETS,
+    loads: Sequence[float] = POOL_LOADS,
+    clients: int = POOL_CLIENTS,
+) -> list[Run]:
+    """Issue 15, section 3: the fixed pool of 16 against the derived one, and the oracle, per fleet size and load.
+
+    Both pool sizes are passed explicitly, so the study means the same whatever the library's default.
+    Rules that give the same pool size (n >= 48) are simulated once and reported under each.
+    """
+    runs: list[Run] = []
+    pq = base.prequal
+    for seed in seeds:
+        for n in fleets:
+            config = dataclasses.replace(base, seed=seed, replicas=n, clients=clients)
+            for load in loads:
+                common = {"seed": seed, "replicas": n, "clients": clients, "load": load}
+                groups: dict[int, list[str]] = {}
+                for rule in POOL_RULES:
+                    groups.setdefault(pool_size_for(rule, n), []).append(rule)
+                for m, rules in groups.items():
+                    budget = reuse_budget(m, n, pq.probes_per_query, pq.removals_per_query, pq.drift, pq.max_reuse)
+                    fields = {**common, "variant": rules[0], "pool_size": m, "b_reuse": budget}
+                    fields["shared_run"] = len(rules) > 1
+                    copies = tuple({"variant": other} for other in rules[1:])
+                    text = f"n={n} m={m} ({'/'.join(rules)}) load={load:g}"
+                    runs.append(Run("pool", text, with_prequal(config, pool_size=m), "prequal", load, fields, copies))
+                fields = {**common, "variant": ORACLE, "pool_size": None, "b_reuse": None, "shared_run": False}
+                runs.append(Run("pool", f"n={n} {ORACLE} load={load:g}", config, ORACLE, load, fields))
+    return runs
+
+
+# --- against the oracle --------------------------------------------------------------------------
+
+
+def _cell_of(record: dict[str, Any]) -> tuple[Any, ...]:
+    """What a record shares with the oracle run it is read against: seed, load simulated, fleet size."""
+    return (record["seed"], record["sim_load"], record.get("replicas"))
+
+
+def add_oracle_excess(records: Sequence[dict[str, Any]]) -> None:
+    """Give every non-oracle record ``p99_excess_ms`` and ``p999_excess_ms``: minus the oracle's of its cell."""
+    oracles = {_cell_of(r): r for r in records if r["policy"] == ORACLE}
+    for record in records:
+        oracle = oracles.get(_cell_of(record))
+        if oracle is None or record["policy"] == ORACLE:
+            continue
+        for metric in ("p99_ms", "p999_ms"):
+            record[metric.replace("_ms", "_excess_ms")] = record[metric] - oracle[metric]
+
+
+def add_pool_deltas(records: Sequence[dict[str, Any]]) -> None:
+    """Pool study: each ``derived`` record gets ``p99_vs_fixed_ms``, ``p999_vs_fixed_ms`` (same seed, fleet, load)."""
+    fixed = {_cell_of(r): r for r in records if r.get("variant") == "fixed"}
+    for record in records:
+        base = fixed.get(_cell_of(record))
+        if record.get("variant") != "derived" or base is None:
+            continue
+        for metric in ("p99_ms", "p999_ms"):
+            record[metric.replace("_ms", "_vs_fixed_ms")] = record[metric] - base[metric]
 
 
 # --- summaries and tables ------------------------------------------------------------------------
 
-CELL_KEYS = {"compare": ("load", "variant"), "qrif": ("q_rif",), "probes": ("load", "r_probe_label", "cap_rule")}
+CELL_KEYS = {
+    "compare": ("load", "variant"),
+    "qrif": ("variant", "q_rif"),
+    "probes": ("load", "variant", "r_probe_label", "cap_rule"),
+    "pool": ("replicas", "load", "variant"),
+}
 
 
 def summarize(records: Iterable[dict[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
     """One row per cell (records sharing ``keys``, in first-seen order): median, min and max over seeds."""
     cells: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for record in records:
-        cells.setdefault(tuple(record[k] for k in keys), []).append(record)
+        cells.setdefault(tuple(record.get(k) for k in keys), []).append(record)
     rows: list[dict[str, Any]] = []
     for cell, members in cells.items():
         row: dict[str, Any] = dict(zip(keys, cell, strict=True))
         first = members[0]
-        for extra in ("policy", "q_rif", "r_probe", "max_reuse", "b_reuse"):
+        for extra in ("policy", "variant", "q_rif", "r_probe", "max_reuse", "b_reuse", "pool_size", "clients"):
             if extra in first and extra not in row:
                 row[extra] = first[extra]
         row["seeds"] = [m["seed"] for m in members]
@@ -346,6 +472,11 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]], right_from: int
     return "\n".join(lines)
 
 
+def _excess(row: dict[str, Any], metric: str) -> str:
+    """A row's figure minus the oracle's, median [min-max] over the seeds (signed); "-" for the oracle itself."""
+    return _stat(row, metric, lambda v: f"{v:+.0f}")
+
+
 def format_compare(summary: Sequence[dict[str, Any]], deadline_ms: float) -> str:
     def ms(v: float) -> str:
         return _ms(v, deadline_ms)
@@ -362,10 +493,13 @@ def format_compare(summary: Sequence[dict[str, Any]], deadline_ms: float) -> str
             _stat(row, "p99_ms", ms),
             _stat(row, "p999_ms", ms),
             _stat(row, "errors", count),
+            _excess(row, "p99_excess_ms"),
+            _excess(row, "p999_excess_ms"),
         )
         for row in summary
     ]
-    return _table(("load", "policy", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "errors"), rows, 2)
+    header = ("load", "policy", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "errors", "p99-or", "p999-or")
+    return _table(header, rows, 2)
 
 
 def format_qrif(summary: Sequence[dict[str, Any]], deadline_ms: float) -> str:
@@ -374,30 +508,33 @@ def format_qrif(summary: Sequence[dict[str, Any]], deadline_ms: float) -> str:
 
     rows = [
         (
-            f"{row['q_rif']:g}",
+            ORACLE if row["variant"] == ORACLE else f"{row['q_rif']:g}",
             _stat(row, "p50_ms", ms, spread=False),
             _stat(row, "p90_ms", ms, spread=False),
             _stat(row, "p99_ms", ms),
             _stat(row, "p999_ms", ms),
             _stat(row, "errors", lambda v: f"{v:g}"),
             _stat(row, "rif_p99", lambda v: f"{v:.0f}", spread=False),
+            _excess(row, "p99_excess_ms"),
         )
         for row in summary
     ]
-    return _table(("Q_RIF", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "errors", "RIF p99"), rows, 1)
+    return _table(("Q_RIF", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "errors", "RIF p99", "p99-or"), rows, 1)
 
 
 def format_probes(summary: Sequence[dict[str, Any]], deadline_ms: float) -> str:
     def ms(v: float) -> str:
         return _ms(v, deadline_ms)
 
+    def prequal_cells(row: dict[str, Any]) -> tuple[str, ...]:
+        if row["variant"] == ORACLE:
+            return (ORACLE, "", "", "")
+        return (row["r_probe_label"], CAP_LABELS[row["cap_rule"]], str(row["max_reuse"]), f"{row['b_reuse']:.2f}")
+
     rows = [
         (
             f"{row['load']:g}",
-            row["r_probe_label"],
-            CAP_LABELS[row["cap_rule"]],
-            str(row["max_reuse"]),
-            f"{row['b_reuse']:.2f}",
+            *prequal_cells(row),
             _stat(row, "probes_per_query", lambda v: f"{v:.2f}", spread=False),
             _stat(row, "p99_ms", ms),
             _stat(row, "p999_ms", ms),
@@ -405,6 +542,7 @@ def format_probes(summary: Sequence[dict[str, Any]], deadline_ms: float) -> str:
             _stat(row, "fallback_rate", lambda v: f"{100 * v:.1f}%", spread=False),
             _stat(row, "mean_pool_size", lambda v: f"{v:.1f}", spread=False),
             _stat(row, "rif_p99", lambda v: f"{v:.0f}", spread=False),
+            _excess(row, "p99_excess_ms"),
         )
         for row in summary
     ]
@@ -421,14 +559,61 @@ def format_probes(summary: Sequence[dict[str, Any]], deadline_ms: float) -> str:
         "fallback",
         "pool",
         "RIF p99",
+        "p99-or",
     )
     return _table(header, rows, 3)
+
+
+def format_pool(summary: Sequence[dict[str, Any]], deadline_ms: float) -> str:
+    def ms(v: float) -> str:
+        return _ms(v, deadline_ms)
+
+    def signed(v: float) -> str:
+        return f"{v:+.0f}"
+
+    rows = [
+        (
+            str(row["replicas"]),
+            f"{row['load']:g}",
+            ORACLE if row["variant"] == ORACLE else POOL_LABELS[row["variant"]],
+            "" if row.get("pool_size") is None else str(row["pool_size"]),
+            "" if row.get("b_reuse") is None else f"{row['b_reuse']:.2f}",
+            _stat(row, "p99_ms", ms),
+            _stat(row, "p999_ms", ms),
+            _stat(row, "errors", lambda v: f"{v:g}"),
+            _excess(row, "p99_excess_ms"),
+            _excess(row, "p999_excess_ms"),
+            _stat(row, "p99_vs_fixed_ms", signed),
+            _stat(row, "p999_vs_fixed_ms", signed),
+            _stat(row, "fallback_rate", lambda v: f"{100 * v:.1f}%", spread=False),
+            _stat(row, "mean_pool_size", lambda v: f"{v:.1f}", spread=False),
+        )
+        for row in summary
+    ]
+    header = (
+        "n",
+        "load",
+        "pool",
+        "m",
+        "b_reuse",
+        "p99 ms",
+        "p99.9 ms",
+        "errors",
+        "p99-or",
+        "p999-or",
+        "p99 vs 16",
+        "p999 vs 16",
+        "fallback",
+        "pooled",
+    )
+    return _table(header, rows, 4)
 
 
 FORMATTERS: dict[str, Callable[[Sequence[dict[str, Any]], float], str]] = {
     "compare": format_compare,
     "qrif": format_qrif,
     "probes": format_probes,
+    "pool": format_pool,
 }
 
 
@@ -443,26 +628,49 @@ def _spread(rows: Sequence[dict[str, Any]], metric: str) -> tuple[list[float], l
     )
 
 
+def oracle_rows(summary: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The oracle's summary rows: the floor every plot draws (black, dashed)."""
+    return [row for row in summary if row.get("variant") == ORACLE]
+
+
+def policy_rows(summary: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every summary row but the oracle's."""
+    return [row for row in summary if row.get("variant") != ORACLE]
+
+
+def _oracle_level(ax: Any, value: float, label: str | None, **style: Any) -> None:
+    from benchmarks import plotting
+
+    ax.axhline(value, linewidth=1.2, label=label, **{**plotting.ORACLE_STYLE, **style})
+
+
 def plot_compare(summary: Sequence[dict[str, Any]], deadline_ms: float, path: Path, title: str) -> Path:
     from benchmarks import plotting
 
     plt = plotting.pyplot()
-    variants = list(dict.fromkeys(row["variant"] for row in summary))
-    loads = list(dict.fromkeys(row["load"] for row in summary))
+    policies = policy_rows(summary)
+    oracles = oracle_rows(summary)
+    variants = list(dict.fromkeys(row["variant"] for row in policies))
+    loads = list(dict.fromkeys(row["load"] for row in policies))
     fig, ax = plt.subplots(figsize=(8.5, 4.0))
     width = 0.8 / len(loads)
     for j, load in enumerate(loads):
-        rows = [next(r for r in summary if r["load"] == load and r["variant"] == v) for v in variants]
+        rows = [next(r for r in policies if r["load"] == load and r["variant"] == v) for v in variants]
         median, low, high = _spread(rows, "p99_ms")
         xs = [i + (j - (len(loads) - 1) / 2) * width for i in range(len(variants))]
         below = [m - lo for m, lo in zip(median, low, strict=True)]
         above = [h - m for m, h in zip(median, high, strict=True)]
-        ax.bar(xs, median, width, yerr=[below, above], capsize=2, label=f"load {load:g}")
+        bars = ax.bar(xs, median, width, yerr=[below, above], capsize=2, label=f"load {load:g}")
+        for oracle in (r for r in oracles if r["load"] == load):
+            # The floor at this load, in the bars' colour, dashed: one level per load.
+            color = bars.patches[0].get_facecolor()
+            value = oracle["p99_ms"]["median"]
+            _oracle_level(ax, value, f"oracle, load {load:g} ({value:.0f} ms)", color=color)
     plotting.deadline_line(ax, deadline_ms)
     ax.set_xticks(range(len(variants)), variants, rotation=20, ha="right")
     ax.set_ylabel("p99 latency, ms (median, min-max over seeds)")
     ax.set_title(title, fontsize=9)
-    ax.legend(loc="upper left")
+    ax.legend(loc="upper left", fontsize=8)
     return plotting.save(fig, path)
 
 
@@ -471,16 +679,20 @@ def plot_qrif(summary: Sequence[dict[str, Any]], deadline_ms: float, path: Path,
 
     plt = plotting.pyplot()
     fig, ax = plt.subplots(figsize=(8.5, 4.0))
-    xs = list(range(len(summary)))
+    rows = policy_rows(summary)
+    xs = list(range(len(rows)))
     for metric, label in (("p99_ms", "p99"), ("p999_ms", "p99.9")):
-        plotting.band(ax, xs, *_spread(summary, metric), label=label)
+        plotting.band(ax, xs, *_spread(rows, metric), label=label)
+    for oracle in oracle_rows(summary):
+        _oracle_level(ax, oracle["p99_ms"]["median"], "oracle p99")
+        _oracle_level(ax, oracle["p999_ms"]["median"], "oracle p99.9", linestyle=":")
     plotting.deadline_line(ax, deadline_ms)
     ax.set_yscale("log")
-    ax.set_xticks(xs, [f"{row['q_rif']:g}" for row in summary], rotation=45)
+    ax.set_xticks(xs, [f"{row['q_rif']:g}" for row in rows], rotation=45)
     ax.set_xlabel("Q_RIF (0 = RIF only, 1 = latency only)")
     ax.set_ylabel("latency, ms (median, min-max band)")
     ax.set_title(title, fontsize=9)
-    ax.legend()
+    ax.legend(fontsize=8)
     return plotting.save(fig, path)
 
 
@@ -488,17 +700,20 @@ def plot_probes(summary: Sequence[dict[str, Any]], deadline_ms: float, path: Pat
     from benchmarks import plotting
 
     plt = plotting.pyplot()
-    loads = list(dict.fromkeys(row["load"] for row in summary))
+    policies = policy_rows(summary)
+    loads = list(dict.fromkeys(row["load"] for row in policies))
     fig, axes = plt.subplots(len(loads), 2, figsize=(10.0, 3.6 * len(loads)), squeeze=False)
     ticks = {rate: label for label, rate in PROBE_RATES}
     for (ax, ax_pool), load in zip(axes, loads, strict=True):
-        for rule in dict.fromkeys(row["cap_rule"] for row in summary):
-            rows = [row for row in summary if row["load"] == load and row["cap_rule"] == rule]
+        for rule in dict.fromkeys(row["cap_rule"] for row in policies):
+            rows = [row for row in policies if row["load"] == load and row["cap_rule"] == rule]
             xs = [row["r_probe"] for row in rows]
             label = f"max_reuse {CAP_LABELS[rule]}"
             plotting.band(ax, xs, *_spread(rows, "p99_ms"), label=label)
             ax_pool.plot(xs, [row["mean_pool_size"]["median"] for row in rows], marker="o", markersize=4, label=label)
-        plotting.deadline_line(ax, deadline_ms, max(row["p99_ms"]["max"] for row in summary if row["load"] == load))
+        for oracle in (r for r in oracle_rows(summary) if r["load"] == load):
+            _oracle_level(ax, oracle["p99_ms"]["median"], "oracle")
+        plotting.deadline_line(ax, deadline_ms, max(row["p99_ms"]["max"] for row in policies if row["load"] == load))
         for axis in (ax, ax_pool):
             axis.set_xscale("log", base=2)
             axis.set_xticks(list(ticks), list(ticks.values()))
@@ -507,7 +722,36 @@ def plot_probes(summary: Sequence[dict[str, Any]], deadline_ms: float, path: Pat
             axis.set_xlabel("probes per query (r_probe), r_remove = 0.25")
         ax.set_ylabel(f"load {load:g}: p99 ms (median, min-max)")
         ax_pool.set_ylabel("fresh probes in the pool (mean)")
+        ax.legend(fontsize=7)
         ax_pool.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    return plotting.save(fig, path)
+
+
+def plot_pool(summary: Sequence[dict[str, Any]], deadline_ms: float, path: Path, title: str) -> Path:
+    """p99 and p99.9 against load, one panel per fleet size: each pool rule and the oracle (black, dashed)."""
+    from benchmarks import plotting
+
+    plt = plotting.pyplot()
+    fleets = list(dict.fromkeys(row["replicas"] for row in summary))
+    fig, axes = plt.subplots(2, len(fleets), figsize=(3.2 * len(fleets), 6.4), squeeze=False)
+    for column, n in enumerate(fleets):
+        for ax, metric, name in zip(axes[:, column], ("p99_ms", "p999_ms"), ("p99", "p99.9"), strict=True):
+            for variant in dict.fromkeys(row["variant"] for row in summary):
+                rows = [row for row in summary if row["replicas"] == n and row["variant"] == variant]
+                if not rows:
+                    continue
+                xs = [row["load"] for row in rows]
+                if variant == ORACLE:
+                    plotting.band(ax, xs, *_spread(rows, metric), label=ORACLE, **plotting.ORACLE_STYLE)
+                else:
+                    m = rows[0]["pool_size"]
+                    plotting.band(ax, xs, *_spread(rows, metric), label=f"{POOL_LABELS[variant]} (m={m})")
+            plotting.deadline_line(ax, deadline_ms, max(r[metric]["max"] for r in summary if r["replicas"] == n))
+            ax.set_title(f"n = {n}: {name} (ms)", fontsize=9)
+            ax.set_xlabel("load")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6)
     fig.suptitle(title, fontsize=9)
     return plotting.save(fig, path)
 
@@ -516,6 +760,7 @@ PLOTTERS: dict[str, tuple[str, Callable[[Sequence[dict[str, Any]], float, Path, 
     "compare": ("compare-p99", plot_compare),
     "qrif": ("qrif", plot_qrif),
     "probes": ("probes", plot_probes),
+    "pool": ("pool", plot_pool),
 }
 
 
@@ -556,6 +801,16 @@ def _loads(text: str) -> list[float]:
     return values
 
 
+def _sizes(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = SimConfig()
     p = argparse.ArgumentParser(
@@ -584,6 +839,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(PROBE_LOADS),
         help=f"probes: loads, comma list [{','.join(f'{x:g}' for x in PROBE_LOADS)}]",
     )
+    p.add_argument(
+        "--pool-fleets",
+        type=_sizes,
+        default=list(POOL_FLEETS),
+        help=f"pool: fleet sizes, comma list [{','.join(map(str, POOL_FLEETS))}]",
+    )
+    p.add_argument(
+        "--pool-loads",
+        type=_loads,
+        default=list(POOL_LOADS),
+        help=f"pool: loads, comma list [{','.join(f'{x:g}' for x in POOL_LOADS)}]",
+    )
+    p.add_argument("--pool-clients", type=int, default=POOL_CLIENTS, help=f"pool: clients [{POOL_CLIENTS}]")
     p.add_argument("--jobs", type=int, default=1, help="worker processes [1]")
     p.add_argument("--json-dir", type=Path, default=REPO / "benchmarks" / "results", help="[benchmarks/results]")
     p.add_argument("--img-dir", type=Path, help="where the PNGs go [docs/img; --quick: the --json-dir]")
@@ -612,6 +880,8 @@ def _study_runs(study: str, base: SimConfig, seeds: Sequence[int], args: argpars
         return compare_runs(base, seeds)
     if study == "qrif":
         return qrif_runs(base, seeds, args.qrif_load)
+    if study == "pool":
+        return pool_runs(base, seeds, args.pool_fleets, args.pool_loads, args.pool_clients)
     return probe_runs(base, seeds, args.probe_loads)
 
 
@@ -626,10 +896,23 @@ def _study_config(study: str, base: SimConfig, seeds: Sequence[int], args: argpa
         "mean_work_s": base.mean_work_s,
         "capacity_qps": {seed: fleet_for(dataclasses.replace(base, seed=seed)).capacity_qps for seed in seeds},
     }
+    config["oracle"] = "the simulator's oracle on the same fleet, seed and load; *_excess_ms = figure - oracle's"
     if study == "compare":
         config["loads"] = list(COMPARE_LOADS)
-        config["policies"] = list(POLICY_CLASSES)
+        config["policies"] = [*POLICY_CLASSES, ORACLE]
         config["extra_variant"] = {"policy": "prequal", "q_rif": PAPER_COMPARE_Q_RIF}
+    elif study == "pool":
+        config["fleets"] = args.pool_fleets
+        config["clients"] = args.pool_clients
+        config["loads"] = args.pool_loads
+        config["pool_rules"] = {
+            rule: {"label": POOL_LABELS[rule], "pool_size": {n: pool_size_for(rule, n) for n in args.pool_fleets}}
+            for rule in POOL_RULES
+        }
+        config["capacity_qps"] = {
+            n: {s: fleet_for(dataclasses.replace(base, seed=s, replicas=n)).capacity_qps for s in seeds}
+            for n in args.pool_fleets
+        }
     elif study == "qrif":
         fleet = two_speed_fleet(base)
         config["simulator"] = dataclasses.asdict(fleet)
@@ -647,15 +930,17 @@ def _study_config(study: str, base: SimConfig, seeds: Sequence[int], args: argpa
 
 
 def _title(study: str, base: SimConfig, seeds: Sequence[int], args: argparse.Namespace) -> str:
-    setting = (
-        f"{base.replicas} replicas x {base.clients} clients, {base.seconds:g} s, seeds {','.join(map(str, seeds))}"
-    )
+    fleet = f"{base.replicas} replicas x {base.clients} clients"
+    if study == "pool":
+        fleet = f"{','.join(map(str, args.pool_fleets))} replicas x {args.pool_clients} clients"
+    setting = f"{fleet}, {base.seconds:g} s, seeds {','.join(map(str, seeds))}"
     if args.paper_rate:
         setting += ", paper rate (8 slots, mu 0.1 s)"
     what = {
         "compare": "p99 per policy (paper section 5.2, Fig. 7)",
         "qrif": f"Q_RIF sweep, half the replicas at 2x work, {args.qrif_load:g} of capacity (paper Fig. 9)",
         "probes": f"probe-rate sweep at load {','.join(f'{x:g}' for x in args.probe_loads)} (paper Fig. 8)",
+        "pool": "small fleets: the fixed pool of 16 against the derived one, and the oracle (issue 15)",
     }[study]
     return f"{what}\n{setting}"
 
@@ -690,6 +975,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = _study_runs(study, base, seeds, args)
         log(f"== {study}: {len(runs)} runs, seeds {','.join(map(str, seeds))}, {args.jobs} job(s)")
         records = run_all(runs, args.jobs, log)
+        add_oracle_excess(records)
+        if study == "pool":
+            add_pool_deltas(records)
         summary = summarize(records, CELL_KEYS[study])
         wall = time.perf_counter() - started
         document = {
