@@ -736,7 +736,8 @@ def plot_pool(summary: Sequence[dict[str, Any]], deadline_ms: float, path: Path,
     fleets = list(dict.fromkeys(row["replicas"] for row in summary))
     fig, axes = plt.subplots(2, len(fleets), figsize=(3.2 * len(fleets), 6.4), squeeze=False)
     for column, n in enumerate(fleets):
-        for ax, metric, name in zip(axes[:, column], ("p99_ms", "p999_ms"), ("p99", "p99.9"), strict=True):
+        panels = (axes[0][column], axes[1][column])
+        for ax, metric, name in zip(panels, ("p99_ms", "p999_ms"), ("p99", "p99.9"), strict=True):
             for variant in dict.fromkeys(row["variant"] for row in summary):
                 rows = [row for row in summary if row["replicas"] == n and row["variant"] == variant]
                 if not rows:
