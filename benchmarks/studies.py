@@ -857,6 +857,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json-dir", type=Path, default=REPO / "benchmarks" / "results", help="[benchmarks/results]")
     p.add_argument("--img-dir", type=Path, help="where the PNGs go [docs/img; --quick: the --json-dir]")
     p.add_argument("--no-plots", action="store_true", help="write no PNGs")
+    p.add_argument(
+        "--from-json",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="no simulation: plot these studies-*.json files into --img-dir (the study is in each file)",
+    )
     return p
 
 
@@ -946,8 +953,24 @@ def _title(study: str, base: SimConfig, seeds: Sequence[int], args: argparse.Nam
     return f"{what}\n{setting}"
 
 
+def replot(path: Path, img_dir: Path) -> Path:
+    """Plot a ``studies-<study>[tag].json`` into ``img_dir / studies-<plot name>[tag].png`` (no simulation)."""
+    document = json.loads(path.read_text(encoding="utf-8"))
+    config = document["config"]
+    study = config["study"]
+    name, plot = PLOTTERS[study]
+    tag = path.stem[len(f"studies-{study}") :] if path.stem.startswith(f"studies-{study}") else ""
+    deadline_ms = 1000.0 * float(config["simulator"]["deadline_s"])
+    return plot(document["summary"], deadline_ms, img_dir / f"studies-{name}{tag}.png", config.get("title", study))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.from_json:
+        img_dir_only: Path = args.img_dir or REPO / "docs" / "img"
+        for path in args.from_json:
+            print(f"plot: {replot(path, img_dir_only)}", flush=True)
+        return 0
     if args.jobs < 1:
         print("error: --jobs must be >= 1", file=sys.stderr)
         return 2
@@ -982,7 +1005,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = summarize(records, CELL_KEYS[study])
         wall = time.perf_counter() - started
         document = {
-            "config": {**_study_config(study, base, seeds, args), "wall_s": round(wall, 1)},
+            "config": {
+                **_study_config(study, base, seeds, args),
+                "title": _title(study, base, seeds, args),
+                "wall_s": round(wall, 1),
+            },
             "results": records,
             "summary": summary,
         }
