@@ -734,7 +734,7 @@ def plot_pool(summary: Sequence[dict[str, Any]], deadline_ms: float, path: Path,
 
     plt = plotting.pyplot()
     fleets = list(dict.fromkeys(row["replicas"] for row in summary))
-    fig, axes = plt.subplots(2, len(fleets), figsize=(3.2 * len(fleets), 6.4), squeeze=False)
+    fig, axes = plt.subplots(2, len(fleets), figsize=(3.2 * len(fleets), 6.4), squeeze=False, constrained_layout=True)
     for column, n in enumerate(fleets):
         panels = (axes[0][column], axes[1][column])
         for ax, metric, name in zip(panels, ("p99_ms", "p999_ms"), ("p99", "p99.9"), strict=True):
@@ -747,10 +747,11 @@ def plot_pool(summary: Sequence[dict[str, Any]], deadline_ms: float, path: Path,
                     plotting.band(ax, xs, *_spread(rows, metric), label=ORACLE, **plotting.ORACLE_STYLE)
                 else:
                     m = rows[0]["pool_size"]
-                    plotting.band(ax, xs, *_spread(rows, metric), label=f"{POOL_LABELS[variant]} (m={m})")
+                    plotting.band(ax, xs, *_spread(rows, metric), label=f"{variant}: m = {m}")
             plotting.deadline_line(ax, deadline_ms, max(r[metric]["max"] for r in summary if r["replicas"] == n))
             ax.set_title(f"n = {n}: {name} (ms)", fontsize=9)
-            ax.set_xlabel("load")
+            if metric == "p999_ms":
+                ax.set_xlabel("load (fraction of the allocation)", fontsize=8)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=6)
     fig.suptitle(title, fontsize=9)
@@ -961,7 +962,8 @@ def replot(path: Path, img_dir: Path) -> Path:
     name, plot = PLOTTERS[study]
     tag = path.stem[len(f"studies-{study}") :] if path.stem.startswith(f"studies-{study}") else ""
     deadline_ms = 1000.0 * float(config["simulator"]["deadline_s"])
-    return plot(document["summary"], deadline_ms, img_dir / f"studies-{name}{tag}.png", config.get("title", study))
+    title = config.get("title") or f"{study}, seeds {','.join(map(str, config['seeds']))}"
+    return plot(document["summary"], deadline_ms, img_dir / f"studies-{name}{tag}.png", title)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -44,6 +44,11 @@ class PrequalSettings:
 
     Parameters:
         pool_size: ``m``, the most probes kept; a newer probe of a backend replaces the older one.
+            Fixed, whatever the fleet size: with the default rates Eq. 1's reuse budget is 1 for fleets
+            of 24 backends or fewer (``reuse_budget``), so each probe is used once and the pool holds
+            every fresh probe of the fleet. A pool derived from the fleet size (``min(16, n // 3)``,
+            which gives Eq. 1 a budget of 2 there) measured worse at 6 backends and no better at 12 and
+            20 (docs/simulator.md, "Small fleets and the pool size"); set it explicitly to change it.
         max_age_s: probes older than this (by local receipt time) are dropped.
         probes_per_query: ``r_probe``; fractional values are rounded deterministically per query so
             the long-run rate is exact (paper footnote 7).
@@ -216,6 +221,14 @@ def reuse_budget(m: int, n: int, r_probe: float, r_remove: float, drift: float, 
     few probes to outpace removals) Eq. 1 has no value: no finite budget keeps the pool full. The
     budget is then 1, each probe used once: with ``m >= n`` probes are plentiful (each query probes a
     large share of the fleet) and reuse would only herd (docs/simulator.md).
+
+    The denominator is <= 0 exactly when ``n <= m / (1 - r_remove / r_probe)``. With the defaults
+    (m 16, r_probe 3, r_remove 1, drift 1, ``max_reuse`` 2) that is **n <= 24**: the budget is 1, so the
+    +1 RIF compensation of a used probe (``ProbePool.use``) is never seen by a later choice; for
+    25 <= n <= 48 Eq. 1 gives 2 or more and the cap, 2, applies; from n = 49 it is Eq. 1's own value in
+    (1, 2) (1.316 at n = 100). Issue 15's small-fleet study measured the alternative, a pool of
+    ``min(16, n // 3)`` (budget 2, compensation acting), against m = 16: worse at 6 backends, no better
+    at 12 and 20 (docs/simulator.md, "Small fleets and the pool size (issue 15, section 3)").
     """
     if n <= 0:
         return 1.0

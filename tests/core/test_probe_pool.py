@@ -80,6 +80,21 @@ def test_reuse_budget_is_one_when_eq1_is_undefined(m: int, n: int, r_probe: floa
     assert reuse_budget(m, n, r_probe, 1.0, 1.0, max_reuse=7) == 1.0
 
 
+def test_default_reuse_budget_by_fleet_size() -> None:
+    # What reuse_budget's docstring and docs/simulator.md state (issue 15, section 3): with the default
+    # settings Eq. 1 has no value up to 24 backends (budget 1), hits the cap from 25 to 48, and is its own
+    # value in (1, 2) from 49.
+    s = PrequalSettings()
+
+    def budget(n: int) -> float:
+        return reuse_budget(s.pool_size, n, s.probes_per_query, s.removals_per_query, s.drift, s.max_reuse)
+
+    assert [n for n in range(1, 200) if budget(n) == 1.0] == list(range(1, 25))
+    assert [n for n in range(1, 200) if budget(n) == 2.0] == list(range(25, 49))
+    assert all(1.0 < budget(n) < 2.0 for n in range(49, 200))
+    assert budget(100) == pytest.approx(2 / 1.52)
+
+
 def test_reuse_budget_is_capped_when_the_denominator_is_tiny() -> None:
     # (1 - 16/25) * 3 - 1 = 0.08: Eq. 1 gives 25 uses, the cap holds it at max_reuse.
     assert reuse_budget(16, 25, 3.0, 1.0, 1.0, max_reuse=2) == 2.0
