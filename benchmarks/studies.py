@@ -670,7 +670,7 @@ def plot_compare(summary: Sequence[dict[str, Any]], deadline_ms: float, path: Pa
     ax.set_xticks(range(len(variants)), variants, rotation=20, ha="right")
     ax.set_ylabel("p99 latency, ms (median, min-max over seeds)")
     ax.set_title(title, fontsize=9)
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="center left", fontsize=8)
     return plotting.save(fig, path)
 
 
