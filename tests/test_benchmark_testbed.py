@@ -127,6 +127,9 @@ def test_quick_run_writes_results_and_leaves_no_process(tmp_path: Path) -> None:
     assert replays["oracle"]["requests"] == results["prequal"]["requests"]
     assert replays["oracle"]["p99_ms"] <= min(r["p99_ms"] for r in results.values())
     assert "| single | 0.8 | **oracle** (replay) |" in done.stdout
+    from benchmarks.testbed.oracle import oracle_points  # what the tail plot draws as its floor
+
+    assert oracle_points(data, "p99_ms") == [(0.8, replays["oracle"]["p99_ms"])]
 
 
 def test_prequal_variants_run_the_gateway_with_their_own_q_rif(tmp_path: Path) -> None:

@@ -19,9 +19,11 @@ import heapq
 import itertools
 import math
 import random
+import statistics
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from prequal_middleware.core.sim_oracle import OracleView, oracle_choose
 
@@ -167,3 +169,12 @@ def replay_runs(
                 )
                 out.append({"policy": policy, "load": load, "round": round_index, **result.summary()})
     return out
+
+
+def oracle_points(document: dict[str, Any], key: str) -> list[tuple[float, float]]:
+    """(load, median over rounds of ``key``) of the oracle replayed over each run's queries (``oracle.py``)."""
+    by_load: dict[float, list[float]] = {}
+    for r in document.get("replays", []):
+        if r["policy"] == "oracle" and r.get(key) is not None:
+            by_load.setdefault(float(r["load"]), []).append(float(r[key]))
+    return [(load, statistics.median(values)) for load, values in sorted(by_load.items())]

@@ -1,7 +1,8 @@
 """PNG plots of a testbed result document (needs matplotlib: ``pip install matplotlib``).
 
 - ``testbed_tail.png``: p99 and p99.9 against load, one line per contender, one row per setting (the
-  shape of the paper's Fig. 6); invalid points (balancer above the CPU limit) are hollow.
+  shape of the paper's Fig. 6), and the oracle replayed over the same queries (``oracle.py``) as the floor;
+  invalid points (balancer above the CPU limit) are hollow.
 - ``testbed_cdf.png``: latency CDFs at one load (logit y axis, so the body and the tail both show).
 - ``testbed_shares.png``: each replica's share of the requests (times n) at that load in round 1, replicas
   sorted by their mean speed over that round's measured window, with the speed-proportional share.
@@ -16,6 +17,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+
+from .oracle import oracle_points
 
 STYLES = {
     "prequal": ("tab:red", "o", "-"),
@@ -64,6 +67,17 @@ def plot_tail(document: dict[str, Any], path: Path) -> Path:
                     if y is not None:
                         face = color if valid else "none"
                         ax.plot([x], [y], marker, color=color, markerfacecolor=face, markersize=7)
+            bound = oracle_points(document, key)
+            if bound:
+                ax.plot(
+                    [p[0] for p in bound],
+                    [p[1] for p in bound],
+                    "-",
+                    color="black",
+                    linewidth=2.5,
+                    alpha=0.5,
+                    label="oracle (replayed)",
+                )
             ax.axhline(deadline_ms, color="black", linewidth=0.8, linestyle="--")
             ax.text(ax.get_xlim()[0], deadline_ms, " deadline (errors)", va="bottom", fontsize=8)
             ax.set_yscale("log")
