@@ -258,3 +258,10 @@ def test_every_plot_draws_the_oracle_black_and_dashed(
     drawn = {round(float(args[0] if name == "axhline" else args[1][0]), 6) for name, args, _ in dashed}
     expected = {round(row["p99_ms"]["median"], 6) for row in studies.oracle_rows(summary)}
     assert expected and expected <= drawn
+
+
+def test_the_default_run_is_the_papers_three_studies() -> None:
+    # The documented `python -m benchmarks.studies --jobs 2` regenerates the paper's studies; the pool
+    # study (its own fleets and run length) runs only when asked for.
+    assert studies.build_parser().parse_args([]).studies == ["compare", "qrif", "probes"]
+    assert studies.build_parser().parse_args(["--studies", "pool"]).studies == ["pool"]
