@@ -37,6 +37,8 @@ from typing import Any, cast
 
 import httptools
 
+from .harness.stats import percentile
+
 ARRIVALS = ("poisson", "uniform")
 STATUS_TIMEOUT = 0  # no answer within timeout_s of the scheduled time
 STATUS_ERROR = -1  # connection refused, reset or closed before the answer, malformed answer
@@ -95,14 +97,6 @@ def arrival_times(rate: float, seconds: float, arrivals: str = "poisson", seed: 
     return times
 
 
-def percentile(sorted_values: Sequence[float], q: float) -> float | None:
-    """Nearest-rank percentile (``q`` in [0, 1]) of an already sorted sequence; None when empty."""
-    if not sorted_values:
-        return None
-    rank = max(1, math.ceil(q * len(sorted_values)))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
-
-
 def summarize(
     times: Sequence[float],
     statuses: Sequence[int],
@@ -145,8 +139,7 @@ def summarize(
     lags.sort()
 
     def ms(values: Sequence[float], q: float) -> float | None:
-        value = percentile(values, q)
-        return None if value is None else 1000.0 * value
+        return 1000.0 * percentile(values, q) if values else None  # None, not NaN: the JSON stays valid
 
     return {
         "scheduled": scheduled,

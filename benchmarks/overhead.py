@@ -45,7 +45,6 @@ import os
 import platform
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -57,6 +56,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TextIO, TypeVar
 
+from .harness.cpu import CLK_TCK, CpuStat, cpu_ticks
+from .harness.ports import free_port
+from .harness.procs import Supervisor
+from .harness.progress import progress as progress_line
+from .harness.rounds import rotated
+from .harness.stats import median as _median
 from .overhead_targets import STATS_MARKER
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,7 +78,6 @@ UPSTREAMS = 2
 STARTUP_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 5.0
 WRK_TIMEOUT = "5s"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # --- targets -----------------------------------------------------------------------------------------
@@ -244,24 +248,29 @@ def baseline_tree(rev: str) -> Iterator[Path]:
 # --- processes -----------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
 class Process:
-    """A child process we started, output to a log file; stopped by its PID (terminate, then kill)."""
+    """A child process we started, pinned to ``cpu``, output to a log file; stopped by its PID.
 
-    def __init__(self, name: str, argv: list[str], cpu: int, log_dir: Path, cwd: Path | None = None) -> None:
+    Started and stopped by a ``benchmarks.harness.procs.Supervisor`` (its own unless one is given):
+    SIGTERM, SIGKILL after ``STOP_TIMEOUT_S``, its descendants too.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        cpu: int,
+        log_dir: Path,
+        cwd: Path | None = None,
+        supervisor: Supervisor | None = None,
+    ) -> None:
         self.name = name
         self.log_path = log_dir / f"{name.replace('@', '-at-')}-{time.monotonic_ns()}.log"
         self._log: TextIO = self.log_path.open("w")
+        self._supervisor = supervisor or Supervisor()
         # taskset execs the command: the PID is the target's own. The working directory comes first on
         # sys.path, so a baseline tree's target imports that tree's prequal_middleware.
-        self.popen = subprocess.Popen(
-            ["taskset", "-c", str(cpu), *argv], cwd=cwd or REPO, stdout=self._log, stderr=subprocess.STDOUT
-        )
+        self.popen = self._supervisor.spawn(argv, cpu=cpu, cwd=cwd or REPO, stdout=self._log, stderr=subprocess.STDOUT)
         self.pid = self.popen.pid
 
     def log_tail(self, lines: int = 20) -> str:
@@ -281,13 +290,7 @@ class Process:
         return None
 
     def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(STOP_TIMEOUT_S)
+        self._supervisor.stop(self.popen, STOP_TIMEOUT_S)
         self._log.close()
 
 
@@ -324,38 +327,6 @@ def started(
         yield process
     finally:
         process.stop()
-
-
-def cpu_ticks(pid: int) -> int:
-    """utime + stime + cutime + cstime of ``pid``, in clock ticks."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    # Fields after "(comm)" start at field 3 (state); utime, stime, cutime, cstime are fields 14-17.
-    return sum(int(x) for x in fields[11:15])
-
-
-@dataclass(frozen=True)
-class CpuStat:
-    """Jiffies (clock ticks) of one CPU from /proc/stat."""
-
-    total: int
-    busy: int  # user + nice + system + irq + softirq: work by any process on this CPU
-    steal: int  # taken by the hypervisor for other guests
-
-    @classmethod
-    def read(cls, cpu: int) -> CpuStat:
-        with open("/proc/stat") as f:
-            for line in f:
-                if line.startswith(f"cpu{cpu} "):
-                    user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in line.split()[1:9])
-                    total = user + nice + system + idle + iowait + irq + softirq + steal
-                    return cls(total, user + nice + system + irq + softirq, steal)
-        raise RuntimeError(f"CPU {cpu} not in /proc/stat")
-
-    def pct_since(self, before: CpuStat, ticks: int) -> float:
-        """``ticks`` as % of this CPU's time since ``before``."""
-        total = self.total - before.total
-        return 100.0 * ticks / total if total > 0 else 0.0
 
 
 # --- wrk -------------------------------------------------------------------------------------------------
@@ -479,7 +450,7 @@ class Settings:
 
 
 def measure(target: Target, connections: int, round_no: int, settings: Settings, log_dir: Path) -> Sample:
-    port = free_port()
+    port = free_port(HOST)
     url = f"http://{HOST}:{port}{PATH}"
     profile = None
     if settings.profile_dir is not None:
@@ -549,11 +520,6 @@ def progress(sample: Sample, rounds: int) -> str:
 # --- the run -------------------------------------------------------------------------------------------------
 
 
-def rotated(names: Sequence[str], round_index: int) -> list[str]:
-    k = round_index % len(names)
-    return [*names[k:], *names[:k]]
-
-
 class _Quietable(Protocol):
     attempts: int
     contended: bool
@@ -588,10 +554,10 @@ def quietest(measure_once: Callable[[], S], describe: Callable[[S], str], settin
         if best is None or sample.interference_pct < best.interference_pct:
             best = sample
         if sample.interference_pct <= settings.max_interference_pct:
-            print(line, file=sys.stderr, flush=True)
+            progress_line(line)
             break
         verdict = "repeating" if attempt <= settings.retries else "kept the quietest, contended"
-        print(f"{line}  [other load {sample.interference_pct:.0f}%: {verdict}]", file=sys.stderr, flush=True)
+        progress_line(f"{line}  [other load {sample.interference_pct:.0f}%: {verdict}]")
     assert best is not None
     best.attempts = attempt
     best.contended = best.interference_pct > settings.max_interference_pct
@@ -604,7 +570,7 @@ def upstreams_running(settings: Settings, log_dir: Path) -> Iterator[list[Proces
     backends: list[Process] = []
     try:
         for i in range(settings.backends):
-            port = free_port()
+            port = free_port(HOST)
             upstream = f"http://{HOST}:{port}"
             argv = python_target("backend")(LaunchContext(port, [], log_dir, None))
             process = Process(f"upstream{i + 1}", argv, settings.load_cpu, log_dir)
@@ -648,11 +614,6 @@ def _stat_ratio(sample: Sample, name: str) -> float | None:
     if not isinstance(sent, int) or not isinstance(skipped, int) or not isinstance(value, int):
         return None
     return value / (sent + skipped) if sent + skipped > 0 else None
-
-
-def _median(values: Sequence[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return statistics.median(present) if present else None
 
 
 def summarize(samples: list[Sample], settings: Settings) -> list[dict[str, Any]]:

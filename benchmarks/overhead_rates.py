@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import select
 import statistics
 import subprocess
@@ -37,6 +36,11 @@ from pathlib import Path
 from typing import Any
 
 from . import overhead as oh
+from .harness.cpu import CLK_TCK, CPU_CLOCK, CpuStat, process_cpu_s
+from .harness.ports import free_port
+from .harness.procs import Supervisor
+from .harness.rounds import rotated
+from .harness.stats import median as _median
 
 OPENLOOP_TIMEOUT_S = 5.0
 LEAD_S = 0.3  # between the generator's "ready" and arrival 0
@@ -44,37 +48,7 @@ LATE_LAG_P99_MS = 5.0  # a generator later than this at p99 flags the result (it
 
 
 # --- CPU ------------------------------------------------------------------------------------------------
-
-
-def _schedstat_ok() -> bool:
-    try:
-        with open(f"/proc/{os.getpid()}/schedstat") as f:
-            return len(f.read().split()) >= 1
-    except OSError:
-        return False
-
-
-SCHEDSTAT = _schedstat_ok()
-CPU_CLOCK = "schedstat (ns, all threads)" if SCHEDSTAT else "stat ticks (utime + stime + children)"
-
-
-def process_cpu_s(pid: int) -> float:
-    """CPU seconds ``pid`` has used: the sum over its live threads' schedstat run time (ns), else ticks."""
-    if SCHEDSTAT:
-        total = 0
-        try:
-            tids = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            tids = []
-        for tid in tids:
-            try:
-                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                    total += int(f.read().split()[0])
-            except (OSError, ValueError, IndexError):
-                continue  # a thread that just ended
-        if tids:
-            return total / 1e9
-    return oh.cpu_ticks(pid) / oh.CLK_TCK
+# Per process: ``benchmarks.harness.cpu.process_cpu_s`` (schedstat, else stat ticks).
 
 
 def per_request_us(cpu_before_s: float, cpu_after_s: float, requests: int) -> float | None:
@@ -91,8 +65,8 @@ class Snapshot:
     target_cpu_s: float
     upstream_cpu_s: float  # all upstreams together
     client_cpu_s: float
-    proxy_cpu: oh.CpuStat
-    load_cpu: oh.CpuStat
+    proxy_cpu: CpuStat
+    load_cpu: CpuStat
     probes: int
     upstream_requests: int
     wall_s: float
@@ -105,8 +79,8 @@ class Snapshot:
             target_cpu_s=process_cpu_s(target),
             upstream_cpu_s=sum(process_cpu_s(pid) for pid in upstreams),
             client_cpu_s=process_cpu_s(client),
-            proxy_cpu=oh.CpuStat.read(settings.proxy_cpu),
-            load_cpu=oh.CpuStat.read(settings.load_cpu),
+            proxy_cpu=CpuStat.read(settings.proxy_cpu),
+            load_cpu=CpuStat.read(settings.load_cpu),
             probes=counts[0],
             upstream_requests=counts[1],
             wall_s=time.perf_counter(),
@@ -203,7 +177,7 @@ def rate_sample(
         client_cpu_us_per_req=per_request_us(before.client_cpu_s, after.client_cpu_s, answered),
         client_cpu_pct=100.0 * client_s / elapsed,
         steal_pct=after.proxy_cpu.pct_since(before.proxy_cpu, after.proxy_cpu.steal - before.proxy_cpu.steal),
-        others_pct=after.proxy_cpu.pct_since(before.proxy_cpu, max(0, round(proxy_busy - target_s * oh.CLK_TCK))),
+        others_pct=after.proxy_cpu.pct_since(before.proxy_cpu, max(0, round(proxy_busy - target_s * CLK_TCK))),
         load_cpu_busy_pct=after.load_cpu.pct_since(before.load_cpu, after.load_cpu.busy - before.load_cpu.busy),
         probes=probes,
         upstream_requests=upstream_requests,
@@ -244,30 +218,23 @@ def _sleep_until(deadline: float) -> None:
 @contextlib.contextmanager
 def generator_process(cpu: int, log_dir: Path) -> Iterator[subprocess.Popen[str]]:
     """``python -m benchmarks.openloop`` pinned to ``cpu``; stopped by its PID on the way out."""
-    log = (log_dir / f"openloop-{time.monotonic_ns()}.log").open("w")
-    proc = subprocess.Popen(
-        ["taskset", "-c", str(cpu), sys.executable, "-m", "benchmarks.openloop"],
-        cwd=oh.REPO,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=log,
-        text=True,
-    )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(oh.STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(oh.STOP_TIMEOUT_S)
-        log.close()
+    with (log_dir / f"openloop-{time.monotonic_ns()}.log").open("w") as log, Supervisor() as supervisor:
+        proc = supervisor.spawn(
+            [sys.executable, "-m", "benchmarks.openloop"],
+            cpu=cpu,
+            cwd=oh.REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+        )
+        try:
+            yield proc
+        finally:
+            supervisor.stop(proc, oh.STOP_TIMEOUT_S)
 
 
 def measure_rate(target: oh.Target, rate: float, round_no: int, settings: oh.Settings, log_dir: Path) -> RateSample:
-    port = oh.free_port()
+    port = free_port(oh.HOST)
     url = f"http://{oh.HOST}:{port}{oh.PATH}"
     ctx = oh.LaunchContext(port, list(settings.upstreams) if target.proxies else [], log_dir, None)
     spec = {
@@ -321,7 +288,7 @@ def run_rates(settings: oh.Settings, log_dir: Path) -> list[RateSample]:
     with oh.upstreams_running(settings, log_dir) as backends:
         for round_index in range(settings.rounds):
             for rate in settings.rates:
-                for name in oh.rotated(settings.targets, round_index):
+                for name in rotated(settings.targets, round_index):
                     target = oh.TARGETS_BY_NAME[name]
 
                     def once(target: oh.Target = target, rate: float = rate, r: int = round_index + 1) -> RateSample:
@@ -357,11 +324,6 @@ def _paired(samples: Sequence[RateSample], ours: Sequence[RateSample], other: st
         if a_value is not None and b_value:
             ratios.append(a_value / b_value)
     return statistics.median(ratios) if ratios else None
-
-
-def _median(values: Sequence[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return statistics.median(present) if present else None
 
 
 def summarize_rates(samples: list[RateSample], settings: oh.Settings) -> list[dict[str, Any]]:

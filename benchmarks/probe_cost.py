@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -30,6 +28,9 @@ from starlette.applications import Starlette
 
 from prequal_middleware.backend.load_reporting import LoadReportingMiddleware
 from prequal_middleware.transports.probe import ProbeClient
+
+from .harness.ports import free_port, wait_port
+from .harness.procs import Supervisor
 
 PROBE_PATH = "/_prequal/probe"
 WARMUP = 500
@@ -56,24 +57,11 @@ def backend_app() -> LoadReportingMiddleware:
     return LoadReportingMiddleware(Starlette())
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_backend(port: int) -> subprocess.Popen[bytes]:
+def start_backend(port: int, supervisor: Supervisor) -> None:
     command = [sys.executable, "-m", "benchmarks.probe_cost", "--serve", str(port)]
-    process = subprocess.Popen(command)
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-            return process
-        except OSError:
-            time.sleep(0.05)
-    process.kill()
-    raise RuntimeError("the backend did not start")
+    supervisor.spawn(command, stdout=None)
+    if not wait_port(port, STARTUP_TIMEOUT_S):
+        raise RuntimeError("the backend did not start")
 
 
 async def measure(probe: Probe, n: int) -> tuple[float, float]:
@@ -166,8 +154,8 @@ def main() -> None:
         uvicorn.run(backend_app(), host="127.0.0.1", port=args.serve, log_level="warning", timeout_keep_alive=3600)
         return
     port = free_port()
-    backend = start_backend(port)
-    try:
+    with Supervisor(pin=False) as supervisor:  # its exit stops the backend, whatever happened
+        start_backend(port, supervisor)
         coroutine = run(f"http://127.0.0.1:{port}", args.n, args.rounds)
         if args.loop == "uvloop":
             import uvloop
@@ -175,9 +163,6 @@ def main() -> None:
             uvloop.run(coroutine)
         else:
             asyncio.run(coroutine)
-    finally:
-        backend.terminate()
-        backend.wait()
 
 
 if __name__ == "__main__":

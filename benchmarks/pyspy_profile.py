@@ -24,7 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.overhead import LaunchContext, free_port, python_target, started
+from benchmarks.harness.ports import free_port
+from benchmarks.overhead import LaunchContext, python_target, started
 from benchmarks.overhead_targets import APPS
 
 PACKAGES = ("aiohttp", "uvicorn", "starlette", "prometheus_client", "asyncio", "yarl", "multidict", "httptools")

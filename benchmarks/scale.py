@@ -60,6 +60,9 @@ from prequal_middleware.gateway import scheduler as scheduler_module
 from prequal_middleware.testing import CannedResponse, FakeClock, MockTransport
 from prequal_middleware.transports.probe import ProbeCallback, ProbeResult
 
+from .harness.progress import progress
+from .harness.rounds import rotated
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_JSON = REPO / "docs" / "results" / "scale.json"
 POLICIES = ("prequal", "round_robin")
@@ -359,11 +362,6 @@ def fmt(s: dict[str, Any], digits: int = 1) -> str:
     return f"{s['median']:,.{digits}f} ({s['min']:,.{digits}f}–{s['max']:,.{digits}f})"
 
 
-def rotated(items: list[Any], r: int) -> list[Any]:
-    k = r % len(items) if items else 0
-    return items[k:] + items[:k]
-
-
 async def measure_gateway(
     rounds: int, requests: int, warmup: int, progress: Callable[[str], None]
 ) -> list[dict[str, Any]]:
@@ -530,9 +528,6 @@ def goal(gateway: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    def progress(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
     scheduler_module.GAUGE_INTERVAL_S = 3600.0  # measured on its own (loops_us_per_call)
     started = time.monotonic()
     gateway = await measure_gateway(args.rounds, args.requests, args.warmup, progress)

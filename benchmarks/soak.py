@@ -17,8 +17,9 @@ unregisters) and started again; another unregistered through the admin API (it d
 A failed request counts as *injected* when it was in flight at the instant of a SIGKILL (its exchange
 was cut by the fault); any other failure is *unexpected*. Every ``--report-every`` seconds (and at the
 start and the end) it prints requests, errors, and the gateway process's RSS and open file descriptors
-(from /proc). ``--json`` writes the summary; ``--doc`` writes it into the long-run section of
-docs/reliability.md (between the ``soak-long`` markers, which the test suite keeps as they are).
+(from /proc) to stderr; the summary goes to stdout. ``--json`` writes the summary; ``--doc`` writes it into
+the long-run section of docs/reliability.md (between the ``soak-long`` markers, which the test suite keeps
+as they are).
 """
 
 from __future__ import annotations
@@ -26,14 +27,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import hashlib
 import json
 import math
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,6 +44,11 @@ from pathlib import Path
 from typing import IO, Any
 
 import aiohttp
+
+from benchmarks.harness.ports import free_fixed_port
+from benchmarks.harness.procs import Supervisor
+from benchmarks.harness.progress import progress
+from benchmarks.harness.stats import percentile
 
 REPO = Path(__file__).resolve().parents[1]
 LONG_SOAK_START = "<!-- soak-long:start -->"  # the same markers as tests/reliability/report.py
@@ -145,35 +149,23 @@ def run_backend(args: argparse.Namespace) -> int:
 
 # --- child processes -------------------------------------------------------------------------------
 
-_prctl = ctypes.CDLL(None, use_errno=True).prctl
 
-
-def _die_with_parent() -> None:
-    _prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: no orphan survives the driver
-
-
-def free_port() -> int:
-    """A bindable loopback port below the ephemeral range (no outgoing connection can take it meanwhile)."""
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(20000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port")
+def supervisor() -> Supervisor:
+    """The driver's children: unpinned, SIGKILLed if the driver dies (no orphan survives it)."""
+    return Supervisor(pin=False, death_signal=signal.SIGKILL)
 
 
 @dataclass
 class Child:
+    """A process the soak starts, stops, SIGKILLs and starts again on the same port (a fixed one)."""
+
     name: str
     argv: list[str]
     port: int
     log_dir: Path
     env: dict[str, str] = field(default_factory=dict)
-    popen: subprocess.Popen[bytes] | None = None
+    supervisor: Supervisor = field(default_factory=supervisor, repr=False)
+    popen: subprocess.Popen[Any] | None = None
     _log: IO[bytes] | None = None
 
     @property
@@ -185,15 +177,7 @@ class Child:
         self._log = open(self.log_dir / f"{self.name}.log", "ab")  # open for the child's life
         env = {k: v for k, v in os.environ.items() if k == "PREQUAL_TRANSPORT" or not k.startswith("PREQUAL_")}
         env.update(PYTHONUNBUFFERED="1", **self.env)
-        self.popen = subprocess.Popen(
-            self.argv,
-            cwd=REPO,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
-        )
+        self.popen = self.supervisor.spawn(self.argv, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
     @property
     def pid(self) -> int:
@@ -204,20 +188,14 @@ class Child:
         return self.popen is not None and self.popen.poll() is None
 
     def kill(self) -> None:
-        if self.alive():
-            assert self.popen is not None
-            self.popen.kill()
-            self.popen.wait(10)
+        """SIGKILL (the injected fault): no chance to clean up."""
+        if self.popen is not None:
+            self.supervisor.stop(self.popen, 10.0, signal.SIGKILL)
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        if self.alive():
-            assert self.popen is not None
-            self.popen.terminate()
-            try:
-                self.popen.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(10)
+        """SIGTERM, SIGKILL after ``timeout_s``."""
+        if self.popen is not None:
+            self.supervisor.stop(self.popen, timeout_s)
         self.close_log()
 
     def close_log(self) -> None:
@@ -226,20 +204,20 @@ class Child:
             self._log = None
 
 
-def backend_child(name: str, log_dir: Path, register: str | None = None) -> Child:
-    port = free_port()
+def backend_child(name: str, log_dir: Path, supervisor: Supervisor, register: str | None = None) -> Child:
+    port = free_fixed_port()
     argv = [sys.executable, "-m", "benchmarks.soak", "--role", "backend", "--name", name, "--port", str(port)]
     if register:
         argv += ["--register", register]
-    return Child(name, argv, port, log_dir)
+    return Child(name, argv, port, log_dir, supervisor=supervisor)
 
 
-def gateway_child(log_dir: Path, statics: list[str]) -> Child:
-    port = free_port()
+def gateway_child(log_dir: Path, statics: list[str], supervisor: Supervisor) -> Child:
+    port = free_fixed_port()
     argv = [sys.executable, "-m", "uvicorn", "example_app.gateway:app", "--port", str(port), "--log-level", "warning"]
     argv += ["--no-proxy-headers", "--no-server-header", "--no-date-header"]
     pools = {"/api": {"upstreams": statics, "timeouts": {"response_headers_s": 15, "read_idle_s": 15}}}
-    return Child("gateway", argv, port, log_dir, {"PREQUAL_POOLS": json.dumps(pools)})
+    return Child("gateway", argv, port, log_dir, {"PREQUAL_POOLS": json.dumps(pools)}, supervisor)
 
 
 def proc_figures(pid: int) -> tuple[float, int]:
@@ -310,13 +288,14 @@ class Soak:
         self.digests = {n: pattern_digest(n) for n in DOWNLOADS}
         self.uploads = {n: self.rng.randbytes(n) for n in UPLOADS}
         self.upload_sha = {n: hashlib.sha256(b).hexdigest() for n, b in self.uploads.items()}
-        stable = [backend_child(f"static-{i}", log_dir) for i in range(2)]
-        self.victim = backend_child("static-killed", log_dir)
+        self.supervisor = supervisor()  # every child's: whatever is still running is stopped on the way out
+        stable = [backend_child(f"static-{i}", log_dir, self.supervisor) for i in range(2)]
+        self.victim = backend_child("static-killed", log_dir, self.supervisor)
         self.statics = [*stable, self.victim]
-        self.gateway = gateway_child(log_dir, [b.url for b in self.statics])
+        self.gateway = gateway_child(log_dir, [b.url for b in self.statics], self.supervisor)
         admin = self.gateway.url + "/_prequal"
-        self.self_registered = backend_child("self-registered", log_dir, register=admin)
-        self.admin_registered = backend_child("admin-registered", log_dir)
+        self.self_registered = backend_child("self-registered", log_dir, self.supervisor, register=admin)
+        self.admin_registered = backend_child("admin-registered", log_dir, self.supervisor)
         self.backends = [*self.statics, self.self_registered, self.admin_registered]
 
     # --- lifecycle ---
@@ -338,8 +317,9 @@ class Soak:
                 await self.wait_members(5)
                 summary = await self.drive()
         finally:
-            for child in [*self.backends, self.gateway]:
-                child.stop()
+            with self.supervisor:  # its exit stops any child the loop below did not
+                for child in [*self.backends, self.gateway]:
+                    child.stop()
         summary.wall_s = round(time.monotonic() - started, 1)
         return summary
 
@@ -518,18 +498,16 @@ class Soak:
         except (aiohttp.ClientError, OSError, TimeoutError):
             members = -1
         s = Sample(round(t, 1), requests, ok, injected, unexpected, round(rss, 1), fds, members)
-        print(
+        progress(
             f"[{s.t:7.1f} s] requests {s.requests:7d}  ok {s.ok:7d}  errors {s.injected} injected"
-            f" + {s.unexpected} unexpected  | gateway RSS {s.rss_mib:6.1f} MiB  fds {s.fds:4d}  | members {s.members}",
-            flush=True,
+            f" + {s.unexpected} unexpected  | gateway RSS {s.rss_mib:6.1f} MiB  fds {s.fds:4d}  | members {s.members}"
         )
         return s
 
     def print_header(self) -> None:
-        print(
+        progress(
             f"soak: {self.duration_s:g} s at {self.rate:g} req/s through gateway pid {self.gateway.pid} "
-            f"({self.gateway.url}), 5 backends, a churn event every {self.churn_every_s:g} s; logs in {self.log_dir}",
-            flush=True,
+            f"({self.gateway.url}), 5 backends, a churn event every {self.churn_every_s:g} s; logs in {self.log_dir}"
         )
 
     def summarise(self, samples: list[Sample], wall0: float) -> Summary:
@@ -547,7 +525,7 @@ class Soak:
             c["ok" if o.ok else ("injected" if self.injected(o) else "unexpected")] += 1
         s.by_kind = {k: dict(v) for k, v in sorted(by_kind.items())}
         latencies = sorted(o.end - o.start for o in self.outcomes if o.ok and o.kind == "GET echo")
-        s.latency_ms = {q: round(_quantile(latencies, f) * 1000, 1) for q, f in (("p50", 0.5), ("p99", 0.99))}
+        s.latency_ms = {q: round(percentile(latencies, f) * 1000, 1) for q, f in (("p50", 0.5), ("p99", 0.99))}
         s.churn = dict(self.churn)
         warm = next((x for x in samples if x.t >= self.warmup_s), samples[0])
         after = [x for x in samples if x.t >= self.warmup_s]
@@ -565,12 +543,6 @@ class Soak:
         }
         s.samples = samples
         return s
-
-
-def _quantile(values: list[float], q: float) -> float:
-    if not values:
-        return math.nan
-    return values[max(0, min(len(values) - 1, math.ceil(q * len(values)) - 1))]
 
 
 # --- output ----------------------------------------------------------------------------------------

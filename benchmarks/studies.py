@@ -50,6 +50,8 @@ from typing import Any
 from prequal_middleware.core import POLICY_CLASSES, PrequalSettings, reuse_budget
 from prequal_middleware.core.simulator import ORACLE, RunResult, SimConfig, fleet_for, simulate
 
+from .harness.progress import progress
+
 REPO = Path(__file__).resolve().parents[1]
 STUDIES = ("compare", "qrif", "probes", "pool")
 DEFAULT_STUDIES = ("compare", "qrif", "probes")  # the paper's; ``pool`` runs when asked for
@@ -998,15 +1000,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("warning: matplotlib is not installed; no plots (pip install matplotlib)", file=sys.stderr)
             plots = False
     deadline_ms = 1000.0 * base.deadline_s
-
-    def log(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
     for study in args.studies:
         started = time.perf_counter()
         runs = _study_runs(study, base, seeds, args)
-        log(f"== {study}: {len(runs)} runs, seeds {','.join(map(str, seeds))}, {args.jobs} job(s)")
-        records = run_all(runs, args.jobs, log)
+        progress(f"== {study}: {len(runs)} runs, seeds {','.join(map(str, seeds))}, {args.jobs} job(s)")
+        records = run_all(runs, args.jobs, progress)
         add_oracle_excess(records)
         if study == "pool":
             add_pool_deltas(records)

@@ -18,11 +18,11 @@ from typing import Any
 
 from prequal_middleware.core.load_tracker import WINDOW_SERVICE_TIMES
 
+from ..harness.procs import TASKSET, Supervisor
 from .contenders import ALL_CONTENDERS, SETTINGS, VARIANT_GRAMMAR, contender, find_binary
 from .fleet import FleetConfig
 from .metrics import aggregate, cdf_points
 from .oracle import replay_runs
-from .procs import TASKSET, Supervisor
 from .report import detail_table, fmt, oracle_table, pivot_table, reports_pair_table, share_range, sinkhole_table
 from .runner import Fleet, Options, Runner, TestbedError, options_json, schedule
 

@@ -1,7 +1,8 @@
 """Summaries of one run and of several rounds: percentiles, errors, shares, probes per request, CPU.
 
-Percentiles are nearest-rank over every measured request (those *scheduled* in the measured window), an
-error counting as the deadline, as in the simulator (the paper's "TO"). Standard library only.
+Percentiles are ``benchmarks.harness.stats.percentile`` (nearest rank) over every measured request (those
+*scheduled* in the measured window), an error counting as the deadline, as in the simulator (the paper's
+"TO"). Standard library only.
 """
 
 from __future__ import annotations
@@ -11,20 +12,13 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
+from ..harness.stats import median, percentile
 from .loadgen import STATUS_CONNECT_ERROR, STATUS_TIMEOUT
 
 # Quantiles kept for CDF plots: dense in the body, then log-spaced into the tail.
 CDF_QUANTILES = tuple(
     sorted({round(q / 100, 4) for q in range(0, 100, 2)} | {round(1 - 10 ** (-k / 8), 5) for k in range(8, 33)})
 )
-
-
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (``q`` in [0, 1]) of an already sorted sequence; NaN when empty."""
-    if not sorted_values:
-        return math.nan
-    rank = max(1, math.ceil(q * len(sorted_values)))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
 def pearson(xs: Sequence[float], ys: Sequence[float]) -> float | None:
@@ -101,8 +95,9 @@ def cdf_points(sorted_latencies_ms: Sequence[float]) -> list[list[float]]:
 
 
 def _median(values: Sequence[float]) -> float:
-    finite = [v for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
-    return statistics.median(finite) if finite else math.nan
+    """The median over rounds of the figures present; NaN when no round has one."""
+    value = median(values)
+    return math.nan if value is None else value
 
 
 def aggregate(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:

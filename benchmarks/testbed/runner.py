@@ -30,10 +30,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..harness.cpu import cpu_jiffies, cpu_times
+from ..harness.ports import free_port
+from ..harness.procs import Supervisor
+from ..harness.stats import percentile
 from .contenders import DEFAULT_FLEET_INSTANCES, Contender, plan
 from .fleet import FleetConfig, mean_speeds
-from .metrics import pearson, percentile, summarize_records
-from .procs import Supervisor, cpu_jiffies, cpu_times, free_port
+from .metrics import pearson, summarize_records
 
 REPO = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 20.0
