@@ -9,7 +9,8 @@ The real-process twin of the simulator (docs/simulator.md), on one machine, afte
 - ``contenders``: our gateway with each policy, nginx and haproxy, in the ``single`` and ``fleet`` settings;
 - ``runner``: one fresh contender and load generator per run, CPU and counters over the measured window;
 - ``metrics``, ``report``, ``plots``: percentiles and aggregation, the tables, the PNGs;
-- ``procs``: pinning, stopping by PID, /proc accounting; ``cli``: the command line.
+- ``cli``: the command line. Processes (pinning, stopping by PID), ports, /proc accounting and the
+  percentile come from ``benchmarks.harness`` (``procs`` here only re-exports them for old imports).
 
     python -m benchmarks.testbed --setup         # apt-get install nginx haproxy when missing
     python -m benchmarks.testbed --quick         # about a minute
