@@ -134,13 +134,15 @@ class Supervisor:
                 os.kill(pid, signal.SIGTERM)
             while time.monotonic() < deadline:
                 stat = read_stat(pid)
-                # A zombie is done: its parent (often not us) reaps it, maybe never in a container.
-                if stat is None or stat.start_ticks != ticks or stat.state == "Z":
+                if stat is None or stat.start_ticks != ticks:
+                    return
+                if stat.state == "Z":
+                    # Exited, waiting to be reaped by its parent (often not us; in a container maybe
+                    # never): no use waiting. SIGKILL anyway: a leader zombie can still have live threads.
                     break
                 time.sleep(0.05)
-            else:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def stop_all(self) -> None:
         """Stop every process still running, the last started first."""
