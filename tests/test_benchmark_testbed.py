@@ -10,11 +10,13 @@ are included when installed, and always under ``CI`` (where their absence then f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -52,12 +54,14 @@ def _stat(pid: str) -> tuple[int, int]:
     return int(fields[1]), int(fields[19])
 
 
-def _tagged_processes(tag: str, started_after: int) -> list[str]:
+def _tagged_processes(tag: str, scratch: Path, started_after: int) -> list[str]:
     """Processes the benchmark started that are still alive.
 
     They carry ``tag`` in their environment, except nginx, which rewrites that memory for its process
-    titles: its master names the benchmark's temporary directory, and a worker has such a master as
-    parent, or init if orphaned (then it started after ``started_after``, in clock ticks since boot).
+    titles: its master names the benchmark's temporary directory (under ``scratch``, this test's own
+    ``TMPDIR``: another testbed running on the machine is never matched), and a worker has such a master as
+    parent, or init if orphaned (then it started after ``started_after``, in clock ticks since boot, and is
+    reported, not killed: it cannot be told apart from another run's).
     """
     needle = f"TESTBED_SMOKE_TAG={tag}".encode()
     found: dict[int, str] = {}
@@ -71,7 +75,7 @@ def _tagged_processes(tag: str, started_after: int) -> list[str]:
             ppid, start = _stat(entry)
         except (OSError, ValueError):
             continue
-        if needle in environ.split(b"\0") or "prequal-testbed-" in cmdline:
+        if needle in environ.split(b"\0") or str(scratch) in cmdline:
             found[int(entry)] = cmdline.strip()
         elif cmdline.startswith("nginx: worker process"):
             workers[int(entry)] = (ppid, start, cmdline.strip())
@@ -79,6 +83,10 @@ def _tagged_processes(tag: str, started_after: int) -> list[str]:
         if ppid in found or (ppid == 1 and start >= started_after):
             found[pid] = cmdline
     return [f"{pid}: {cmdline}" for pid, cmdline in found.items()]
+
+
+def _orphan(line: str) -> bool:
+    return line.split(": ", 1)[1].startswith("nginx: worker process") and _stat(line.split(":", 1)[0])[0] == 1
 
 
 def test_quick_run_writes_results_and_leaves_no_process(tmp_path: Path) -> None:
@@ -90,11 +98,16 @@ def test_quick_run_writes_results_and_leaves_no_process(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "benchmarks.testbed", "--quick", "--loads", "0.8", "--seconds", "2"]
     command += ["--warmup", "1", "--contenders", ",".join(contenders), "--no-plots", "--json", str(out)]
     tag = uuid.uuid4().hex
-    env = {**os.environ, "TESTBED_SMOKE_TAG": tag}
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    env = {**os.environ, "TESTBED_SMOKE_TAG": tag, "TMPDIR": str(scratch)}
     started_after = _stat("self")[1]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=110, check=False)
-    leftover = _tagged_processes(tag, started_after)
-    for line in leftover:  # never leave them running, even when the test fails
+    leftover = _tagged_processes(tag, scratch, started_after)
+    for line in leftover:  # never leave them running, even when the test fails (but only ours, by PID)
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if _orphan(line):
+                continue
         pid = int(line.split(":", 1)[0])
         try:
             os.kill(pid, 9)
@@ -349,3 +362,23 @@ def test_the_oracle_replay_serves_the_fleet_model_and_never_uses_a_sinkhole() ->
     assert over.errors > 0 and max(over.latencies_ms) == 5000.0
     with pytest.raises(ValueError, match="replay policy"):
         replay(honest, "k", 40.0, times, works, 5.0, (2.0, 22.0), policy="least_request")
+
+
+def test_the_leftover_check_matches_this_runs_processes_only(tmp_path: Path) -> None:
+    """Another testbed on the machine (another run's nginx master) is never taken for this run's leftover."""
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    started_after = _stat("self")[1]
+    procs = [
+        subprocess.Popen(["bash", "-c", f'exec -a "nginx: master process -p {d}/prequal-testbed-x" sleep 30'])
+        for d in (ours, theirs)
+    ]
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not _tagged_processes("no-such-tag", ours, started_after):
+            time.sleep(0.05)
+        found = _tagged_processes("no-such-tag", ours, started_after)
+        assert [int(line.split(":", 1)[0]) for line in found] == [procs[0].pid], found
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
