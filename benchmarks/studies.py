@@ -84,7 +84,7 @@ PROBE_LOADS = (1.3, 0.9)
 POOL_FLEETS = (6, 12, 20, 36)
 POOL_CLIENTS = 4
 POOL_LOADS = (0.7, 0.9, 1.2)
-POOL_FIXED = 16  # the paper's m, the library's pool size before issue 15
+POOL_FIXED = 16  # the paper's m and the library's default (kept: docs/simulator.md)
 POOL_RULES = ("fixed", "derived")
 POOL_LABELS = {"fixed": "m = 16", "derived": "m = min(16, max(2, n // 3))"}
 
