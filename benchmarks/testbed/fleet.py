@@ -31,11 +31,12 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from prequal_middleware.core.load_tracker import WINDOW_SERVICE_TIMES
-from prequal_middleware.core.sim_fleet import antagonist_busy, replica_model_checks
 
-# E[X | X > 0] for X ~ Normal(mu, mu) is mu * (1 + phi(1) / Phi(1)) ~= 1.2876 * mu.
-TRUNCATED_MEAN_FACTOR = 1.0 + (math.exp(-0.5) / math.sqrt(2.0 * math.pi)) / (
-    0.5 * (1.0 + math.erf(1.0 / math.sqrt(2.0)))
+# The model's pieces shared with the simulator: one definition of the work distribution and its mean.
+from prequal_middleware.core.sim_fleet import (
+    TRUNCATED_MEAN_FACTOR,
+    antagonist_busy,
+    replica_model_checks,
 )
 
 
@@ -200,11 +201,3 @@ def mean_speeds(config: FleetConfig, key: str, horizon_s: float, start: float, e
         share = config.schedule(spec.index, key, horizon_s).busy_share(start, end)
         out.append(share * spec.allocation + (1.0 - share) * spec.fast_speed)
     return out
-
-
-def draw_work(rng: random.Random, mu: float) -> float:
-    """One query's work: Normal(mu, sigma=mu) truncated at 0 (negative draws are redrawn)."""
-    while True:
-        work = rng.gauss(mu, mu)
-        if work > 0.0:
-            return work

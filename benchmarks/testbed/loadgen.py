@@ -32,7 +32,7 @@ from typing import Any
 
 import aiohttp
 
-from .fleet import draw_work
+from prequal_middleware.core.sim_fleet import draw_work
 
 STATUS_TIMEOUT = 0
 STATUS_CONNECT_ERROR = -1
