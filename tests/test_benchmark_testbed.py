@@ -143,6 +143,12 @@ def test_quick_run_writes_results_and_leaves_no_process(tmp_path: Path) -> None:
     from benchmarks.testbed.oracle import oracle_points  # what the tail plot draws as its floor
 
     assert oracle_points(data, "p99_ms") == [(0.8, replays["oracle"]["p99_ms"])]
+    from benchmarks.testbed.oracle import oracle_cdf  # the CDF plot's oracle, replayed from the config alone
+
+    cdf = dict((q, ms) for q, ms in oracle_cdf(data, 0.8))
+    assert cdf[0.99] == pytest.approx(replays["oracle"]["p99_ms"]) and cdf[0.5] == pytest.approx(
+        replays["oracle"]["p50_ms"]
+    )
 
 
 def test_prequal_variants_run_the_gateway_with_their_own_q_rif(tmp_path: Path) -> None:

@@ -143,11 +143,14 @@ def replay_runs(
     warmup_s: float,
     seconds: float,
     deadline_s: float,
-) -> list[dict[str, float | int | str]]:
-    """The replays of every (round, load) a benchmark ran, oracle and round robin, as the runner keys them."""
+    *,
+    keep_latencies: bool = False,
+) -> list[dict[str, Any]]:
+    """The replays of every (round, load) a benchmark ran, oracle and round robin, as the runner keys them
+    (``latencies_ms`` too with ``keep_latencies``)."""
     from .loadgen import LoadSpec, schedule
 
-    out: list[dict[str, float | int | str]] = []
+    out: list[dict[str, Any]] = []
     horizon = warmup_s + seconds + deadline_s + 10.0  # the runner's horizon
     for round_index in range(rounds):
         for load in loads:
@@ -167,7 +170,10 @@ def replay_runs(
                 result = replay(
                     fleet, key, horizon, times, works, deadline_s, (warmup_s, warmup_s + seconds), policy=policy
                 )
-                out.append({"policy": policy, "load": load, "round": round_index, **result.summary()})
+                row: dict[str, Any] = {"policy": policy, "load": load, "round": round_index, **result.summary()}
+                if keep_latencies:
+                    row["latencies_ms"] = result.latencies_ms
+                out.append(row)
     return out
 
 
@@ -178,3 +184,29 @@ def oracle_points(document: dict[str, Any], key: str) -> list[tuple[float, float
         if r["policy"] == "oracle" and r.get(key) is not None:
             by_load.setdefault(float(r["load"]), []).append(float(r[key]))
     return [(load, statistics.median(values)) for load, values in sorted(by_load.items())]
+
+
+def oracle_cdf(document: dict[str, Any], load: float) -> list[list[float]]:
+    """The oracle's latency CDF at ``load`` (``[quantile, ms]``, every round pooled), replayed again from the
+    document's configuration: the replay is a pure function of it, so nothing beyond the config is stored."""
+    from .metrics import cdf_points
+
+    config = document["config"]
+    fleet = FleetConfig.from_dict(config["fleet"])
+    rounds = sorted({int(r["round"]) for r in document.get("replays", []) if r["load"] == load})
+    if not rounds:
+        return []
+    pooled: list[float] = []
+    for run in replay_runs(
+        fleet,
+        [load],
+        max(rounds) + 1,
+        config["seed"],
+        config["warmup_s"],
+        config["seconds"],
+        config["deadline_s"],
+        keep_latencies=True,
+    ):
+        if run["policy"] == "oracle" and run["round"] in rounds:
+            pooled.extend(run["latencies_ms"])
+    return cdf_points(sorted(pooled))

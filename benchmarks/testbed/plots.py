@@ -18,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from .oracle import oracle_points
+from .oracle import oracle_cdf, oracle_points
 
 STYLES = {
     "prequal": ("tab:red", "o", "-"),
@@ -104,6 +104,17 @@ def plot_cdf(document: dict[str, Any], path: Path, load: float) -> Path:
             points = [(ms, q) for q, ms in r["cdf_ms"] if 0.0 < q < 1.0 and ms and ms > 0]
             color, _, line = _style(r["policy"])
             ax.plot([p[0] for p in points], [p[1] for p in points], line, color=color, label=r["policy"])
+        bound = [(ms, q) for q, ms in oracle_cdf(document, load) if 0.0 < q < 1.0 and ms > 0]
+        if bound:
+            ax.plot(
+                [p[0] for p in bound],
+                [p[1] for p in bound],
+                "-",
+                color="black",
+                linewidth=2.5,
+                alpha=0.5,
+                label="oracle (replayed)",
+            )
         ax.set_xscale("log")
         ax.set_yscale("logit")
         ax.set_xlabel("latency, ms (errors at the deadline)")
