@@ -37,6 +37,7 @@ from prequal_middleware.core.sim_fleet import (
     TRUNCATED_MEAN_FACTOR,
     antagonist_busy,
     replica_model_checks,
+    scaled_service_times,
 )
 
 
@@ -120,17 +121,7 @@ class FleetConfig:
     def time_scaled(self, factor: float) -> FleetConfig:
         """This fleet with the service's time constants multiplied by ``factor`` (``sim_fleet.time_scaled``'s
         rule): the work, the antagonists' periods and bursts (their rate divided); the same replicas."""
-        if not 0 < factor < math.inf:
-            raise ValueError(f"the time scale must be a finite number > 0, got {factor!r}")
-        return replace(
-            self,
-            work_mu_s=self.work_mu_s * factor,
-            antagonist_period_min_s=self.antagonist_period_min_s * factor,
-            antagonist_period_max_s=self.antagonist_period_max_s * factor,
-            burst_rate_hz=self.burst_rate_hz / factor,
-            burst_min_s=self.burst_min_s * factor,
-            burst_max_s=self.burst_max_s * factor,
-        )
+        return replace(self, **scaled_service_times(self, factor))
 
     def schedule(self, index: int, key: str, horizon_s: float) -> Antagonist:
         """Replica ``index``'s antagonist for the schedule ``key``, over ``[0, horizon_s]``."""

@@ -41,6 +41,13 @@ def _style(policy: str) -> tuple[str, str, str]:
     return STYLES.get(policy, ("black", "o", "-"))
 
 
+def _draw_oracle(ax: Any, points: list[tuple[float, float]]) -> None:
+    """The bound: a thick grey line under the contenders'."""
+    if points:
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        ax.plot(xs, ys, "-", color="black", linewidth=2.5, alpha=0.5, label="oracle (replayed)")
+
+
 def pick_load(results: list[dict[str, Any]], target: float = 1.1) -> float:
     """The measured load closest to ``target`` (ties: the higher)."""
     loads = sorted({float(r["load"]) for r in results})
@@ -67,17 +74,7 @@ def plot_tail(document: dict[str, Any], path: Path) -> Path:
                     if y is not None:
                         face = color if valid else "none"
                         ax.plot([x], [y], marker, color=color, markerfacecolor=face, markersize=7)
-            bound = oracle_points(document, key)
-            if bound:
-                ax.plot(
-                    [p[0] for p in bound],
-                    [p[1] for p in bound],
-                    "-",
-                    color="black",
-                    linewidth=2.5,
-                    alpha=0.5,
-                    label="oracle (replayed)",
-                )
+            _draw_oracle(ax, oracle_points(document, key))
             ax.axhline(deadline_ms, color="black", linewidth=0.8, linestyle="--")
             ax.text(ax.get_xlim()[0], deadline_ms, " deadline (errors)", va="bottom", fontsize=8)
             ax.set_yscale("log")
@@ -104,17 +101,7 @@ def plot_cdf(document: dict[str, Any], path: Path, load: float) -> Path:
             points = [(ms, q) for q, ms in r["cdf_ms"] if 0.0 < q < 1.0 and ms and ms > 0]
             color, _, line = _style(r["policy"])
             ax.plot([p[0] for p in points], [p[1] for p in points], line, color=color, label=r["policy"])
-        bound = [(ms, q) for q, ms in oracle_cdf(document, load) if 0.0 < q < 1.0 and ms > 0]
-        if bound:
-            ax.plot(
-                [p[0] for p in bound],
-                [p[1] for p in bound],
-                "-",
-                color="black",
-                linewidth=2.5,
-                alpha=0.5,
-                label="oracle (replayed)",
-            )
+        _draw_oracle(ax, [(ms, q) for q, ms in oracle_cdf(document, load) if 0.0 < q < 1.0 and ms > 0])
         ax.set_xscale("log")
         ax.set_yscale("logit")
         ax.set_xlabel("latency, ms (errors at the deadline)")

@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Protocol, TypedDict
 
 from prequal_middleware.core.load_tracker import LoadTrackerSettings
 from prequal_middleware.core.outliers import OutlierSettings
@@ -226,18 +226,37 @@ def time_scaled(config: SimConfig, factor: float) -> SimConfig:
     the sampling), the sinkholes' fast failure, and the replicas' ``LoadTracker`` settings: the point of
     a slow fleet is to see how the estimator's window copes with it.
     """
-    if not 0 < factor < math.inf:
-        raise ValueError(f"the time scale must be a finite number > 0, got {factor!r}")
     return replace(
         config,
         seconds=config.seconds * factor,
         deadline_s=config.deadline_s * factor,
-        work_mu_s=config.work_mu_s * factor,
-        antagonist_period_min_s=config.antagonist_period_min_s * factor,
-        antagonist_period_max_s=config.antagonist_period_max_s * factor,
-        burst_rate_hz=config.burst_rate_hz / factor,
-        burst_min_s=config.burst_min_s * factor,
-        burst_max_s=config.burst_max_s * factor,
+        **scaled_service_times(config, factor),
+    )
+
+
+class ServiceTimes(TypedDict):
+    """The replica model's time constants (``scaled_service_times``)."""
+
+    work_mu_s: float
+    antagonist_period_min_s: float
+    antagonist_period_max_s: float
+    burst_rate_hz: float
+    burst_min_s: float
+    burst_max_s: float
+
+
+def scaled_service_times(model: ReplicaModel, factor: float) -> ServiceTimes:
+    """The replica model's time constants multiplied by ``factor`` (the burst rate divided), as keyword
+    arguments for ``dataclasses.replace``: the one rule of a slow service for the simulator and the testbed."""
+    if not 0 < factor < math.inf:
+        raise ValueError(f"the time scale must be a finite number > 0, got {factor!r}")
+    return ServiceTimes(
+        work_mu_s=model.work_mu_s * factor,
+        antagonist_period_min_s=model.antagonist_period_min_s * factor,
+        antagonist_period_max_s=model.antagonist_period_max_s * factor,
+        burst_rate_hz=model.burst_rate_hz / factor,
+        burst_min_s=model.burst_min_s * factor,
+        burst_max_s=model.burst_max_s * factor,
     )
 
 
