@@ -123,11 +123,8 @@ class PoolRuntime:
         """
         if policy is None:
             policy = self.next_client()
-        at_limit = self.at_limit
-        if exclude:
-            selection = policy.select(now, set(exclude) | at_limit if at_limit else exclude)
-        else:
-            selection = policy.select(now, at_limit) if at_limit else policy.select(now)
+        avoid = self._avoiding(exclude)
+        selection = policy.select(now, avoid) if avoid else policy.select(now)
         if selection is not None and selection.probes:
             self.probe_sink(self, policy, selection.probes)
         return selection
@@ -145,15 +142,20 @@ class PoolRuntime:
             policy = self.next_client()
         if not isinstance(policy, PrequalPolicy):
             return self.select(now, exclude, policy)
-        avoid = set(exclude) | self.at_limit if self.at_limit else exclude
-        plan = policy.sync_plan(now, avoid)
+        plan = policy.sync_plan(now, self._avoiding(exclude))
         answered: Sequence[str] = ()
         if plan.probes:
             answered = await self.sync_prober(self, policy, plan.probes, plan.wait_for, policy.settings.sync_wait_s)
             now = self.clock()
-            avoid = set(exclude) | self.at_limit if self.at_limit else exclude  # may have changed meanwhile
-        selection = policy.select_sync(plan, answered, now, avoid)
+        selection = policy.select_sync(plan, answered, now, self._avoiding(exclude))  # at_limit may have moved
         return selection if selection is not None else self.select(now, exclude, policy)
+
+    def _avoiding(self, exclude: Collection[str]) -> Collection[str]:
+        """``exclude`` plus the backends at their in-flight limit (``exclude`` itself when none is)."""
+        at_limit = self.at_limit
+        if not at_limit:
+            return exclude
+        return set(exclude) | at_limit if exclude else at_limit  # read at once, never kept: no copy needed
 
     def attempt(self, backend: str, policy: Policy, now: float) -> Attempt:
         """The handle of one attempt on ``backend`` chosen by ``policy`` at ``now``; see ``Attempt``."""

@@ -243,17 +243,21 @@ class ProbeScheduler:
             for backend in pool.members:
                 self._metrics.forget_backend(pool.name, backend)
 
+    def _detach(self, pool: PoolRuntime) -> None:
+        """Undo what adopting ``pool`` hooked in: its member listener, probe sink and sync prober."""
+        pool.remove_listener(self._members_changed)
+        if pool.probe_sink == self.send_probes:
+            pool.probe_sink = drop_probes
+        if pool.sync_prober == self.probe_and_wait:
+            pool.sync_prober = no_sync_probes
+
     async def remove_pool(self, pool: PoolRuntime) -> None:
         """Stop everything that belongs to ``pool``: its health loop and checks, re-probe timers and
         probe connections. Its requests still in flight keep their upstream connections (the transport's)."""
         if pool in self._pools:
             self._pools.remove(pool)
         self._retiring.discard(id(pool))
-        pool.remove_listener(self._members_changed)
-        if pool.probe_sink == self.send_probes:
-            pool.probe_sink = drop_probes
-        if pool.sync_prober == self.probe_and_wait:
-            pool.sync_prober = no_sync_probes
+        self._detach(pool)
         for key in [k for k in self._local if k[0] == id(pool)]:
             timer = self._local.pop(key).timer
             if timer is not None:
@@ -288,11 +292,7 @@ class ProbeScheduler:
     async def aclose(self) -> None:
         self._running = False
         for pool in self._pools:
-            pool.remove_listener(self._members_changed)
-            if pool.probe_sink == self.send_probes:
-                pool.probe_sink = drop_probes
-            if pool.sync_prober == self.probe_and_wait:
-                pool.sync_prober = no_sync_probes
+            self._detach(pool)
         for state in self._local.values():
             if state.timer is not None:
                 state.timer.cancel()
