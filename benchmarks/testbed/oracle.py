@@ -28,7 +28,8 @@ from typing import Any
 from prequal_middleware.core.sim_oracle import OracleView, oracle_choose
 
 from .fleet import FleetConfig
-from .metrics import percentile
+from .loadgen import LoadSpec, schedule
+from .metrics import cdf_points, percentile
 
 REPLAY_POLICIES = ("oracle", "round_robin")
 
@@ -148,8 +149,6 @@ def replay_runs(
 ) -> list[dict[str, Any]]:
     """The replays of every (round, load) a benchmark ran, oracle and round robin, as the runner keys them
     (``latencies_ms`` too with ``keep_latencies``)."""
-    from .loadgen import LoadSpec, schedule
-
     out: list[dict[str, Any]] = []
     horizon = warmup_s + seconds + deadline_s + 10.0  # the runner's horizon
     for round_index in range(rounds):
@@ -189,8 +188,6 @@ def oracle_points(document: dict[str, Any], key: str) -> list[tuple[float, float
 def oracle_cdf(document: dict[str, Any], load: float) -> list[list[float]]:
     """The oracle's latency CDF at ``load`` (``[quantile, ms]``, every round pooled), replayed again from the
     document's configuration: the replay is a pure function of it, so nothing beyond the config is stored."""
-    from .metrics import cdf_points
-
     config = document["config"]
     fleet = FleetConfig.from_dict(config["fleet"])
     rounds = sorted({int(r["round"]) for r in document.get("replays", []) if r["load"] == load})

@@ -6,6 +6,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from ..harness.stats import median
+
 
 def fmt(value: float | None, digits: int = 0, deadline_ms: float | None = None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -154,14 +156,6 @@ def sinkhole_table(results: Sequence[dict[str, Any]], baseline: Sequence[dict[st
     return "\n".join(lines)
 
 
-def _median(values: Sequence[float]) -> float:
-    ordered = sorted(v for v in values if not math.isnan(v))
-    if not ordered:
-        return math.nan
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
-
-
 def oracle_table(results: Sequence[dict[str, Any]], replays: Sequence[dict[str, Any]], deadline_ms: float) -> str:
     """Each contender's p99 and p99.9 beside the oracle replayed over the same queries (medians over rounds),
     and, on Prequal's rows, the share of the best other contender's excess over the oracle it removes:
@@ -169,7 +163,7 @@ def oracle_table(results: Sequence[dict[str, Any]], replays: Sequence[dict[str, 
     if not replays:
         return ""
     bound = {
-        (r["load"], key): _median([x[key] for x in replays if x["policy"] == "oracle" and x["load"] == r["load"]])
+        (r["load"], key): median(x[key] for x in replays if x["policy"] == "oracle" and x["load"] == r["load"])
         for r in replays
         for key in ("p99_ms", "p999_ms")
     }
@@ -182,7 +176,7 @@ def oracle_table(results: Sequence[dict[str, Any]], replays: Sequence[dict[str, 
     for r in results:
         groups.setdefault((r["setting"], r["load"]), []).append(r)
     for (setting, load), rows in groups.items():
-        o99, o999 = bound.get((load, "p99_ms"), math.nan), bound.get((load, "p999_ms"), math.nan)
+        o99, o999 = (math.nan if bound.get((load, k)) is None else bound[(load, k)] for k in ("p99_ms", "p999_ms"))
         lines.append(f"| {setting} | {load:g} | **oracle** (replay) | {fmt(o99)} | 0 | {fmt(o999)} | 0 | |")
         for r in rows:
             share = ""
