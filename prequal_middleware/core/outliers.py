@@ -98,8 +98,8 @@ class OutlierDetector:
 
     def record_success(self, backend: BackendId, now: float) -> None:
         h = self._health.get(backend)
-        if h is None:
-            return
+        if h is None or (h.rate == 0.0 and not h.ejections and not h.consecutive and not h.probation):
+            return  # never failed (a rate of exactly 0 is only the initial one): nothing to update, every request
         h.consecutive = 0
         h.probation = False
         self._update_rate(h, 0.0, now)

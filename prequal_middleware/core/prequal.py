@@ -61,7 +61,7 @@ from dataclasses import dataclass
 
 from prequal_middleware.core.outliers import OutlierSettings
 from prequal_middleware.core.policy import BasePolicy, _Backend
-from prequal_middleware.core.probe_pool import PrequalSettings, ProbePool, RifHistory, valid_report
+from prequal_middleware.core.probe_pool import PrequalSettings, ProbePool, RifHistory, sample, valid_report
 from prequal_middleware.core.types import BackendId, PolicySnapshot, Selection, SelectionReason
 
 # A probe we sent and heard nothing of for this long is no longer "in flight" for the sampler: a probe
@@ -201,7 +201,8 @@ class PrequalPolicy(BasePolicy):
                 pool.use(entry)  # a probe skipped by slow start keeps its RIF and reuse budget
         pool.remove_per_query(now)
         self._last_activity = now
-        return Selection(backend, reason, self._probe(self.pool.probes_for_query(), now))
+        count = pool.probes_for_query()
+        return Selection(backend, reason, self._probe(count, now) if count else ())
 
     def _least_in_flight(self, candidates: Sequence[BackendId]) -> BackendId:
         """The candidate with the fewest of our requests in flight; ties uniformly at random."""
@@ -234,11 +235,12 @@ class PrequalPolicy(BasePolicy):
             return ()
         candidates = self.candidates(now)
         n = len(candidates)
-        targets = self.rng.sample(candidates, min(count, n))
+        targets = sample(self.rng, candidates, min(count, n))
         backends = self._backends
         reports, probing = self._reports, self._probing
         max_age = self.settings.report_max_age_s
-        pool, is_averse = self.pool, self.outliers.is_averse
+        pool, outliers = self.pool, self.outliers
+        averse = outliers.is_averse if outliers.may_be_averse() else None  # None: no member is averse
         remote: list[BackendId] = []
         # Runs for every query: what _pool_result does, inline, for targets drawn from the candidates
         # just read (so they are candidates) and reports already checked where they came in.
@@ -264,11 +266,11 @@ class PrequalPolicy(BasePolicy):
                 # What the backend said, plus what this client has sent it since (the +1 compensation
                 # the pool applies per use, for the requests sent after the report).
                 rif, latency_s = report.rif + report.sent_since, report.latency_s
-            if is_averse(target, now):
+            if averse is not None and averse(target, now):
                 pool.history.add_valid(rif, now)
             else:
                 pool.add_valid(target, rif, latency_s, now, n)
-        return tuple(remote)
+        return tuple(remote) if remote else ()
 
     # --- sync mode ------------------------------------------------------------------------------
 
@@ -339,7 +341,9 @@ class PrequalPolicy(BasePolicy):
         return Selection(backend, reason)
 
     def on_start(self, backend: BackendId, now: float) -> None:
-        super().on_start(backend, now)
+        b = self._backends.get(backend)  # BasePolicy.on_start inline: once per request
+        if b is not None:
+            b.in_flight += 1
         report = self._reports.get(backend)
         if report is not None:
             report.sent_since += 1

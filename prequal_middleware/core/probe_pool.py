@@ -22,11 +22,13 @@ import random
 import sys
 from bisect import bisect_left, insort
 from collections import deque
-from collections.abc import Collection, Container, Iterator
+from collections.abc import Collection, Container, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 from prequal_middleware.core.types import BackendId, SelectionReason
+
+T = TypeVar("T")
 
 # The largest RIF and the latency range a probe report may carry; anything else is ignored (not pooled,
 # not in the RIF history): an unbounded int made ``float()`` overflow in the threshold and failed every
@@ -238,6 +240,41 @@ def reuse_budget(m: int, n: int, r_probe: float, r_remove: float, drift: float, 
     return min(float(max_reuse), max(1.0, (1.0 + drift) / denominator))
 
 
+# random.Random.sample's own cut between its two methods (CPython's random.py): below it, a copy of
+# the population; above it, a set of drawn indices.
+_SAMPLE_SETSIZE = 21
+
+
+def sample(rng: random.Random, population: Sequence[T], k: int) -> list[T]:
+    """``rng.sample(population, k)`` for ``k <= 5``: the same draws and result, without its per-call checks.
+
+    It runs for every query (the sampler's ``r_probe`` draws), where ``Random.sample``'s argument
+    checks and set-up cost more than the draws. Equal by construction: the two methods
+    ``Random.sample`` picks between, on the same ``_randbelow`` (pinned by
+    ``tests/core/test_probe_pool.py``); larger ``k`` goes to ``Random.sample`` itself.
+    """
+    n = len(population)
+    if k > 5 or not 0 <= k <= n:
+        return rng.sample(population, k)
+    randbelow = rng._randbelow  # type: ignore[attr-defined]  # what Random.sample draws with
+    result: list[T] = []
+    if n <= _SAMPLE_SETSIZE:
+        pool = list(population)
+        for i in range(k):
+            j = randbelow(n - i)
+            result.append(pool[j])
+            pool[j] = pool[n - i - 1]
+    else:
+        selected: set[int] = set()
+        for _ in range(k):
+            j = randbelow(n)
+            while j in selected:
+                j = randbelow(n)
+            selected.add(j)
+            result.append(population[j])
+    return result
+
+
 def randomized_round(x: float, rng: random.Random) -> int:
     """Round ``x`` down or up at random so that the expectation is exactly ``x``."""
     floor = math.floor(x)
@@ -275,13 +312,18 @@ class RifHistory:
     per sample out), so the threshold each query asks for is one index, not a sort of the history.
     """
 
-    __slots__ = ("_samples", "_size", "_window_s", "_sorted")
+    __slots__ = ("_samples", "_size", "_window_s", "_sorted", "_cached_at", "_cached_q", "_cached")
 
     def __init__(self, size: int, window_s: float) -> None:
         self._samples: deque[tuple[float, int]] = deque()
         self._size = size
         self._window_s = window_s
         self._sorted: list[int] = []
+        # The last threshold, for (now, q): a query asks twice at the same time (pick, then the worst
+        # to remove). Any change of the samples forgets it (NaN equals no time).
+        self._cached_at = math.nan
+        self._cached_q = math.nan
+        self._cached = math.inf
 
     def __len__(self) -> int:
         return len(self._samples)
@@ -297,21 +339,27 @@ class RifHistory:
             self._drop_oldest()
         self._samples.append((now, rif))
         insort(self._sorted, rif)
+        self._cached_at = math.nan
 
     def _drop_oldest(self) -> None:
         _, rif = self._samples.popleft()
-        del self._sorted[bisect_left(self._sorted, rif)]
+        del self._sorted[bisect_left(self._sorted, rif)]  # callers forget the cached threshold
 
     def threshold(self, q: float, now: float) -> float:
         """θ = ``sorted[floor(q * (len - 1))]`` over fresh samples; ``inf`` when q is 1 or nothing is fresh."""
+        if now == self._cached_at and q == self._cached_q:
+            return self._cached
         samples = self._samples
         horizon = now - self._window_s
         while samples and samples[0][0] < horizon:
             self._drop_oldest()
         if q >= 1.0 or not samples:
-            return math.inf
-        ordered = self._sorted
-        return float(ordered[int(q * (len(ordered) - 1))])
+            theta = math.inf
+        else:
+            ordered = self._sorted
+            theta = float(ordered[int(q * (len(ordered) - 1))])
+        self._cached_at, self._cached_q, self._cached = now, q, theta
+        return theta
 
 
 # --- the pool ----------------------------------------------------------------------------------
@@ -383,7 +431,14 @@ class ProbePool:
 
     def add_valid(self, backend: BackendId, rif: int, latency_s: float, now: float, n_available: int) -> ProbeEntry:
         """``add`` for a report already checked by ``valid_report`` (the policy checks what it receives)."""
-        self.history.add_valid(rif, now)
+        # RifHistory.add_valid inline: this runs for every draw of every query.
+        history = self.history
+        samples, ordered = history._samples, history._sorted
+        if len(samples) >= history._size:
+            del ordered[bisect_left(ordered, samples.popleft()[1])]
+        samples.append((now, rif))
+        insort(ordered, rif)
+        history._cached_at = math.nan
         entries = self._entries
         entries.pop(backend, None)
         if n_available != self._budget_for:  # Eq. 1 depends only on n here: computed when n changes

@@ -14,7 +14,9 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from prequal_middleware.core import Member, Outcome, PrequalPolicy, PrequalSettings
+import pytest
+
+from prequal_middleware.core import Member, Outcome, PrequalPolicy, PrequalSettings, prequal as prequal_module
 from prequal_middleware.core.prequal import PROBE_PENDING_S
 
 
@@ -25,18 +27,19 @@ def make(n: int = 4, seed: int = 3, **settings: Any) -> PrequalPolicy:
 
 
 class DrawLog:
-    """Records every ``rng.sample`` the sampler makes: the population and the targets drawn."""
+    """Records every draw the sampler makes (``core.prequal.sample``): the population and the targets drawn."""
 
-    def __init__(self, policy: PrequalPolicy) -> None:
+    def __init__(self, policy: PrequalPolicy, monkeypatch: pytest.MonkeyPatch) -> None:
         self.draws: list[tuple[list[str], list[str]]] = []
-        real = policy.rng.sample
+        real = prequal_module.sample
 
-        def sample(population: Sequence[str], k: int) -> list[str]:
-            drawn = real(population, k)
-            self.draws.append((list(population), list(drawn)))
+        def sample(rng: random.Random, population: Sequence[str], k: int) -> list[str]:
+            drawn = real(rng, population, k)
+            if rng is policy.rng:
+                self.draws.append((list(population), list(drawn)))
             return drawn
 
-        policy.rng.sample = sample  # type: ignore[method-assign]
+        monkeypatch.setattr(prequal_module, "sample", sample)
 
 
 def test_a_report_alone_enters_neither_the_pool_nor_the_rif_history() -> None:
@@ -104,10 +107,10 @@ def test_report_max_age_zero_probes_every_draw_the_papers_rule() -> None:
     assert PrequalSettings.paper().report_max_age_s == 0.0
 
 
-def test_the_sample_stays_uniform_and_every_draw_is_accounted_for() -> None:
+def test_the_sample_stays_uniform_and_every_draw_is_accounted_for(monkeypatch: pytest.MonkeyPatch) -> None:
     """Reports change where a drawn value comes from, never which backends are drawn."""
     policy = make(n=5, seed=11, probes_per_query=2, report_max_age_s=0.05)
-    log = DrawLog(policy)
+    log = DrawLog(policy, monkeypatch)
     sent = 0
     now = 1.0
     for _ in range(4000):

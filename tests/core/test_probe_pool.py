@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from prequal_middleware.core import FractionalRate, PrequalSettings, ProbePool, RifHistory, reuse_budget
-from prequal_middleware.core.probe_pool import randomized_round
+from prequal_middleware.core.probe_pool import randomized_round, sample
 
 
 def make_pool(seed: int = 1, **settings: float) -> ProbePool:
@@ -319,3 +319,30 @@ def test_probe_rate_of_a_half_alternates() -> None:
 def test_invalid_settings_name_the_field(field: str, value: float | str) -> None:
     with pytest.raises(ValueError, match=rf"^{field} must be"):
         PrequalSettings(**{field: value})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 5, 20, 21, 22, 100])
+def test_sample_draws_exactly_what_random_sample_draws(n: int) -> None:
+    """The sampler's own ``sample`` is ``Random.sample``, draw for draw: seeded runs reproduce."""
+    population = [f"b{i}" for i in range(n)]
+    for seed in range(30):
+        for k in range(min(n, 7) + 1):
+            ours, theirs = random.Random(seed), random.Random(seed)
+            assert sample(ours, population, k) == theirs.sample(population, k)
+            assert ours.getstate() == theirs.getstate(), "the same number of draws"
+
+
+def test_the_threshold_follows_every_sample_even_at_the_same_instant() -> None:
+    """A query asks for the threshold twice at one time; a sample in between must still count."""
+    pool = ProbePool(PrequalSettings(q_rif=0.5), random.Random(1))
+    pool.add("a", rif=1, latency_s=0.01, now=5.0, n_available=4)
+    assert pool.threshold(5.0) == 1.0
+    pool.add("b", rif=9, latency_s=0.01, now=5.0, n_available=4)
+    pool.add("c", rif=9, latency_s=0.01, now=5.0, n_available=4)
+    assert pool.threshold(5.0) == 9.0, "the pool's samples, not the value before them"
+    history = RifHistory(size=2, window_s=10.0)
+    history.add(3, 5.0)
+    assert history.threshold(0.0, 5.0) == 3.0
+    history.add(7, 5.0)
+    history.add(8, 5.0)  # the 3 leaves: the history holds 2
+    assert history.threshold(0.0, 5.0) == 7.0
