@@ -165,7 +165,8 @@ class PrequalPolicy(BasePolicy):
         self.pool = ProbePool(self.settings, self.rng)
         self.reads_reports = self.settings.report_max_age_s > 0
         self._last_activity = -math.inf  # last query or idle probe round
-        self._last_probe: dict[BackendId, tuple[int, float]] = {}  # latest (rif, latency) used, cross-checked
+        # The latest report used per backend, cross-checked (for snapshots): kept when ``_reports`` drops it.
+        self._last_probe: dict[BackendId, _Report] = {}
         self._reports: dict[BackendId, _Report] = {}  # latest report per backend (probe or piggybacked)
         self._probing: dict[BackendId, float] = {}  # probes of ours in flight: when each was asked for
         self.probes_from_reports = 0  # draws answered by a fresh piggybacked report, its first use
@@ -199,9 +200,8 @@ class PrequalPolicy(BasePolicy):
             backend = self._slow_start(entry.backend, candidates, now)
             if backend == entry.backend:
                 pool.use(entry)  # a probe skipped by slow start keeps its RIF and reuse budget
-        pool.remove_per_query(now)
+        count = pool.end_query(now)  # the removals, then how many probes this query sends
         self._last_activity = now
-        count = pool.probes_for_query()
         return Selection(backend, reason, self._probe(count, now) if count else ())
 
     def _least_in_flight(self, candidates: Sequence[BackendId]) -> BackendId:
@@ -371,8 +371,7 @@ class PrequalPolicy(BasePolicy):
         rif, latency_s = int(rif), float(latency_s)
         if self.settings.cross_check:
             rif, latency_s = self._cross_check(b, rif, latency_s, b.in_flight)
-        self._last_probe[backend] = (rif, latency_s)
-        self._reports[backend] = _Report(now, rif, latency_s, used=True)  # pooled below: it answers nothing more
+        self._keep_report(backend, now, rif, latency_s, used=True)  # pooled below: it answers nothing more
         b.probe_failures = 0
         self._pool_result(b, rif, latency_s, now)
 
@@ -392,8 +391,15 @@ class PrequalPolicy(BasePolicy):
         rif, latency_s = int(rif), float(latency_s)
         if self.settings.cross_check:
             rif, latency_s = self._cross_check(b, rif, latency_s, b.in_flight - 1)
-        self._last_probe[backend] = (rif, latency_s)
-        self._reports[backend] = _Report(now, rif, latency_s, used=False)
+        self._keep_report(backend, now, rif, latency_s, used=False)
+
+    def _keep_report(self, backend: BackendId, now: float, rif: int, latency_s: float, used: bool) -> None:
+        """Make (rif, latency_s), received at ``now``, the backend's latest report."""
+        report = self._reports.get(backend)
+        if report is None:
+            self._reports[backend] = self._last_probe[backend] = _Report(now, rif, latency_s, used)
+        else:  # updated in place: once per response (``_last_probe`` holds this same object)
+            report.at, report.rif, report.latency_s, report.used, report.sent_since = now, rif, latency_s, used, 0
 
     def _cross_check(self, b: _Backend, rif: int, latency_s: float, own_in_flight: int) -> tuple[int, float]:
         """The (RIF, latency) to use for a report, given what this client knows of the backend itself.
@@ -458,7 +464,7 @@ class PrequalPolicy(BasePolicy):
         if b.probe_mode == "local":
             return b.in_flight, b.latency_s
         last = self._last_probe.get(b.id)
-        return (None, None) if last is None else last
+        return (None, None) if last is None else (last.rif, last.latency_s)
 
     def snapshot(self, now: float) -> PolicySnapshot:
         base = super().snapshot(now)

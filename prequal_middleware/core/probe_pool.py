@@ -243,6 +243,8 @@ def reuse_budget(m: int, n: int, r_probe: float, r_remove: float, drift: float, 
 # random.Random.sample's own cut between its two methods (CPython's random.py): below it, a copy of
 # the population; above it, a set of drawn indices.
 _SAMPLE_SETSIZE = 21
+# How a plain random.Random draws an index below n (CPython 3.11-3.13 alike); a subclass may differ.
+_RANDBELOW = random.Random._randbelow_with_getrandbits  # type: ignore[attr-defined]
 
 
 def sample(rng: random.Random, population: Sequence[T], k: int) -> list[T]:
@@ -256,8 +258,21 @@ def sample(rng: random.Random, population: Sequence[T], k: int) -> list[T]:
     n = len(population)
     if k > 5 or not 0 <= k <= n:
         return rng.sample(population, k)
-    randbelow = rng._randbelow  # type: ignore[attr-defined]  # what Random.sample draws with
     result: list[T] = []
+    if n <= _SAMPLE_SETSIZE and type(rng)._randbelow is _RANDBELOW:  # type: ignore[attr-defined]
+        # The common case, its draws inline too: Random._randbelow_with_getrandbits, bit for bit.
+        getrandbits = rng.getrandbits
+        pool = list(population)
+        for i in range(k):
+            m = n - i
+            bits = m.bit_length()
+            j = getrandbits(bits)
+            while j >= m:
+                j = getrandbits(bits)
+            result.append(pool[j])
+            pool[j] = pool[m - 1]
+        return result
+    randbelow = rng._randbelow  # type: ignore[attr-defined]  # what Random.sample draws with
     if n <= _SAMPLE_SETSIZE:
         pool = list(population)
         for i in range(k):
@@ -440,7 +455,7 @@ class ProbePool:
         insort(ordered, rif)
         history._cached_at = math.nan
         entries = self._entries
-        entries.pop(backend, None)
+        entry = entries.pop(backend, None)
         if n_available != self._budget_for:  # Eq. 1 depends only on n here: computed when n changes
             s = self.settings
             budget = reuse_budget(
@@ -451,7 +466,10 @@ class ProbePool:
             self._budget_for = n_available
         # randomized_round(budget) inline (one draw, as there): this runs for every pooled probe.
         uses = self._budget_whole + (1 if self.rng.random() < self._budget_part else 0)
-        entry = ProbeEntry(backend, now, rif, latency_s, max(1, uses))
+        if entry is None:
+            entry = ProbeEntry(backend, now, rif, latency_s, max(1, uses))
+        else:  # the backend's older entry, renewed and re-inserted last (receipt order): no allocation
+            entry.received_at, entry.rif, entry.latency_s, entry.uses_left = now, rif, latency_s, max(1, uses)
         entries[backend] = entry
         if len(entries) > self.settings.pool_size:
             del entries[next(iter(entries))]  # one in, at most one out: the pool was full before
@@ -544,17 +562,27 @@ class ProbePool:
         the highest latency.
         """
         removed: list[BackendId] = []
+        self._remove(now, removed)
+        return removed
+
+    def end_query(self, now: float) -> int:
+        """What follows each query, in one call: ``remove_per_query``, then ``probes_for_query``'s count."""
+        self._remove(now, None)
+        return self._probe_rate.take(self.settings.probes_per_query)
+
+    def _remove(self, now: float, removed: list[BackendId] | None) -> None:
+        entries = self._entries
         for _ in range(self._removal_rate.take(self.settings.removals_per_query)):
-            if not self._entries:
+            if not entries:
                 break
             if self._remove_oldest_next:
-                victim = next(iter(self._entries))
+                victim = next(iter(entries))
             else:
                 victim = self._worst(self.threshold(now))
-            del self._entries[victim]
-            removed.append(victim)
+            del entries[victim]
+            if removed is not None:
+                removed.append(victim)
             self._remove_oldest_next = not self._remove_oldest_next
-        return removed
 
     def _worst(self, theta: float) -> BackendId:
         worst: ProbeEntry | None = None

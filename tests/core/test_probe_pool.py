@@ -327,9 +327,17 @@ def test_sample_draws_exactly_what_random_sample_draws(n: int) -> None:
     population = [f"b{i}" for i in range(n)]
     for seed in range(30):
         for k in range(min(n, 7) + 1):
-            ours, theirs = random.Random(seed), random.Random(seed)
-            assert sample(ours, population, k) == theirs.sample(population, k)
-            assert ours.getstate() == theirs.getstate(), "the same number of draws"
+            for kind in (random.Random, _OwnRandom):
+                ours, theirs = kind(seed), kind(seed)
+                assert sample(ours, population, k) == theirs.sample(population, k)
+                assert ours.getstate() == theirs.getstate(), "the same number of draws"
+
+
+class _OwnRandom(random.Random):
+    """A generator with its own ``random()`` and no ``getrandbits``: Random draws indices another way."""
+
+    def random(self) -> float:
+        return super().random()
 
 
 def test_the_threshold_follows_every_sample_even_at_the_same_instant() -> None:
