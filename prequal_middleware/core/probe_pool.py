@@ -436,7 +436,8 @@ class ProbePool:
     # --- inflow --------------------------------------------------------------------------------
 
     def add(self, backend: BackendId, rif: int, latency_s: float, now: float, n_available: int) -> ProbeEntry | None:
-        """Pool a probe result received at ``now``; replaces the backend's older entry, evicts the oldest beyond m.
+        """Pool a probe result received at ``now``; renews the backend's entry (the same object, moved to the
+        newest place) or adds one, and evicts the oldest beyond m.
 
         A report out of range (``valid_report``) is ignored: ``None``, and nothing changes.
         """
