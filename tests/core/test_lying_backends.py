@@ -259,3 +259,17 @@ def test_a_bad_rif_is_ignored_by_the_history(rif: object) -> None:
     assert len(history) == 0
     history.add(3, now=0.0)
     assert history.threshold(0.5, now=0.0) == 3.0
+
+
+@pytest.mark.parametrize(("rif", "latency_s"), BAD_REPORTS)
+@pytest.mark.parametrize("cross_check", [True, False])
+def test_a_bad_piggybacked_report_is_ignored_by_the_policy(rif: object, latency_s: object, cross_check: bool) -> None:
+    """``on_report`` checks what it gets as ``on_probe`` does (its fast path included): a bad one is no report."""
+    policy = make_policy(cross_check=cross_check, report_max_age_s=0.05)
+    policy.on_report("b0", 1.0, rif, latency_s)  # type: ignore[arg-type]
+    assert policy.reports_ignored == 1
+    assert "b0" not in policy._reports
+    policy.on_report("b0", 1.0, MAX_REPORTED_RIF, 0.0)  # the edges of the range are used
+    policy.on_report("b1", 1.0, 0, 600.0)
+    assert policy.reports_ignored == 1
+    assert (policy._reports["b0"].rif, policy._reports["b1"].latency_s) == (MAX_REPORTED_RIF, 600.0)
