@@ -192,9 +192,9 @@ class PrequalPolicy(BasePolicy):
     def _choose(self, candidates: Sequence[BackendId], now: float, exclude: Container[BackendId]) -> Selection:
         # Order of one query: expire, select (HCL or the fallback), slow start, charge, then remove.
         pool = self.pool
-        pool.expire(now)
-        picked = pool.pick(now, exclude)
+        picked = pool.begin_query(now, exclude)  # expire, then HCL
         reason: SelectionReason
+        charged = None  # the pooled probe the query goes on
         if picked is None:
             trusted = self._trusted(candidates, now)
             if self.settings.fallback == "random":
@@ -204,11 +204,13 @@ class PrequalPolicy(BasePolicy):
             backend = self._slow_start(backend, candidates, now)
             reason = "fallback"
         else:
-            entry, reason = picked
-            backend = self._slow_start(entry.backend, candidates, now)
-            if backend == entry.backend:
-                pool.use(entry)  # a probe skipped by slow start keeps its RIF and reuse budget
-        count = pool.end_query(now)  # the removals, then how many probes this query sends
+            charged, reason = picked
+            backend = charged.backend
+            if self._warming:  # no call at all while nothing warms up
+                backend = self._slow_start(backend, candidates, now)
+                if backend != charged.backend:
+                    charged = None  # a probe skipped by slow start keeps its RIF and reuse budget
+        count = pool.end_query(now, charged)  # charge it, the removals, then how many probes to send
         self._last_activity = now
         return Selection(backend, reason, self._probe(count, now) if count else ())
 

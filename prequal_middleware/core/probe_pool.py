@@ -566,8 +566,18 @@ class ProbePool:
         self._remove(now, removed)
         return removed
 
-    def end_query(self, now: float) -> int:
-        """What follows each query, in one call: ``remove_per_query``, then ``probes_for_query``'s count."""
+    def begin_query(
+        self, now: float, exclude: Container[BackendId] = frozenset()
+    ) -> tuple[ProbeEntry, SelectionReason] | None:
+        """A query's first step, in one call: ``expire``, then ``pick``."""
+        self.expire(now)
+        return self.pick(now, exclude)
+
+    def end_query(self, now: float, chosen: ProbeEntry | None = None) -> int:
+        """What follows each query, in one call: ``use(chosen)`` (the entry the query went on, if any),
+        ``remove_per_query``, then ``probes_for_query``'s count."""
+        if chosen is not None:
+            self.use(chosen)
         self._remove(now, None)
         return self._probe_rate.take(self.settings.probes_per_query)
 
