@@ -61,20 +61,12 @@ from dataclasses import dataclass
 
 from prequal_middleware.core.outliers import OutlierSettings
 from prequal_middleware.core.policy import BasePolicy, _Backend
-from prequal_middleware.core.probe_pool import (
-    MAX_REPORTED_RIF,
-    PrequalSettings,
-    ProbePool,
-    RifHistory,
-    sample,
-    valid_report,
-)
+from prequal_middleware.core.probe_pool import PrequalSettings, ProbePool, RifHistory, sample, valid_report
 from prequal_middleware.core.types import BackendId, PolicySnapshot, Selection, SelectionReason
 
 # A probe we sent and heard nothing of for this long is no longer "in flight" for the sampler: a probe
 # skipped by the scheduler's cap, or lost, never calls back. Far above any probe timeout (50 ms default).
 PROBE_PENDING_S = 0.5
-INF = math.inf
 
 
 # Sync mode chooses among at least this many answers; with fewer there is no choice to make.
@@ -395,14 +387,10 @@ class PrequalPolicy(BasePolicy):
         b = self._backends.get(backend)
         if b is None:
             return
-        # The gateway's reports (``read_report``) are an int and a float already, bounded: checked here in
-        # a few comparisons, once per response; anything else goes through ``valid_report``.
-        plain = type(rif) is int and type(latency_s) is float
-        if not (plain and 0 <= rif <= MAX_REPORTED_RIF and 0.0 <= latency_s < INF):
-            if not valid_report(rif, latency_s):
-                self.reports_ignored += 1
-                return
-            rif, latency_s = int(rif), float(latency_s)
+        if not valid_report(rif, latency_s):
+            self.reports_ignored += 1
+            return
+        rif, latency_s = int(rif), float(latency_s)
         if self.settings.cross_check:
             rif, latency_s = self._cross_check(b, rif, latency_s, b.in_flight - 1)
         self._keep_report(backend, now, rif, latency_s, used=False)

@@ -248,20 +248,20 @@ _RANDBELOW = random.Random._randbelow_with_getrandbits  # type: ignore[attr-defi
 
 
 def sample(rng: random.Random, population: Sequence[T], k: int) -> list[T]:
-    """``rng.sample(population, k)`` for ``k <= 5``: the same draws and result, without its per-call checks.
+    """``rng.sample(population, k)``: the same draws and result, without its per-call checks.
 
     It runs for every query (the sampler's ``r_probe`` draws), where ``Random.sample``'s argument
-    checks and set-up cost more than the draws. Equal by construction: the two methods
-    ``Random.sample`` picks between, on the same ``_randbelow`` (pinned by
-    ``tests/core/test_probe_pool.py``); larger ``k`` goes to ``Random.sample`` itself.
+    checks and set-up cost more than the draws. For a generator that draws indices as a plain
+    ``random.Random`` does and ``k <= 5``, ``Random.sample``'s two methods run here with those draws
+    inline, bit for bit (pinned by ``tests/core/test_probe_pool.py``); anything else goes to
+    ``rng.sample`` itself.
     """
     n = len(population)
-    if k > 5 or not 0 <= k <= n:
+    if k > 5 or not 0 <= k <= n or type(rng)._randbelow is not _RANDBELOW:  # type: ignore[attr-defined]
         return rng.sample(population, k)
+    getrandbits = rng.getrandbits
     result: list[T] = []
-    if n <= _SAMPLE_SETSIZE and type(rng)._randbelow is _RANDBELOW:  # type: ignore[attr-defined]
-        # The common case, its draws inline too: Random._randbelow_with_getrandbits, bit for bit.
-        getrandbits = rng.getrandbits
+    if n <= _SAMPLE_SETSIZE:  # draw below n, n - 1, ... from a copy, the drawn slot refilled from the end
         pool = list(population)
         for i in range(k):
             m = n - i
@@ -272,21 +272,14 @@ def sample(rng: random.Random, population: Sequence[T], k: int) -> list[T]:
             result.append(pool[j])
             pool[j] = pool[m - 1]
         return result
-    randbelow = rng._randbelow  # type: ignore[attr-defined]  # what Random.sample draws with
-    if n <= _SAMPLE_SETSIZE:
-        pool = list(population)
-        for i in range(k):
-            j = randbelow(n - i)
-            result.append(pool[j])
-            pool[j] = pool[n - i - 1]
-    else:
-        selected: set[int] = set()
-        for _ in range(k):
-            j = randbelow(n)
-            while j in selected:
-                j = randbelow(n)
-            selected.add(j)
-            result.append(population[j])
+    bits = n.bit_length()  # draw below n until an index not drawn yet comes
+    selected: set[int] = set()
+    for _ in range(k):
+        j = getrandbits(bits)
+        while j >= n or j in selected:
+            j = getrandbits(bits)
+        selected.add(j)
+        result.append(population[j])
     return result
 
 
@@ -358,7 +351,7 @@ class RifHistory:
 
     def _drop_oldest(self) -> None:
         _, rif = self._samples.popleft()
-        del self._sorted[bisect_left(self._sorted, rif)]  # callers forget the cached threshold
+        del self._sorted[bisect_left(self._sorted, rif)]  # both callers forget (or recompute) the cached threshold
 
     def threshold(self, q: float, now: float) -> float:
         """θ = ``sorted[floor(q * (len - 1))]`` over fresh samples; ``inf`` when q is 1 or nothing is fresh."""
@@ -447,14 +440,7 @@ class ProbePool:
 
     def add_valid(self, backend: BackendId, rif: int, latency_s: float, now: float, n_available: int) -> ProbeEntry:
         """``add`` for a report already checked by ``valid_report`` (the policy checks what it receives)."""
-        # RifHistory.add_valid inline: this runs for every draw of every query.
-        history = self.history
-        samples, ordered = history._samples, history._sorted
-        if len(samples) >= history._size:
-            del ordered[bisect_left(ordered, samples.popleft()[1])]
-        samples.append((now, rif))
-        insort(ordered, rif)
-        history._cached_at = math.nan
+        self.history.add_valid(rif, now)
         entries = self._entries
         entry = entries.pop(backend, None)
         if n_available != self._budget_for:  # Eq. 1 depends only on n here: computed when n changes
