@@ -19,7 +19,8 @@ from prequal_middleware.core.policies import (
     RoundRobinPolicy,
     create_policy,
 )
-from prequal_middleware.core.policy import BasePolicy, Policy
+from prequal_middleware.core.policy import BasePolicy
+from prequal_middleware.core.policy_protocol import Policy
 from prequal_middleware.core.prequal import PrequalPolicy
 from prequal_middleware.core.probe_pool import (
     FractionalRate,

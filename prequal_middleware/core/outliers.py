@@ -21,10 +21,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from prequal_middleware.core.probe_pool import _check
+from prequal_middleware.core.mypyc_compat import mypyc_attr
+from prequal_middleware.core.probe_pool import _check, _check_types
 from prequal_middleware.core.types import BackendId
 
 
+# A plain Python class where the core is compiled: a native one would raise TypeError on a wrongly typed
+# field before __post_init__ could name it in a ValueError.
+@mypyc_attr(native_class=False)
 @dataclass(frozen=True, kw_only=True, slots=True)
 class OutlierSettings:
     """Parameters of passive health checking.
@@ -50,6 +54,7 @@ class OutlierSettings:
     averse_above: float = 0.5
 
     def __post_init__(self) -> None:
+        _check_types(self)  # first: the range checks below compare the values
         checks = (
             ("consecutive_failures", self.consecutive_failures >= 0, "an integer >= 0"),
             ("base_ejection_s", 0 < self.base_ejection_s < math.inf, "a finite number > 0"),

@@ -19,6 +19,7 @@ import math
 import random
 from collections.abc import Container, Sequence
 
+from prequal_middleware.core.mypyc_compat import mypyc_attr
 from prequal_middleware.core.outliers import OutlierSettings
 from prequal_middleware.core.policy import BasePolicy, _Backend
 from prequal_middleware.core.prequal import PrequalPolicy
@@ -33,6 +34,7 @@ DEFAULT_DECAY_S = 10.0
 UNTRIED_BELOW_FAILURE_RATE = 0.01
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class RoundRobinPolicy(BasePolicy):
     """Smooth weighted round robin over the eligible members."""
 
@@ -68,6 +70,7 @@ class RoundRobinPolicy(BasePolicy):
         self._current.pop(backend, None)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class RandomPolicy(BasePolicy):
     """A random eligible member, in proportion to weight."""
 
@@ -77,6 +80,7 @@ class RandomPolicy(BasePolicy):
         return Selection(self._weighted_choice(candidates), "policy")
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class _PowerOfTwoChoices(BasePolicy):
     """Two distinct random candidates; the one with the lower ``_cost`` wins."""
 
@@ -95,6 +99,7 @@ class _PowerOfTwoChoices(BasePolicy):
         raise NotImplementedError
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class LeastRequestPolicy(_PowerOfTwoChoices):
     """Power of two choices on requests in flight from this client, divided by weight."""
 
@@ -104,6 +109,7 @@ class LeastRequestPolicy(_PowerOfTwoChoices):
         return (b.in_flight + 1) / b.weight * self.outliers.penalty(b.id, now)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class PeakEwmaPolicy(_PowerOfTwoChoices):
     """Power of two choices on peak-EWMA latency x (requests in flight + 1), divided by weight.
 
@@ -164,6 +170,7 @@ class PeakEwmaPolicy(_PowerOfTwoChoices):
         self._ewma.pop(backend, None)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class LeastLatencyPolicy(BasePolicy):
     """The member with the lowest EWMA of measured latency; members not yet measured go first.
 

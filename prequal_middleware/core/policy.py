@@ -21,8 +21,8 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Container, Iterable, Sequence
-from typing import Protocol, runtime_checkable
 
+from prequal_middleware.core.mypyc_compat import mypyc_attr
 from prequal_middleware.core.outliers import OutlierDetector, OutlierSettings
 from prequal_middleware.core.types import (
     SELECTION_REASONS,
@@ -42,56 +42,6 @@ _NOTHING: frozenset[BackendId] = frozenset()
 LATENCY_EWMA_WEIGHT = 0.3
 # Slow start never sends a returning backend less than this share of the requests chosen for it.
 SLOW_START_MIN_SHARE = 0.1
-
-
-@runtime_checkable
-class Policy(Protocol):
-    """What the gateway needs of a load-balancing policy. All methods are synchronous and cheap."""
-
-    name: str
-
-    def set_members(self, members: Iterable[Member], now: float) -> None:
-        """Replace the member set. Members that left are forgotten; their requests in flight may still finish."""
-
-    def upsert_member(self, member: Member, now: float) -> None:
-        """Add one member, or update a present one's weight and draining; O(1), as one registration is."""
-
-    def remove_member(self, backend: BackendId, now: float) -> None:
-        """Forget one member (nothing if absent), as ``set_members`` forgets one that left; O(1)."""
-
-    def set_health(self, backend: BackendId, healthy: bool, now: float) -> None:
-        """Active health checking's verdict on a member."""
-
-    def set_probe_mode(self, backend: BackendId, mode: ProbeMode, now: float) -> None:
-        """``local`` when the backend does not answer probes, so the gateway's own view stands in."""
-
-    def select(self, now: float, exclude: Container[BackendId] = _NOTHING) -> Selection | None:
-        """Choose a backend for one request, never one in ``exclude``; ``None`` when none is eligible."""
-
-    def on_start(self, backend: BackendId, now: float) -> None:
-        """A request was sent to ``backend``."""
-
-    def on_finish(self, backend: BackendId, now: float, latency_s: float, outcome: Outcome) -> None:
-        """A request to ``backend`` ended after ``latency_s`` with ``outcome``."""
-
-    def on_probe(self, backend: BackendId, now: float, rif: int, latency_s: float) -> None:
-        """A probe answered: requests in flight and latency estimate, received at ``now``."""
-
-    def on_probe_failure(self, backend: BackendId, now: float) -> None:
-        """A probe failed or timed out."""
-
-    @property
-    def reads_reports(self) -> bool:
-        """Whether ``on_report`` uses piggybacked reports (else the gateway does not parse them)."""
-
-    def on_report(self, backend: BackendId, now: float, rif: int, latency_s: float) -> None:
-        """A load report piggybacked on a response of ours, received at ``now`` (the request it answers left out)."""
-
-    def idle_probes(self, now: float) -> Sequence[BackendId]:
-        """Probes to send now even though no query asked for them (keeps an idle pool warm)."""
-
-    def snapshot(self, now: float) -> PolicySnapshot:
-        """The state for the status page and metrics."""
 
 
 class _Backend:
@@ -122,6 +72,8 @@ class _Backend:
         self.probe_failures = 0  # probes missed in a row (reset by an answered probe or a success)
 
 
+# Users subclass the policies in plain Python; mypyc must allow it where the core is compiled.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class BasePolicy:
     """Membership, health, ejection, panic mode, in-flight counts and snapshots for any policy.
 
@@ -332,10 +284,10 @@ class BasePolicy:
 
     reads_reports: bool = False  # whether on_report uses them (set per instance by policies that do)
 
-    def on_report(self, backend: BackendId, now: float, rif: int, latency_s: float) -> None:
+    def on_report(self, backend: BackendId, now: float, rif: object, latency_s: object) -> None:
         return None
 
-    def on_probe(self, backend: BackendId, now: float, rif: int, latency_s: float) -> None:
+    def on_probe(self, backend: BackendId, now: float, rif: object, latency_s: object) -> None:
         return None
 
     def on_probe_failure(self, backend: BackendId, now: float) -> None:

@@ -59,9 +59,10 @@ import random
 from collections.abc import Collection, Container, Sequence
 from dataclasses import dataclass
 
+from prequal_middleware.core.mypyc_compat import mypyc_attr
 from prequal_middleware.core.outliers import OutlierSettings
 from prequal_middleware.core.policy import BasePolicy, _Backend
-from prequal_middleware.core.probe_pool import PrequalSettings, ProbePool, RifHistory, sample, valid_report
+from prequal_middleware.core.probe_pool import PrequalSettings, ProbePool, RifHistory, checked_report, sample
 from prequal_middleware.core.types import BackendId, PolicySnapshot, Selection, SelectionReason
 
 # A probe we sent and heard nothing of for this long is no longer "in flight" for the sampler: a probe
@@ -140,6 +141,7 @@ class _Report:
         self.sent_since = 0
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class PrequalPolicy(BasePolicy):
     """Prequal's asynchronous-probing client for one pool.
 
@@ -352,7 +354,7 @@ class PrequalPolicy(BasePolicy):
 
     # --- inflow --------------------------------------------------------------------------------
 
-    def on_probe(self, backend: BackendId, now: float, rif: int, latency_s: float) -> None:
+    def on_probe(self, backend: BackendId, now: float, rif: object, latency_s: object) -> None:
         """A probe answer: it feeds the RIF history, then the pool if the backend may be chosen.
 
         The history behind the hot/cold threshold estimates the RIF distribution over the backends
@@ -367,17 +369,18 @@ class PrequalPolicy(BasePolicy):
         b = self._backends.get(backend)
         if b is None:
             return
-        if not valid_report(rif, latency_s):
+        report = checked_report(rif, latency_s)
+        if report is None:
             self.reports_ignored += 1  # neither pooled nor an answer: the backend keeps its probe-failure count
             return
-        rif, latency_s = int(rif), float(latency_s)
+        load, latency = report
         if self.settings.cross_check:
-            rif, latency_s = self._cross_check(b, rif, latency_s, b.in_flight)
-        self._keep_report(backend, now, rif, latency_s, used=True)  # pooled below: it answers nothing more
+            load, latency = self._cross_check(b, load, latency, b.in_flight)
+        self._keep_report(backend, now, load, latency, used=True)  # pooled below: it answers nothing more
         b.probe_failures = 0
-        self._pool_result(b, rif, latency_s, now)
+        self._pool_result(b, load, latency, now)
 
-    def on_report(self, backend: BackendId, now: float, rif: int, latency_s: float) -> None:
+    def on_report(self, backend: BackendId, now: float, rif: object, latency_s: object) -> None:
         """A report piggybacked on a response of ours, received at ``now`` (see the module docstring).
 
         The backend left out the request it answered, which this client still counts in flight until
@@ -387,13 +390,14 @@ class PrequalPolicy(BasePolicy):
         b = self._backends.get(backend)
         if b is None:
             return
-        if not valid_report(rif, latency_s):
+        report = checked_report(rif, latency_s)
+        if report is None:
             self.reports_ignored += 1
             return
-        rif, latency_s = int(rif), float(latency_s)
+        load, latency = report
         if self.settings.cross_check:
-            rif, latency_s = self._cross_check(b, rif, latency_s, b.in_flight - 1)
-        self._keep_report(backend, now, rif, latency_s, used=False)
+            load, latency = self._cross_check(b, load, latency, b.in_flight - 1)
+        self._keep_report(backend, now, load, latency, used=False)
 
     def _keep_report(self, backend: BackendId, now: float, rif: int, latency_s: float, used: bool) -> None:
         """Make (rif, latency_s), received at ``now``, the backend's latest report."""
@@ -432,7 +436,7 @@ class PrequalPolicy(BasePolicy):
     def _pool_result(self, b: _Backend, rif: int, latency_s: float, now: float) -> None:
         # Only candidates count (the list is current: every change to it marks it stale and this reads
         # it); a non-averse one enters the pool, an averse one only the RIF history (see ``on_probe``).
-        # The caller has checked the report (valid_report). ``_probe`` does the same inline.
+        # The caller has checked the report (checked_report). ``_probe`` does the same inline.
         self.candidates(now)
         if b.id not in self._candidate_set:
             return

@@ -17,6 +17,7 @@ Sans-IO: every method takes ``now`` (monotonic seconds); randomness comes from a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import sys
@@ -26,6 +27,7 @@ from collections.abc import Collection, Container, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
+from prequal_middleware.core.mypyc_compat import mypyc_attr
 from prequal_middleware.core.types import BackendId, SelectionReason
 
 T = TypeVar("T")
@@ -40,6 +42,9 @@ MAX_REPORTED_RIF = 1_000_000
 DEFAULT_Q_RIF = 0.6
 
 
+# A plain Python class where the core is compiled: a native one would raise TypeError on a wrongly typed
+# field before __post_init__ could name it in a ValueError.
+@mypyc_attr(native_class=False)
 @dataclass(frozen=True, kw_only=True, slots=True)
 class PrequalSettings:
     """Prequal's parameters, with the paper's testbed defaults (section 5) except ``q_rif`` and ``fallback``.
@@ -155,6 +160,7 @@ class PrequalSettings:
         )
 
     def __post_init__(self) -> None:
+        _check_types(self)  # first: the range checks below compare the values
         checks = (
             ("pool_size", self.pool_size >= 1, "an integer >= 1"),
             ("max_age_s", 0 < self.max_age_s < math.inf, "a finite number > 0"),
@@ -168,12 +174,11 @@ class PrequalSettings:
             ("max_idle_s", 0 < self.max_idle_s < math.inf, "a finite number > 0"),
             ("fallback_below", self.fallback_below >= 1, "an integer >= 1"),
             ("fallback", self.fallback in ("least_in_flight", "random"), "'least_in_flight' or 'random'"),
-            ("cross_check", isinstance(self.cross_check, bool), "True or False"),
             ("cross_check_ratio", 1.0 < self.cross_check_ratio < math.inf, "a finite number > 1"),
             ("cross_check_slack_s", 0 <= self.cross_check_slack_s < math.inf, "a finite number >= 0"),
             ("report_max_age_s", 0 <= self.report_max_age_s < math.inf, "a finite number >= 0"),
             ("mode", self.mode in ("async", "sync"), "'async' or 'sync'"),
-            ("sync_probes", _is_int(self.sync_probes) and self.sync_probes >= 2, "an integer >= 2"),
+            ("sync_probes", self.sync_probes >= 2, "an integer >= 2"),
             ("sync_wait_s", 0 < self.sync_wait_s < math.inf, "a finite number > 0"),
         )
         _check(self, checks)
@@ -182,27 +187,57 @@ class PrequalSettings:
 _FLOAT_MAX = sys.float_info.max
 
 
-def valid_report(rif: object, latency_s: object) -> bool:
-    """Whether a probe report may be used: RIF an int in [0, ``MAX_REPORTED_RIF``], latency finite and >= 0.
+def checked_report(rif: object, latency_s: object) -> tuple[int, float] | None:
+    """A probe report as ``(rif, latency_s)``, an int and a float, if it may be used; else ``None``.
 
-    Checked where reports enter the core (``PrequalPolicy.on_probe``, ``ProbePool.add``,
-    ``RifHistory.add``), whatever their source: a bad one is ignored, never raised on.
+    It may be used when RIF is an int in [0, ``MAX_REPORTED_RIF``] and the latency is finite and >= 0
+    (an int latency is converted). Checked where reports enter the core (``PrequalPolicy.on_probe`` and
+    ``on_report``, ``ProbePool.add``, ``RifHistory.add``), whatever their source: a bad one is ignored,
+    never raised on. Those entry points take ``object`` for this reason: where the core is compiled,
+    a parameter typed ``int`` would raise ``TypeError`` on a float before the check could ignore it.
     """
     if type(rif) is int and type(latency_s) is float:  # the common case, in a few comparisons
-        return 0 <= rif <= MAX_REPORTED_RIF and 0.0 <= latency_s <= _FLOAT_MAX  # NaN fails every comparison
+        if 0 <= rif <= MAX_REPORTED_RIF and 0.0 <= latency_s <= _FLOAT_MAX:  # NaN fails every comparison
+            return rif, latency_s
+        return None
     if isinstance(rif, bool) or not isinstance(rif, int) or not 0 <= rif <= MAX_REPORTED_RIF:
-        return False
+        return None
     if isinstance(latency_s, bool) or not isinstance(latency_s, (int, float)):
-        return False
+        return None
     try:
         latency = float(latency_s)
     except OverflowError:  # an int too large for a float
-        return False
-    return math.isfinite(latency) and latency >= 0.0
+        return None
+    if math.isfinite(latency) and latency >= 0.0:
+        return int(rif), latency
+    return None
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+# What a settings field declared with each type accepts.
+_FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "int": ((int,), "an integer"),
+    "float": ((int, float), "a number"),
+    "bool": ((bool,), "True or False"),
+}
+
+
+def _check_types(settings: object) -> None:
+    """Raise ``ValueError`` naming the first int, float or bool field of a settings dataclass whose value
+    has another type (``True`` is not an integer here, nor a number).
+
+    Run before the range checks: those compare the values, and where the core is compiled, reading a
+    wrongly typed field as its declared type raises ``TypeError`` naming no field.
+    """
+    for field in dataclasses.fields(settings):  # type: ignore[arg-type]
+        # A string as written here; a type where the module is compiled (mypyc evaluates annotations).
+        kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
+        accepted = _FIELD_TYPES.get(kind)
+        if accepted is None:
+            continue  # Literal and str fields: their own check names the values allowed
+        value = getattr(settings, field.name)
+        kinds, expected = accepted
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise ValueError(f"{field.name} must be {expected}, got {value!r}")
 
 
 def _check(settings: object, checks: tuple[tuple[str, bool, str], ...]) -> None:
@@ -336,13 +371,14 @@ class RifHistory:
     def __len__(self) -> int:
         return len(self._samples)
 
-    def add(self, rif: int, now: float) -> None:
+    def add(self, rif: object, now: float) -> None:
         """Record one probe RIF; one that is not an int in [0, ``MAX_REPORTED_RIF``] is ignored."""
-        if valid_report(rif, 0.0):
-            self.add_valid(int(rif), now)
+        report = checked_report(rif, 0.0)
+        if report is not None:
+            self.add_valid(report[0], now)
 
     def add_valid(self, rif: int, now: float) -> None:
-        """``add`` for a RIF already checked by ``valid_report`` (the pool's own inflow)."""
+        """``add`` for a RIF already checked by ``checked_report`` (the pool's own inflow)."""
         if len(self._samples) >= self._size:
             self._drop_oldest()
         self._samples.append((now, rif))
@@ -428,18 +464,21 @@ class ProbePool:
 
     # --- inflow --------------------------------------------------------------------------------
 
-    def add(self, backend: BackendId, rif: int, latency_s: float, now: float, n_available: int) -> ProbeEntry | None:
+    def add(
+        self, backend: BackendId, rif: object, latency_s: object, now: float, n_available: int
+    ) -> ProbeEntry | None:
         """Pool a probe result received at ``now``; renews the backend's entry (the same object, moved to the
         newest place) or adds one, and evicts the oldest beyond m.
 
-        A report out of range (``valid_report``) is ignored: ``None``, and nothing changes.
+        A report out of range (``checked_report``) is ignored: ``None``, and nothing changes.
         """
-        if not valid_report(rif, latency_s):
+        report = checked_report(rif, latency_s)
+        if report is None:
             return None
-        return self.add_valid(backend, int(rif), float(latency_s), now, n_available)
+        return self.add_valid(backend, report[0], report[1], now, n_available)
 
     def add_valid(self, backend: BackendId, rif: int, latency_s: float, now: float, n_available: int) -> ProbeEntry:
-        """``add`` for a report already checked by ``valid_report`` (the policy checks what it receives)."""
+        """``add`` for a report already checked by ``checked_report`` (the policy checks what it receives)."""
         self.history.add_valid(rif, now)
         entries = self._entries
         entry = entries.pop(backend, None)

@@ -14,32 +14,35 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-import pytest
-
-from prequal_middleware.core import Member, Outcome, PrequalPolicy, PrequalSettings, prequal as prequal_module
+from prequal_middleware.core import Member, Outcome, PrequalPolicy, PrequalSettings
 from prequal_middleware.core.prequal import PROBE_PENDING_S
 
 
-def make(n: int = 4, seed: int = 3, **settings: Any) -> PrequalPolicy:
-    policy = PrequalPolicy(PrequalSettings(**settings), rng=random.Random(seed))
+def make(n: int = 4, seed: int = 3, rng: random.Random | None = None, **settings: Any) -> PrequalPolicy:
+    policy = PrequalPolicy(PrequalSettings(**settings), rng=rng or random.Random(seed))
     policy.set_members([Member(f"b{i}") for i in range(n)], now=0.0)
     return policy
 
 
-class DrawLog:
-    """Records every draw the sampler makes (``core.prequal.sample``): the population and the targets drawn."""
+class DrawLog(random.Random):
+    """A generator that records every draw the sampler makes: the population and the targets drawn.
 
-    def __init__(self, policy: PrequalPolicy, monkeypatch: pytest.MonkeyPatch) -> None:
+    Its ``_randbelow`` (the same draws) is its own, so ``core.probe_pool.sample`` hands each draw to
+    ``self.sample`` rather than drawing inline: the log sees every draw whether the core is compiled
+    or not (a compiled caller would not see a patched module function).
+    """
+
+    def __init__(self, seed: int) -> None:
+        super().__init__(seed)
         self.draws: list[tuple[list[str], list[str]]] = []
-        real = prequal_module.sample
 
-        def sample(rng: random.Random, population: Sequence[str], k: int) -> list[str]:
-            drawn = real(rng, population, k)
-            if rng is policy.rng:
-                self.draws.append((list(population), list(drawn)))
-            return drawn
+    def _randbelow(self, n: int) -> int:
+        return super()._randbelow(n)  # type: ignore[misc,no-any-return]
 
-        monkeypatch.setattr(prequal_module, "sample", sample)
+    def sample(self, population: Sequence[Any], k: int, *, counts: Any = None) -> list[Any]:
+        drawn = super().sample(population, k, counts=counts)
+        self.draws.append((list(population), list(drawn)))
+        return drawn
 
 
 def test_a_report_alone_enters_neither_the_pool_nor_the_rif_history() -> None:
@@ -107,10 +110,10 @@ def test_report_max_age_zero_probes_every_draw_the_papers_rule() -> None:
     assert PrequalSettings.paper().report_max_age_s == 0.0
 
 
-def test_the_sample_stays_uniform_and_every_draw_is_accounted_for(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_sample_stays_uniform_and_every_draw_is_accounted_for() -> None:
     """Reports change where a drawn value comes from, never which backends are drawn."""
-    policy = make(n=5, seed=11, probes_per_query=2, report_max_age_s=0.05)
-    log = DrawLog(policy, monkeypatch)
+    log = DrawLog(11)
+    policy = make(n=5, rng=log, probes_per_query=2, report_max_age_s=0.05)
     sent = 0
     now = 1.0
     for _ in range(4000):
