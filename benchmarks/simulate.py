@@ -39,7 +39,7 @@ from typing import Any
 from benchmarks import plotting
 from prequal_middleware.core import PrequalSettings
 from prequal_middleware.core.load_tracker import LoadTrackerSettings
-from prequal_middleware.core.outliers import OutlierSettings
+from prequal_middleware.core.settings import OutlierSettings
 from prequal_middleware.core.simulator import (
     ORACLE,
     SIM_POLICIES,

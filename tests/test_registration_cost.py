@@ -21,7 +21,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from prequal_middleware.config import HealthSettings, UpstreamPool
-from prequal_middleware.core import BasePolicy, Member, Outcome
+from prequal_middleware.core import BasePolicy, Member, Outcome, PrequalPolicy
 from prequal_middleware.gateway import membership as membership_module
 from prequal_middleware.gateway.gateway import Gateway
 from prequal_middleware.gateway.membership import Membership
@@ -113,6 +113,25 @@ class FullApplies:
         await self.inner.wait_for_change(timeout_s)
 
 
+class Breakable(PrequalPolicy):
+    """Prequal whose methods named in ``broken`` raise: a policy bug, injected through the pool's policy
+    factory (a compiled core's methods cannot be patched on an instance)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.broken: set[str] = set()
+
+    def upsert_member(self, member: Member, now: float) -> None:
+        if "upsert_member" in self.broken:
+            raise RuntimeError("policy bug")
+        super().upsert_member(member, now)
+
+    def remove_member(self, backend: str, now: float) -> None:
+        if "remove_member" in self.broken:
+            raise RuntimeError("policy bug")
+        super().remove_member(backend, now)
+
+
 class Side:
     """One pool, its membership and what its listeners and metrics saw."""
 
@@ -120,7 +139,11 @@ class Side:
         self, clock: Clock, *, local: bool = True, health_path: str | None = "/healthz", clients: int = 2
     ) -> None:
         config = UpstreamPool(
-            POOL, upstreams=[STATIC], health=HealthSettings(path=health_path), clients_per_pool=clients
+            POOL,
+            upstreams=[STATIC],
+            health=HealthSettings(path=health_path),
+            clients_per_pool=clients,
+            policy=Breakable,
         )
         self.pool = PoolRuntime(config, random.Random(0))
         self.pool.set_members([Member(STATIC)], clock.mono)  # as the gateway does
@@ -403,15 +426,11 @@ def test_a_write_after_a_lease_ran_out_drops_that_member_too() -> None:
 def test_a_failed_delta_leaves_the_next_refresh_a_full_apply() -> None:
     side = Side(Clock())
     broken = side.pool.clients[0]
-    original = broken.upsert_member
-
-    def fail(member: Member, now: float) -> None:
-        raise RuntimeError("policy bug")
-
-    broken.upsert_member = fail  # type: ignore[method-assign]
+    assert isinstance(broken, Breakable)
+    broken.broken.add("upsert_member")
     with pytest.raises(RuntimeError):
         side.register("http://a:80")
-    broken.upsert_member = original  # type: ignore[method-assign]
+    broken.broken.clear()
     applies: list[None] = []
     apply = side.membership.apply
     side.membership.apply = lambda: applies.append(apply())  # type: ignore[method-assign]
@@ -428,15 +447,11 @@ def test_a_failed_delta_that_moved_no_version_still_heals_at_the_next_refresh() 
     side.unregister("http://a:80")
     side.finish("http://a:80")  # its last request finished: it leaves at the next write or refresh
     broken = side.pool.clients[0]
-    original = broken.remove_member
-
-    def fail(backend: str, now: float) -> None:
-        raise RuntimeError("policy bug")
-
-    broken.remove_member = fail  # type: ignore[method-assign]
+    assert isinstance(broken, Breakable)
+    broken.broken.add("remove_member")
     with pytest.raises(RuntimeError):
         side.register("http://b:80")  # the same entry again: the registry's version does not move
-    broken.remove_member = original  # type: ignore[method-assign]
+    broken.broken.clear()
     side.refresh()
     assert "http://a:80" not in side.pool.members
     assert all(isinstance(p, BasePolicy) and "http://a:80" not in p.members for p in side.pool.clients)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from prequal_middleware.core.history import HistorySettings, TrafficHistory
 from prequal_middleware.core.load_tracker import LoadTracker, LoadTrackerSettings, RequestTicket
-from prequal_middleware.core.outliers import OutlierDetector, OutlierSettings
+from prequal_middleware.core.outliers import OutlierDetector
 from prequal_middleware.core.policies import (
     POLICY_CLASSES,
     LeastLatencyPolicy,
@@ -22,14 +22,8 @@ from prequal_middleware.core.policies import (
 from prequal_middleware.core.policy import BasePolicy
 from prequal_middleware.core.policy_protocol import Policy
 from prequal_middleware.core.prequal import PrequalPolicy
-from prequal_middleware.core.probe_pool import (
-    FractionalRate,
-    PrequalSettings,
-    ProbeEntry,
-    ProbePool,
-    RifHistory,
-    reuse_budget,
-)
+from prequal_middleware.core.probe_pool import FractionalRate, ProbeEntry, ProbePool, RifHistory, reuse_budget
+from prequal_middleware.core.settings import OutlierSettings, PrequalSettings
 from prequal_middleware.core.types import (
     BackendId,
     BackendSnapshot,

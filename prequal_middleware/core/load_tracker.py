@@ -28,7 +28,7 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
-from prequal_middleware.core.probe_pool import _check, _check_types
+from prequal_middleware.core.settings import check_types, check_values
 
 # RIF buckets above the exact ones are one per power of two; this many of them cover RIF up to
 # about 2**30, far past anything real, and keep memory bounded.
@@ -66,7 +66,7 @@ class LoadTrackerSettings:
     max_widen: int = 2
 
     def __post_init__(self) -> None:
-        _check_types(self)  # first: the range checks below compare the values
+        check_types(self)  # first: the range checks below compare the values
         checks = (
             ("window_s", 0 < self.window_s < math.inf, "a finite number > 0"),
             ("window_service_times", 0 <= self.window_service_times < math.inf, "a finite number >= 0"),
@@ -77,7 +77,7 @@ class LoadTrackerSettings:
             ("min_samples", self.min_samples >= 1, "an integer >= 1"),
             ("max_widen", self.max_widen >= 0, "an integer >= 0"),
         )
-        _check(self, checks)
+        check_values(self, checks)
 
 
 class RequestTicket:

@@ -19,53 +19,10 @@ Sans-IO: every method takes ``now``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 from prequal_middleware.core.mypyc_compat import mypyc_attr
-from prequal_middleware.core.probe_pool import _check, _check_types
+from prequal_middleware.core.settings import OutlierSettings
 from prequal_middleware.core.types import BackendId
-
-
-# A plain Python class where the core is compiled: a native one would raise TypeError on a wrongly typed
-# field before __post_init__ could name it in a ValueError.
-@mypyc_attr(native_class=False)
-@dataclass(frozen=True, kw_only=True, slots=True)
-class OutlierSettings:
-    """Parameters of passive health checking.
-
-    Parameters:
-        consecutive_failures: failures in a row that eject a backend (0 disables ejection).
-        base_ejection_s: the first ejection's length; each repeat doubles it.
-        max_ejection_s: the longest ejection.
-        max_ejected_share: the largest share of members ejected at the same time.
-        panic_threshold: below this share of healthy members, route over every member.
-        failure_weight: how much one outcome moves the failure rate (an EWMA per event).
-        failure_decay_s: time constant with which the failure rate fades without new outcomes.
-        averse_above: a backend whose failure rate exceeds this is avoided by Prequal's pool.
-    """
-
-    consecutive_failures: int = 5
-    base_ejection_s: float = 1.0
-    max_ejection_s: float = 30.0
-    max_ejected_share: float = 0.5
-    panic_threshold: float = 0.5
-    failure_weight: float = 0.3
-    failure_decay_s: float = 1.0
-    averse_above: float = 0.5
-
-    def __post_init__(self) -> None:
-        _check_types(self)  # first: the range checks below compare the values
-        checks = (
-            ("consecutive_failures", self.consecutive_failures >= 0, "an integer >= 0"),
-            ("base_ejection_s", 0 < self.base_ejection_s < math.inf, "a finite number > 0"),
-            ("max_ejection_s", self.base_ejection_s <= self.max_ejection_s < math.inf, "finite and >= base_ejection_s"),
-            ("max_ejected_share", 0.0 <= self.max_ejected_share <= 1.0, "a number in [0, 1]"),
-            ("panic_threshold", 0.0 <= self.panic_threshold <= 1.0, "a number in [0, 1]"),
-            ("failure_weight", 0.0 < self.failure_weight <= 1.0, "a number in (0, 1]"),
-            ("failure_decay_s", 0 < self.failure_decay_s < math.inf, "a finite number > 0"),
-            ("averse_above", 0.0 <= self.averse_above <= 1.0, "a number in [0, 1]"),
-        )
-        _check(self, checks)
 
 
 class _Health:
@@ -81,6 +38,8 @@ class _Health:
         self.rate_at = 0.0
 
 
+# Subclassable from plain Python where the core is compiled (tests count the questions it is asked).
+@mypyc_attr(allow_interpreted_subclasses=True)
 class OutlierDetector:
     """Failure bookkeeping for one pool's members."""
 

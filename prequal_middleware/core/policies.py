@@ -20,10 +20,9 @@ import random
 from collections.abc import Container, Sequence
 
 from prequal_middleware.core.mypyc_compat import mypyc_attr
-from prequal_middleware.core.outliers import OutlierSettings
 from prequal_middleware.core.policy import BasePolicy, _Backend
 from prequal_middleware.core.prequal import PrequalPolicy
-from prequal_middleware.core.probe_pool import PrequalSettings
+from prequal_middleware.core.settings import OutlierSettings, PrequalSettings
 from prequal_middleware.core.types import BackendId, Selection
 
 # Linkerd's default RTT for a backend nothing has been measured on yet.

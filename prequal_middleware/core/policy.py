@@ -23,7 +23,8 @@ import random
 from collections.abc import Container, Iterable, Sequence
 
 from prequal_middleware.core.mypyc_compat import mypyc_attr
-from prequal_middleware.core.outliers import OutlierDetector, OutlierSettings
+from prequal_middleware.core.outliers import OutlierDetector
+from prequal_middleware.core.settings import OutlierSettings
 from prequal_middleware.core.types import (
     SELECTION_REASONS,
     BackendId,

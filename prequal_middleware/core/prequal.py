@@ -60,9 +60,9 @@ from collections.abc import Collection, Container, Sequence
 from dataclasses import dataclass
 
 from prequal_middleware.core.mypyc_compat import mypyc_attr
-from prequal_middleware.core.outliers import OutlierSettings
 from prequal_middleware.core.policy import BasePolicy, _Backend
-from prequal_middleware.core.probe_pool import PrequalSettings, ProbePool, RifHistory, checked_report, sample
+from prequal_middleware.core.probe_pool import ProbePool, RifHistory, checked_report, sample
+from prequal_middleware.core.settings import OutlierSettings, PrequalSettings
 from prequal_middleware.core.types import BackendId, PolicySnapshot, Selection, SelectionReason
 
 # A probe we sent and heard nothing of for this long is no longer "in flight" for the sampler: a probe

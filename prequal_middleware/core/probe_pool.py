@@ -17,17 +17,15 @@ Sans-IO: every method takes ``now`` (monotonic seconds); randomness comes from a
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 import sys
 from bisect import bisect_left, insort
 from collections import deque
 from collections.abc import Collection, Container, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import TypeVar
 
-from prequal_middleware.core.mypyc_compat import mypyc_attr
+from prequal_middleware.core.settings import PrequalSettings
 from prequal_middleware.core.types import BackendId, SelectionReason
 
 T = TypeVar("T")
@@ -36,153 +34,6 @@ T = TypeVar("T")
 # not in the RIF history): an unbounded int made ``float()`` overflow in the threshold and failed every
 # selection. The probe client applies the same bound to what it parses.
 MAX_REPORTED_RIF = 1_000_000
-
-# The low end of the paper's good range [0.6, 0.9]. The paper's default, 2 ** -0.25 ~= 0.84 (section 4),
-# lost to 0.6 in our simulator and testbed at high load (CHANGELOG, "Decided"; docs/benchmarks.md).
-DEFAULT_Q_RIF = 0.6
-
-
-# A plain Python class where the core is compiled: a native one would raise TypeError on a wrongly typed
-# field before __post_init__ could name it in a ValueError.
-@mypyc_attr(native_class=False)
-@dataclass(frozen=True, kw_only=True, slots=True)
-class PrequalSettings:
-    """Prequal's parameters, with the paper's testbed defaults (section 5) except ``q_rif`` and ``fallback``.
-
-    Parameters:
-        pool_size: ``m``, the most probes kept; a newer probe of a backend replaces the older one.
-            Fixed, whatever the fleet size: with the default rates Eq. 1's reuse budget is 1 for fleets
-            of 24 backends or fewer (``reuse_budget``), so each probe is used once and the pool holds
-            every fresh probe of the fleet. A pool derived from the fleet size (``min(16, n // 3)``,
-            which gives Eq. 1 a budget of 2 there) measured worse at 6 backends and no better at 12 and
-            20 (docs/simulator.md, "Small fleets and the pool size"); set it explicitly to change it.
-        max_age_s: probes older than this (by local receipt time) are dropped.
-        probes_per_query: ``r_probe``; fractional values are rounded deterministically per query so
-            the long-run rate is exact (paper footnote 7).
-        removals_per_query: ``r_remove``, alternating the oldest and the worst probe.
-        drift: ``delta`` in Eq. 1, the net pool drift rate (> 0).
-        q_rif: quantile of recent probe RIFs above which a probe is hot. 1 is latency-only (nothing is
-            hot), 0 is RIF-only. Default 0.6; the paper's is 0.84 (see ``DEFAULT_Q_RIF``).
-        max_reuse: cap on the reuse budget (default 2). The paper's testbed budget is 1.316; much
-            larger ones arise only when the pool is nearly as large as the fleet (``m`` close to
-            ``n``) or probes are scarce, and then the best probe herds traffic onto one backend
-            (docs/simulator.md measures it). Raise it for very low probe rates.
-        rif_history_size: how many recent probe RIFs the quantile is taken over.
-        rif_history_window_s: only probe RIFs received within this window count.
-        max_idle_s: with no query for this long, the client probes anyway to keep the pool warm.
-        fallback_below: below this many usable probes, the fallback chooses.
-        fallback: how the fallback chooses. ``"least_in_flight"`` (default): the backend with the
-            fewest of this client's own requests in flight, ties broken at random; ``"random"``: a
-            uniformly random backend, the paper's rule. The paper's many clients each see a sliver of
-            the traffic and hold ~0 requests per backend, so their tie-break is the paper's random
-            choice; a gateway that sees most of the traffic knows the backends' load exactly and
-            should use it (measured in docs/benchmarks.md).
-        cross_check: check each probe report against what this client knows itself (issue 12, item 8;
-            ``PrequalPolicy.on_probe``). A reported RIF below this client's own requests in flight to
-            the backend is impossible: the RIF used is the larger of the two. A reported latency below
-            ``1 / cross_check_ratio`` of the latency this client measures for the backend (its EWMA of
-            successful requests) and more than ``cross_check_slack_s`` below it is a lie or a stale
-            estimate: the latency used is raised to ``measured / cross_check_ratio``. A backend that
-            reports "idle and instant" while serving slowly then cannot capture the pool. ``False``
-            pools reports as they come (the old behaviour).
-        cross_check_ratio: K above; > 1. The gateway's measurement adds the network and its own
-            queueing to the backend's time, so honest reports sit somewhat below it; 2 leaves them alone
-            (docs/simulator.md measures how often it fires on honest fleets).
-        cross_check_slack_s: the absolute part of the latency rule: differences up to this are never
-            suspect (the gateway's own overhead, and backends too fast for the ratio to mean anything).
-        report_max_age_s: how fresh a backend's latest report (piggybacked on a response, or a probe
-            answer) must be to answer a probe the sampler draws instead of a probe on the network
-            (``core.prequal``: every draw still pools one entry). 0 sends every probe, the paper's rule.
-        mode: ``"async"`` (default): each query is routed on the pool and its probes are sent without
-            waiting. ``"sync"``: the paper's sync mode (section 4): at each query, ``sync_probes``
-            probes go to distinct, uniformly random candidates and the query waits for all but one
-            answer (at most ``sync_wait_s``), then HCL chooses among the answers; with fewer than two
-            answers in time, the asynchronous choice (the pool, or the fallback) decides. It adds a
-            probe round trip to every request (measured in docs/benchmarks.md, "Sync mode").
-        sync_probes: ``d``, the probes per query in sync mode (>= 2). 3 (the paper: typically 3 to 5;
-            YouTube used 5): the fewest that still leaves a choice between two answers after dropping
-            the slowest, the same probe load per query as the asynchronous ``r_probe``; every extra
-            probe adds to the wait (the (d-1)-th answer of d comes later) and to a small fleet's share
-            of probes (5 of 12 backends per request).
-        sync_wait_s: the longest a query waits for its sync answers; it bounds the latency sync mode
-            may add. 10 ms: the paper's deployment had a 3 ms probe timeout inside a datacenter; a
-            Python gateway on a busy host answers loopback probes in well under 1 ms at its median
-            but not at its tail. Answers that come later still feed the pool and the RIF history.
-    """
-
-    pool_size: int = 16
-    max_age_s: float = 1.0
-    probes_per_query: float = 3.0
-    removals_per_query: float = 1.0
-    drift: float = 1.0
-    q_rif: float = DEFAULT_Q_RIF
-    max_reuse: int = 2
-    rif_history_size: int = 128
-    rif_history_window_s: float = 2.0
-    max_idle_s: float = 0.5
-    fallback_below: int = 2
-    fallback: Literal["least_in_flight", "random"] = "least_in_flight"
-    cross_check: bool = True
-    cross_check_ratio: float = 2.0
-    cross_check_slack_s: float = 0.005
-    report_max_age_s: float = 0.02
-    mode: Literal["async", "sync"] = "async"
-    sync_probes: int = 3
-    sync_wait_s: float = 0.01
-
-    @classmethod
-    def paper(cls) -> PrequalSettings:
-        """The paper's own testbed settings (NSDI '24 sections 4-5; prequal-spec.md section 2).
-
-        m = 16 probes, 1 s max age, r_probe = 3, r_remove = 1, drift 1, Q_RIF = 2**-0.25 (~0.84), and
-        below 2 usable probes a uniformly random backend (``fallback="random"``). The other fields (RIF
-        history, idle probing) have no value in the paper and keep this library's defaults.
-
-        Reuse cap: the paper has none. The preset keeps the default ``max_reuse=2``: with the paper's
-        numbers Eq. 1 gives 2 / ((1 - 16/n) * 3 - 1), 1.316 at the testbed's n = 100, under the cap, so
-        the cap changes nothing there. Every probe goes on the network (``report_max_age_s=0``): the paper
-        has no piggybacked reports. It binds only for 25 <= n <= 47 (25 uses at n = 25), where an
-        unbounded budget herds traffic onto the best probe (docs/simulator.md). For n <= 24 the
-        denominator is <= 0 and Eq. 1 has no value; each probe is then used once (``reuse_budget``).
-        Pass ``dataclasses.replace(PrequalSettings.paper(), max_reuse=...)`` to lift the cap.
-        """
-        return cls(
-            pool_size=16,
-            max_age_s=1.0,
-            probes_per_query=3.0,
-            removals_per_query=1.0,
-            drift=1.0,
-            q_rif=2**-0.25,
-            max_reuse=2,
-            fallback_below=2,
-            fallback="random",
-            report_max_age_s=0.0,
-        )
-
-    def __post_init__(self) -> None:
-        _check_types(self)  # first: the range checks below compare the values
-        checks = (
-            ("pool_size", self.pool_size >= 1, "an integer >= 1"),
-            ("max_age_s", 0 < self.max_age_s < math.inf, "a finite number > 0"),
-            ("probes_per_query", 0 <= self.probes_per_query < math.inf, "a finite number >= 0"),
-            ("removals_per_query", 0 <= self.removals_per_query < math.inf, "a finite number >= 0"),
-            ("drift", 0 < self.drift < math.inf, "a finite number > 0"),
-            ("q_rif", 0.0 <= self.q_rif <= 1.0, "a number in [0, 1]"),
-            ("max_reuse", self.max_reuse >= 1, "an integer >= 1"),
-            ("rif_history_size", self.rif_history_size >= 1, "an integer >= 1"),
-            ("rif_history_window_s", 0 < self.rif_history_window_s < math.inf, "a finite number > 0"),
-            ("max_idle_s", 0 < self.max_idle_s < math.inf, "a finite number > 0"),
-            ("fallback_below", self.fallback_below >= 1, "an integer >= 1"),
-            ("fallback", self.fallback in ("least_in_flight", "random"), "'least_in_flight' or 'random'"),
-            ("cross_check_ratio", 1.0 < self.cross_check_ratio < math.inf, "a finite number > 1"),
-            ("cross_check_slack_s", 0 <= self.cross_check_slack_s < math.inf, "a finite number >= 0"),
-            ("report_max_age_s", 0 <= self.report_max_age_s < math.inf, "a finite number >= 0"),
-            ("mode", self.mode in ("async", "sync"), "'async' or 'sync'"),
-            ("sync_probes", self.sync_probes >= 2, "an integer >= 2"),
-            ("sync_wait_s", 0 < self.sync_wait_s < math.inf, "a finite number > 0"),
-        )
-        _check(self, checks)
-
 
 _FLOAT_MAX = sys.float_info.max
 
@@ -211,40 +62,6 @@ def checked_report(rif: object, latency_s: object) -> tuple[int, float] | None:
     if math.isfinite(latency) and latency >= 0.0:
         return int(rif), latency
     return None
-
-
-# What a settings field declared with each type accepts.
-_FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
-    "int": ((int,), "an integer"),
-    "float": ((int, float), "a number"),
-    "bool": ((bool,), "True or False"),
-}
-
-
-def _check_types(settings: object) -> None:
-    """Raise ``ValueError`` naming the first int, float or bool field of a settings dataclass whose value
-    has another type (``True`` is not an integer here, nor a number).
-
-    Run before the range checks: those compare the values, and where the core is compiled, reading a
-    wrongly typed field as its declared type raises ``TypeError`` naming no field.
-    """
-    for field in dataclasses.fields(settings):  # type: ignore[arg-type]
-        # A string as written here; a type where the module is compiled (mypyc evaluates annotations).
-        kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
-        accepted = _FIELD_TYPES.get(kind)
-        if accepted is None:
-            continue  # Literal and str fields: their own check names the values allowed
-        value = getattr(settings, field.name)
-        kinds, expected = accepted
-        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-            raise ValueError(f"{field.name} must be {expected}, got {value!r}")
-
-
-def _check(settings: object, checks: tuple[tuple[str, bool, str], ...]) -> None:
-    """Raise ``ValueError`` naming the first field whose check failed."""
-    for name, ok, expected in checks:
-        if not ok:
-            raise ValueError(f"{name} must be {expected}, got {getattr(settings, name)!r}")
 
 
 # --- rates and budgets -------------------------------------------------------------------------

@@ -41,8 +41,7 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol, TypedDict
 
 from prequal_middleware.core.load_tracker import LoadTrackerSettings
-from prequal_middleware.core.outliers import OutlierSettings
-from prequal_middleware.core.probe_pool import PrequalSettings
+from prequal_middleware.core.settings import OutlierSettings, PrequalSettings
 
 # E[X | X > 0] for X ~ Normal(mu, mu) is mu * (1 + phi(1) / Phi(1)) ~= 1.2876 * mu.
 _PHI_1 = math.exp(-0.5) / math.sqrt(2.0 * math.pi)

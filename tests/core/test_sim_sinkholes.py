@@ -14,9 +14,9 @@ from benchmarks.simulate import avoided_share, baseline_config, main, sinkhole_r
 from prequal_middleware.config import RetrySettings
 from prequal_middleware.core import PrequalSettings, simulator as sim
 from prequal_middleware.core.load_tracker import LoadTracker, LoadTrackerSettings
-from prequal_middleware.core.outliers import OutlierSettings
 from prequal_middleware.core.policy import BasePolicy
 from prequal_middleware.core.prequal import PrequalPolicy
+from prequal_middleware.core.settings import OutlierSettings
 from prequal_middleware.core.sim_fleet import build_fleet
 from prequal_middleware.core.simulator import SimConfig, simulate, time_scaled
 from prequal_middleware.core.types import BackendId, Outcome
