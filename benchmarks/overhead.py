@@ -729,6 +729,21 @@ def versions() -> dict[str, str]:
     return found
 
 
+def core_compiled() -> list[str]:
+    """The sans-IO core's modules the targets run compiled by mypyc ([] when pure Python).
+
+    Asked the way a target imports the package: a fresh interpreter started from the repository root, so
+    an in-place build (``python tools/build_core.py build``) counts. ``--baseline-rev`` targets run from a
+    fresh worktree of that revision: pure Python.
+    """
+    program = "import json; from prequal_middleware.core.compiled import compiled_modules as c; print(json.dumps(c()))"
+    done = subprocess.run([sys.executable, "-c", program], cwd=REPO, capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        raise SystemExit(f"cannot import the package from {REPO}: {done.stderr.strip()[-500:]}")
+    found: list[str] = json.loads(done.stdout)
+    return found
+
+
 def library_revision() -> dict[str, Any]:
     """The commit measured and whether the library had uncommitted changes (read-only git commands)."""
 
@@ -884,6 +899,15 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"{' and '.join(missing)} not found (Debian: apt-get install wrk util-linux)", file=sys.stderr)
         return 2
+    from prequal_middleware.core.compiled import describe
+    from tools import build_core
+
+    stale = build_core.problems()
+    if stale:
+        print(f"the sans-IO core's compiled modules are stale: {'; '.join(stale)}", file=sys.stderr)
+        print("run python tools/build_core.py build or clean", file=sys.stderr)
+        return 2
+    compiled = core_compiled()
     if settings.profile_dir is not None:
         settings.profile_dir.mkdir(parents=True, exist_ok=True)
     per_measurement = settings.warmup_s + settings.duration_s + 2
@@ -893,7 +917,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"~{count} measurements of ~{per_measurement} s: targets {', '.join(settings.targets)}; "
         f"{load}; {settings.rounds} round(s) of {settings.duration_s} s; load generator + {settings.backends} "
-        f"upstreams on CPU {settings.load_cpu}, target on CPU {settings.proxy_cpu}",
+        f"upstreams on CPU {settings.load_cpu}, target on CPU {settings.proxy_cpu}; "
+        f"sans-IO core: {describe(compiled)}",
         file=sys.stderr,
         flush=True,
     )
@@ -932,6 +957,8 @@ def main(argv: list[str] | None = None) -> int:
         "elapsed_s": round(time.time() - started_at, 1),
         "versions": versions(),
         "revision": library_revision(),
+        # The build of the sans-IO core the targets ran: its modules compiled by mypyc, or [] (pure Python).
+        "core_compiled": compiled,
         "note": args.note,
         "baseline_rev": args.baseline_rev,
     }

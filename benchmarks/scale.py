@@ -55,6 +55,7 @@ from typing import Any
 import prequal_middleware
 from prequal_middleware import Gateway, HealthSettings, PrequalMiddleware, UpstreamPool
 from prequal_middleware.core import Member, Outcome, Policy, create_policy
+from prequal_middleware.core.compiled import compiled_modules, describe
 from prequal_middleware.core.load_report import encode_report
 from prequal_middleware.gateway import scheduler as scheduler_module
 from prequal_middleware.testing import CannedResponse, FakeClock, MockTransport
@@ -540,6 +541,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "python": platform.python_version(),
             "machine": platform.machine(),
             "seconds": round(time.monotonic() - started, 1),
+            # The sans-IO core's modules compiled by mypyc ([] when pure Python): this process's build.
+            "core_compiled": list(compiled_modules()),
         },
         "settings": {
             "rounds": args.rounds,
@@ -571,6 +574,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.requests, args.ops, args.warmup = 2, 100, 200, 50
+    print(f"sans-IO core: {describe()}", file=sys.stderr)
     result = asyncio.run(run(args))
     print(tables(result))
     for policy, g in result["goal"].items():
