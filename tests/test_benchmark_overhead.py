@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from prequal_middleware.core.compiled import describe
+from tools import build_core
+
 REPO = Path(__file__).resolve().parents[1]
 MISSING = [tool for tool in ("wrk", "taskset") if shutil.which(tool) is None]
 
@@ -35,6 +38,10 @@ def test_quick_run_writes_the_results(tmp_path: Path) -> None:
     assert data["config"]["rounds"] == 1
     assert data["config"]["duration_s"] == 1
     assert data["config"]["connections"] == [16]
+    # Which build of the sans-IO core the targets ran (tox's py env: compiled in place).
+    compiled = sorted(build_core.compiled_in_tree())
+    assert data["config"]["core_compiled"] == compiled
+    assert f"sans-IO core: {describe(compiled)}" in done.stderr
     results = {r["target"]: r for r in data["results"]}
     assert set(results) == {"direct", "gateway_prequal"}
     for result in results.values():

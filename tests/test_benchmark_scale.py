@@ -15,6 +15,7 @@ from pathlib import Path
 
 from prequal_middleware.core import Member, Outcome, OutlierDetector, PrequalPolicy
 from prequal_middleware.core.policy import BasePolicy
+from tools import build_core
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -29,6 +30,7 @@ def test_quick_run_has_every_configuration(tmp_path: Path) -> None:
         capture_output=True,
     )
     result = json.loads(out.read_text())
+    assert result["meta"]["core_compiled"] == sorted(build_core.compiled_in_tree())
     s = result["settings"]
     policies, sizes, prefixes = s["policies"], s["sizes"], s["prefixes"]
     assert set(policies) == {"prequal", "round_robin"} and sizes == [2, 10, 100, 1000] and prefixes == [1, 10, 100]
