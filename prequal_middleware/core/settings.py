@@ -208,13 +208,12 @@ def check_types(settings: object) -> None:
     """Raise ``ValueError`` naming the first int, float or bool field of a settings dataclass whose value
     has another type (``True`` is not an integer here, nor a number).
 
-    Run before the range checks: those compare the values, and where the core is compiled, reading a
-    wrongly typed field as its declared type raises ``TypeError`` naming no field.
+    Run before the range checks: those compare the values, so a string would raise ``TypeError`` naming
+    no field, and a float in an int field would pass them. The annotations are read as written (postponed
+    annotations: strings); this module and the settings' modules are never compiled.
     """
     for field in dataclasses.fields(settings):  # type: ignore[arg-type]
-        # A string as written here; a type where the module is compiled (mypyc evaluates annotations).
-        kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
-        accepted = _FIELD_TYPES.get(kind)
+        accepted = _FIELD_TYPES.get(str(field.type))
         if accepted is None:
             continue  # Literal and str fields: their own check names the values allowed
         value = getattr(settings, field.name)
