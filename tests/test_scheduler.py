@@ -184,6 +184,7 @@ async def test_the_probe_is_reported_at_its_receipt_time_not_its_send_time() -> 
             server.hold.set()
             await asyncio.wait_for(recorder.answered.wait(), WAIT_S)
             assert recorder.probes == [(server.url, 107.5, 7, 0.0015)]
+            scheduler._metrics.flush()  # the request path's observations since the last flush
             duration = scheduler._metrics.probe_duration.labels(pool="/p")
             assert duration._sum.get() == pytest.approx(7.5), "the probe's duration is receipt minus send"
 
@@ -385,6 +386,7 @@ def modes(pool: PoolRuntime, backend: str) -> list[str]:
 
 
 def probe_count(scheduler: ProbeScheduler, result: str) -> float:
+    scheduler._metrics.flush()
     value = scheduler._metrics.probes.labels(pool="/p", result=result)._value.get()
     return float(value)
 

@@ -163,6 +163,7 @@ async def gateway_for(
 
 
 def _count(gateway: Gateway, metric: str, **labels: str) -> float:
+    gateway.metrics.flush()  # the request path's counts since the last flush
     value = gateway.metrics.registry.get_sample_value(metric, {"pool": "/api", **labels})
     return value or 0.0
 

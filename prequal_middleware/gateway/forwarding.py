@@ -345,8 +345,8 @@ class Forwarder:
         finally:
             elapsed = self._clock() - arrived
             code = code_class(status) if status else "cancelled"
-            metrics.child(metrics.requests, name, code).inc()
-            metrics.child(metrics.request_duration, name).observe(elapsed)
+            metrics.count(metrics.requests, name, code)
+            metrics.observe(metrics.request_duration, elapsed, name)
             if record is not None:
                 record.status, record.total_s = status, elapsed
                 observe.finish(record)
@@ -478,7 +478,7 @@ class Forwarder:
                     exchange.send, 503, "no_backend", "no backend is available in this pool", pool
                 )
                 return
-            metrics.child(metrics.selections, pool.name, selection.reason).inc()
+            metrics.count(metrics.selections, pool.name, selection.reason)
             request = UpstreamRequest(
                 method, selection.backend, exchange.target, exchange.headers, exchange.body, exchange.content_length
             )
@@ -553,7 +553,7 @@ class Forwarder:
                 raise
             latency = self._clock() - started
             outcome = Outcome.from_status(response.status)
-            self._metrics.child(self._metrics.upstream_latency, pool.name).observe(latency)
+            self._metrics.observe(self._metrics.upstream_latency, latency, pool.name)
             if handle.reads_reports:
                 # The backend's piggybacked load report: it answers a later probe of this backend
                 # (core.prequal), and never reaches the client (downstream_response_headers).
@@ -590,7 +590,7 @@ class Forwarder:
                 # Always, even when closing raises or is cancelled: else the counts leak for good.
                 now = self._clock()
                 handle.finish(outcome, latency, now)
-                self._metrics.child(self._metrics.upstream_requests, pool.name, backend, outcome.value).inc()
+                self._metrics.count(self._metrics.upstream_requests, pool.name, backend, outcome.value)
                 if exchange.record is not None:
                     exchange.record.upstream_s = latency
                 if outcome.is_failure and self._observe.events is not None:

@@ -233,6 +233,7 @@ class Gateway:
         await self.registry.aclose()
         if self._transport is not None:
             await self._transport.aclose()
+        self.metrics.flush()  # the last requests' counts, for a registry read after shutdown
         logger.info("gateway stopped")
 
     async def __aenter__(self) -> Gateway:

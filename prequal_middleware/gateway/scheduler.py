@@ -336,7 +336,7 @@ class ProbeScheduler:
         be stale by the time it went out)."""
         if pool.probes_in_flight >= cap:
             pool.probes_skipped += 1
-            self._metrics.child(self._metrics.probes, pool.name, "skipped").inc()
+            self._metrics.count(self._metrics.probes, pool.name, "skipped")
             return False
         pool.probes_in_flight += 1
         self.probes_sent += 1
@@ -415,8 +415,8 @@ class ProbeScheduler:
         metrics = self._metrics
         now = self._clock()
         if result is not None:
-            metrics.child(metrics.probes, pool.name, "ok").inc()
-            metrics.child(metrics.probe_duration, pool.name).observe(now - started)
+            metrics.count(metrics.probes, pool.name, "ok")
+            metrics.observe(metrics.probe_duration, now - started, pool.name)
             policy.on_probe(backend, now, result.rif, result.latency_s)
         elif isinstance(error, ProbeUnsupported):
             metrics.child(metrics.probes, pool.name, "unsupported").inc()
@@ -508,13 +508,13 @@ class ProbeScheduler:
             now = self._clock()
             for c in pool.clients:
                 c.set_probe_mode(backend, "probe", now)
-            metrics.child(metrics.probes, pool.name, "ok").inc()
+            metrics.count(metrics.probes, pool.name, "ok")
             logger.info("backend %s of pool %s answers probes again", backend, pool.name)
             return
         # Unsupported again, or a failure: a backend in local mode is balanced on the gateway's own
         # view, which a missed probe does not change; only wait longer.
         outcome = "unsupported" if isinstance(error, ProbeUnsupported) else "failed"
-        metrics.child(metrics.probes, pool.name, outcome).inc()
+        metrics.count(metrics.probes, pool.name, outcome)
         state.delay = min(state.delay * 2, self._reprobe_max_s)
         if state.timer is None:
             self._schedule_reprobe(pool, backend, state, state.delay)
@@ -678,6 +678,7 @@ class ProbeScheduler:
         if self._history is not None:  # a history finer than a second (tests) is sampled as often
             interval = min(interval, self._history.settings.step_s)
         while True:
+            self._metrics.flush()  # the request path's counts reach the registry at least once a second
             self.update_gauges()
             self.sample_history()
             await asyncio.sleep(interval)  # neither raises
@@ -687,6 +688,7 @@ class ProbeScheduler:
         if self._history is None:
             return
         try:
+            self._metrics.flush()  # the counts it reads
             self._history.sample(self._clock(), [pool.name for pool in self._pools])
         except Exception as exc:  # the charts wait for the next round; the gauges go on
             self.errors.failed("history", exc)
