@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import random
 import re
 import socket
 from typing import Any
@@ -18,6 +20,7 @@ from websockets.sync.client import connect as ws_connect
 from prequal_middleware import Gateway, PrequalMiddleware, UpstreamPool
 from prequal_middleware.config import AccessLogSettings, HealthSettings, RetrySettings
 from prequal_middleware.gateway.access_log import escape
+from prequal_middleware.gateway.request_id import new_request_id
 from prequal_middleware.transports.base import UpstreamRequest
 from tests.apps import make_backend
 from tests.helpers import gateway_app, wait_for
@@ -335,3 +338,23 @@ def test_the_request_id_goes_upstream_on_every_attempt() -> None:
     assert ids == [[rid], [rid]]
     assert json.loads(found[0])["attempts"] == 2
     assert json.loads(found[0])["request_id"] == rid.decode()
+
+
+def test_made_request_ids_differ_in_a_forked_worker_and_ignore_the_global_random() -> None:
+    """Made ids are unique per process even when workers are forked from one parent (gunicorn's
+    preload), and an app's ``random.seed`` does not make them repeat."""
+    random.seed(7)
+    first = new_request_id()
+    random.seed(7)
+    assert new_request_id() != first
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next id, to the parent, then exit at once
+        os.write(write, new_request_id().encode())
+        os._exit(0)
+    os.close(write)
+    child_id = os.read(read, 64).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert HEX32.fullmatch(child_id)
+    assert child_id != new_request_id(), "the child reseeded after the fork"

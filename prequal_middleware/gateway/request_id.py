@@ -9,6 +9,7 @@ replaced, as it would end up in logs and in the backends' headers.
 from __future__ import annotations
 
 import os
+import random
 import re
 from collections.abc import Callable
 from typing import Any
@@ -16,11 +17,19 @@ from typing import Any
 _VALID = re.compile(rb"[\x21-\x7e]{1,128}").fullmatch
 
 RawHeaders = list[tuple[bytes, bytes]]
+_STARTS = frozenset({"http.response.start", "websocket.http.response.start"})  # the messages that carry headers
+
+
+# The ids' generator: seeded from os.urandom, and again in a forked child (a pre-forked worker would
+# otherwise repeat its parent's ids). Ids need to be unique, not secret: a client may send its own,
+# which is kept. Half the cost of os.urandom per id (a system call each).
+_ids = random.Random()
+os.register_at_fork(after_in_child=_ids.seed)
 
 
 def new_request_id() -> str:
     """A fresh id: 128 random bits in hex (as unique as a uuid4, without building one)."""
-    return os.urandom(16).hex()
+    return f"{_ids.getrandbits(128):032x}"
 
 
 def request_id_of(headers: RawHeaders, name: bytes) -> str:
@@ -48,8 +57,7 @@ def with_request_id(send: Callable[[dict[str, Any]], Any], name: bytes, request_
     value = request_id.encode("ascii")
 
     def sending(message: dict[str, Any]) -> Any:
-        kind = message["type"]
-        if kind == "http.response.start" or kind == "websocket.http.response.start":
+        if message["type"] in _STARTS:
             headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != name]
             headers.append((name, value))
             message["headers"] = headers
