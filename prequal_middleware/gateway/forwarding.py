@@ -63,7 +63,7 @@ from prequal_middleware.gateway.pool import Attempt, PoolRuntime
 from prequal_middleware.gateway.request_id import set_request_id
 from prequal_middleware.gateway.request_target import NOT_ORIGIN_FORM, raw_path
 from prequal_middleware.gateway.routes import RouteRuntime
-from prequal_middleware.transports.base import Transport, UpstreamRequest, UpstreamResponse, sendable_target
+from prequal_middleware.transports.base import Transport, UpstreamRequest, UpstreamResponse, WholeBody, sendable_target
 
 logger = logging.getLogger("prequal_middleware.gateway.forwarding")
 
@@ -640,20 +640,26 @@ class Forwarder:
         remaining = _content_length(headers)
         if scope["method"] == "HEAD" or response.status in (204, 304):
             remaining = 0
+        body = response.body
         if remaining == 0:
-            async for _ in response.body:
+            async for _ in body:
                 pass  # nothing to send; reading to the end gives the connection back
             watch.stop()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
-        async for chunk in response.body:
+        if type(body) is WholeBody and (remaining is None or remaining == len(body.data)):
+            # The transport had it all with the head: one message, nothing to iterate or wait for.
+            watch.stop()
+            await send({"type": "http.response.body", "body": body.take(), "more_body": False})
+            return
+        async for chunk in body:
             if remaining is not None:
                 remaining -= len(chunk)
                 if remaining <= 0:
                     # The declared length is complete: this is the last message (one send fewer).
                     watch.stop()
                     await send({"type": "http.response.body", "body": chunk, "more_body": False})
-                    async for _ in response.body:
+                    async for _ in body:
                         pass
                     return
             await send({"type": "http.response.body", "body": chunk, "more_body": True})

@@ -173,6 +173,32 @@ class UpstreamResponse:
         return f"UpstreamResponse({self.status})"
 
 
+class WholeBody:
+    """A response body that arrived whole with its head: an async iterator of one chunk (none if empty).
+
+    A transport that has the entire body when the headers are in (the HTTP/1.1 engine, for a small
+    answer read in one go) hands it over as this, its connection already free; the forwarder then sends
+    it in one ASGI message, without iterating. ``take()`` returns what is left and consumes it.
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def take(self) -> bytes:
+        data, self.data = self.data, b""
+        return data
+
+    def __aiter__(self) -> WholeBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if not self.data:
+            raise StopAsyncIteration
+        return self.take()
+
+
 class UpstreamWebSocket(Protocol):
     """An open WebSocket to a backend."""
 

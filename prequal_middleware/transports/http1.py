@@ -68,6 +68,7 @@ from prequal_middleware.transports.base import (
     UpstreamRequest,
     UpstreamResponse,
     UpstreamWebSocket,
+    WholeBody,
 )
 from prequal_middleware.transports.h1_connection import H1Connection
 from prequal_middleware.transports.h1_pool import H1Pool, Origin
@@ -376,9 +377,12 @@ class H1Transport:
         finally:
             if timer is not None:
                 timer.cancel()
-        if conn.complete and not conn.chunks:
-            conn.pool.release(conn, loop.time())  # no body (HEAD, 204, 304, empty): the connection is free now
-            return UpstreamResponse(conn.status, conn.headers, _empty())
+        if conn.complete:
+            # The whole answer is in (no body, or a small one read with the head): the connection is
+            # free now, and the body goes to the forwarder whole.
+            response = UpstreamResponse(conn.status, conn.headers, WholeBody(conn.take() if conn.chunks else b""))
+            conn.pool.release(conn, loop.time())
+            return response
         return UpstreamResponse(
             conn.status, conn.headers, self._body(conn, request, timeouts.read_idle_s, loop), _Closer(conn)
         )
@@ -465,8 +469,3 @@ class _Closer:
         if conn.active and conn.exchanges == self._exchange:
             conn.fail(UpstreamProtocolError(f"{conn.origin.url}: response closed before its end"))
             conn.active = False
-
-
-async def _empty() -> AsyncIterator[bytes]:
-    return
-    yield  # an async generator with nothing in it
