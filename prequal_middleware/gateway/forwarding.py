@@ -64,6 +64,7 @@ from prequal_middleware.gateway.request_id import set_request_id
 from prequal_middleware.gateway.request_target import NOT_ORIGIN_FORM, raw_path
 from prequal_middleware.gateway.routes import RouteRuntime
 from prequal_middleware.transports.base import Transport, UpstreamRequest, UpstreamResponse, WholeBody, sendable_target
+from prequal_middleware.transports.deadlines import Deadlines
 
 logger = logging.getLogger("prequal_middleware.gateway.forwarding")
 
@@ -177,7 +178,7 @@ class _DisconnectWatch:
 
     __slots__ = ("_receive", "_task", "_starter", "_armed", "_watcher", "fired", "finished")
 
-    def __init__(self, receive: Receive, task: asyncio.Task[Any] | None, starter: _WatchStarter) -> None:
+    def __init__(self, receive: Receive, task: asyncio.Task[Any] | None, starter: Deadlines[_DisconnectWatch]) -> None:
         self._receive = receive
         self._task = task
         self._starter = starter
@@ -190,7 +191,7 @@ class _DisconnectWatch:
         """Start watching soon; call once nothing else reads ``receive`` (the body is all read)."""
         if self._task is not None and not self._armed and not self.finished:
             self._armed = True
-            self._starter.arm(self)
+            self._starter.arm(self, DISCONNECT_WATCH_DELAY_S)
 
     def start(self) -> None:
         """The request outlived ``DISCONNECT_WATCH_DELAY_S``: watch ``receive`` for the disconnect."""
@@ -212,51 +213,6 @@ class _DisconnectWatch:
             self._starter.disarm(self)
         if self._watcher is not None:
             self._watcher.cancel()
-
-
-class _WatchStarter:
-    """Starts each armed watch ``DISCONNECT_WATCH_DELAY_S`` after it was armed, on one timer for all.
-
-    A timer per request (a handle allocated, pushed on the loop's heap, then cancelled: nearly every
-    request ends well before the delay) cost more than the rest of the watch. Here arming and stopping
-    are a dict insert and delete; the one timer is set for the oldest armed watch and re-set as it fires.
-    """
-
-    __slots__ = ("_armed", "_timer", "_loop")
-
-    def __init__(self) -> None:
-        self._armed: dict[_DisconnectWatch, float] = {}  # insertion order is arming order
-        self._timer: asyncio.TimerHandle | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    def arm(self, watch: _DisconnectWatch) -> None:
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop:  # first use, or a new event loop (the old one's timer never fires)
-            self._loop, self._timer = loop, None
-            self._armed.clear()
-        now = loop.time()
-        self._armed[watch] = now
-        if self._timer is None:
-            self._timer = loop.call_at(now + DISCONNECT_WATCH_DELAY_S, self._fire)
-
-    def disarm(self, watch: _DisconnectWatch) -> None:
-        self._armed.pop(watch, None)
-
-    def _fire(self) -> None:
-        self._timer = None
-        loop, armed = self._loop, self._armed
-        assert loop is not None
-        due = loop.time() + 0.001 - DISCONNECT_WATCH_DELAY_S  # up to 1 ms early: a timer may fire that early
-        while armed:
-            watch, at = next(iter(armed.items()))
-            if at > due:
-                self._timer = loop.call_at(at + DISCONNECT_WATCH_DELAY_S, self._fire)
-                return
-            del armed[watch]
-            try:
-                watch.start()
-            except Exception:  # one request's watch must not leave the others unwatched
-                logger.exception("starting a disconnect watch failed")
 
 
 class _Exchange:
@@ -330,7 +286,8 @@ class Forwarder:
         self._transport = transport
         self._metrics = metrics
         self._clock = clock
-        self._watches = _WatchStarter()  # the disconnect watches of this forwarder's requests
+        # Each request's disconnect watch starts DISCONNECT_WATCH_DELAY_S after it was armed, on one timer.
+        self._watches: Deadlines[_DisconnectWatch] = Deadlines(_DisconnectWatch.start)
 
     async def http(self, route: RouteRuntime, scope: Scope, receive: Receive, send: Send) -> None:
         """Forward one request on ``route`` to a backend of its pool (counted under the pool's name)."""

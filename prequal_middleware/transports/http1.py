@@ -70,6 +70,7 @@ from prequal_middleware.transports.base import (
     UpstreamWebSocket,
     WholeBody,
 )
+from prequal_middleware.transports.deadlines import Deadlines
 from prequal_middleware.transports.h1_connection import H1Connection
 from prequal_middleware.transports.h1_pool import H1Pool, Origin
 
@@ -95,7 +96,9 @@ class _Connection(H1Connection):
         "headers",
         "headers_waiter",
         "reading_paused",
+        "request",
         "uploader",
+        "waiting_for",
         "writing_paused",
     )
 
@@ -115,6 +118,8 @@ class _Connection(H1Connection):
         self.writing_paused = False
         self.uploader: asyncio.Task[object] | None = None  # the task sending the request body, while it does
         self.answered_early = False  # the final answer came before the request body was all sent
+        self.request: UpstreamRequest | None = None  # this exchange's, while a deadline is armed for it
+        self.waiting_for: TimeoutPhase = "headers"  # what that deadline waits for
 
     def begin(self, loop: asyncio.AbstractEventLoop, head_only: bool) -> asyncio.Future[None]:
         """Start an exchange; the future resolves when the final head is in."""
@@ -241,6 +246,8 @@ class H1Transport:
         # A pool's own TLS context gets connections of its own: one engine pool per context.
         self._tls_pools: dict[ssl_module.SSLContext, H1Pool[_Connection]] = {}
         self._websockets: AiohttpTransport | None = None
+        # The response-headers and body-idle timeouts of every exchange, on one loop timer per delay.
+        self._deadlines: Deadlines[_Connection] = Deadlines(_timed_out)
 
     def _new_pool(self, tls: ssl_module.SSLContext | None) -> H1Pool[_Connection]:
         return H1Pool(
@@ -352,7 +359,8 @@ class H1Transport:
         transport = conn.transport
         assert transport is not None
         headers_waiter = conn.begin(loop, head_only)
-        timer: asyncio.TimerHandle | None = None
+        deadlines = self._deadlines
+        armed = False
         try:
             transport.write(head)
             if request.body is not None:
@@ -369,14 +377,16 @@ class H1Transport:
                 finally:
                     conn.uploader = None
             if not headers_waiter.done():
-                timer = loop.call_later(timeouts.response_headers_s, conn.time_out, "headers", request)
+                conn.request, conn.waiting_for = request, "headers"
+                deadlines.arm(conn, timeouts.response_headers_s)
+                armed = True
             await headers_waiter
         except BaseException:
             conn.abort()
             raise
         finally:
-            if timer is not None:
-                timer.cancel()
+            if armed:
+                deadlines.disarm(conn)
         if conn.complete:
             # The whole answer is in (no body, or a small one read with the head): the connection is
             # free now, and the body goes to the forwarder whole.
@@ -444,13 +454,20 @@ class H1Transport:
             if conn.error is not None:
                 raise conn.error
             waiter = conn.data_waiter = loop.create_future()
-            timer = loop.call_later(idle_s, conn.time_out, "body", request)
+            conn.request, conn.waiting_for = request, "body"
+            self._deadlines.arm(conn, idle_s)
             try:
                 await waiter
             finally:
-                timer.cancel()
+                self._deadlines.disarm(conn)
                 conn.data_waiter = None
         conn.pool.release(conn, loop.time())
+
+
+def _timed_out(conn: _Connection) -> None:
+    """A deadline fired: the exchange it guarded fails with a timeout (headers or body)."""
+    if conn.request is not None:
+        conn.time_out(conn.waiting_for, conn.request)
 
 
 class _Closer:
