@@ -237,12 +237,10 @@ class PrequalMetrics:
             self.child(metric, *labels).observe(value)
             return
         key = (metric, *labels)
+        bounds = self._bounds[metric]
         row = self._observed.get(key)
         if row is None:
-            bounds = self._bounds[metric]
             row = self._observed[key] = [0.0] * (len(bounds) + 1)  # a count per bucket, then the sum
-        else:
-            bounds = self._bounds[metric]
         # As prometheus_client: the first bucket whose upper bound is >= value (+Inf always is).
         row[bisect.bisect_left(bounds, value)] += 1
         row[-1] += value

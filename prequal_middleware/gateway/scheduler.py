@@ -419,7 +419,7 @@ class ProbeScheduler:
             metrics.observe(metrics.probe_duration, now - started, pool.name)
             policy.on_probe(backend, now, result.rif, result.latency_s)
         elif isinstance(error, ProbeUnsupported):
-            metrics.child(metrics.probes, pool.name, "unsupported").inc()
+            metrics.count(metrics.probes, pool.name, "unsupported")
             if (id(pool), backend) not in self._local and backend in pool.members:
                 for c in pool.clients:
                     c.set_probe_mode(backend, "local", now)
@@ -427,7 +427,7 @@ class ProbeScheduler:
                 logger.info("backend %s of pool %s answers no probes: using the gateway's own view", backend, pool.name)
         else:
             self.probe_failures += 1
-            metrics.child(metrics.probes, pool.name, "failed").inc()
+            metrics.count(metrics.probes, pool.name, "failed")
             policy.on_probe_failure(backend, now)
 
     # --- local mode: re-probing backends that answered no load report -----------------------------

@@ -118,7 +118,7 @@ class _Connection(H1Connection):
         self.writing_paused = False
         self.uploader: asyncio.Task[object] | None = None  # the task sending the request body, while it does
         self.answered_early = False  # the final answer came before the request body was all sent
-        self.request: UpstreamRequest | None = None  # this exchange's, while a deadline is armed for it
+        self.request: UpstreamRequest | None = None  # this exchange's, only while a deadline is armed for it
         self.waiting_for: TimeoutPhase = "headers"  # what that deadline waits for
 
     def begin(self, loop: asyncio.AbstractEventLoop, head_only: bool) -> asyncio.Future[None]:
@@ -387,6 +387,7 @@ class H1Transport:
         finally:
             if armed:
                 deadlines.disarm(conn)
+                conn.request = None  # an idle connection must not keep the request (and its body) alive
         if conn.complete:
             # The whole answer is in (no body, or a small one read with the head): the connection is
             # free now, and the body goes to the forwarder whole.
@@ -460,7 +461,7 @@ class H1Transport:
                 await waiter
             finally:
                 self._deadlines.disarm(conn)
-                conn.data_waiter = None
+                conn.request = conn.data_waiter = None
         conn.pool.release(conn, loop.time())
 
 
