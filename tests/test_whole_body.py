@@ -4,6 +4,8 @@ body over as a ``WholeBody``, which the forwarder sends in one ASGI message."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -151,3 +153,40 @@ async def test_a_streamed_body_is_still_relayed_chunk_by_chunk(length: bytes | N
     assert b"".join(m["body"] for m in messages) == b"hello"
     assert messages[0] == {"type": "http.response.body", "body": b"hel", "more_body": True}
     assert messages[-1]["more_body"] is False
+
+
+class _Body:
+    """A one-byte request body that can be watched with a weak reference."""
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        yield b"x"
+
+
+async def test_an_idle_connection_keeps_no_request_alive() -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await reader.readuntil(b"\r\n\r\n")
+            await reader.readexactly(1)
+            writer.write(ANSWER[:-5])  # the head first, the body later: both deadlines are armed
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(b"hello")
+            await writer.drain()
+
+    transport = H1Transport()
+    try:
+        async with raw_server(handle) as url:
+            body = _Body()
+            watched = weakref.ref(body)
+            request = UpstreamRequest("POST", url, "/a", [(b"content-length", b"1")], body, 1)
+            response = await transport.send(request, FAST)
+            assert b"".join([chunk async for chunk in response.body]) == b"hello"
+            await response.aclose()
+            del body, request, response
+            gc.collect()
+            assert watched() is None, "the idle connection still holds the request"
+    finally:
+        await transport.aclose()
