@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=16, help="wrk connections [16]")
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second [250]")
     parser.add_argument("--raw", type=Path, help="keep py-spy's raw (collapsed stacks) output here")
+    parser.add_argument("--native", action="store_true", help="sample native frames too (compiled core, C code)")
     args = parser.parse_args(argv)
     missing = [tool for tool in ("wrk", "taskset", "py-spy") if shutil.which(tool) is None]
     if missing:
@@ -85,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             time.sleep(2.0)  # warm up before sampling
             record = ["py-spy", "record", "--pid", str(target.pid), "--duration", f"{args.seconds:g}"]
-            record += ["--rate", str(args.rate), "--format", "raw", "--output", str(raw), "--nonblocking"]
+            record += ["--rate", str(args.rate), "--format", "raw", "--output", str(raw)]
+            # --native reads native stacks, which needs the target paused at each sample.
+            record.append("--native" if args.native else "--nonblocking")
             subprocess.run(record, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             out, _ = wrk.communicate(timeout=args.seconds + 30)
         finally:

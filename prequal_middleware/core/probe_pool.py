@@ -20,10 +20,11 @@ from __future__ import annotations
 import math
 import random
 import sys
+import types
 from bisect import bisect_left, insort
 from collections import deque
 from collections.abc import Collection, Container, Iterator, Sequence
-from typing import TypeVar
+from typing import Final, TypeVar
 
 from prequal_middleware.core.settings import PrequalSettings
 from prequal_middleware.core.types import BackendId, SelectionReason
@@ -36,6 +37,8 @@ T = TypeVar("T")
 MAX_REPORTED_RIF = 1_000_000
 
 _FLOAT_MAX = sys.float_info.max
+_NAN: Final = math.nan  # a module constant: compiled code reads ``math.nan`` from the module each time
+_INF: Final = math.inf
 
 
 def checked_report(rif: object, latency_s: object) -> tuple[int, float] | None:
@@ -162,6 +165,46 @@ class FractionalRate:
 # --- RIF history and the hot/cold threshold ----------------------------------------------------
 
 
+def _compiled_marker() -> None:
+    """Only its type is read: a plain function here, a builtin one where mypyc compiled this module."""
+
+
+# Whether this module runs compiled. There a call into ``bisect`` (argument parsing, a rich comparison
+# per step) costs several times the loop below, which compiles to native integer comparisons; in plain
+# Python it is the other way round, so each build takes its faster path, to the same result.
+_COMPILED: Final = not isinstance(_compiled_marker, types.FunctionType)
+
+
+def _insort(values: list[int], x: int) -> None:
+    """``bisect.insort(values, x)``: ``x`` inserted after any equal values, ``values`` sorted."""
+    if not _COMPILED:
+        insort(values, x)
+        return
+    lo, hi = 0, len(values)
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if x < values[mid]:
+            hi = mid
+        else:
+            lo = mid + 1
+    values.insert(lo, x)
+
+
+def _remove_sorted(values: list[int], x: int) -> None:
+    """Remove one ``x`` (present) from the sorted ``values``: ``del values[bisect_left(values, x)]``."""
+    if not _COMPILED:
+        del values[bisect_left(values, x)]
+        return
+    lo, hi = 0, len(values)
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if values[mid] < x:
+            lo = mid + 1
+        else:
+            hi = mid
+    values.pop(lo)
+
+
 class RifHistory:
     """The RIFs of recent probe responses, bounded in count and in time.
 
@@ -199,12 +242,12 @@ class RifHistory:
         if len(self._samples) >= self._size:
             self._drop_oldest()
         self._samples.append((now, rif))
-        insort(self._sorted, rif)
-        self._cached_at = math.nan
+        _insort(self._sorted, rif)
+        self._cached_at = _NAN
 
     def _drop_oldest(self) -> None:
         _, rif = self._samples.popleft()
-        del self._sorted[bisect_left(self._sorted, rif)]  # both callers forget (or recompute) the cached threshold
+        _remove_sorted(self._sorted, rif)  # both callers forget (or recompute) the cached threshold
 
     def threshold(self, q: float, now: float) -> float:
         """θ = ``sorted[floor(q * (len - 1))]`` over fresh samples; ``inf`` when q is 1 or nothing is fresh."""
@@ -215,7 +258,7 @@ class RifHistory:
         while samples and samples[0][0] < horizon:
             self._drop_oldest()
         if q >= 1.0 or not samples:
-            theta = math.inf
+            theta = _INF
         else:
             ordered = self._sorted
             theta = float(ordered[int(q * (len(ordered) - 1))])
@@ -315,7 +358,9 @@ class ProbePool:
             entry.received_at, entry.rif, entry.latency_s, entry.uses_left = now, rif, latency_s, max(1, uses)
         entries[backend] = entry
         if len(entries) > self.settings.pool_size:
-            del entries[next(iter(entries))]  # one in, at most one out: the pool was full before
+            oldest = self._oldest()  # one in, at most one out: the pool was full before
+            assert oldest is not None
+            del entries[oldest.backend]
         return entry
 
     # --- outflow -------------------------------------------------------------------------------
@@ -333,11 +378,16 @@ class ProbePool:
         """Drop entries older than ``max_age_s``."""
         horizon = now - self.settings.max_age_s
         entries = self._entries
-        while entries:
-            oldest = next(iter(entries.values()))
-            if oldest.received_at >= horizon:
-                break
+        oldest = self._oldest()
+        while oldest is not None and oldest.received_at < horizon:
             del entries[oldest.backend]
+            oldest = self._oldest()
+
+    def _oldest(self) -> ProbeEntry | None:
+        """The first entry (the oldest: entries are kept in receipt order), or None."""
+        for entry in self._entries.values():  # a loop, not next(iter(...)): compiled, it allocates nothing
+            return entry
+        return None
 
     def threshold(self, now: float) -> float:
         return self.history.threshold(self.settings.q_rif, now)
@@ -372,19 +422,25 @@ class ProbePool:
             return None
         theta = self.threshold(now)
         best: ProbeEntry | None = None
-        best_key = (math.inf, math.inf)
+        # The key, (latency, RIF) when cold and (RIF, latency) when hot, as two floats compared in turn:
+        # the same order as the tuples (a RIF is at most MAX_REPORTED_RIF, exact as a float), without
+        # building a tuple per entry.
+        best1 = best2 = _INF
         ties = 0
         cold = False
         for entry in usable:
-            is_cold = entry.rif <= theta
-            if is_cold and not cold:  # the first cold entry beats every hot one
-                cold, best, ties = True, None, 0
-            elif cold and not is_cold:
+            rif = entry.rif
+            if rif <= theta:
+                if not cold:  # the first cold entry beats every hot one
+                    cold, best, ties = True, None, 0
+                k1, k2 = entry.latency_s, float(rif)
+            elif cold:
                 continue
-            key = (entry.latency_s, entry.rif) if cold else (entry.rif, entry.latency_s)
-            if best is None or key < best_key:
-                best, best_key, ties = entry, key, 1
-            elif key == best_key:
+            else:
+                k1, k2 = float(rif), entry.latency_s
+            if best is None or k1 < best1 or (k1 == best1 and k2 < best2):
+                best, best1, best2, ties = entry, k1, k2, 1
+            elif k1 == best1 and k2 == best2:
                 ties += 1
                 if self.rng.random() * ties < 1.0:  # reservoir sampling: each tie equally likely
                     best = entry
@@ -429,7 +485,9 @@ class ProbePool:
             if not entries:
                 break
             if self._remove_oldest_next:
-                victim = next(iter(entries))
+                oldest = self._oldest()
+                assert oldest is not None
+                victim = oldest.backend
             else:
                 victim = self._worst(self.threshold(now))
             del entries[victim]
@@ -440,15 +498,18 @@ class ProbePool:
     def _worst(self, theta: float) -> BackendId:
         worst: ProbeEntry | None = None
         worst_hot = False
+        w1 = w2 = 0.0  # the worst's key, as in ``pick``: (RIF, latency) when hot, (latency, RIF) when cold
         for entry in self._entries.values():
-            hot = entry.rif > theta
+            rif = entry.rif
+            hot = rif > theta
+            if hot:
+                k1, k2 = float(rif), entry.latency_s
+            else:
+                k1, k2 = entry.latency_s, float(rif)
             if worst is None or (hot and not worst_hot):
-                worst, worst_hot = entry, hot
-            elif hot == worst_hot:
-                key = (entry.rif, entry.latency_s) if hot else (entry.latency_s, entry.rif)
-                worst_key = (worst.rif, worst.latency_s) if hot else (worst.latency_s, worst.rif)
-                if key > worst_key:
-                    worst = entry
+                worst, worst_hot, w1, w2 = entry, hot, k1, k2
+            elif hot == worst_hot and (k1 > w1 or (k1 == w1 and k2 > w2)):
+                worst, w1, w2 = entry, k1, k2
         assert worst is not None
         return worst.backend
 
