@@ -49,7 +49,7 @@ class RoundRobinPolicy(BasePolicy):
     def _choose(self, candidates: Sequence[BackendId], now: float, exclude: Container[BackendId]) -> Selection:
         if self._uniform_weights:
             self._next += 1
-            return Selection(candidates[self._next % len(candidates)], "policy")
+            return self._selection(candidates[self._next % len(candidates)], "policy")
         # NGINX's smooth WRR: everyone gains its weight, the leader pays the total.
         current, backends = self._current, self._backends
         total = 0.0
@@ -63,7 +63,7 @@ class RoundRobinPolicy(BasePolicy):
             if value > best_value:
                 best, best_value = c, value
         current[best] -= total
-        return Selection(best, "policy")
+        return self._selection(best, "policy")
 
     def _forget(self, backend: BackendId) -> None:
         self._current.pop(backend, None)
@@ -76,7 +76,7 @@ class RandomPolicy(BasePolicy):
     name = "random"
 
     def _choose(self, candidates: Sequence[BackendId], now: float, exclude: Container[BackendId]) -> Selection:
-        return Selection(self._weighted_choice(candidates), "policy")
+        return self._selection(self._weighted_choice(candidates), "policy")
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)
@@ -86,13 +86,13 @@ class _PowerOfTwoChoices(BasePolicy):
     def _choose(self, candidates: Sequence[BackendId], now: float, exclude: Container[BackendId]) -> Selection:
         n = len(candidates)
         if n == 1:
-            return Selection(candidates[0], "policy")
+            return self._selection(candidates[0], "policy")
         i = int(self.rng.random() * n)
         j = int(self.rng.random() * (n - 1))
         if j >= i:
             j += 1  # distinct from i, uniform over the rest
         a, b = self._backends[candidates[i]], self._backends[candidates[j]]
-        return Selection((b if self._cost(b, now) < self._cost(a, now) else a).id, "policy")
+        return self._selection((b if self._cost(b, now) < self._cost(a, now) else a).id, "policy")
 
     def _cost(self, b: _Backend, now: float) -> float:
         raise NotImplementedError
@@ -195,7 +195,7 @@ class LeastLatencyPolicy(BasePolicy):
                 ties += 1
                 if self.rng.random() * ties < 1.0:
                     best = c
-        return Selection(best, "policy")
+        return self._selection(best, "policy")
 
 
 # --- names -------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from prequal_middleware.core.types import (
     PolicySnapshot,
     ProbeMode,
     Selection,
+    SelectionReason,
 )
 
 _NOTHING: frozenset[BackendId] = frozenset()
@@ -56,6 +57,7 @@ class _Backend:
         "probe_mode",
         "latency_s",
         "probe_failures",
+        "selection_cache",
     )
 
     def __init__(self, member: Member) -> None:
@@ -71,6 +73,8 @@ class _Backend:
         self.probe_mode: ProbeMode = "probe"
         self.latency_s: float | None = None  # EWMA of successful request latencies seen here
         self.probe_failures = 0  # probes missed in a row (reset by an answered probe or a success)
+        # The Selections without probes that chose this member, one per reason (``BasePolicy._selection``).
+        self.selection_cache: dict[str, Selection] = {}
 
 
 # Users subclass the policies in plain Python; mypyc must allow it where the core is compiled.
@@ -250,11 +254,26 @@ class BasePolicy:
         if self._warming and not self._chooses_with_slow_start:  # no call at all while nothing warms up
             backend = self._slow_start(selection.backend, candidates, now)
             if backend != selection.backend:
-                selection = Selection(backend, selection.reason, selection.probes)
+                selection = self._selection(backend, selection.reason, selection.probes)
         if self._panic:
-            selection = Selection(selection.backend, "panic", selection.probes)
+            selection = self._selection(selection.backend, "panic", selection.probes)
         self.selections[selection.reason] += 1
         self.probes_requested += len(selection.probes)
+        return selection
+
+    def _selection(self, backend: BackendId, reason: SelectionReason, probes: tuple[BackendId, ...] = ()) -> Selection:
+        """``Selection(backend, reason, probes)``; without probes, the member's one instance per reason.
+
+        A Selection is immutable, so the instances are shared: making one (a frozen dataclass) costs
+        several times a request's whole choice of round robin, and a choice without probes is the
+        common case. They go with the member.
+        """
+        b = self._backends.get(backend)
+        if probes or b is None:
+            return Selection(backend, reason, probes)
+        selection = b.selection_cache.get(reason)
+        if selection is None:
+            selection = b.selection_cache[reason] = Selection(backend, reason)
         return selection
 
     def on_start(self, backend: BackendId, now: float) -> None:

@@ -163,9 +163,14 @@ class PrequalPolicy(BasePolicy):
         slow_start_s: float = 0.0,
     ) -> None:
         super().__init__(rng=rng, outliers=outliers, slow_start_s=slow_start_s)
-        self.settings = settings or PrequalSettings()
-        self.pool = ProbePool(self.settings, self.rng)
-        self.reads_reports = self.settings.report_max_age_s > 0
+        self._settings = s = settings or PrequalSettings()
+        self.pool = ProbePool(s, self.rng)
+        # Read on every query or report, copied once (see ``ProbePool``): ``settings`` never changes.
+        self._report_max_age_s = s.report_max_age_s
+        self._cross_checks = s.cross_check
+        self._cross_check_ratio = s.cross_check_ratio
+        self._cross_check_slack_s = s.cross_check_slack_s
+        self.reads_reports = s.report_max_age_s > 0
         self._last_activity = -math.inf  # last query or idle probe round
         # The latest report used per backend, cross-checked (for snapshots): kept when ``_reports`` drops it.
         self._last_probe: dict[BackendId, _Report] = {}
@@ -180,6 +185,11 @@ class PrequalPolicy(BasePolicy):
         self.reports_ignored = 0  # out of range
         self.sync_choices = 0  # sync mode: queries chosen among their answers
         self.sync_fallbacks = 0  # sync mode: too few answers in time, the asynchronous choice decided
+
+    @property
+    def settings(self) -> PrequalSettings:
+        """Prequal's parameters, fixed when the policy was made."""
+        return self._settings
 
     # --- selection -----------------------------------------------------------------------------
 
@@ -206,7 +216,7 @@ class PrequalPolicy(BasePolicy):
                     charged = None  # a probe skipped by slow start keeps its RIF and reuse budget
         count = pool.end_query(now, charged)  # charge it, the removals, then how many probes to send
         self._last_activity = now
-        return Selection(backend, reason, self._probe(count, now) if count else ())
+        return self._selection(backend, reason, self._probe(count, now) if count else ())
 
     def _least_in_flight(self, candidates: Sequence[BackendId]) -> BackendId:
         """The candidate with the fewest of our requests in flight; ties uniformly at random."""
@@ -242,7 +252,7 @@ class PrequalPolicy(BasePolicy):
         targets = sample(self.rng, candidates, min(count, n))
         backends = self._backends
         reports, probing = self._reports, self._probing
-        max_age = self.settings.report_max_age_s
+        max_age = self._report_max_age_s
         pool, outliers = self.pool, self.outliers
         averse = outliers.is_averse if outliers.may_be_averse() else None  # None: no member is averse
         remote: list[BackendId] = []
@@ -342,7 +352,7 @@ class PrequalPolicy(BasePolicy):
         if self._panic:
             reason = "panic"
         self.selections[reason] += 1
-        return Selection(backend, reason)
+        return self._selection(backend, reason)
 
     def on_start(self, backend: BackendId, now: float) -> None:
         b = self._backends.get(backend)  # BasePolicy.on_start inline: once per request
@@ -374,7 +384,7 @@ class PrequalPolicy(BasePolicy):
             self.reports_ignored += 1  # neither pooled nor an answer: the backend keeps its probe-failure count
             return
         load, latency = report
-        if self.settings.cross_check:
+        if self._cross_checks:
             load, latency = self._cross_check(b, load, latency, b.in_flight)
         self._keep_report(backend, now, load, latency, used=True)  # pooled below: it answers nothing more
         b.probe_failures = 0
@@ -395,7 +405,7 @@ class PrequalPolicy(BasePolicy):
             self.reports_ignored += 1
             return
         load, latency = report
-        if self.settings.cross_check:
+        if self._cross_checks:
             load, latency = self._cross_check(b, load, latency, b.in_flight - 1)
         self._keep_report(backend, now, load, latency, used=False)
 
@@ -421,14 +431,13 @@ class PrequalPolicy(BasePolicy):
         measurement allows. Raised, not replaced: an honest idle backend reports 0 (no fresh sample)
         and should stay attractive, and a recovered one should not be held to an old, slower EWMA.
         """
-        s = self.settings
         if rif < own_in_flight:
             rif = own_in_flight
             self.rif_corrections += 1
         measured = b.latency_s
         if measured is not None:
-            floor = measured / s.cross_check_ratio
-            if latency_s < floor and measured - latency_s > s.cross_check_slack_s:
+            floor = measured / self._cross_check_ratio
+            if latency_s < floor and measured - latency_s > self._cross_check_slack_s:
                 latency_s = floor
                 self.latency_corrections += 1
         return rif, latency_s

@@ -297,8 +297,16 @@ class ProbePool:
     """
 
     def __init__(self, settings: PrequalSettings, rng: random.Random) -> None:
-        self.settings = settings
+        self._settings = settings
         self.rng = rng
+        # The parameters read on every query, copied once: compiled, each read of a ``settings`` field
+        # is a lookup in a Python object, and a query made several (``settings`` never changes).
+        self._max_age_s = settings.max_age_s
+        self._fallback_below = settings.fallback_below
+        self._q_rif = settings.q_rif
+        self._pool_size = settings.pool_size
+        self._probes_per_query = settings.probes_per_query
+        self._removals_per_query = settings.removals_per_query
         self.history = RifHistory(settings.rif_history_size, settings.rif_history_window_s)
         # Insertion order is receipt order (a replaced probe is re-inserted), so the first entry is
         # always the oldest and eviction / expiry pop from the front.
@@ -309,6 +317,11 @@ class ProbePool:
         self._budget_for = -1  # the n_available the reuse budget below was computed for
         self._budget_whole = 1  # the budget's integer part
         self._budget_part = 0.0  # and its fraction: the chance of one use more
+
+    @property
+    def settings(self) -> PrequalSettings:
+        """Prequal's parameters, fixed when the pool was made."""
+        return self._settings
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -343,7 +356,7 @@ class ProbePool:
         entries = self._entries
         entry = entries.pop(backend, None)
         if n_available != self._budget_for:  # Eq. 1 depends only on n here: computed when n changes
-            s = self.settings
+            s = self._settings
             budget = reuse_budget(
                 s.pool_size, n_available, s.probes_per_query, s.removals_per_query, s.drift, s.max_reuse
             )
@@ -357,7 +370,7 @@ class ProbePool:
         else:  # the backend's older entry, renewed and re-inserted last (receipt order): no allocation
             entry.received_at, entry.rif, entry.latency_s, entry.uses_left = now, rif, latency_s, max(1, uses)
         entries[backend] = entry
-        if len(entries) > self.settings.pool_size:
+        if len(entries) > self._pool_size:
             oldest = self._oldest()  # one in, at most one out: the pool was full before
             assert oldest is not None
             del entries[oldest.backend]
@@ -376,7 +389,7 @@ class ProbePool:
 
     def expire(self, now: float) -> None:
         """Drop entries older than ``max_age_s``."""
-        horizon = now - self.settings.max_age_s
+        horizon = now - self._max_age_s
         entries = self._entries
         oldest = self._oldest()
         while oldest is not None and oldest.received_at < horizon:
@@ -390,7 +403,7 @@ class ProbePool:
         return None
 
     def threshold(self, now: float) -> float:
-        return self.history.threshold(self.settings.q_rif, now)
+        return self.history.threshold(self._q_rif, now)
 
     # --- selection -----------------------------------------------------------------------------
 
@@ -418,7 +431,7 @@ class ProbePool:
         usable: Collection[ProbeEntry] = (
             [e for e in entries.values() if e.backend not in exclude] if exclude else entries.values()
         )
-        if len(usable) < self.settings.fallback_below:
+        if len(usable) < self._fallback_below:
             return None
         theta = self.threshold(now)
         best: ProbeEntry | None = None
@@ -477,11 +490,11 @@ class ProbePool:
         if chosen is not None:
             self.use(chosen)
         self._remove(now, None)
-        return self._probe_rate.take(self.settings.probes_per_query)
+        return self._probe_rate.take(self._probes_per_query)
 
     def _remove(self, now: float, removed: list[BackendId] | None) -> None:
         entries = self._entries
-        for _ in range(self._removal_rate.take(self.settings.removals_per_query)):
+        for _ in range(self._removal_rate.take(self._removals_per_query)):
             if not entries:
                 break
             if self._remove_oldest_next:
@@ -515,4 +528,4 @@ class ProbePool:
 
     def probes_for_query(self) -> int:
         """How many probes this query sends: ``r_probe`` rounded deterministically."""
-        return self._probe_rate.take(self.settings.probes_per_query)
+        return self._probe_rate.take(self._probes_per_query)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from prequal_middleware.core.load_report import (
     LATENCY_HEADER,
     MAX_LATENCY_US,
+    MAX_LOAD_DIGITS,
     MAX_RIF,
     RIF_HEADER,
     encode_report,
+    parse_load_value,
     read_report,
 )
 
@@ -52,3 +56,26 @@ def test_field_whitespace_is_allowed() -> None:
 def test_header_names_in_any_case_are_read() -> None:
     assert read_report([(b"X-Prequal-Rif", b"2"), (b"X-PREQUAL-LATENCY-US", b"9")]) == (2, 9e-06)
     assert read_report([(b"x-prequal-rif", b"2"), (b"X-Prequal-Rif", b"2")]) is None, "twice, in two spellings"
+
+
+def _reference_value(value: bytes, limit: int) -> int | None:
+    """The rule as the module docstring states it, written independently of both of its paths."""
+    stripped = value.strip(b" \t")
+    if not 1 <= len(stripped) <= MAX_LOAD_DIGITS or any(not 48 <= c <= 57 for c in stripped):
+        return None
+    number = int(stripped)
+    return number if number <= limit else None
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_values_parse_as_the_rule_says_in_this_build(seed: int) -> None:
+    """Compiled, ``parse_load_value`` reads digits in its own loop; plain, with ``isdigit`` and ``int``.
+    Whichever this session runs must agree with the rule on crafted values (CI runs both builds)."""
+    rng = random.Random(seed)
+    alphabet = b"0123456789  \t\t+-_.x\x00\xff" + "١".encode()
+    values = [b"", b" ", b"\t\t", b"0", b"000000000000", b"0000000000000", b" 12 ", b"\t7", b"1 2"]
+    values += [bytes(rng.choice(alphabet) for _ in range(rng.randrange(0, 16))) for _ in range(4000)]
+    values += [str(rng.randrange(0, 10**13)).encode() for _ in range(1000)]
+    for value in values:
+        for limit in (MAX_RIF, MAX_LATENCY_US):
+            assert parse_load_value(value, limit) == _reference_value(value, limit), value
