@@ -17,18 +17,19 @@ import types
 from collections.abc import Iterable
 from typing import Final
 
-DEFAULT_PROBE_PATH = "/_prequal/probe"
-RIF_HEADER = b"x-prequal-rif"
-LATENCY_HEADER = b"x-prequal-latency-us"
-REPORT_HEADERS = frozenset({RIF_HEADER, LATENCY_HEADER})
-_RIF_SIZE, _LATENCY_SIZE = len(RIF_HEADER), len(LATENCY_HEADER)
+DEFAULT_PROBE_PATH: Final = "/_prequal/probe"
+RIF_HEADER: Final = b"x-prequal-rif"
+LATENCY_HEADER: Final = b"x-prequal-latency-us"
+REPORT_HEADERS: Final = frozenset({RIF_HEADER, LATENCY_HEADER})
+_RIF_SIZE: Final = len(RIF_HEADER)
+_LATENCY_SIZE: Final = len(LATENCY_HEADER)
 # A million requests in flight is beyond any single backend; ten minutes is beyond any probe timeout and
 # any latency worth balancing on. Both fit a float exactly, so no later arithmetic can overflow.
-MAX_RIF = 1_000_000
-MAX_LATENCY_US = 600_000_000
+MAX_RIF: Final = 1_000_000
+MAX_LATENCY_US: Final = 600_000_000
 # Enough for either bound with a few leading zeros; int() never sees a longer string.
-MAX_LOAD_DIGITS = 12
-_OWS = b" \t"
+MAX_LOAD_DIGITS: Final = 12
+_OWS: Final = b" \t"
 
 
 def _compiled_marker() -> None:

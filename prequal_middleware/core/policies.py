@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Container, Sequence
+from typing import Final
 
 from prequal_middleware.core.mypyc_compat import mypyc_attr
 from prequal_middleware.core.policy import BasePolicy, _Backend
@@ -26,11 +27,11 @@ from prequal_middleware.core.settings import OutlierSettings, PrequalSettings
 from prequal_middleware.core.types import BackendId, Selection
 
 # Linkerd's default RTT for a backend nothing has been measured on yet.
-DEFAULT_RTT_S = 0.030
+DEFAULT_RTT_S: Final = 0.030
 # Finagle's and Linkerd's decay time for peak EWMA.
-DEFAULT_DECAY_S = 10.0
+DEFAULT_DECAY_S: Final = 10.0
 # least_latency: a never-measured backend whose failures have faded below this is tried again.
-UNTRIED_BELOW_FAILURE_RATE = 0.01
+UNTRIED_BELOW_FAILURE_RATE: Final = 0.01
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Container, Iterable, Sequence
+from typing import Final
 
 from prequal_middleware.core.mypyc_compat import mypyc_attr
 from prequal_middleware.core.outliers import OutlierDetector
@@ -38,12 +39,12 @@ from prequal_middleware.core.types import (
     SelectionReason,
 )
 
-_NOTHING: frozenset[BackendId] = frozenset()
+_NOTHING: Final[frozenset[BackendId]] = frozenset()
 
 # Weight of a new sample in the plain latency EWMA every policy keeps (the "local view").
-LATENCY_EWMA_WEIGHT = 0.3
+LATENCY_EWMA_WEIGHT: Final = 0.3
 # Slow start never sends a returning backend less than this share of the requests chosen for it.
-SLOW_START_MIN_SHARE = 0.1
+SLOW_START_MIN_SHARE: Final = 0.1
 
 
 class _Backend:

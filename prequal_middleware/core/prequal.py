@@ -58,6 +58,7 @@ import math
 import random
 from collections.abc import Collection, Container, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 from prequal_middleware.core.mypyc_compat import mypyc_attr
 from prequal_middleware.core.policy import BasePolicy, _Backend
@@ -67,11 +68,11 @@ from prequal_middleware.core.types import BackendId, PolicySnapshot, Selection, 
 
 # A probe we sent and heard nothing of for this long is no longer "in flight" for the sampler: a probe
 # skipped by the scheduler's cap, or lost, never calls back. Far above any probe timeout (50 ms default).
-PROBE_PENDING_S = 0.5
+PROBE_PENDING_S: Final = 0.5
 
 
 # Sync mode chooses among at least this many answers; with fewer there is no choice to make.
-SYNC_MIN_ANSWERS = 2
+SYNC_MIN_ANSWERS: Final = 2
 
 
 @dataclass(frozen=True, slots=True)

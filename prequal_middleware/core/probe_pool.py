@@ -34,9 +34,9 @@ T = TypeVar("T")
 # The largest RIF and the latency range a probe report may carry; anything else is ignored (not pooled,
 # not in the RIF history): an unbounded int made ``float()`` overflow in the threshold and failed every
 # selection. The probe client applies the same bound to what it parses.
-MAX_REPORTED_RIF = 1_000_000
+MAX_REPORTED_RIF: Final = 1_000_000
 
-_FLOAT_MAX = sys.float_info.max
+_FLOAT_MAX: Final = sys.float_info.max
 _NAN: Final = math.nan  # a module constant: compiled code reads ``math.nan`` from the module each time
 _INF: Final = math.inf
 
@@ -97,9 +97,9 @@ def reuse_budget(m: int, n: int, r_probe: float, r_remove: float, drift: float, 
 
 # random.Random.sample's own cut between its two methods (CPython's random.py): below it, a copy of
 # the population; above it, a set of drawn indices.
-_SAMPLE_SETSIZE = 21
+_SAMPLE_SETSIZE: Final = 21
 # How a plain random.Random draws an index below n (CPython 3.11-3.13 alike); a subclass may differ.
-_RANDBELOW = random.Random._randbelow_with_getrandbits  # type: ignore[attr-defined]
+_RANDBELOW: Final = random.Random._randbelow_with_getrandbits  # type: ignore[attr-defined]
 
 
 def sample(rng: random.Random, population: Sequence[T], k: int) -> list[T]:
