@@ -8,7 +8,8 @@ machine does not move.
 Why: on a shared 2-core machine, req/s and CPU per request move by ±15% between rounds of the same code
 (docs/benchmarks.md), so a change worth 2% is not seen by ``benchmarks.overhead`` without many rounds.
 ``valgrind --tool=callgrind`` counts the instructions a process executes, whatever else the machine is
-doing: the same binary, inputs and environment give the same count to within a few hundredths of a percent.
+doing: the same tree gives the same count within 0.5% (Prequal's timers read the real clock, which moves
+50 times faster than the process under valgrind; round robin repeats within 0.01%).
 
 What runs: the real request path in process, as ``benchmarks.scale``'s ``gateway`` measurement drives it
 (``GatewayCase``: a started ``Gateway`` behind ``PrequalMiddleware`` called as an ASGI app, one pool of
