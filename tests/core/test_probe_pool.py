@@ -354,3 +354,28 @@ def test_the_threshold_follows_every_sample_even_at_the_same_instant() -> None:
     history.add(7, 5.0)
     history.add(8, 5.0)  # the 3 leaves: the history holds 2
     assert history.threshold(0.0, 5.0) == 7.0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_threshold_equals_a_sort_of_the_fresh_samples(seed: int) -> None:
+    """The history keeps its samples sorted as they come and go (``bisect`` in plain Python, a loop of
+    its own where compiled): every threshold must be what sorting the fresh samples gives, through
+    duplicates, evictions by count and by age, and values up to the reported maximum."""
+    rng = random.Random(seed)
+    size, window = rng.choice([(1, 0.5), (7, 0.3), (128, 2.0)])
+    history = RifHistory(size=size, window_s=window)
+    kept: list[tuple[float, int]] = []
+    now = 0.0
+    for _ in range(3000):
+        now += rng.expovariate(100.0)
+        rif = rng.choice([rng.randrange(4), rng.randrange(40), rng.randrange(1_000_001)])
+        history.add(rif, now)
+        kept = [*kept[-(size - 1) :], (now, rif)] if size > 1 else [(now, rif)]
+        if rng.random() < 0.3:
+            asked = now + rng.choice([0.0, window / 2, window * 1.5])
+            q = rng.choice([0.0, 0.25, 0.6, 0.999])
+            fresh = sorted(r for t, r in kept if t >= asked - window)
+            expected = float(fresh[int(q * (len(fresh) - 1))]) if fresh else math.inf
+            assert history.threshold(q, asked) == expected
+            kept = [(t, r) for t, r in kept if t >= asked - window]
+            now = max(now, asked)
