@@ -379,3 +379,35 @@ def test_the_threshold_equals_a_sort_of_the_fresh_samples(seed: int) -> None:
             assert history.threshold(q, asked) == expected
             kept = [(t, r) for t, r in kept if t >= asked - window]
             now = max(now, asked)
+
+
+@pytest.mark.parametrize("order", ["low first", "low last"])
+def test_the_second_key_decides_between_equal_first_keys(order: str) -> None:
+    """Cold: (latency, RIF); hot: (RIF, latency). An entry equal on the first key and worse on the
+    second is neither chosen nor a tie, whichever came first, for any seed."""
+    cold = {"low": (1, 0.010), "high": (3, 0.010)}  # equal latency: the lower RIF wins
+    hot = {"low": (4, 0.010), "high": (4, 0.030)}  # equal RIF: the lower latency wins
+    for seed in range(40):
+        for entries, q_rif, reason in ((cold, 1.0, "cold"), (hot, 0.0, "hot")):
+            pool = make_pool(seed=seed, q_rif=q_rif)
+            pool.history.add(0, now=0.0)
+            fill(pool, entries if order == "low first" else dict(reversed(list(entries.items()))))
+            assert pool.choose(0.0) == ("low", reason)
+
+
+@pytest.mark.parametrize("order", ["high first", "high last"])
+def test_the_worst_is_decided_by_the_second_key_between_equal_first_keys(order: str) -> None:
+    """The removal's worst mirrors the choice: among cold entries of equal latency the higher RIF, among
+    hot entries of equal RIF the higher latency."""
+    cold = {"first": (0, 0.5), "low": (1, 0.010), "high": (3, 0.010)}
+    hot = {"first": (0, 0.5), "low": (9, 0.010), "high": (9, 0.030)}
+    for entries, q_rif in ((cold, 1.0), (hot, 0.0)):
+        pool = make_pool(q_rif=q_rif, removals_per_query=1.0)
+        later = {k: v for k, v in entries.items() if k != "first"}
+        if order == "high first":
+            later = dict(reversed(list(later.items())))
+        fill(pool, {"first": entries["first"], **later})
+        if q_rif == 0.0:
+            pool.history.add(0, now=0.0)  # theta 0: "low" and "high" are hot, "first" (RIF 0) is not
+        assert pool.remove_per_query(0.0) == ["first"], "the oldest first"
+        assert pool.remove_per_query(0.0) == ["high"]
