@@ -40,6 +40,7 @@ def test_a_missing_latency_reads_as_zero_and_a_missing_rif_as_no_report() -> Non
         [(RIF_HEADER, str(MAX_RIF + 1).encode())],
         [(RIF_HEADER, b"1"), (LATENCY_HEADER, str(MAX_LATENCY_US + 1).encode())],
         [(RIF_HEADER, b"1" * 13)],
+        [(RIF_HEADER, b"0" * 12 + b"1")],  # a small value, but more digits than any value needs
         [(RIF_HEADER, "١".encode())],
         [(RIF_HEADER, b"")],
         [(RIF_HEADER, b"1"), (LATENCY_HEADER, b"1.5")],
