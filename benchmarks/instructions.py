@@ -68,9 +68,11 @@ asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4
 """
 
 
-def instructions(tree: Path, policy: str, members: int, warmup: int, requests: int) -> int:
-    """Instructions valgrind counted for one run of ``DRIVER`` from ``tree`` (its package, its benchmarks)."""
-    argv = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, "-c", DRIVER]
+def instructions(tree: Path, policy: str, members: int, warmup: int, requests: int, keep: Path | None = None) -> int:
+    """Instructions valgrind counted for one run of ``DRIVER`` from ``tree`` (its package, its benchmarks);
+    callgrind's profile goes to ``keep`` (a file) if given, for ``callgrind_annotate``."""
+    out = str(keep) if keep is not None else "/dev/null"
+    argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, "-c", DRIVER]
     argv += [policy, str(members), str(warmup), str(requests)]
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     done = subprocess.run(argv, cwd=tree, env=env, capture_output=True, text=True, timeout=1800, check=False)
@@ -80,10 +82,15 @@ def instructions(tree: Path, policy: str, members: int, warmup: int, requests: i
     return int(match.group(1).replace(",", ""))
 
 
-def per_request(tree: Path, policy: str, members: int, warmup: int, requests: int) -> float:
-    """Instructions per request: two runs, with and without ``requests`` after the warm-up, differenced."""
-    before = instructions(tree, policy, members, warmup, 0)
-    return (instructions(tree, policy, members, warmup, requests) - before) / requests
+def per_request(tree: Path, policy: str, members: int, warmup: int, requests: int, keep: Path | None = None) -> float:
+    """Instructions per request: two runs, with and without ``requests`` after the warm-up, differenced.
+
+    With ``keep`` (a directory), both runs' profiles are kept there as ``<tree directory>-<policy>-{0,1}.out``:
+    ``callgrind_annotate --inclusive=yes`` on each, differenced per function, says where the work went.
+    """
+    files = [keep / f"{tree.name}-{policy}-{i}.out" for i in (0, 1)] if keep is not None else [None, None]
+    before = instructions(tree, policy, members, warmup, 0, files[0])
+    return (instructions(tree, policy, members, warmup, requests, files[1]) - before) / requests
 
 
 @contextlib.contextmanager
@@ -109,7 +116,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             trees.append((args.baseline_rev, stack.enter_context(baseline_tree(args.baseline_rev, compiled))))
         for label, tree in trees:
             for policy in args.policies:
-                count = per_request(tree, policy, args.members, args.warmup, args.requests)
+                count = per_request(tree, policy, args.members, args.warmup, args.requests, args.keep)
                 results.append({"tree": label, "policy": policy, "instructions_per_request": round(count)})
                 print(f"{label:>10}  {policy:<12} {count:>10,.0f} instructions per request", file=sys.stderr)
     return {
@@ -148,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=5000, help="requests counted [5000]")
     parser.add_argument("--baseline-rev", help="also count from a git worktree of this revision")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
+    parser.add_argument("--keep", type=Path, help="keep callgrind's profiles in this directory (callgrind_annotate)")
     args = parser.parse_args(argv)
     args.policies = [p for p in args.policies.split(",") if p]
     unknown = [p for p in args.policies if p not in POLICIES]
@@ -155,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"policies are {', '.join(POLICIES)}; requests and members >= 1; warmup >= 0")
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is needed (apt-get install valgrind)")
+    if args.keep is not None:
+        args.keep = args.keep.resolve()
+        args.keep.mkdir(parents=True, exist_ok=True)
     result = run(args)
     print("\n| tree | policy | instructions per request |\n|---|---|---:|")
     for r in result["results"]:
