@@ -37,13 +37,14 @@ def _copy_package(dest: Path) -> None:
     )
 
 
-def test_the_listed_modules_are_the_policies() -> None:
+def test_the_listed_modules_are_the_policies_and_the_report_parser() -> None:
     assert build_core.listed_modules() == [
         "prequal_middleware.core.probe_pool",
         "prequal_middleware.core.outliers",
         "prequal_middleware.core.policy",
         "prequal_middleware.core.policies",
         "prequal_middleware.core.prequal",
+        "prequal_middleware.core.load_report",
     ]
 
 
