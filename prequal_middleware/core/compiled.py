@@ -9,9 +9,20 @@ header and the benchmarks' results say which one they ran, from here.
 from __future__ import annotations
 
 import sys
+import types
 from importlib.machinery import EXTENSION_SUFFIXES
 
-__all__ = ["compiled_modules", "describe"]
+__all__ = ["compiled_modules", "describe", "is_compiled"]
+
+
+def is_compiled(function: object) -> bool:
+    """Whether ``function``, a module-level function of the calling module, runs compiled by mypyc.
+
+    A compiled module's functions are builtins, not Python functions. The compiled modules ask it once,
+    at import, to take a path that is cheaper compiled (``probe_pool``'s sorted history, ``load_report``'s
+    digits), keeping the one that is cheaper in plain Python.
+    """
+    return not isinstance(function, types.FunctionType)
 
 
 def compiled_modules() -> tuple[str, ...]:

@@ -13,9 +13,10 @@ at most ``MAX_RIF`` and ``MAX_LATENCY_US`` respectively, and each header present
 
 from __future__ import annotations
 
-import types
 from collections.abc import Iterable
 from typing import Final
+
+from prequal_middleware.core.compiled import is_compiled
 
 DEFAULT_PROBE_PATH: Final = "/_prequal/probe"
 RIF_HEADER: Final = b"x-prequal-rif"
@@ -32,13 +33,6 @@ MAX_LOAD_DIGITS: Final = 12
 _OWS: Final = b" \t"
 
 
-def _compiled_marker() -> None:
-    """Only its type is read: a plain function here, a builtin one where mypyc compiled this module."""
-
-
-# Whether this module runs compiled: there the digits are read in a loop that compiles to native code,
-# cheaper than the method calls and ``int()`` below; in plain Python those are the cheaper way.
-_COMPILED: Final = not isinstance(_compiled_marker, types.FunctionType)
 _SP: Final = 32  # b" "
 _HTAB: Final = 9  # b"\t"
 _ZERO: Final = 48  # b"0"
@@ -83,6 +77,11 @@ def _parse_digits(value: bytes, limit: int) -> int | None:
 def encode_report(rif: int, latency_s: float) -> list[tuple[bytes, bytes]]:
     """The two report headers for ``rif`` requests in flight and a latency estimate of ``latency_s``."""
     return [(RIF_HEADER, str(rif).encode()), (LATENCY_HEADER, str(round(latency_s * 1e6)).encode())]
+
+
+# Whether this module runs compiled: there the digits are read in a loop that compiles to native code,
+# cheaper than the method calls and ``int()`` in ``parse_load_value``; in plain Python those are cheaper.
+_COMPILED: Final = is_compiled(encode_report)
 
 
 def read_report(headers: Iterable[tuple[bytes, bytes]]) -> tuple[int, float] | None:

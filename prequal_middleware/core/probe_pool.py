@@ -20,12 +20,12 @@ from __future__ import annotations
 import math
 import random
 import sys
-import types
 from bisect import bisect_left, insort
 from collections import deque
 from collections.abc import Collection, Container, Iterator, Sequence
 from typing import Final, TypeVar
 
+from prequal_middleware.core.compiled import is_compiled
 from prequal_middleware.core.settings import PrequalSettings
 from prequal_middleware.core.types import BackendId, SelectionReason
 
@@ -165,14 +165,10 @@ class FractionalRate:
 # --- RIF history and the hot/cold threshold ----------------------------------------------------
 
 
-def _compiled_marker() -> None:
-    """Only its type is read: a plain function here, a builtin one where mypyc compiled this module."""
-
-
 # Whether this module runs compiled. There a call into ``bisect`` (argument parsing, a rich comparison
 # per step) costs several times the loop below, which compiles to native integer comparisons; in plain
 # Python it is the other way round, so each build takes its faster path, to the same result.
-_COMPILED: Final = not isinstance(_compiled_marker, types.FunctionType)
+_COMPILED: Final = is_compiled(reuse_budget)
 
 
 def _insort(values: list[int], x: int) -> None:
