@@ -21,7 +21,10 @@ each target runs alone on the proxy CPU, in a fresh process per measurement:
 - ``gateway_round_robin`` / ``gateway_prequal``: ``Gateway`` + ``PrequalMiddleware``, one pool at ``/``, on
   the default transport (``H1Transport``); ``gateway_round_robin_aiohttp`` / ``gateway_prequal_aiohttp``:
   the same on ``AiohttpTransport()``; ``gateway_round_robin_h1`` / ``gateway_prequal_h1``: on an explicit
-  ``H1Transport()`` (the default's twin, so not in the default set of targets).
+  ``H1Transport()`` (the default's twin, so not in the default set of targets);
+  ``gateway_prequal_agebound``: Prequal with ``PrequalSettings(report_max_queries=0)``, reports answering
+  draws by their age alone (the gateway before that setting; with ``--rates`` compared with
+  ``gateway_round_robin``).
 
 Per measurement: start the target, wait until it answers, warm up (``wrk`` for ``--warmup`` s), then
 ``wrk -t1 -cN -dDs --latency --timeout 5s``; the target's CPU is read from ``/proc/<pid>/stat`` just before
@@ -181,6 +184,12 @@ TARGETS: list[Target] = [
         "gateway_prequal",
         "Gateway + PrequalMiddleware, UpstreamPool('/', policy='prequal'), default transport (H1Transport)",
         python_target("gateway_prequal"),
+    ),
+    Target(
+        "gateway_prequal_agebound",
+        "Gateway + PrequalMiddleware, policy='prequal', PrequalSettings(report_max_queries=0): reports by age only",
+        python_target("gateway_prequal_agebound"),
+        default=False,
     ),
     Target(
         "gateway_prequal_sync",

@@ -306,11 +306,15 @@ def _f(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+SETTINGS_VARIANT = "_agebound"  # a Prequal target with other settings, on the default transport
+
+
 def round_robin_twin(name: str) -> str | None:
     """The round-robin target a Prequal target is compared with: same transport, same revision."""
     base, at, rev = name.partition("@")
     if "prequal" not in base:
         return None
+    base = base.removesuffix(SETTINGS_VARIANT)  # the same transport: compared with the plain round robin
     return base.replace("prequal", "round_robin", 1) + at + rev
 
 

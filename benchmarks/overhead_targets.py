@@ -267,6 +267,11 @@ def gateway_prequal_app(upstreams: list[str]) -> ASGIApp:
     return gateway_app(upstreams, "prequal")
 
 
+def gateway_prequal_agebound_app(upstreams: list[str]) -> ASGIApp:
+    # Reports answer draws by their age alone (report_max_queries=0): the gateway before it had the setting.
+    return gateway_app(upstreams, "prequal", prequal=PrequalSettings(report_max_queries=0))
+
+
 def gateway_prequal_sync_app(upstreams: list[str]) -> ASGIApp:
     return gateway_app(upstreams, "prequal", prequal=PrequalSettings(mode="sync"))  # the paper's sync mode
 
@@ -309,6 +314,7 @@ APPS: dict[str, Callable[[list[str]], ASGIApp]] = {
     "gateway_round_robin": gateway_round_robin_app,
     "gateway_prequal": gateway_prequal_app,
     "gateway_prequal_sync": gateway_prequal_sync_app,
+    "gateway_prequal_agebound": gateway_prequal_agebound_app,
     "gateway_round_robin_aiohttp": gateway_round_robin_aiohttp_app,
     "gateway_prequal_aiohttp": gateway_prequal_aiohttp_app,
     "gateway_round_robin_h1": gateway_round_robin_h1_app,

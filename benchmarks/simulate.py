@@ -104,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"fresh piggybacked reports answer probes; 0: every probe sent [{pq.report_max_age_s:g}]",
     )
     p.add_argument(
+        "--report-max-queries",
+        type=int,
+        default=pq.report_max_queries,
+        help=f"a report past --report-max-age-s answers while at most this many queries came since; "
+        f"0: age only [{pq.report_max_queries}]",
+    )
+    p.add_argument(
         "--removals-per-query", type=float, default=pq.removals_per_query, help=f"[{pq.removals_per_query:g}]"
     )
     p.add_argument("--pool-size", type=int, default=pq.pool_size, help=f"Prequal m [{pq.pool_size}]")
@@ -193,6 +200,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         removals_per_query=args.removals_per_query,
         fallback=args.fallback,
         report_max_age_s=args.report_max_age_s,
+        report_max_queries=args.report_max_queries,
         sync_probes=args.sync_probes,
         sync_wait_s=args.sync_wait_s,
     )

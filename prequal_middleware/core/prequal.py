@@ -132,10 +132,11 @@ class _Report:
     """A backend's latest load report, cross-checked: when it arrived, whether it was pooled yet, and how
     many requests this client sent there since (the RIF it stands for now is ``rif + sent_since``)."""
 
-    __slots__ = ("at", "rif", "latency_s", "used", "sent_since")
+    __slots__ = ("at", "query", "rif", "latency_s", "used", "sent_since")
 
-    def __init__(self, at: float, rif: int, latency_s: float, used: bool) -> None:
+    def __init__(self, at: float, query: int, rif: int, latency_s: float, used: bool) -> None:
         self.at = at
+        self.query = query  # the pool's query count when it came (``report_max_queries``)
         self.rif = rif
         self.latency_s = latency_s
         self.used = used
@@ -168,6 +169,11 @@ class PrequalPolicy(BasePolicy):
         self.pool = ProbePool(s, self.rng)
         # Read on every query or report, copied once (see ``ProbePool``): ``settings`` never changes.
         self._report_max_age_s = s.report_max_age_s
+        self._report_max_queries = s.report_max_queries
+        self._max_idle_s = s.max_idle_s
+        self._queries = 0  # queries routed (async choices): the age of a report in queries
+        self._foreign_window_s = s.max_age_s
+        self._foreign_at = -math.inf  # when a report last showed load that this client did not send
         self._cross_checks = s.cross_check
         self._cross_check_ratio = s.cross_check_ratio
         self._cross_check_slack_s = s.cross_check_slack_s
@@ -217,6 +223,7 @@ class PrequalPolicy(BasePolicy):
                     charged = None  # a probe skipped by slow start keeps its RIF and reuse budget
         count = pool.end_query(now, charged)  # charge it, the removals, then how many probes to send
         self._last_activity = now
+        self._queries += 1
         return self._selection(backend, reason, self._probe(count, now) if count else ())
 
     def _least_in_flight(self, candidates: Sequence[BackendId]) -> BackendId:
@@ -240,12 +247,18 @@ class PrequalPolicy(BasePolicy):
         if now - self._last_activity < self.settings.max_idle_s:
             return ()
         self._last_activity = now
-        probes = self._probe(max(1, math.ceil(self.settings.probes_per_query)), now)
+        # No query came for max_idle_s: every report is that old in time, whatever the query count says.
+        probes = self._probe(max(1, math.ceil(self.settings.probes_per_query)), now, idle=True)
         self.probes_requested += len(probes)
         return probes
 
-    def _probe(self, count: int, now: float) -> tuple[BackendId, ...]:
-        """Distinct, uniformly random eligible targets; local-mode ones are pooled on the spot."""
+    def _probe(self, count: int, now: float, idle: bool = False) -> tuple[BackendId, ...]:
+        """Distinct, uniformly random eligible targets; local-mode ones are pooled on the spot.
+
+        A drawn backend's report answers the draw when it is at most ``report_max_age_s`` old, or (not
+        for ``idle`` rounds, and only while no report in the last ``max_age_s`` showed load from another
+        client) at most ``report_max_queries`` queries and ``max_idle_s`` old.
+        """
         if count <= 0:
             return ()
         candidates = self.candidates(now)
@@ -254,6 +267,13 @@ class PrequalPolicy(BasePolicy):
         backends = self._backends
         reports, probing = self._reports, self._probing
         max_age = self._report_max_age_s
+        # A report older than max_age still answers while few queries came since (report_max_queries).
+        oldest_query = self._queries - self._report_max_queries
+        # -1: every report is too old by this rule. It holds only while this client is the backends'
+        # sole client: then their load changes only by our requests (counted in sent_since) and their
+        # ends (each brings a fresh report), and an old report is still exact.
+        sole = now - self._foreign_at > self._foreign_window_s
+        longest = self._max_idle_s if sole and not idle else -1.0
         pool, outliers = self.pool, self.outliers
         averse = outliers.is_averse if outliers.may_be_averse() else None  # None: no member is averse
         remote: list[BackendId] = []
@@ -265,7 +285,11 @@ class PrequalPolicy(BasePolicy):
                 rif, latency_s = b.in_flight, b.latency_s or 0.0  # our own counts: in range by construction
             else:
                 report = reports.get(target)
-                if report is None or max_age <= 0 or now - report.at > max_age:
+                if (
+                    report is None
+                    or max_age <= 0
+                    or (now - report.at > max_age and (report.query < oldest_query or now - report.at > longest))
+                ):
                     sent = probing.get(target)
                     if sent is not None and now - sent < PROBE_PENDING_S:
                         self.probes_pending += 1  # its answer is on the way and will be pooled
@@ -385,6 +409,8 @@ class PrequalPolicy(BasePolicy):
             self.reports_ignored += 1  # neither pooled nor an answer: the backend keeps its probe-failure count
             return
         load, latency = report
+        if load > b.in_flight:
+            self._foreign_at = now  # load this client did not send: another client uses the backend
         if self._cross_checks:
             load, latency = self._cross_check(b, load, latency, b.in_flight)
         self._keep_report(backend, now, load, latency, used=True)  # pooled below: it answers nothing more
@@ -406,6 +432,8 @@ class PrequalPolicy(BasePolicy):
             self.reports_ignored += 1
             return
         load, latency = report
+        if load > b.in_flight - 1 and load > 0:
+            self._foreign_at = now  # load this client did not send: another client uses the backend
         if self._cross_checks:
             load, latency = self._cross_check(b, load, latency, b.in_flight - 1)
         self._keep_report(backend, now, load, latency, used=False)
@@ -414,9 +442,10 @@ class PrequalPolicy(BasePolicy):
         """Make (rif, latency_s), received at ``now``, the backend's latest report."""
         report = self._reports.get(backend)
         if report is None:
-            self._reports[backend] = self._last_probe[backend] = _Report(now, rif, latency_s, used)
+            self._reports[backend] = self._last_probe[backend] = _Report(now, self._queries, rif, latency_s, used)
         else:  # updated in place: once per response (``_last_probe`` holds this same object)
             report.at, report.rif, report.latency_s, report.used, report.sent_since = now, rif, latency_s, used, 0
+            report.query = self._queries
 
     def _cross_check(self, b: _Backend, rif: int, latency_s: float, own_in_flight: int) -> tuple[int, float]:
         """The (RIF, latency) to use for a report, given what this client knows of the backend itself.

@@ -66,6 +66,17 @@ class PrequalSettings:
         report_max_age_s: how fresh a backend's latest report (piggybacked on a response, or a probe
             answer) must be to answer a probe the sampler draws instead of a probe on the network
             (``core.prequal``: every draw still pools one entry). 0 sends every probe, the paper's rule.
+        report_max_queries: a report older than ``report_max_age_s`` still answers draws while this
+            pool has routed at most this many queries since it came, it is at most ``max_idle_s`` old,
+            and this client is the backends' sole client: no report in the last ``max_age_s`` showed
+            load this client did not send (idle rounds use the time bound alone). A sole client sees
+            every change of a backend's load: its own requests (counted since the report) and their
+            ends (each brings a fresh report), so an old report is still exact, and probing for it on
+            a quiet pool buys nothing (at 100 req/s over 4 backends each report is ~40 ms old when a
+            draw reads it, and nearly every draw was probed). Other clients (gateway processes or
+            workers, ``clients_per_pool``) move the load unseen, and there the time bound alone holds.
+            8 changes nothing above 400 queries per second (8 queries take less than 20 ms there).
+            0: the time bound only.
         mode: ``"async"`` (default): each query is routed on the pool and its probes are sent without
             waiting. ``"sync"``: the paper's sync mode (section 4): at each query, ``sync_probes``
             probes go to distinct, uniformly random candidates and the query waits for all but one
@@ -99,6 +110,7 @@ class PrequalSettings:
     cross_check_ratio: float = 2.0
     cross_check_slack_s: float = 0.005
     report_max_age_s: float = 0.02
+    report_max_queries: int = 8
     mode: Literal["async", "sync"] = "async"
     sync_probes: int = 3
     sync_wait_s: float = 0.01
@@ -150,6 +162,7 @@ class PrequalSettings:
             ("cross_check_ratio", 1.0 < self.cross_check_ratio < math.inf, "a finite number > 1"),
             ("cross_check_slack_s", 0 <= self.cross_check_slack_s < math.inf, "a finite number >= 0"),
             ("report_max_age_s", 0 <= self.report_max_age_s < math.inf, "a finite number >= 0"),
+            ("report_max_queries", self.report_max_queries >= 0, "an integer >= 0"),
             ("mode", self.mode in ("async", "sync"), "'async' or 'sync'"),
             ("sync_probes", self.sync_probes >= 2, "an integer >= 2"),
             ("sync_wait_s", 0 < self.sync_wait_s < math.inf, "a finite number > 0"),
