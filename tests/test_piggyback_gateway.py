@@ -93,3 +93,37 @@ def test_without_reports_every_draw_is_a_probe() -> None:
     assert policy.probes_from_reports == 0 and policy.probes_reused == 0
     # Every draw is a probe on the network, or one already on its way to that backend.
     assert sent == policy.probes_requested > 0.5 * (policy.probes_requested + policy.probes_pending)
+
+
+def run_quiet(settings: PrequalSettings, requests: int = 40, gap_s: float = 0.03) -> tuple[PrequalPolicy, int]:
+    """One request at a time, ``gap_s`` apart: every report is older than ``report_max_age_s`` when read."""
+
+    async def paced(url: str) -> list[int]:
+        async with httpx.AsyncClient(base_url=url, timeout=10.0) as http:
+            statuses = []
+            for _ in range(requests):
+                statuses.append((await http.get("/api/x")).status_code)
+                await asyncio.sleep(gap_s)
+            return statuses
+
+    with serve(backend("a")) as a, serve(backend("b")) as b:
+        pool = UpstreamPool("/api", upstreams=[a.url, b.url], prequal=settings, health=HealthSettings(path=None))
+        gateway = Gateway(pools=[pool], transport=TRANSPORTS["default"]())
+        with serve(gateway_app(gateway)) as gw:
+            assert asyncio.run(paced(gw.url)) == [200] * requests
+            policy = gateway.pools["/api"].clients[0]
+            assert isinstance(policy, PrequalPolicy)
+            assert gateway._scheduler is not None
+            return policy, gateway._scheduler.probes_sent
+
+
+def test_a_quiet_sole_gateway_reads_its_reports_for_report_max_queries_queries() -> None:
+    """``report_max_queries``: the gateway is the backends' only client, so old reports still answer draws."""
+    policy, sent = run_quiet(PrequalSettings(report_max_age_s=0.02, report_max_queries=8))
+    # 40 queries drawing both backends: the first draws probe, then each backend's report (from its
+    # responses, or a probe answer) answers until 8 queries pass without one.
+    assert sent <= 12, (sent, policy.probes_from_reports, policy.probes_reused)
+    assert policy.probes_from_reports + policy.probes_reused >= 60
+    by_age, sent_by_age = run_quiet(PrequalSettings(report_max_age_s=0.02, report_max_queries=0))
+    assert sent_by_age >= 35, "every report is 30 ms old: nearly every draw is probed"
+    assert by_age.probes_from_reports + by_age.probes_reused <= 10
