@@ -388,3 +388,19 @@ def test_reports_pair_table_puts_on_and_off_side_by_side() -> None:
     # Per-round ratios off / on: 1.05, 0.91, 1.25 -> 1.05; p99.9: 1.1, 1.0, 1.0 -> 1.0.
     assert lines[2] == ("| fleet | 0.5 | prequal | 220 / 210 | 330 / 330 | 0.40 / 3.00 | 1.05 | 1.00 | 0 / 0 | yes |")
     assert reports_pair_table(results[2:], deadline_ms=5000.0) == ""
+
+
+def test_a_baseline_revision_gets_twins_only_of_the_targets_it_has(tmp_path: Path) -> None:
+    (tmp_path / "benchmarks").mkdir()
+    known = 'APPS = {"gateway_round_robin": 1, "gateway_prequal": 2}'
+    (tmp_path / "benchmarks" / "overhead_targets.py").write_text(known)
+    names = ["aiohttp_raw", "gateway_round_robin", "gateway_prequal", "gateway_prequal_agebound"]
+    twins = overhead.baseline_targets(names, "abc123", tmp_path)
+    assert [t.name for t in twins] == ["gateway_round_robin@abc123", "gateway_prequal@abc123"]
+    assert all(t.cwd == tmp_path for t in twins)
+
+
+def test_the_agebound_variant_is_compared_with_the_plain_round_robin() -> None:
+    assert overhead_rates.round_robin_twin("gateway_prequal_agebound") == "gateway_round_robin"
+    assert overhead_rates.round_robin_twin("gateway_prequal_aiohttp") == "gateway_round_robin_aiohttp"
+    assert overhead_rates.round_robin_twin("gateway_prequal@95f9084") == "gateway_round_robin@95f9084"
