@@ -373,6 +373,7 @@ class PrequalPolicy(BasePolicy):
         if entry is not None and backend == chosen:
             self.pool.use(entry)  # the pooled value now misses this query, as after a pool choice
         self._last_activity = now
+        self._queries += 1  # a query routed, as in ``_choose``: it ages the reports (report_max_queries)
         self.sync_choices += 1
         if self._panic:
             reason = "panic"

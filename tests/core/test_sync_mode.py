@@ -124,6 +124,21 @@ def test_select_sync_chooses_among_this_rounds_answers() -> None:
     assert policy.sync_choices == 1 and policy.selections["cold"] == 1
 
 
+def test_sync_choices_age_the_reports_in_queries() -> None:
+    """``report_max_queries`` counts every query routed, sync choices included."""
+    policy = make_policy(n=3, sync_probes=3, report_max_age_s=0.02, report_max_queries=2, max_idle_s=2.0)
+    policy.on_report("b2", 1.0, 0, 0.001)  # b2's only report, before three sync choices
+    for k in range(3):
+        now = 1.01 + 0.01 * k
+        plan = policy.sync_plan(now)
+        got = answer(policy, plan, {"b0": (0, 0.001), "b1": (0, 0.002)}, now + 0.001)
+        assert policy.select_sync(plan, got, now + 0.002) is not None
+    # Past the probes' pending mark; b2's report is 0.6 s old (under max_idle_s) and 4 queries old.
+    selection = policy.select(1.6)
+    assert selection is not None and "b2" in selection.probes, "sync choices did not age the report"
+    assert "b0" not in selection.probes and "b1" not in selection.probes, "2 queries old: still fresh"
+
+
 def test_select_sync_too_few_answers_is_none_for_the_async_choice() -> None:
     policy = make_policy(n=3, sync_probes=3)
     plan = policy.sync_plan(0.0)
