@@ -43,6 +43,13 @@ the cross-check, where the unbiased pool gave it ~90%: the bias hid the lie, and
 backend's recovery as well). With reports, the network carries at most about one probe per backend
 per ``report_max_age_s`` per client, whatever the request rate.
 
+A sole client (``PrequalSettings.report_max_queries``): while no report in the last ``max_age_s``
+showed load above this client's own requests in flight, every change of a backend's load is a request
+of ours (added to its report) or the end of one (which brings a fresh report), so a report older than
+``report_max_age_s`` still answers draws for ``report_max_queries`` queries (at most ``max_idle_s``
+old). A quiet pool then stops probing for what it already knows; the draws, and so the sample, are
+unchanged. With other clients, and in idle rounds, the time bound alone holds.
+
 Weights: Prequal balances on measured load, so member weights do not bias its choices.
 
 Sync mode (``PrequalSettings.mode = "sync"``, the paper's section 4): per query, ``sync_plan`` draws
@@ -171,7 +178,7 @@ class PrequalPolicy(BasePolicy):
         self._report_max_age_s = s.report_max_age_s
         self._report_max_queries = s.report_max_queries
         self._max_idle_s = s.max_idle_s
-        self._queries = 0  # queries routed (async choices): the age of a report in queries
+        self._queries = 0  # queries routed (async and sync choices): the age of a report in queries
         self._foreign_window_s = s.max_age_s
         self._foreign_at = -math.inf  # when a report last showed load that this client did not send
         self._cross_checks = s.cross_check
