@@ -75,6 +75,8 @@ class PrequalSettings:
             a quiet pool buys nothing (at 100 req/s over 4 backends each report is ~40 ms old when a
             draw reads it, and nearly every draw was probed). Other clients (gateway processes or
             workers, ``clients_per_pool``) move the load unseen, and there the time bound alone holds.
+            (Known limit: our open WebSockets to a backend count in our requests in flight but not in
+            its reported RIF, so that many of another client's requests there go unseen.)
             8 changes nothing above 400 queries per second (8 queries take less than 20 ms there).
             0: the time bound only.
         mode: ``"async"`` (default): each query is routed on the pool and its probes are sent without
