@@ -417,8 +417,7 @@ class PrequalPolicy(BasePolicy):
             self.reports_ignored += 1  # neither pooled nor an answer: the backend keeps its probe-failure count
             return
         load, latency = report
-        if load > b.in_flight:
-            self._foreign_at = now  # load this client did not send: another client uses the backend
+        self._note_foreign(load, b.in_flight, now)
         if self._cross_checks:
             load, latency = self._cross_check(b, load, latency, b.in_flight)
         self._keep_report(backend, now, load, latency, used=True)  # pooled below: it answers nothing more
@@ -440,8 +439,7 @@ class PrequalPolicy(BasePolicy):
             self.reports_ignored += 1
             return
         load, latency = report
-        if load > b.in_flight - 1 and load > 0:
-            self._foreign_at = now  # load this client did not send: another client uses the backend
+        self._note_foreign(load, b.in_flight - 1, now)
         if self._cross_checks:
             load, latency = self._cross_check(b, load, latency, b.in_flight - 1)
         self._keep_report(backend, now, load, latency, used=False)
@@ -454,6 +452,12 @@ class PrequalPolicy(BasePolicy):
         else:  # updated in place: once per response (``_last_probe`` holds this same object)
             report.at, report.rif, report.latency_s, report.used, report.sent_since = now, rif, latency_s, used, 0
             report.query = self._queries
+
+    def _note_foreign(self, rif: int, own_in_flight: int, now: float) -> None:
+        """A report above this client's own requests in flight there (the cross-check's floor) is load
+        another client sent: the query bound (``report_max_queries``) is off for ``max_age_s``."""
+        if rif > own_in_flight and rif > 0:
+            self._foreign_at = now
 
     def _cross_check(self, b: _Backend, rif: int, latency_s: float, own_in_flight: int) -> tuple[int, float]:
         """The (RIF, latency) to use for a report, given what this client knows of the backend itself.
