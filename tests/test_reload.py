@@ -213,7 +213,9 @@ def test_an_invalid_file_is_refused_whole_with_one_line_naming_the_key(tmp_path:
 def test_a_registered_member_survives_a_reload(tmp_path: Path) -> None:
     config = tmp_path / "prequal.toml"
     with backends("a", "late", "c", "d") as up:
-        write(config, {"/kept": [up["a"].url], "/changed": [up["a"].url]})
+        # Random choice, so that 20 requests reach both members (Prequal may rightly keep choosing the
+        # faster one of two idle backends for a sole client's sequential requests: CI saw 20 of 20 to one).
+        write(config, {"/kept": [up["a"].url], "/changed": [up["a"].url]}, policy='"random"')
         with gateway(config, PREQUAL_ADMIN_TRUST_LOOPBACK="1") as gw:
             with httpx.Client() as client:
                 for pool in ("/kept", "/changed"):
@@ -223,7 +225,7 @@ def test_a_registered_member_survives_a_reload(tmp_path: Path) -> None:
                 wait_for(_serves(gw.url, pool, "late"), timeout_s=10, what=f"the registered member to serve {pool}")
             # /kept is unchanged; /changed gets another policy (a fresh pool); /c is added.
             config.write_text(
-                f'[pools."/kept"]\nupstreams = ["{up["a"].url}"]\n\n'
+                f'[pools."/kept"]\nupstreams = ["{up["a"].url}"]\npolicy = "random"\n\n'
                 f'[pools."/changed"]\nupstreams = ["{up["a"].url}"]\npolicy = "round_robin"\n\n'
                 f'[pools."/c"]\nupstreams = ["{up["d"].url}"]\n'
             )
@@ -235,6 +237,8 @@ def test_a_registered_member_survives_a_reload(tmp_path: Path) -> None:
             described = httpx.get(gw.url + "/_prequal/backends").json()
             listed = {p["prefix"]: {m["url"] for m in p["members"]} for p in described["pools"]}
             assert listed["/kept"] == listed["/changed"] == {up["a"].url, up["late"].url}, listed
+            states = {(p["prefix"], m["url"]): m["state"] for p in described["pools"] for m in p["members"]}
+            assert states[("/kept", up["late"].url)] == states[("/changed", up["late"].url)] == "healthy", states
 
 
 def _serves(url: str, pool: str, name: str) -> Callable[[], bool]:
