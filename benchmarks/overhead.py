@@ -24,7 +24,8 @@ each target runs alone on the proxy CPU, in a fresh process per measurement:
   ``H1Transport()`` (the default's twin, so not in the default set of targets);
   ``gateway_prequal_agebound``: Prequal with ``PrequalSettings(report_max_queries=0)``, reports answering
   draws by their age alone (the gateway before that setting; with ``--rates`` compared with
-  ``gateway_round_robin``).
+  ``gateway_round_robin``); ``gateway_round_robin_settled``: round robin with its heap settled after
+  start-up as ``prequal-gateway`` settles it (``prequal_middleware.heap``).
 
 Per measurement: start the target, wait until it answers, warm up (``wrk`` for ``--warmup`` s), then
 ``wrk -t1 -cN -dDs --latency --timeout 5s``; the target's CPU is read from ``/proc/<pid>/stat`` just before
@@ -184,6 +185,12 @@ TARGETS: list[Target] = [
         "gateway_prequal",
         "Gateway + PrequalMiddleware, UpstreamPool('/', policy='prequal'), default transport (H1Transport)",
         python_target("gateway_prequal"),
+    ),
+    Target(
+        "gateway_round_robin_settled",
+        "gateway_round_robin with its heap settled once started (prequal_middleware.heap, as prequal-gateway does)",
+        python_target("gateway_round_robin_settled"),
+        default=False,
     ),
     Target(
         "gateway_prequal_agebound",

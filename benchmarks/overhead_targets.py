@@ -34,9 +34,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import gc
 import json
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -47,6 +49,7 @@ from yarl import URL
 
 from prequal_middleware import Gateway, PrequalMiddleware, PrequalSettings, UpstreamPool
 from prequal_middleware.backend.load_reporting import DEFAULT_PROBE_PATH, LoadReportingMiddleware
+from prequal_middleware.heap import settle_heap
 from prequal_middleware.transports.aiohttp import AiohttpTransport
 from prequal_middleware.transports.base import Transport
 from prequal_middleware.transports.http1 import H1Transport
@@ -235,22 +238,66 @@ def aiohttp_raw_app(upstreams: list[str]) -> ASGIApp:
 # --- our gateway -------------------------------------------------------------------------------------
 
 
+class _GcPauses:
+    """The garbage collector's collections and pauses per generation, from start-up's end to shutdown."""
+
+    def __init__(self) -> None:
+        self.count = [0, 0, 0]
+        self.total_s = [0.0, 0.0, 0.0]
+        self.longest_s = [0.0, 0.0, 0.0]
+        self._began = 0.0
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+            return
+        generation, took = info["generation"], time.perf_counter() - self._began
+        self.count[generation] += 1
+        self.total_s[generation] += took
+        self.longest_s[generation] = max(self.longest_s[generation], took)
+
+    def start(self) -> None:
+        gc.callbacks.append(self._callback)
+
+    def stop(self) -> None:
+        if self._callback in gc.callbacks:
+            gc.callbacks.remove(self._callback)
+
+    def report(self) -> dict[str, list[float]]:
+        return {
+            "collections": list(self.count),
+            "total_ms": [round(t * 1e3, 2) for t in self.total_s],
+            "longest_ms": [round(t * 1e3, 2) for t in self.longest_s],
+        }
+
+
 def gateway_app(
-    upstreams: list[str], policy: str, transport: Transport | None = None, prequal: PrequalSettings | None = None
+    upstreams: list[str],
+    policy: str,
+    transport: Transport | None = None,
+    prequal: PrequalSettings | None = None,
+    settle: bool = False,
 ) -> ASGIApp:
     pool = UpstreamPool("/", upstreams=upstreams, policy=policy, prequal=prequal or PrequalSettings())
     gateway = Gateway(pools=[pool], transport=transport)
+
+    pauses = _GcPauses()
 
     @contextlib.asynccontextmanager
     async def report_probe_stats(app: Starlette) -> AsyncIterator[None]:
         # Runs inside PrequalMiddleware's lifespan, after the gateway started: nothing per request.
         scheduler = getattr(gateway, "_scheduler", None)  # private, read for the report only
+        if settle:
+            settle_heap()  # as prequal-gateway does once started
+        pauses.start()
         yield
+        pauses.stop()
         pools = list(gateway.pools.values())
         stats = {
             "probes_sent": getattr(scheduler, "probes_sent", None),
             "probe_failures": getattr(scheduler, "probe_failures", None),
             "probes_skipped": sum(getattr(p, "probes_skipped", 0) for p in pools),
+            "gc": pauses.report(),
         }
         print(STATS_MARKER + json.dumps(stats), file=sys.stderr, flush=True)
 
@@ -265,6 +312,11 @@ def gateway_round_robin_app(upstreams: list[str]) -> ASGIApp:
 
 def gateway_prequal_app(upstreams: list[str]) -> ASGIApp:
     return gateway_app(upstreams, "prequal")
+
+
+def gateway_round_robin_settled_app(upstreams: list[str]) -> ASGIApp:
+    # The heap settled after start-up, as prequal-gateway settles it (prequal_middleware.heap).
+    return gateway_app(upstreams, "round_robin", settle=True)
 
 
 def gateway_prequal_agebound_app(upstreams: list[str]) -> ASGIApp:
@@ -313,6 +365,7 @@ APPS: dict[str, Callable[[list[str]], ASGIApp]] = {
     "aiohttp_raw": aiohttp_raw_app,
     "gateway_round_robin": gateway_round_robin_app,
     "gateway_prequal": gateway_prequal_app,
+    "gateway_round_robin_settled": gateway_round_robin_settled_app,
     "gateway_prequal_sync": gateway_prequal_sync_app,
     "gateway_prequal_agebound": gateway_prequal_agebound_app,
     "gateway_round_robin_aiohttp": gateway_round_robin_aiohttp_app,

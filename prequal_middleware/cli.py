@@ -32,12 +32,17 @@ status 2; ``--check`` validates and exits (0 when the configuration is good).
 
 On SIGHUP and when the file changes, each worker reloads its pools and routes without dropping a
 request (``reload``, ``Gateway.reconfigure``).
+
+Once started, each worker settles its heap (``heap.settle_heap``): the objects start-up made are frozen
+out of the garbage collector's full collections, and its young generation is collected every 10,000
+allocations rather than 700. No setting turns this off: it only moves work out of the request path.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import logging
 import os
@@ -163,6 +168,7 @@ def create_app() -> Any:
 
     from prequal_middleware.gateway.gateway import Gateway
     from prequal_middleware.gateway.middleware import PrequalMiddleware
+    from prequal_middleware.heap import settle_heap
     from prequal_middleware.reload import ConfigSource, Read, Reloader, poll_interval
 
     source = ConfigSource.from_environ()
@@ -181,6 +187,12 @@ def create_app() -> Any:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with reloader.running():  # the gateway is running here: PrequalMiddleware started it
+            frozen = settle_heap()  # start-up's objects frozen, young collections rarer (heap.py says why)
+            logging.getLogger("prequal_middleware.heap").info(
+                "heap settled: %d start-up objects frozen, generation 0 collected every %d allocations",
+                frozen,
+                gc.get_threshold()[0],
+            )
             yield
 
     async def not_found(request: Request, exc: Exception) -> Response:
