@@ -167,16 +167,22 @@ def _gateway(args: list[str], env: dict[str, str]) -> Iterator[str]:
             process.stderr.close()
 
 
+def one_pool_config(tmp_path: Path, upstream: str) -> Path:
+    """A configuration file with one pool, ``/api``, of one upstream."""
+    config = tmp_path / "prequal.toml"
+    config.write_text(
+        textwrap.dedent(f"""
+            [pools."/api"]
+            upstreams = ["{upstream}"]
+        """)
+    )
+    return config
+
+
 def test_the_console_script_serves_a_gateway(tmp_path: Path) -> None:
     app, state = make_backend("b1")
     with serve(app) as backend:
-        config = tmp_path / "prequal.toml"
-        config.write_text(
-            textwrap.dedent(f"""
-                [pools."/api"]
-                upstreams = ["{backend.url}"]
-            """)
-        )
+        config = one_pool_config(tmp_path, backend.url)
         with _gateway(["--config", str(config)], _clean_env()) as url, httpx.Client() as client:
             proxied = client.get(url + "/api/hello?x=1")
             missing = client.get(url + "/elsewhere")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gc
 import re
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 from prequal_middleware.heap import YOUNG_THRESHOLD, settle_heap
 from tests.apps import make_backend
 from tests.servers import serve
-from tests.test_cli import _clean_env, _served
+from tests.test_cli import _clean_env, _served, one_pool_config
 
 
 @pytest.fixture
@@ -61,13 +60,7 @@ def test_a_threshold_below_one_is_refused() -> None:
 def test_the_console_script_settles_each_workers_heap_once_started(tmp_path: Path) -> None:
     app, _ = make_backend("b1")
     with serve(app) as backend:
-        config = tmp_path / "prequal.toml"
-        config.write_text(
-            textwrap.dedent(f"""
-                [pools."/api"]
-                upstreams = ["{backend.url}"]
-            """)
-        )
+        config = one_pool_config(tmp_path, backend.url)
         with _served(["--config", str(config)], _clean_env(), tmp_path) as served:
             assert httpx.get(served.url + "/api/x", timeout=10).status_code == 200
     log = served.err.read_text()
