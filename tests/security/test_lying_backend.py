@@ -10,8 +10,9 @@ default) the liar gets at most about round robin's third (measured: ~4%, against
 
 What is left for the liar is what an honest slow backend gets too: when both honest backends are hot
 (their RIF above the threshold) and the liar holds none of our requests, HCL sends the next one to
-the lowest RIF, the liar. So about 4% of the requests still take 300 ms, and the p99 stays at the
-liar's 300 ms (round robin's would too); p50, p90, the mean and the throughput are what improve.
+the lowest RIF, the liar. So about 4% of the requests still take 300 ms, and the p99 stays near the
+liar's 300 ms (round robin's would too); the share of slow requests, p50, p90, the mean and the
+throughput are what improve.
 
 Each run is a fresh gateway in-process (uvicorn on loopback), loaded closed-loop by ``CONCURRENCY``
 clients for ``LOAD_S`` seconds after a short warm-up.
@@ -81,6 +82,11 @@ class Measured:
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("inf")
 
     @property
+    def slow_share(self) -> float:
+        """The share of requests that took at least the liar's service time."""
+        return sum(1 for t in self.latencies if t >= LIAR_S) / max(1, len(self.latencies))
+
+    @property
     def mean(self) -> float:
         return sum(self.latencies) / len(self.latencies) if self.latencies else float("inf")
 
@@ -88,7 +94,8 @@ class Measured:
         return (
             f"{label}: {sum(self.share.values())} requests, liar share {self.liar_share:.2f} "
             f"({dict(self.share)}), mean {1000 * self.mean:.0f} ms, p50 {1000 * self.percentile(0.5):.0f} ms, "
-            f"p90 {1000 * self.percentile(0.9):.0f} ms, p99 {1000 * self.percentile(0.99):.0f} ms, errors {self.errors}"
+            f"p90 {1000 * self.percentile(0.9):.0f} ms, p99 {1000 * self.percentile(0.99):.0f} ms, "
+            f"slow share {self.slow_share:.2f}, errors {self.errors}"
         )
 
 
@@ -148,4 +155,10 @@ def test_a_lying_backend_does_not_capture_the_pool() -> None:
     lines = (after.line("on"), before.line("off"))
     assert after.percentile(0.9) < before.percentile(0.9) / 2, lines
     assert after.mean < before.mean / 2, lines
-    assert after.percentile(0.99) <= before.percentile(0.99) + 0.05, lines  # the liar's 300 ms either way
+    # What is left for the liar is a small share of slow requests, not a longer tail: the few it still
+    # serves take its own 300 ms, never two of them (no queue builds behind it). The p99 itself sits on
+    # those few either way, so it is compared with the liar's service time, not with the other run's
+    # p99 (which a busy CI machine moves by tens of milliseconds).
+    assert after.slow_share < 0.1, lines
+    assert after.slow_share < before.slow_share / 5, lines
+    assert after.percentile(0.99) < 2 * LIAR_S, lines
