@@ -135,9 +135,19 @@ def dumped_instructions(out_dir: Path) -> int:
 
 
 def count(
-    name: str, settings: Settings, cwd: Path | None, connections: int, warmup: int, requests: int, workdir: Path
+    name: str,
+    settings: Settings,
+    cwd: Path | None,
+    connections: int,
+    warmup: int,
+    requests: int,
+    workdir: Path,
+    keep_dumps: Path | None = None,
 ) -> dict[str, Any]:
-    """One fresh target process under callgrind: instructions, upstream requests and probes per request."""
+    """One fresh target process under callgrind: instructions, upstream requests and probes per request.
+
+    With ``keep_dumps``, the dump is kept there as ``<target>-c<connections>.callgrind`` (for
+    ``callgrind_annotate``: where the instructions go, by function and by shared object)."""
     target = TARGETS_BY_NAME[name.partition("@")[0]]
     out_dir = Path(tempfile.mkdtemp(prefix="callgrind-", dir=workdir))
     port = free_port(HOST)
@@ -152,6 +162,10 @@ def count(
         control(process.pid, "--dump")
         after = upstream_counters(settings.upstreams)
         instructions = dumped_instructions(out_dir)
+    if keep_dumps is not None:
+        keep_dumps.mkdir(parents=True, exist_ok=True)
+        for dump in out_dir.glob("callgrind.*.1"):
+            shutil.copyfile(dump, keep_dumps / f"{name.replace('@', '-at-')}-c{connections}.callgrind")
     shutil.rmtree(out_dir, ignore_errors=True)
     sent = connections * requests
     proxies = target.proxies
@@ -219,7 +233,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with upstreams_running(settings, workdir):
             for connections in args.connections:
                 for name, cwd in chosen:
-                    row = count(name, settings, cwd, connections, args.warmup, args.requests, workdir)
+                    row = count(name, settings, cwd, connections, args.warmup, args.requests, workdir, args.keep_dumps)
                     results.append(row)
                     print(
                         f"{name:>28}  c={connections:<3} {row['instructions_per_request']:>10,} instructions/request"
@@ -269,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=100, help="requests per connection counted [100]")
     parser.add_argument("--baseline-rev", help="also count the gateway targets of this git revision")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
+    parser.add_argument(
+        "--keep-dumps", type=Path, help="keep each count's callgrind dump in this directory (for callgrind_annotate)"
+    )
     args = parser.parse_args(argv)
     args.targets = [t for t in args.targets.split(",") if t]
     unknown = [t for t in args.targets if t not in TARGETS_BY_NAME]
