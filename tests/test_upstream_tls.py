@@ -25,7 +25,7 @@ import aiohttp
 import httpx
 import pytest
 
-from prequal_middleware import Gateway, HealthSettings, PrequalSettings, UpstreamPool, UpstreamTLS
+from prequal_middleware import Gateway, HealthSettings, PrequalSettings, ProbeSettings, UpstreamPool, UpstreamTLS
 from prequal_middleware.config import Timeouts
 from prequal_middleware.core.member_url import pin_address
 from prequal_middleware.exceptions import ConfigurationError, ProbeFailed, UpstreamTLSError
@@ -49,7 +49,11 @@ TRANSPORTS: dict[str, Callable[[], Transport]] = {
     "httpx": lambda: HttpxTransport(httpx.AsyncClient(), close_client=True),
 }
 TIMEOUTS = Timeouts(connect_s=5, response_headers_s=5, read_idle_s=5)
-HEALTH = HealthSettings(interval_s=0.1, timeout_s=1.0, rise=1, fall=1)
+# fall=1: one slow check marks the backend unhealthy, so a timeout far beyond a loaded machine's
+# handshake; an untrusted handshake fails at once whatever the timeout.
+HEALTH = HealthSettings(interval_s=0.1, timeout_s=5.0, rise=1, fall=1)
+# Each probe may need a fresh handshake to a uvicorn thread: the default 50 ms timeout is no TLS verdict.
+PROBES = ProbeSettings(timeout_s=2.0)
 
 
 @dataclass
@@ -217,11 +221,12 @@ async def test_forwarding_trusts_the_pools_ca_file_and_only_with_it(kind: str, p
 async def test_probes_use_the_pools_tls(kind: str, pki: Pki, plain: Backend) -> None:
     fast_idle = PrequalSettings(max_idle_s=0.05)  # idle probes every ~50 ms, no request needed
     seen = plain.state.probes_seen
-    async with gateway_for(kind, plain.url, None, prequal=fast_idle) as (gateway, _):
+    async with gateway_for(kind, plain.url, None, prequal=fast_idle, probes=PROBES) as (gateway, _):
         await _until(lambda: _count(gateway, "prequal_probes_total", result="failed") >= 2, "failed probes")
         assert _count(gateway, "prequal_probes_total", result="ok") == 0
     assert plain.state.probes_seen == seen, "no probe got through the handshake"
-    async with gateway_for(kind, plain.url, UpstreamTLS(ca_file=pki.ca), prequal=fast_idle) as (gateway, _):
+    trusted = UpstreamTLS(ca_file=pki.ca)
+    async with gateway_for(kind, plain.url, trusted, prequal=fast_idle, probes=PROBES) as (gateway, _):
         await _until(lambda: _count(gateway, "prequal_probes_total", result="ok") >= 2, "answered probes")
         assert _count(gateway, "prequal_probes_total", result="failed") == 0
         await _until(lambda: plain.state.probes_seen >= seen + 2, "the backend to answer probes")

@@ -26,7 +26,10 @@ from tests.reliability.report import Report
 from tests.reliability.support import by_status, ms, pools_env, seconds_until
 
 TIMEOUT_S = 1.0
-TOLERANCE = 0.10
+# A 504 cannot come before the timeout (less the client's clock noise), but may come late on a stalled
+# machine; a timeout not enforced at all would show as the client's own 10 s.
+EARLY_S = 0.10
+LATE_S = 0.50
 LIMIT = 4
 # The limit of a pool shared with healthy backends. Twice the frozen one's: 150 req/s of 5 ms requests
 # keep ~1 in flight per healthy backend, but a stall of the shared 2-core machine (a full suite's
@@ -35,11 +38,10 @@ LIMIT = 4
 SHARED_LIMIT = 8
 RATE = 150
 PATH = "/api/echo?ms=5"
-# Other backends' p99 with the hung one in the pool may exceed the baseline's by this factor plus this
-# much: scheduling noise on a small shared machine. Harm done by the hung backend (requests queued
-# behind it) would show as latencies near the 1 s timeout, far above this bound.
-P99_FACTOR = 2.0
-P99_SLACK_S = 0.050
+# Harm done by the hung backend (healthy requests queued behind it, or sent to it first) shows as
+# latencies near the 1 s timeout; the p99 of the others stays below half of it. Not compared with the
+# baseline's p99: one stall of the shared machine moves a 6 s run's p99 by 100 ms.
+P99_BOUND_S = 0.5 * TIMEOUT_S
 
 
 def pool(upstreams: Sequence[str], limit: int = SHARED_LIMIT) -> dict[str, object]:
@@ -62,7 +64,7 @@ def max_overlap(intervals: Sequence[tuple[float, float]]) -> int:
 
 
 def timing_ok(r: Result) -> bool:
-    return abs(r.elapsed - TIMEOUT_S) <= TOLERANCE * TIMEOUT_S
+    return TIMEOUT_S - EARLY_S <= r.elapsed <= TIMEOUT_S + LATE_S
 
 
 @pytest.fixture
@@ -92,7 +94,7 @@ def test_black_hole_backend(log_dir: Path, report: Report, loop: LoopThread) -> 
     timeouts = [r for r in hung if r.status == 504]
     unexpected = [r for r in hung if not r.ok and r.status != 504] + [r for r in baseline if not r.ok]
     p99_base, p99_hung = percentile(base_ok, 0.99), percentile(others, 0.99)
-    worst = max((abs(r.elapsed - TIMEOUT_S) for r in timeouts), default=0.0)
+    worst = max((r.elapsed - TIMEOUT_S for r in timeouts), key=abs, default=0.0)
     report.record(
         2,
         f"black hole (answers probes with zero load, never answers requests) joins 3 healthy backends; "
@@ -107,15 +109,15 @@ def test_black_hole_backend(log_dir: Path, report: Report, loop: LoopThread) -> 
             else f"no request reached the black hole; statuses {by_status(hung)}"
         ),
         figure=(
-            f"504 within {worst / TIMEOUT_S:.1%} of the timeout (bound ±{TOLERANCE:.0%}); p99 {ms(p99_hung)} vs "
-            f"{ms(p99_base)} (bound ≤ {P99_FACTOR}× + {ms(P99_SLACK_S)}); held at once {hole.max_holding} "
-            f"(bound ≤ {SHARED_LIMIT})"
+            f"504 at the timeout {worst * 1000:+.0f} ms at worst (bound -{ms(EARLY_S)}/+{ms(LATE_S)}); p99 "
+            f"{ms(p99_hung)} vs {ms(p99_base)} before (bound < {ms(P99_BOUND_S)}); held at once "
+            f"{hole.max_holding} (bound ≤ {SHARED_LIMIT})"
         ),
     )
     assert hole.requests >= LIMIT, "the black hole got too little traffic to show anything"
     assert not unexpected, describe_failures(unexpected)
     assert all(timing_ok(r) for r in timeouts), [round(r.elapsed, 3) for r in timeouts if not timing_ok(r)]
-    assert p99_hung <= P99_FACTOR * p99_base + P99_SLACK_S, (p99_base, p99_hung)
+    assert p99_hung < P99_BOUND_S, (p99_base, p99_hung)
     assert hole.max_holding <= SHARED_LIMIT
 
 
@@ -148,7 +150,7 @@ def test_sigstopped_backend(log_dir: Path, report: Report) -> None:
     overlap = max_overlap([(r.start, r.end) for r in hung])
     shared_overlap = max_overlap([(r.start, r.end) for r in timeouts])
     served_again = [r.end for r in results if r.backend == "b0" and r.start > resumed_at]
-    worst = max((abs(r.elapsed - TIMEOUT_S) for r in hung + timeouts), default=0.0)
+    worst = max((r.elapsed - TIMEOUT_S for r in hung + timeouts), key=abs, default=0.0)
     report.record(
         2,
         f"one of 4 backend processes frozen (SIGSTOP) for 3 s, then SIGCONT; timeout {TIMEOUT_S:g} s, "
@@ -162,7 +164,7 @@ def test_sigstopped_backend(log_dir: Path, report: Report) -> None:
             f"p99 of the 200s {ms(percentile([r.elapsed for r in results if r.ok], 0.99))}, traffic to it again "
             + (f"{ms(min(served_again) - resumed_at)} after SIGCONT" if served_again else f"{ms(back_s)} after")
         ),
-        figure=f"504 within {worst / TIMEOUT_S:.1%} of the timeout (bound ±{TOLERANCE:.0%}); "
+        figure=f"504 at the timeout {worst * 1000:+.0f} ms at worst (bound -{ms(EARLY_S)}/+{ms(LATE_S)}); "
         f"in flight to it at once: solo pool {overlap} (bound ≤ {LIMIT}), shared pool {shared_overlap} "
         f"(bound ≤ {SHARED_LIMIT})",
         order=1,
