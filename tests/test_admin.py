@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -261,16 +261,25 @@ def test_metrics_are_exposed(backends: Any) -> None:
         for _ in range(20):
             httpx.get(g.url + "/api/x")
         httpx.post(g.url + "/_prequal/register", json={"url": "file:///x"})
-        time.sleep(1.2)  # the gauges refresh every second
-        text = httpx.get(g.url + "/_prequal/metrics").text
-    for line in (
-        'prequal_requests_total{code_class="2xx",pool="/api"} 20.0',
-        'prequal_request_duration_seconds_count{pool="/api"} 20.0',
-        'prequal_in_flight{pool="/api"} 0.0',
-        'prequal_backends{pool="/api",state="healthy"} 2.0',
-        'prequal_registry_events_total{event="rejected"} 1.0',
-        "prequal_registry_stale_seconds 0.0",
-    ):
+        expected = (
+            'prequal_requests_total{code_class="2xx",pool="/api"} 20.0',
+            'prequal_request_duration_seconds_count{pool="/api"} 20.0',
+            'prequal_in_flight{pool="/api"} 0.0',
+            'prequal_backends{pool="/api",state="healthy"} 2.0',
+            'prequal_registry_events_total{event="rejected"} 1.0',
+            "prequal_registry_stale_seconds 0.0",
+        )
+        text = ""
+
+        def all_exposed() -> bool:
+            nonlocal text
+            text = httpx.get(g.url + "/_prequal/metrics").text
+            return all(line in text for line in expected)
+
+        # Polled: the gauges are sampled once a second. On a timeout the loop below names the line.
+        with contextlib.suppress(AssertionError):
+            wait_for(all_exposed, timeout_s=10.0, what="the expected metrics")
+    for line in expected:
         assert line in text, line
     for name in (
         "prequal_upstream_requests_total",

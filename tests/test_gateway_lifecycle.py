@@ -249,7 +249,9 @@ def test_probes_reach_only_live_members() -> None:
                 client.get("/api/x")
             wait_for(lambda: state_a.probes_seen > 0 and state_b.probes_seen > 0, what="both backends probed")
             assert client.post("/_prequal/unregister", json={"url": b.url}).status_code == 200
-            time.sleep(0.2)  # probes already in flight may land
+            # Probes sent before the unregistration may still land: wait until none is in flight.
+            pool = gateway.pools["/api"]
+            wait_for(lambda: pool.probes_in_flight == 0, timeout_s=10.0, what="the probes in flight to land")
             b_before = state_b.probes_seen
             backends = {client.get("/api/x").json()["backend"] for _ in range(30)}
             time.sleep(1.0)  # and idle probing goes on

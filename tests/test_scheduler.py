@@ -442,13 +442,14 @@ async def test_a_local_mode_backend_announced_again_is_reprobed_at_once() -> Non
             scheduler.send_probes(pool, pool.clients[0], [server.url])
             await until(lambda: modes(pool, server.url) == ["local"], "local mode")
             await membership.register(request)  # registered again, still without LoadReportingMiddleware
-            await until(lambda: len(server.requests) == 2, "a prompt re-probe", timeout_s=0.5)
+            # Bounds below the counterfactual only: the scheduled re-probe is 10 s away, then 20 s.
+            await until(lambda: len(server.requests) == 2, "a prompt re-probe", timeout_s=5.0)
             await until(lambda: scheduler.local_mode_backoff(pool, server.url) == 20.0, "the backoff to double")
             server.reply = GOOD
             await asyncio.sleep(0.2)
             assert modes(pool, server.url) == ["local"], "the next re-probe is 20 s away"
             await membership.register(request)  # the backend registers again (e.g. it restarted)
-            await until(lambda: modes(pool, server.url) == ["probe"], "probe mode", timeout_s=0.5)
+            await until(lambda: modes(pool, server.url) == ["probe"], "probe mode", timeout_s=5.0)
 
 
 async def test_a_local_mode_backend_that_leaves_and_rejoins_is_probed_again() -> None:
@@ -560,12 +561,16 @@ async def test_several_unsupported_answers_start_one_backoff() -> None:
     server = ProbeServer(NOT_FOUND)
     async with server.serve():
         pool = runtime([server.url], prequal=PrequalSettings(max_idle_s=60.0))
-        async with running(pool, local_reprobe_initial_s=0.3, local_reprobe_max_s=10.0) as scheduler:
+        async with running(pool, local_reprobe_initial_s=1.0, local_reprobe_max_s=10.0) as scheduler:
             scheduler.send_probes(pool, pool.clients[0], [server.url] * 3)
             await until(lambda: len(server.requests) == 3 and pool.probes_in_flight == 0, "three 404 answers")
-            await asyncio.sleep(0.45)  # one re-probe due (at 0.3 s), the next at 0.9 s
+            # One re-probe due at 1 s, the next 2 s after it. A schedule per answer would send the
+            # others within milliseconds of the first: 0.5 s is ample to see them, well before the next.
+            await until(lambda: len(server.requests) >= 4, "the first re-probe", timeout_s=2.5)
+            await until(lambda: pool.probes_in_flight == 0, "the re-probe's answer")
+            await asyncio.sleep(0.5)
             assert len(server.requests) == 4, "one re-probe schedule per backend, not one per answer"
-            assert scheduler.local_mode_backoff(pool, server.url) == 0.6
+            assert scheduler.local_mode_backoff(pool, server.url) == 2.0
 
 
 async def test_a_member_that_left_mid_probe_is_not_put_in_local_mode() -> None:
