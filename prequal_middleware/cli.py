@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import inspect
 import json
 import logging
 import os
@@ -82,6 +83,13 @@ SERVER_SETTINGS: dict[str, Any] = {
     "server_header": False,  # the backends' own Server and Date headers pass through, once
     "date_header": False,
 }
+
+# Under --workers N, how long uvicorn's supervisor waits for a new worker to be ready (a SIGHUP's
+# replacement; else the restart is abandoned and the old workers keep the old file) and for a worker to
+# answer its liveness ping (else it is killed as hung). uvicorn's 5 s is less than a worker's start-up
+# (imports, the gateway's lifespan) on a busy host; the ping is answered by a thread of the worker, so a
+# worker busy serving still answers it, and 30 s only delays noticing one truly wedged.
+WORKER_HEALTHCHECK_TIMEOUT_S = 30
 
 # [gateway] keys: the PREQUAL_* variables envconfig reads, lower case without the prefix. Lists are
 # joined with commas (the variables' own format); booleans become true/false.
@@ -264,6 +272,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Until the app's lifespan listens for it, a SIGHUP would end the server (the default action).
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
+    supervisor: dict[str, Any] = {}
+    if "timeout_worker_healthcheck" in inspect.signature(uvicorn.Config).parameters:  # uvicorn >= 0.36
+        supervisor["timeout_worker_healthcheck"] = WORKER_HEALTHCHECK_TIMEOUT_S
     uvicorn.run(
         "prequal_middleware.cli:create_app",
         factory=True,
@@ -274,5 +285,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_config=log_config(log_level),  # applied by uvicorn in each worker too
         access_log=False,  # PREQUAL_ACCESS_LOG is the access log: uvicorn's would be a second line per request
         **SERVER_SETTINGS,
+        **supervisor,
     )
     return 0

@@ -494,3 +494,34 @@ def test_tracing_without_opentelemetry_is_one_line(tracing: str) -> None:
         "prequal-gateway: error: PREQUAL_TRACING is on but OpenTelemetry is not installed:"
         " pip install 'prequal-middleware[otel]'\n"
     )
+
+
+CAPTURE_UVICORN_RUN = """
+import inspect, json, sys
+import uvicorn
+
+def run(app, **kwargs):
+    accepted = inspect.signature(uvicorn.Config).parameters
+    print(json.dumps({"unknown": sorted(k for k in kwargs if k not in accepted),
+                      "settings": {k: v for k, v in kwargs.items() if isinstance(v, (int, str, bool, float))}}))
+
+uvicorn.run = run
+from prequal_middleware.cli import main
+sys.exit(main(["--workers", "2", "--port", "0"]))
+"""
+
+
+def test_the_supervisor_waits_for_a_slow_worker_before_abandoning_a_restart() -> None:
+    """uvicorn's 5 s is less than a worker's start on a busy host: a SIGHUP restart would be abandoned."""
+    done = subprocess.run(
+        [sys.executable, "-c", CAPTURE_UVICORN_RUN],
+        env=_clean_env(PREQUAL_POOLS='{"/api": ["http://127.0.0.1:9"]}'),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    passed = json.loads(done.stdout.strip().splitlines()[-1])
+    assert passed["unknown"] == [], "every setting passed to uvicorn.run is one uvicorn.Config takes"
+    assert passed["settings"]["workers"] == 2
+    assert passed["settings"]["timeout_worker_healthcheck"] == 30
