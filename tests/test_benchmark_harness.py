@@ -26,6 +26,7 @@ from benchmarks.harness.progress import progress
 from benchmarks.harness.rounds import rotated
 from benchmarks.harness.stats import median, percentile
 from prequal_middleware.core import simulator
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
@@ -62,10 +63,12 @@ def test_every_child_is_stopped_in_reverse_order_of_start(tmp_path: Path) -> Non
     with Supervisor(pin=False) as supervisor:
         for name in ("first", "second", "third"):
             # sh writes its name when SIGTERMed; its 'sleep' is a descendant the supervisor must stop too.
-            script = f'trap "echo {name} >> {log}; exit 0" TERM; sleep 30 & wait'
+            # The ready file says the trap is set and the sleep forked.
+            script = f'trap "echo {name} >> {log}; exit 0" TERM; sleep 30 & : > {tmp_path / name}.ready; wait'
             proc = supervisor.spawn(["sh", "-c", script])
             pids.append(proc.pid)
-        time.sleep(0.3)  # the traps are set and the sleeps started
+        # Polled, not slept: a SIGTERM before the trap would kill sh with no line written.
+        wait_for(lambda: all((tmp_path / f"{n}.ready").exists() for n in ("first", "second", "third")), 10, "the traps")
         sleeps = [kid for pid in pids for kid in descendants(pid)]
         assert len(sleeps) == 3
         assert [p.pid for p in supervisor.running()] == pids
@@ -83,10 +86,12 @@ def test_children_are_stopped_when_the_block_raises() -> None:
     assert all(_gone(pid) for pid in pids)
 
 
-def test_a_child_that_ignores_sigterm_is_killed() -> None:
+def test_a_child_that_ignores_sigterm_is_killed(tmp_path: Path) -> None:
+    ready = tmp_path / "ready"
     with Supervisor(pin=False) as supervisor:
-        proc = supervisor.spawn(["sh", "-c", "trap '' TERM; sleep 30"])
-        time.sleep(0.2)
+        proc = supervisor.spawn(["sh", "-c", f"trap '' TERM; : > {ready}; sleep 30"])
+        # Polled, not slept: a SIGTERM before the trap would end sh at once, not by SIGKILL.
+        wait_for(ready.exists, 10, "sh to ignore SIGTERM")
         started = time.monotonic()
         supervisor.stop(proc, timeout_s=0.5)
         assert proc.returncode == -signal.SIGKILL

@@ -140,7 +140,7 @@ def test_a_slow_request_on_a_removed_pool_completes_and_no_request_fails_during_
             first_chunk = threading.Event()
 
             def slow_request() -> None:
-                with httpx.Client(timeout=30) as client, client.stream("GET", gw.url + "/slow/stream?pause=3") as r:
+                with httpx.Client(timeout=30) as client, client.stream("GET", gw.url + "/slow/stream?pause=5") as r:
                     body = b""
                     for chunk in r.iter_bytes():
                         body += chunk
@@ -166,12 +166,15 @@ def test_a_slow_request_on_a_removed_pool_completes_and_no_request_fails_during_
                 thread.start()
             try:
                 assert first_chunk.wait(10), "the slow request is under way"
+                # Polled: enough requests on the old pool before the change (a file look may come at once).
+                wait_for(lambda: outcomes.count("b") > 10, timeout_s=5, what="more than 10 requests on the old pool")
                 # /slow goes; /busy changes its upstreams and its policy (a fresh pool; the old one drains).
                 write(config, {"/busy": [up["c"].url]}, policy='"round_robin"')
                 wait_for(lambda: backend_of(gw.url, "/slow/x") == 404, timeout_s=APPLIED_WITHIN_S, what="the reload")
                 assert "status" not in slow, "the reload happened while the slow request was in flight"
                 wait_for(lambda: outcomes[-1:] == ["c"], timeout_s=APPLIED_WITHIN_S, what="the steady loop to move")
-                time.sleep(0.3)
+                # Polled, not slept: enough requests on the new pool to tell it never goes back.
+                wait_for(lambda: outcomes.count("c") > 10, timeout_s=5, what="more than 10 requests on the new pool")
             finally:
                 stop.set()
                 for thread in threads:
@@ -250,18 +253,38 @@ def test_every_worker_applies_a_change(tmp_path: Path) -> None:
     with backends("a", "b") as up:
         write(config, {"/a": [up["a"].url]})
         with gateway(config, "--workers", "2", PREQUAL_REGISTRY_PATH=str(tmp_path / "registry.db")) as gw:
+            # Both workers up before the change: a worker still starting would read the new file at start.
+            started: set[str] = set()
+
+            def both_workers_serve() -> bool:
+                with httpx.Client(timeout=10) as client:  # a new connection each time: the kernel spreads them
+                    response = client.get(gw.url + "/a/x")
+                if response.status_code == 200:
+                    started.add(dict(response.json()["headers"])["via"])
+                return len(started) >= 2
+
+            wait_for(both_workers_serve, timeout_s=30, what="both workers to serve")
             write(config, {"/a": [up["a"].url], "/b": [up["b"].url]})
             eventually(gw.url, "/b/x", "b", "one worker to apply the change")
-            time.sleep(1.5)  # the other worker looks at the file within a second too
-            vias, seen = set(), []
-            for _ in range(40):
-                with httpx.Client(timeout=10) as client:  # a new connection each time: the kernel spreads them
-                    response = client.get(gw.url + "/b/x")
-                seen.append(response.json()["backend"] if response.status_code == 200 else response.status_code)
-                if response.status_code == 200:
-                    vias.add(dict(response.json()["headers"])["via"])
-            assert seen == ["b"] * 40, seen
-            assert len(vias) >= 2, f"both workers served the new pool: {vias}"
+            last: dict[str, object] = {}
+
+            def every_worker_serves_b() -> bool:
+                vias, seen = set(), []
+                for _ in range(40):
+                    with httpx.Client(timeout=10) as client:  # a new connection each time: the kernel spreads them
+                        response = client.get(gw.url + "/b/x")
+                    seen.append(response.json()["backend"] if response.status_code == 200 else response.status_code)
+                    if response.status_code == 200:
+                        vias.add(dict(response.json()["headers"])["via"])
+                last.update(seen=seen, vias=vias)
+                return seen == ["b"] * 40 and len(vias) >= 2
+
+            # Polled: the other worker looks at the file once a second too, later on a loaded machine. A
+            # worker that never applies the change keeps answering 404 and this times out.
+            try:
+                wait_for(every_worker_serves_b, timeout_s=APPLIED_WITHIN_S, what="both workers to serve the new pool")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}; last round: {last}") from None
 
 
 # What a client sees when uvicorn's shutdown closes a connection it accepted but had not read a request

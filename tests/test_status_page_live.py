@@ -12,7 +12,7 @@ from starlette.routing import Mount
 from prequal_middleware import AdminSettings, Gateway, HistorySettings, PrequalMiddleware, UpstreamPool
 from tests.apps import make_backend
 from tests.browser import dump_dom, parse_dom, require_chromium
-from tests.helpers import wait_for
+from tests.helpers import members, wait_for
 from tests.servers import serve
 
 
@@ -34,7 +34,16 @@ def test_status_page_shows_the_live_members() -> None:
             assert registered.status_code == 201
             for _ in range(10):
                 httpx.get(g.url + "/api/x")
-            time.sleep(0.2)
+
+            def settled() -> bool:
+                listed = members(g.url)
+                return bool(
+                    listed[a.url]["state"] == listed[b.url]["state"] == "healthy"
+                    and listed[a.url]["probe_mode"] == "probe"
+                )
+
+            # Polled, not slept: the page shows what this JSON says (rendered, then checked below).
+            wait_for(settled, timeout_s=5, what="both members healthy, a in probe mode")
             dom = parse_dom(dump_dom(g.url + "/_prequal/"))
     api = dom.find("section", data_pool_prefix="/api")
     assert api.attrs["data-policy"] == "prequal"
@@ -59,7 +68,8 @@ def history_points(gateway_url: str) -> int:
 
 def test_history_charts_of_live_traffic() -> None:
     require_chromium()
-    settings = HistorySettings(window_s=3.0, step_s=0.25, max_backends=5)
+    # Steps of a second: one sequential client has traffic in each even while Chromium starts on 2 cores.
+    settings = HistorySettings(window_s=6.0, step_s=1.0, max_backends=5)
     app_a, _ = make_backend("a")
     app_b, _ = make_backend("b")
     with serve(app_a) as a, serve(app_b) as b:

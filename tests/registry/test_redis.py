@@ -24,6 +24,13 @@ API = "/api"
 URL = "http://10.0.0.5:8000"
 URL2 = "http://10.0.0.6:8000"
 
+# A change arrived by pub/sub: well under the 5 s timed wait that ends ``propagate`` (and the waits
+# below) without it, with room for a loaded machine.
+PUBSUB_BOUND_S = 2.5
+# A call to a hung Redis gives up after the registry's op timeout (2 x socket_timeout_s = 2 s); without
+# one it hangs.
+HUNG_BOUND_S = 4.0
+
 Gateways = Callable[..., Awaitable[tuple[RedisRegistry, RedisRegistry]]]
 
 
@@ -60,19 +67,19 @@ async def propagate(writer: Awaitable[object], reader: RedisRegistry) -> float:
     return time.perf_counter() - started
 
 
-async def test_a_registration_reaches_the_other_gateway_within_a_second(
+async def test_a_registration_reaches_the_other_gateway_by_pub_sub(
     redis_server: RedisServer, gateways: Gateways
 ) -> None:
     a, b = await gateways(redis_server)
 
     elapsed = await propagate(a.register(BackendRecord(API, URL, 2.0, {"zone": "a"}), ttl_s=30), b)
 
-    assert elapsed < 1.0
+    assert elapsed < PUBSUB_BOUND_S
     assert b.snapshot().pool(API)[URL].metadata == {"zone": "a"}
 
     elapsed = await propagate(a.unregister(API, URL), b)
 
-    assert elapsed < 1.0
+    assert elapsed < PUBSUB_BOUND_S
     assert b.snapshot().records == {}
 
 
@@ -82,7 +89,7 @@ async def test_concurrent_waiters_share_the_subscription(redis_server: RedisServ
 
     await asyncio.gather(b.wait_for_change(5.0), b.wait_for_change(5.0), a.register(BackendRecord(API, URL), 30))
 
-    assert time.perf_counter() - started < 1.0
+    assert time.perf_counter() - started < PUBSUB_BOUND_S
 
 
 async def test_outage_serves_the_last_snapshot_then_both_converge(
@@ -127,7 +134,7 @@ async def test_outage_serves_the_last_snapshot_then_both_converge(
         assert registry.snapshot().records == {API: {URL: stored}}
 
     elapsed = await propagate(a.register(BackendRecord(API, URL2), ttl_s=30), b)  # subscription is back
-    assert elapsed < 1.0
+    assert elapsed < PUBSUB_BOUND_S
     assert set(b.snapshot().pool(API)) == {URL, URL2}
 
 
@@ -146,7 +153,7 @@ async def test_start_with_redis_down_is_stale_not_an_error(own_redis_server: Red
         own_redis_server.start()
         await registry.sync()
         assert registry.snapshot().stale_since is None
-        assert await propagate(registry.register(BackendRecord(API, URL), ttl_s=30), registry) < 1.0
+        assert await propagate(registry.register(BackendRecord(API, URL), ttl_s=30), registry) < PUBSUB_BOUND_S
         assert URL in registry.snapshot().pool(API)
     finally:
         await registry.aclose()
@@ -163,10 +170,10 @@ async def test_a_hung_redis_times_out_instead_of_hanging(own_redis_server: Redis
         started = time.perf_counter()
         with pytest.raises(RegistryUnavailable):
             await a.register(BackendRecord(API, URL2), ttl_s=30)
-        assert time.perf_counter() - started < 2.5
+        assert time.perf_counter() - started < HUNG_BOUND_S
         started = time.perf_counter()
         assert await b.sync() is False
-        assert time.perf_counter() - started < 2.5
+        assert time.perf_counter() - started < HUNG_BOUND_S
         assert b.snapshot().stale_since is not None
         assert URL in b.snapshot().pool(API)
         started = time.perf_counter()
