@@ -84,9 +84,10 @@ def test_heartbeat_renews_and_unknown_is_404(one_pool: tuple[str, Gateway, list[
 def test_lease_expiry_removes_the_backend(one_pool: tuple[str, Gateway, list[Any]], backends: Any) -> None:
     url, _, _ = one_pool
     backend = backends[2][0]
-    httpx.post(url + "/_prequal/register", json={"url": backend.url, "ttl_s": 0.5})
+    # A lease long enough to be seen before it expires on a busy machine; never renewed, it must go.
+    httpx.post(url + "/_prequal/register", json={"url": backend.url, "ttl_s": 2.0})
     assert backend.url in members(url)
-    wait_for(lambda: backend.url not in members(url), timeout_s=3.0, what="the lease to expire")
+    wait_for(lambda: backend.url not in members(url), timeout_s=10.0, what="the lease to expire")
 
 
 def test_unregister_drains(one_pool: tuple[str, Gateway, list[Any]], backends: Any) -> None:
@@ -94,7 +95,8 @@ def test_unregister_drains(one_pool: tuple[str, Gateway, list[Any]], backends: A
     server_a, server_b = backends[0][0], backends[1][0]
     httpx.post(url + "/_prequal/register", json={"url": server_a.url})
     result: dict[str, httpx.Response] = {}
-    slow = threading.Thread(target=lambda: result.setdefault("slow", httpx.get(url + "/api/sleep?s=1.5", timeout=10)))
+    # 5 s: still in flight after the register, unregister and 10 requests below, however busy the machine.
+    slow = threading.Thread(target=lambda: result.setdefault("slow", httpx.get(url + "/api/sleep?s=5", timeout=20)))
     slow.start()  # a is the only member: the slow request is in flight to it
     wait_for(lambda: gateway.pools["/api"].backend_in_flight.get(server_a.url, 0) == 1, what="a request in flight to a")
     httpx.post(url + "/_prequal/register", json={"url": server_b.url})
@@ -102,7 +104,7 @@ def test_unregister_drains(one_pool: tuple[str, Gateway, list[Any]], backends: A
     assert reply.status_code == 200 and reply.json()["draining"] is True
     assert members(url)[server_a.url]["state"] == "draining"
     assert {httpx.get(url + "/api/x").json()["backend"] for _ in range(10)} == {"r2"}, "no new requests to a"
-    slow.join(10)
+    slow.join(20)
     assert result["slow"].status_code == 200 and result["slow"].text == "slept r1", "the request in flight finished"
     wait_for(lambda: server_a.url not in members(url), what="the drained member to leave")
 
