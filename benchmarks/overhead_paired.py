@@ -27,11 +27,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import random
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,7 @@ from .overhead import (
 )
 
 DEFAULT_JSON = REPO / "benchmarks" / "results" / "overhead-paired.json"
+BOOTSTRAP_ROUNDS = 5000
 DEFAULT_TARGETS = ["aiohttp_raw", "gateway_round_robin", "gateway_prequal"]
 TWINS = [("gateway_prequal", "gateway_round_robin")]  # (target, the one it is compared with) besides the baseline
 LOAD_CPU, PROXY_CPU = 0, 1
@@ -79,8 +81,10 @@ class Slice:
     cpu_us_per_req: float
     interference_pct: float  # of the proxy CPU, taken by anything but this target (idle targets included)
     errors: int
-    probes_per_req: float | None  # explicit probes the upstreams received, per request (None: not a proxy)
-    upstream_cpu_us_per_req: float  # both upstreams' CPU (all threads) per request
+    # Explicit probes the upstreams received, per request (None: not a proxy, or a run before they were
+    # counted), and both upstreams' CPU (all threads) per request (None: not counted).
+    probes_per_req: float | None = None
+    upstream_cpu_us_per_req: float | None = None
 
 
 @dataclass
@@ -173,6 +177,23 @@ def pairs(targets: Sequence[str]) -> list[tuple[str, str]]:
     return out
 
 
+def median_interval(values: Sequence[float], level: float = 0.95, seed: int = 0) -> tuple[float, float] | None:
+    """A percentile-bootstrap confidence interval of the median (``BOOTSTRAP_ROUNDS`` resamples, seeded:
+    the same slices give the same interval); None for fewer than 2 values."""
+    if len(values) < 2:
+        return None
+    rng = random.Random(seed)
+    medians = sorted(median_of(rng.choices(values, k=len(values))) for _ in range(BOOTSTRAP_ROUNDS))
+    tail = (1.0 - level) / 2
+    return percentile(medians, tail), percentile(medians, 1.0 - tail)
+
+
+def median_of(values: Iterable[float]) -> float:
+    middle = median(values)
+    assert middle is not None
+    return middle
+
+
 def summarize(slices: Sequence[Slice], targets: Sequence[str], max_interference_pct: float) -> list[dict[str, Any]]:
     """Per pair and connection count: the median and interquartile range of the per-slice ratios (req/s,
     CPU per request, p99), over the slices where neither member saw more than ``max_interference_pct``."""
@@ -195,11 +216,19 @@ def summarize(slices: Sequence[Slice], targets: Sequence[str], max_interference_
                 ("p99", "p99_ms"),
                 ("upstream_cpu", "upstream_cpu_us_per_req"),
             ):
-                values = sorted(getattr(a, field) / getattr(b, field) for a, b in quiet if getattr(b, field) > 0)
+                values = sorted(
+                    getattr(a, field) / getattr(b, field)
+                    for a, b in quiet
+                    if getattr(a, field) is not None and getattr(b, field) is not None and getattr(b, field) > 0
+                )
                 middle = median(values)
                 row[f"{key}_median"] = round(middle, 4) if middle is not None else None
                 row[f"{key}_p25"] = round(percentile(values, 0.25), 4) if values else None
                 row[f"{key}_p75"] = round(percentile(values, 0.75), 4) if values else None
+            interval = median_interval(
+                [a.rps / b.rps for a, b in quiet if b.rps > 0]
+            )  # how far the median itself may be off
+            row["rps_median_ci95"] = [round(interval[0], 4), round(interval[1], 4)] if interval else None
             # The pooled ratio: all quiet slices' requests over all their time (each slice lasts slice_s).
             total_a, total_b = sum(a.requests for a, _ in quiet), sum(b.requests for _, b in quiet)
             row["rps_pooled"] = round(total_a / total_b, 4) if total_b else None
@@ -210,13 +239,14 @@ def summarize(slices: Sequence[Slice], targets: Sequence[str], max_interference_
 
 def per_target(slices: Sequence[Slice], max_interference_pct: float) -> list[dict[str, Any]]:
     """Per target and connection count, over its quiet slices: medians of req/s, CPU and the upstreams'
-    CPU per request, and explicit probes per request over all of them (sum of probes / sum of requests)."""
+    CPU per request, and explicit probes per request over those that counted them (sum of probes / sum of
+    requests)."""
     out: list[dict[str, Any]] = []
     for key in dict.fromkeys((s.target, s.connections) for s in slices):
         quiet = [s for s in slices if (s.target, s.connections) == key and s.interference_pct <= max_interference_pct]
-        proxies = all(s.probes_per_req is not None for s in quiet)
-        probes = sum((s.probes_per_req or 0.0) * max(s.requests, 1) for s in quiet)
-        requests = sum(max(s.requests, 1) for s in quiet)
+        counted = [s for s in quiet if s.probes_per_req is not None]  # proxies, in runs that counted probes
+        probes = sum((s.probes_per_req or 0.0) * max(s.requests, 1) for s in counted)
+        requests = sum(max(s.requests, 1) for s in counted)
         out.append(
             {
                 "target": key[0],
@@ -225,7 +255,7 @@ def per_target(slices: Sequence[Slice], max_interference_pct: float) -> list[dic
                 "rps": median(s.rps for s in quiet),
                 "cpu_us_per_req": median(s.cpu_us_per_req for s in quiet),
                 "upstream_cpu_us_per_req": median(s.upstream_cpu_us_per_req for s in quiet),
-                "probes_per_req": round(probes / requests, 4) if proxies and requests else None,
+                "probes_per_req": round(probes / requests, 4) if counted else None,
                 "errors": sum(s.errors for s in quiet),
             }
         )
@@ -252,18 +282,47 @@ def targets_table(rows: Sequence[dict[str, Any]]) -> str:
 
 def table(summary: Sequence[dict[str, Any]]) -> str:
     lines = [
-        "| ratio | conns | slices (contended) | req/s: median (p25-p75) | pooled "
+        "| ratio | conns | slices (contended) | req/s: median (p25-p75) | median's 95% CI | pooled "
         "| CPU/req: median (p25-p75) | p99: median | upstreams' CPU/req: median |",
-        "|---|---:|---:|---|---:|---|---:|---:|",
+        "|---|---:|---:|---|---|---:|---|---:|---:|",
     ]
     for r in summary:
+        interval = r.get("rps_median_ci95")
+        ci = f"{interval[0]:.3f}-{interval[1]:.3f}" if interval else "-"
         lines.append(
             f"| {r['ratio']} | {r['connections']} | {r['slices']} ({r['contended_slices']}) "
-            f"| **{_fmt(r['rps_median'])}** ({_fmt(r['rps_p25'])}-{_fmt(r['rps_p75'])}) | {_fmt(r['rps_pooled'])} "
+            f"| **{_fmt(r['rps_median'])}** ({_fmt(r['rps_p25'])}-{_fmt(r['rps_p75'])}) | {ci} "
+            f"| {_fmt(r['rps_pooled'])} "
             f"| {_fmt(r['cpu_median'])} ({_fmt(r['cpu_p25'])}-{_fmt(r['cpu_p75'])}) | {_fmt(r['p99_median'])} "
             f"| {_fmt(r['upstream_cpu_median'])} |"
         )
     return "\n".join(lines)
+
+
+def combined(paths: Sequence[Path]) -> tuple[list[Slice], list[str]]:
+    """The slices of several runs' JSON files as one run: each file's slices keep their pairs (renumbered
+    so that no two files' slices pair), the targets in the order they first appear."""
+    slices: list[Slice] = []
+    targets: list[str] = []
+    for k, path in enumerate(paths):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        offset = k * 1_000_000
+        for item in data["slices"]:
+            piece = Slice(**item)
+            piece.slice += offset
+            slices.append(piece)
+        targets += [t for t in data["config"]["targets"] if t not in targets]
+    return slices, targets
+
+
+def report(slices: Sequence[Slice], targets: Sequence[str], max_interference_pct: float) -> dict[str, Any]:
+    """Print both tables; the figures for the JSON."""
+    summary = summarize(slices, targets, max_interference_pct)
+    figures = per_target(slices, max_interference_pct)
+    print(targets_table(figures))
+    print()
+    print(table(summary))
+    return {"targets": figures, "summary": summary}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -280,7 +339,24 @@ def main(argv: list[str] | None = None) -> int:
         help="%% of the proxy CPU taken by other load above which a slice is left out [20]",
     )
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
+    parser.add_argument(
+        "--combine",
+        type=Path,
+        nargs="+",
+        metavar="RUN_JSON",
+        help="run nothing: report the slices of these runs' JSON files together (written to --json)",
+    )
     args = parser.parse_args(argv)
+    if args.combine:
+        slices, targets = combined(args.combine)
+        result = {
+            "config": {"combined": [str(p) for p in args.combine], "max_interference_pct": args.max_interference},
+            **report(slices, targets, args.max_interference),
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(f"written: {args.json}", file=sys.stderr)
+        return 0
     targets = [t for t in args.targets.split(",") if t]
     unknown = [t for t in targets if t not in TARGETS_BY_NAME]
     if unknown:
@@ -299,11 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     started_at = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="overhead-paired-") as tmp:
         slices = run(targets, connections, args.slices, args.slice_s, args.warmup, Path(tmp))
-    summary = summarize(slices, targets, args.max_interference)
-    figures = per_target(slices, args.max_interference)
-    print(targets_table(figures))
-    print()
-    print(table(summary))
+    figures = report(slices, targets, args.max_interference)
     result = {
         "config": {
             "targets": targets,
@@ -318,8 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             "revision": library_revision(),
             "elapsed_s": round(time.monotonic() - started_at, 1),
         },
-        "targets": figures,
-        "summary": summary,
+        **figures,
         "slices": [asdict(s) for s in slices],
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)

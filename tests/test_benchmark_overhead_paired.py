@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.overhead_paired import Slice, pairs, summarize
+from benchmarks.overhead_paired import Slice, combined, median_interval, pairs, summarize
 
 REPO = Path(__file__).resolve().parents[1]
 MISSING = [tool for tool in ("wrk", "taskset") if shutil.which(tool) is None]
@@ -60,6 +60,35 @@ def test_the_median_and_quartiles_of_the_per_slice_ratios() -> None:
     [row] = summarize(slices, ["gateway_round_robin", "gateway_prequal"], max_interference_pct=20.0)
     assert row["ratio"] == "gateway_prequal / gateway_round_robin"
     assert (row["rps_p25"], row["rps_median"], row["rps_p75"]) == pytest.approx((0.9, 1.0, 1.1))
+
+
+def test_the_medians_interval_is_seeded_and_brackets_the_median() -> None:
+    assert median_interval([1.0]) is None
+    assert median_interval([1.1] * 10) == (1.1, 1.1)
+    values = [0.8 + 0.01 * i for i in range(41)]  # median 1.0
+    interval = median_interval(values)
+    assert interval is not None and interval == median_interval(values), "the same slices, the same interval"
+    low, high = interval
+    assert 0.9 < low < 1.0 < high < 1.1
+    wider = median_interval(values[::4])  # fewer slices, a wider interval
+    assert wider is not None and wider[1] - wider[0] > high - low
+
+
+def test_runs_combined_pair_slices_only_within_a_run(tmp_path: Path) -> None:
+    def run_file(name: str, raw: float, gateway: float, targets: list[str]) -> Path:
+        slices = [piece("aiohttp_raw", 1, raw), piece("gateway_round_robin", 1, gateway)]
+        path = tmp_path / name
+        path.write_text(json.dumps({"config": {"targets": targets}, "slices": [s.__dict__ for s in slices]}))
+        return path
+
+    first = run_file("a.json", 1000, 1200, ["aiohttp_raw", "gateway_round_robin"])
+    second = run_file("b.json", 500, 400, ["gateway_round_robin", "aiohttp_raw"])
+    slices, targets = combined([first, second])
+    assert targets == ["aiohttp_raw", "gateway_round_robin"]
+    assert len(slices) == 4 and len({s.slice for s in slices}) == 2, "each run's slice 1 stays its own"
+    [row] = summarize(slices, targets, max_interference_pct=20.0)
+    assert row["slices"] == 2
+    assert row["rps_median"] == pytest.approx((1.2 + 0.8) / 2)  # 1200/1000 and 400/500, never 1200/500
 
 
 @pytest.mark.skipif(bool(MISSING), reason=f"needs {' and '.join(MISSING)} (not installed)")
