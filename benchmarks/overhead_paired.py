@@ -40,6 +40,7 @@ from typing import Any
 from .harness.cpu import CLK_TCK, CpuStat, cpu_ticks, process_cpu_s
 from .harness.ports import free_port
 from .harness.progress import progress as progress_line
+from .harness.results import write_results
 from .harness.rounds import rotated
 from .harness.stats import median, percentile
 from .overhead import (
@@ -353,9 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             "config": {"combined": [str(p) for p in args.combine], "max_interference_pct": args.max_interference},
             **report(slices, targets, args.max_interference),
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        print(f"written: {args.json}", file=sys.stderr)
+        write_results(args.json, result)
         return 0
     targets = [t for t in args.targets.split(",") if t]
     unknown = [t for t in targets if t not in TARGETS_BY_NAME]
@@ -393,9 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         **figures,
         "slices": [asdict(s) for s in slices],
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"written: {args.json}", file=sys.stderr)
+    write_results(args.json, result)
     return 0
 
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import re
 import shutil
 import subprocess
@@ -64,6 +63,8 @@ from benchmarks.overhead import (
     upstreams_running,
     versions,
 )
+
+from .harness.results import write_results
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_JSON = REPO / "benchmarks" / "results" / "stack-instructions.json"
@@ -302,9 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{tool} is needed (apt-get install valgrind util-linux)")
     result = run(args)
     print(table(result))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"written: {args.json}", file=sys.stderr)
+    write_results(args.json, result)
     return 0
 
 
