@@ -29,10 +29,11 @@ import contextlib
 import json
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -184,15 +185,9 @@ def median_interval(values: Sequence[float], level: float = 0.95, seed: int = 0)
     if len(values) < 2:
         return None
     rng = random.Random(seed)
-    medians = sorted(median_of(rng.choices(values, k=len(values))) for _ in range(BOOTSTRAP_ROUNDS))
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(BOOTSTRAP_ROUNDS))
     tail = (1.0 - level) / 2
     return percentile(medians, tail), percentile(medians, 1.0 - tail)
-
-
-def median_of(values: Iterable[float]) -> float:
-    middle = median(values)
-    assert middle is not None
-    return middle
 
 
 def summarize(slices: Sequence[Slice], targets: Sequence[str], max_interference_pct: float) -> list[dict[str, Any]]:
