@@ -85,6 +85,13 @@ def _tagged_processes(tag: str, scratch: Path, started_after: int) -> list[str]:
     return [f"{pid}: {cmdline}" for pid, cmdline in found.items()]
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def _orphan(line: str) -> bool:
     return line.split(": ", 1)[1].startswith("nginx: worker process") and _stat(line.split(":", 1)[0])[0] == 1
 
@@ -379,9 +386,11 @@ def test_the_leftover_check_matches_this_runs_processes_only(tmp_path: Path) -> 
         for d in (ours, theirs)
     ]
     try:
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and not _tagged_processes("no-such-tag", ours, started_after):
-            time.sleep(0.05)
+        # Wait until both have exec'd: a scan during the exec can read an empty command line (CI once
+        # found nothing after a first scan had matched the shell that was about to exec).
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not all(_cmdline(p.pid).startswith("nginx: master") for p in procs):
+            time.sleep(0.02)
         found = _tagged_processes("no-such-tag", ours, started_after)
         assert [int(line.split(":", 1)[0]) for line in found] == [procs[0].pid], found
     finally:
