@@ -9,6 +9,11 @@ out. We combine what production balancers do (gateway-anchors.md section 2):
 - ejection after ``consecutive_failures`` failures in a row, for ``base_ejection_s`` doubling on each
   repeat up to ``max_ejection_s`` (Envoy's outlier detection, prequal-rs' health module); a backend
   back from an ejection is on probation until its first success, and one failure ejects it again;
+- a *suspect* (its last outcome a failure, or on probation) takes one request at a time until one
+  succeeds (``suspects``; the policy holds the trial, ``OutlierSettings.trial_timeout_s``). A fast
+  failer looks idle, so without it every request started before its failure came back went to it too:
+  a burst of failures at each return from an ejection (Finagle's failure accrual lets one request
+  through in the same way);
 - at most ``max_ejected_share`` of the members ejected at once: a further ejection is skipped;
 - panic mode (Envoy's panic threshold): when fewer than ``panic_threshold`` of the members are
   healthy, route over all of them rather than overload the few that are left.
@@ -49,6 +54,9 @@ class OutlierDetector:
         # The backends with a failure rate above 0 (every other one is never averse): lets a caller
         # skip asking about each member while none has failed (``may_be_averse``).
         self._rated: set[BackendId] = set()
+        # The backends whose last outcome was a failure, or on probation: each takes one request at a
+        # time (the policy's trials). Empty while nothing fails: the policy asks nothing more then.
+        self.suspects: set[BackendId] = set()
         self.ejections_total = 0
 
     def add(self, backend: BackendId) -> None:
@@ -57,6 +65,7 @@ class OutlierDetector:
     def remove(self, backend: BackendId) -> None:
         self._health.pop(backend, None)
         self._rated.discard(backend)
+        self.suspects.discard(backend)
 
     # --- outcomes ------------------------------------------------------------------------------
 
@@ -66,6 +75,7 @@ class OutlierDetector:
             return  # never failed (a rate of exactly 0 is only the initial one): nothing to update, every request
         h.consecutive = 0
         h.probation = False
+        self.suspects.discard(backend)
         self._update_rate(h, 0.0, now)
         if h.rate == 0.0:
             self._rated.discard(backend)
@@ -85,6 +95,7 @@ class OutlierDetector:
         h.consecutive += 1
         self._update_rate(h, 1.0, now)
         self._rated.add(backend)
+        self.suspects.add(backend)
         s = self.settings
         # On probation (back from an ejection with no success since) one failure is enough: its failure
         # rate faded while it was out, so a fast failer would otherwise be everyone's favourite again.

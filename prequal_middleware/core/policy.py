@@ -123,6 +123,10 @@ class BasePolicy:
         # Members that missed a probe since we last looked (some may have answered since): while it is
         # empty, ``_trusted`` need not ask each candidate, and the fallback is not O(n) twice over.
         self._missed_probes: set[BackendId] = set()
+        # Suspects (``outliers.suspects``) with a request of ours in flight, and when it started: not
+        # candidates until it ends or ``trial_timeout_s`` passes (see ``_start_trial``).
+        self._trials: dict[BackendId, float] = {}
+        self._trial_timeout_s = self.outliers.settings.trial_timeout_s
 
     # --- membership and health -----------------------------------------------------------------
 
@@ -159,6 +163,7 @@ class BasePolicy:
             return
         self._count_weight(gone.weight, -1)
         self.outliers.remove(backend)
+        self._trials.pop(backend, None)
         self._forget(backend)
         self._stale = True
 
@@ -204,12 +209,42 @@ class BasePolicy:
             self._panic = self.outliers.in_panic(len(healthy), len(active))
             if self.slow_start_s > 0:
                 self._track_warming(healthy, now)
+            self._valid_until = self.outliers.next_return(now)
+            if self._trials:  # (in panic every active member is a candidate anyway)
+                healthy = self._without_trials(healthy, now)
             self._candidates = active if self._panic else healthy
             self._candidate_set = frozenset(self._candidates)
-            self._valid_until = self.outliers.next_return(now)
             self._stale = False
             self._candidates_changed(self._candidate_set, now)
         return self._candidates
+
+    def _without_trials(self, healthy: list[BackendId], now: float) -> list[BackendId]:
+        """``healthy`` without the suspects on trial, unless none is left; shortens ``_valid_until`` to the
+        first trial's timeout."""
+        free: list[BackendId] = []
+        trials, timeout = self._trials, self._trial_timeout_s
+        for backend in healthy:
+            started = trials.get(backend)
+            if started is not None and now - started < timeout:
+                self._valid_until = min(self._valid_until, started + timeout)
+            else:
+                free.append(backend)
+        return free or healthy  # all on trial: a request still goes somewhere (a 1-member pool)
+
+    def _start_trial(self, backend: BackendId, now: float) -> None:
+        """A request to ``backend`` starts: if it is a suspect with no trial running, this is its trial.
+
+        A suspect failed last (or is back from an ejection): a fast failer looks idle, so every request
+        chosen before its failure comes back would go to it as well. Holding it out of the candidates
+        while one request is in flight makes that one request the test. Called only while there are
+        suspects (``on_start`` checks the set first: nothing is asked while nothing fails).
+        """
+        timeout = self._trial_timeout_s
+        if timeout > 0 and backend in self.outliers.suspects:
+            started = self._trials.get(backend)
+            if started is None or now - started >= timeout:
+                self._trials[backend] = now
+                self._stale = True
 
     def _track_warming(self, healthy: list[BackendId], now: float) -> None:
         current = frozenset(healthy)
@@ -281,6 +316,8 @@ class BasePolicy:
         b = self._backends.get(backend)
         if b is not None:
             b.in_flight += 1
+            if self.outliers.suspects:
+                self._start_trial(backend, now)
 
     def on_finish(self, backend: BackendId, now: float, latency_s: float, outcome: Outcome) -> None:
         b = self._backends.get(backend)
@@ -288,6 +325,8 @@ class BasePolicy:
             return
         if b.in_flight > 0:
             b.in_flight -= 1
+        if self._trials and self._trials.pop(backend, None) is not None:
+            self._stale = True  # its trial is over, whatever the outcome: it may take a request again
         if outcome is Outcome.CANCELLED:
             return  # the client left: nothing learned about the backend
         if outcome.is_failure:

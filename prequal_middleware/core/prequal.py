@@ -391,6 +391,8 @@ class PrequalPolicy(BasePolicy):
         b = self._backends.get(backend)  # BasePolicy.on_start inline: once per request
         if b is not None:
             b.in_flight += 1
+            if self.outliers.suspects:
+                self._start_trial(backend, now)
         report = self._reports.get(backend)
         if report is not None:
             report.sent_since += 1

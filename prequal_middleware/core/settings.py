@@ -185,6 +185,10 @@ class OutlierSettings:
         failure_weight: how much one outcome moves the failure rate (an EWMA per event).
         failure_decay_s: time constant with which the failure rate fades without new outcomes.
         averse_above: a backend whose failure rate exceeds this is avoided by Prequal's pool.
+        trial_timeout_s: a *suspect* backend (its last outcome a failure, or back from an ejection with
+            no success since) takes one request at a time until one succeeds: its trial. Another
+            request may go to it only when the trial ends, or after this long (a trial that hangs, such
+            as a long stream or a black hole, holds it back no longer). 0 turns trials off.
     """
 
     consecutive_failures: int = 5
@@ -195,6 +199,7 @@ class OutlierSettings:
     failure_weight: float = 0.3
     failure_decay_s: float = 1.0
     averse_above: float = 0.5
+    trial_timeout_s: float = 1.0
 
     def __post_init__(self) -> None:
         check_types(self)  # first: the range checks below compare the values
@@ -207,6 +212,7 @@ class OutlierSettings:
             ("failure_weight", 0.0 < self.failure_weight <= 1.0, "a number in (0, 1]"),
             ("failure_decay_s", 0 < self.failure_decay_s < math.inf, "a finite number > 0"),
             ("averse_above", 0.0 <= self.averse_above <= 1.0, "a number in [0, 1]"),
+            ("trial_timeout_s", 0 <= self.trial_timeout_s < math.inf, "a finite number >= 0"),
         )
         check_values(self, checks)
 

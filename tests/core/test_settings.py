@@ -55,6 +55,7 @@ CASES: list[tuple[type[Any], str, list[Any], list[Any], str]] = [
     (OutlierSettings, "failure_weight", [TINY, 1.0], [0.0, 1.0 + 1e-12], "a number in (0, 1]"),
     (OutlierSettings, "failure_decay_s", [TINY, 1e9], [0.0, math.inf], FINITE_POSITIVE),
     (OutlierSettings, "averse_above", [0.0, 1.0], [-TINY, 1.0 + 1e-12], UNIT),
+    (OutlierSettings, "trial_timeout_s", [0.0, 1e9], [-TINY, math.inf, math.nan], FINITE_NON_NEGATIVE),
 ]
 
 

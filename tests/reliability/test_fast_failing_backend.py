@@ -123,8 +123,10 @@ def test_fast_failer_loses_its_share_within_a_second(run: Run) -> None:
 
 
 def test_fast_failer_stays_below_5_percent_in_every_window(run: Run) -> None:
-    # Each return from an ejection costs one request at most (probation: the first failure ejects it
-    # again); before that fix, every return cost 2 attempts within ~5 ms and a 3rd within ~250 ms, 6%.
+    # Each return from an ejection costs one request (probation: the first failure ejects it again; a
+    # trial: no second request while the first is in flight). Before probation, every return cost 2
+    # attempts within ~5 ms and a 3rd within ~250 ms, 6%; before trials, a loaded machine (failures slow
+    # to come back) saw 3 attempts in 250 ms at a return (5.8% in CI).
     worst = sliding_max_share(run.seen, run.victim, run.flipped_at + WITHIN_S, run.flipped_at + AFTER_S)
     assert worst < SHARE_BOUND, f"{worst:.1%} of the attempts in some 250 ms interval after {WITHIN_S:g} s"
 
