@@ -111,7 +111,10 @@ def test_a_tiny_run_writes_every_slice_and_the_ratios(tmp_path: Path) -> None:
         assert s["probes_per_req"] == 0.0, s  # round robin and the raw proxy send no probe
     figures = {r["target"]: r for r in data["targets"]}
     assert set(figures) == {"aiohttp_raw", "gateway_round_robin"}
-    assert figures["gateway_round_robin"]["probes_per_req"] == 0.0
+    rr = figures["gateway_round_robin"]
+    # A target's figures come from its quiet slices only: on a busy machine (CI) both of its slices can be
+    # contended, and then there is no figure, not a made-up 0.
+    assert rr["probes_per_req"] == (0.0 if rr["slices"] else None), rr
     [row] = data["summary"]
     assert row["ratio"] == "gateway_round_robin / aiohttp_raw"
     assert row["slices"] + row["contended_slices"] == 2
