@@ -178,4 +178,6 @@ def test_fuzzed_responses_are_well_formed_or_502(fuzzed: Fuzzed, kind: str) -> N
         asyncio.run(run(payload))
 
     case()
-    assert seen["ok"] >= 5 and seen["error"] >= 5, seen  # both branches exercised
+    # Both branches exercised. How many fuzzed answers aiohttp completes depends on timing (those it waits
+    # on past the timeout are errors): 9 of 150 on a quiet machine, 4 in a busy CI run. So: at least one.
+    assert seen["ok"] >= 1 and seen["error"] >= 5, seen
